@@ -1,0 +1,146 @@
+"""IEEE binary32 adder: round to nearest even, subnormals, signed zeros, infinities, NaN."""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import check_stages, leading_zeros, pipe
+from .formats import FP32, FP32Layout
+
+__all__ = ["FP32Adder", "fp32_add"]
+
+# Registers after the align / add-normalise / round sections, for each ``stages`` setting.
+_STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True),
+               3: (True, True, True)}
+
+
+def fp32_add(m, a, b, regs=(False, False, False), prefix=""):
+    """Add the logic of one binary32 addition ``a + b`` to ``m``; return the result signal.
+
+    The datapath has three sections; ``regs`` says which are followed by a register:
+
+    * ``s0`` align: classify, order the operands by magnitude, shift the smaller significand
+      right, keeping a guard, a round and a sticky bit (27-bit extended significands).
+    * ``s1`` add and normalise: add or subtract, then shift left by the leading-zero count,
+      limited so that the exponent does not go below the minimum (gradual underflow), or
+      right by one on a carry.
+    * ``s2`` round and pack: round to nearest, ties to even; detect overflow to infinity.
+
+    An exact zero sum is +0 unless both operands are -0. A NaN operand or inf - inf gives the
+    canonical NaN ``0x7FC00000``.
+    """
+    p = prefix
+    av = data.View(FP32Layout, a)
+    bv = data.View(FP32Layout, b)
+
+    # ---- s0: align -------------------------------------------------------------------
+    a_inf = (av.exponent == 0xFF) & (av.mantissa == 0)
+    b_inf = (bv.exponent == 0xFF) & (bv.mantissa == 0)
+    a_nan = (av.exponent == 0xFF) & (av.mantissa != 0)
+    b_nan = (bv.exponent == 0xFF) & (bv.mantissa != 0)
+
+    swap = Signal(name=f"{p}s0_swap")
+    m.d.comb += swap.eq(b[0:31] > a[0:31])
+    big = data.View(FP32Layout, Mux(swap, b, a))
+    small = data.View(FP32Layout, Mux(swap, a, b))
+
+    s0_exp_big = Signal(8, name=f"{p}s0_exp_big")
+    s0_dist = Signal(8, name=f"{p}s0_dist")
+    s0_big = Signal(27, name=f"{p}s0_big")
+    s0_small = Signal(27, name=f"{p}s0_small")
+    s0_shifted = Signal(27, name=f"{p}s0_shifted")
+    s0_dist_c = Signal(5, name=f"{p}s0_dist_c")
+    exp_small = Mux(small.exponent == 0, 1, small.exponent)
+    m.d.comb += [
+        s0_exp_big.eq(Mux(big.exponent == 0, 1, big.exponent)),
+        s0_dist.eq(s0_exp_big - exp_small),
+        s0_dist_c.eq(Mux(s0_dist > 27, 27, s0_dist)),
+        s0_big.eq(Cat(Const(0, 3), big.mantissa, big.exponent != 0)),
+        s0_small.eq(Cat(Const(0, 3), small.mantissa, small.exponent != 0)),
+        s0_shifted.eq(s0_small >> s0_dist_c),
+    ]
+    sticky = (s0_shifted << s0_dist_c)[0:27] != s0_small
+
+    r0 = regs[0]
+    s1_big = pipe(m, s0_big, r0, f"{p}s1_big")
+    s1_small = pipe(m, s0_shifted | sticky, r0, f"{p}s1_small")
+    s1_exp = pipe(m, s0_exp_big, r0, f"{p}s1_exp")
+    s1_sub = pipe(m, av.sign ^ bv.sign, r0, f"{p}s1_sub")
+    s1_sign = pipe(m, big.sign, r0, f"{p}s1_sign")
+    s1_zero_sign = pipe(m, av.sign & bv.sign, r0, f"{p}s1_zero_sign")
+    s1_nan = pipe(m, a_nan | b_nan | (a_inf & b_inf & (av.sign != bv.sign)), r0, f"{p}s1_nan")
+    s1_inf = pipe(m, a_inf | b_inf, r0, f"{p}s1_inf")
+
+    # ---- s1: add and normalise ---------------------------------------------------------
+    s1_sum = Signal(28, name=f"{p}s1_sum")
+    m.d.comb += s1_sum.eq(Mux(s1_sub, (s1_big - s1_small)[0:28], s1_big + s1_small))
+    lz = leading_zeros(m, s1_sum[0:27], f"{p}s1_lz")
+    s1_shift = Signal(5, name=f"{p}s1_shift")
+    m.d.comb += s1_shift.eq(Mux(lz > s1_exp - 1, s1_exp - 1, lz))
+    carry = s1_sum[27]
+    norm = Mux(carry, Cat(s1_sum[0] | s1_sum[1], s1_sum[2:28]), (s1_sum[0:27] << s1_shift)[0:27])
+    exp = Mux(carry, s1_exp + 1, s1_exp - s1_shift)
+
+    r1 = regs[1]
+    s2_norm = pipe(m, norm, r1, f"{p}s2_norm")
+    s2_exp = pipe(m, exp[0:9], r1, f"{p}s2_exp")
+    s2_zero = pipe(m, s1_sum == 0, r1, f"{p}s2_zero")
+    s2_sign = pipe(m, s1_sign, r1, f"{p}s2_sign")
+    s2_zero_sign = pipe(m, s1_zero_sign, r1, f"{p}s2_zero_sign")
+    s2_nan = pipe(m, s1_nan, r1, f"{p}s2_nan")
+    s2_inf = pipe(m, s1_inf, r1, f"{p}s2_inf")
+
+    # ---- s2: round and pack ------------------------------------------------------------
+    guard, lsb = s2_norm[2], s2_norm[3]
+    rest = s2_norm[1] | s2_norm[0]
+    rounded = Signal(25, name=f"{p}s2_rounded")
+    m.d.comb += rounded.eq(s2_norm[3:27] + (guard & (rest | lsb)))
+    r_carry = rounded[24]
+    exp2 = Signal(10, name=f"{p}s2_exp2")
+    m.d.comb += exp2.eq(s2_exp + r_carry)
+    frac = Mux(r_carry, rounded[1:24], rounded[0:23])
+    hidden = r_carry | rounded[23]
+    field = Mux(hidden, exp2[0:8], 0)
+
+    result = Signal(32, name=f"{p}s2_result")
+    with m.If(s2_nan):
+        m.d.comb += result.eq(FP32.nan_code)
+    with m.Elif(s2_inf | (exp2 >= 0xFF)):
+        m.d.comb += result.eq(Cat(Const(0, 23), Const(0xFF, 8), s2_sign))
+    with m.Elif(s2_zero):
+        m.d.comb += result.eq(Cat(Const(0, 31), s2_zero_sign))
+    with m.Else():
+        m.d.comb += result.eq(Cat(frac, field, s2_sign))
+
+    return pipe(m, result, regs[2], f"{p}result_q")
+
+
+class FP32Adder(wiring.Component):
+    """IEEE 754 binary32 adder, round to nearest even, with subnormals (no flush to zero).
+
+    See :func:`fp32_add` for the datapath. ``stages`` places pipeline registers after the
+    round (1), normalise and round (2), or all three sections (3); 0 is combinational.
+
+    Latency ``stages`` cycles; throughput one addition per cycle.
+
+    Members
+    -------
+    a, b : In(32)
+        binary32 operands.
+    result : Out(32)
+        binary32 bit pattern of ``a + b``.
+    """
+
+    a: In(32)
+    b: In(32)
+    result: Out(32)
+
+    def __init__(self, stages=1):
+        self.stages = check_stages(stages, tuple(_STAGE_REGS), "adder")
+        self.latency = stages
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.result.eq(fp32_add(m, self.a, self.b, _STAGE_REGS[self.stages]))
+        return m

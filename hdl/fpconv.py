@@ -1,0 +1,103 @@
+"""FP32 -> FP8 converter (requantisation): round to nearest even, optional saturation."""
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import check_stages, pipe
+from .formats import E4M3, E5M2, FP32Layout, Format
+
+__all__ = ["FP32ToFP8"]
+
+
+class FP32ToFP8(wiring.Component):
+    """Convert a binary32 value to FP8 (E4M3 or E5M2, chosen at run time).
+
+    Rounding is to nearest, ties to even, at the target mantissa width, including in the
+    target's subnormal range (guard = first dropped bit, sticky = OR of the rest, round up
+    when ``guard & (sticky | lsb)``). Overflow is decided on the *rounded* magnitude:
+
+    * ``saturate = 1``: overflow and infinities become the largest finite value of the same
+      sign (E4M3 +-448, E5M2 +-57344);
+    * ``saturate = 0``: E5M2 overflows to +-infinity, E4M3 (no infinity) to NaN.
+
+    NaN inputs give the canonical NaN of the format (E4M3 ``0x7F``, E5M2 ``0x7E``). The sign
+    of zero results is kept.
+
+    Parameters
+    ----------
+    stages : int
+        0 for a combinational unit, 1 to register the result.
+
+    Latency ``stages`` cycles; throughput one conversion per cycle.
+
+    Members
+    -------
+    x : In(32)
+        binary32 input.
+    fmt : In(Format)
+        Target format.
+    saturate : In(1)
+        Overflow policy (see above).
+    y : Out(8)
+        FP8 code.
+    """
+
+    x: In(32)
+    fmt: In(Format)
+    saturate: In(1)
+    y: Out(8)
+
+    def __init__(self, stages=0):
+        self.stages = check_stages(stages, (0, 1), "converter")
+        self.latency = stages
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        x = data.View(FP32Layout, self.x)
+        is_e5 = self.fmt == Format.E5M2
+        nan = (x.exponent == 0xFF) & (x.mantissa != 0)
+        inf = (x.exponent == 0xFF) & (x.mantissa == 0)
+
+        exp = Signal(signed(10))        # unbiased exponent (FP32 subnormals: -127, they round to 0)
+        sig = Signal(24)
+        m.d.comb += [exp.eq(x.exponent - 127), sig.eq(Cat(x.mantissa, x.exponent != 0))]
+
+        emin = Mux(is_e5, E5M2.emin, E4M3.emin)
+        below = Signal(signed(11))      # how far below the target's normal range
+        m.d.comb += below.eq(emin - exp)
+        shift = Signal(range(32))       # dropped bits: 23 - man_bits, plus denormalisation
+        shift_raw = Mux(is_e5, 21, 20) + Mux(below > 0, below, 0)
+        m.d.comb += shift.eq(Mux(shift_raw > 26, 26, shift_raw))
+
+        kept = Signal(5)
+        m.d.comb += kept.eq(sig >> shift)
+        guard_at = Signal(range(32))
+        m.d.comb += guard_at.eq(shift - 1)
+        above_guard = sig >> guard_at
+        guard = above_guard[0]
+        sticky = (above_guard << guard_at)[0:24] != sig
+        rounded = Signal(6)
+        m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
+
+        # Codes are monotonic in magnitude: normal code = ((exp + bias - 1) << m) + 1.mmm,
+        # subnormal code = 0.mmm; a rounding carry moves naturally into the exponent field.
+        base = Mux(below > 0, 0, Mux(is_e5, (exp + (E5M2.bias - 1)) << 2, (exp + (E4M3.bias - 1)) << 3))
+        code = Signal(signed(14))
+        m.d.comb += code.eq(base + rounded)
+        max_code = Mux(is_e5, E5M2.max_code, E4M3.max_code)
+        overflow = inf | (exp > 16) | (code > max_code)
+
+        sign = x.sign
+        over_code = Mux(self.saturate, max_code, Mux(is_e5, E5M2.inf_code, E4M3.nan_code))
+        y = Signal(8)
+        with m.If(nan):
+            m.d.comb += y.eq(Mux(is_e5, E5M2.nan_code, E4M3.nan_code))
+        with m.Elif(overflow):
+            m.d.comb += y.eq(Cat(over_code[0:7], sign))
+        with m.Else():
+            m.d.comb += y.eq(Cat(code[0:7], sign))
+
+        m.d.comb += self.y.eq(pipe(m, y, self.stages >= 1, "y_q"))
+        return m
