@@ -1,1 +1,1 @@
-"""fp8npu fpga."""
+"""fp8npu FPGA flow: synthesis, place and route, bitstreams and programming (YoWASP tools)."""

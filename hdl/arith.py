@@ -12,9 +12,15 @@ from .formats import Format
 __all__ = ["check_stages", "pipe", "leading_zeros", "unpack_fp8"]
 
 
-def check_stages(stages, allowed, block):
-    """Validate a ``stages`` parameter; one sentence naming the allowed values otherwise."""
+def check_stages(stages, allowed, block, component=None):
+    """Validate a ``stages`` parameter; one sentence naming the allowed values otherwise.
+
+    ``component`` is the half-constructed component: it is marked as deliberately unused, so
+    that a rejected parameter does not also produce an ``UnusedElaboratable`` warning.
+    """
     if isinstance(stages, bool) or not isinstance(stages, int) or stages not in allowed:
+        if component is not None:
+            component._MustUse__silence = True
         choices = ", ".join(str(s) for s in allowed)
         raise ValueError(f"{block} stages must be one of {choices}, not {stages!r}")
     return stages

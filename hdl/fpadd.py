@@ -136,7 +136,7 @@ class FP32Adder(wiring.Component):
     result: Out(32)
 
     def __init__(self, stages=1):
-        self.stages = check_stages(stages, tuple(_STAGE_REGS), "adder")
+        self.stages = check_stages(stages, tuple(_STAGE_REGS), "adder", self)
         self.latency = stages
         super().__init__()
 

