@@ -5,7 +5,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arith import check_stages, pipe
-from .formats import E4M3, E5M2, FP32Layout, Format
+from .formats import E4M3, E5M2, Format, FP32Layout
 
 __all__ = ["FP32ToFP8"]
 

@@ -13,7 +13,6 @@ Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the 
 import time
 
 import numpy as np
-
 from fp8npu.fpga.synth import ecp5_fmax, synthesize
 from fp8npu.hdl.fpadd import FP32Adder
 from fp8npu.hdl.fpconv import FP32ToFP8

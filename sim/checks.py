@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from fp8npu.hdl.formats import FP8_FORMATS
 from fp8npu.hdl.fpadd import FP32Adder
 from fp8npu.hdl.fpconv import FP32ToFP8

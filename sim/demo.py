@@ -3,7 +3,6 @@
 import time
 
 import numpy as np
-
 from fp8npu.hdl.formats import FP8_FORMATS
 from fp8npu.hdl.mac import MAC
 

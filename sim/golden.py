@@ -22,7 +22,6 @@ Rules kept here, each measured on torch 2.13 CPU:
 """
 
 import torch
-
 from fp8npu.hdl.formats import E4M3, E5M2, FP8_FORMATS, FP32, Format
 
 __all__ = [

@@ -5,7 +5,6 @@ patterns (uint8 FP8 codes, uint32 binary32 patterns).
 """
 
 import numpy as np
-
 from fp8npu.hdl.formats import E4M3, E5M2
 
 __all__ = ["all_fp8_pairs", "fp32_specials", "adder_vectors", "converter_inputs", "mac_chains"]

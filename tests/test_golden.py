@@ -4,7 +4,6 @@ the rules of docs/numerics.md that are easy to state directly."""
 import numpy as np
 import pytest
 import torch
-
 from fp8npu.hdl.formats import E4M3, E5M2, Format
 from fp8npu.sim import golden, vectors
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from amaranth.hdl import Value
 from amaranth.sim import Simulator
-
 from fp8npu.hdl.formats import E4M3, E5M2, FP32, Format, format_by_name
 from fp8npu.hdl.fpadd import FP32Adder
 from fp8npu.hdl.fpconv import FP32ToFP8

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fp8npu.hdl.formats import E4M3, E5M2, FP32, format_by_name
 from fp8npu.sim import checks, golden
 

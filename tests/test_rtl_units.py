@@ -15,7 +15,6 @@ The ``slow`` tests run ten times more vectors: ``pytest -m slow``.
 
 import numpy as np
 import pytest
-
 from fp8npu.sim import checks, vectors
 
 from .conftest import report
@@ -106,7 +105,6 @@ def test_mac_chains_long():
 def test_mac_chains_reach_special_ranges():
     """The chain kinds really do what their names say (so the MAC test covers those paths)."""
     import torch
-
     from fp8npu.sim import golden
     kinds = {}
     for kind in ("overflow", "underflow", "specials"):

