@@ -1,0 +1,160 @@
+"""The one NPU configuration shared by the hardware generator, the compiler and the simulators.
+
+:class:`NPUConfig` is frozen and JSON-serializable::
+
+    cfg = NPUConfig(rows=8, cols=8)
+    text = cfg.to_json()
+    assert NPUConfig.from_json(text) == cfg
+
+Every invalid value raises ``ValueError`` with one sentence naming the field and what is allowed.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["NPUConfig", "load_config"]
+
+
+def _pow2(n):
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True)
+class NPUConfig:
+    """Hardware parameters of one NPU instance.
+
+    Attributes
+    ----------
+    rows, cols : int
+        MAC array size R x C (1..16 each). The array is weight-stationary: it holds an R x C
+        weight tile (K x N); activation rows stream through, one output row per cycle.
+    formats : tuple of str
+        FP8 operand formats the hardware accepts (subset of ``("e4m3", "e5m2")``).
+    sp_lines : int
+        Scratchpad depth in lines; a line holds :attr:`line_bytes` FP8 values.
+    acc_lines : int
+        Accumulator depth in lines; a line holds :attr:`cols` FP32 values.
+    axi_data_bits : int
+        AXI4 data bus width (32, 64, 128 or 256).
+    axi_addr_bits : int
+        AXI4 address width (32).
+    queue_depth : int
+        Depth of each unit's command queue (load, compute, store).
+    max_burst : int
+        Longest AXI4 INCR burst the DMA issues, in beats (1..256, a power of two).
+    mac_stages : int
+        Pipeline registers of the FP8 multipliers in the array (0 or 1).
+    """
+
+    rows: int = 8
+    cols: int = 8
+    formats: tuple = ("e4m3", "e5m2")
+    sp_lines: int = 4096
+    acc_lines: int = 1024
+    axi_data_bits: int = 64
+    axi_addr_bits: int = 32
+    queue_depth: int = 8
+    max_burst: int = 16
+    mac_stages: int = 0
+
+    def __post_init__(self):
+        def integer(name, lo, hi, pow2=False):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+            if ok and pow2 and v & (v - 1):
+                ok = False
+            if not ok:
+                kind = "a power of two" if pow2 else "an integer"
+                raise ValueError(f"{name} must be {kind} from {lo} to {hi}, not {v!r}")
+
+        integer("rows", 1, 16)
+        integer("cols", 1, 16)
+        integer("sp_lines", 16, 65536, pow2=True)
+        integer("acc_lines", 16, 65536, pow2=True)
+        if self.axi_data_bits not in (32, 64, 128, 256):
+            raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {self.axi_data_bits!r}")
+        if self.axi_addr_bits != 32:
+            raise ValueError(f"axi_addr_bits must be 32, not {self.axi_addr_bits!r}")
+        integer("queue_depth", 2, 64, pow2=True)
+        integer("max_burst", 1, 256, pow2=True)
+        if self.mac_stages not in (0, 1) or isinstance(self.mac_stages, bool):
+            raise ValueError(f"mac_stages must be one of 0, 1, not {self.mac_stages!r}")
+        formats = self.formats
+        if isinstance(formats, list):
+            object.__setattr__(self, "formats", tuple(formats))
+            formats = self.formats
+        if (not isinstance(formats, tuple) or not formats or len(set(formats)) != len(formats)
+                or any(f not in ("e4m3", "e5m2") for f in formats)):
+            raise ValueError(f"formats must be a non-empty list of distinct names from e4m3, e5m2, not {formats!r}")
+
+    # ---- derived geometry ------------------------------------------------------------
+    @property
+    def line_bytes(self):
+        """Bytes per scratchpad line: the next power of two >= max(rows, cols)."""
+        return _pow2(max(self.rows, self.cols))
+
+    @property
+    def acc_line_values(self):
+        """FP32 values per accumulator line (power of two >= cols; lanes past cols read as 0)."""
+        return _pow2(self.cols)
+
+    @property
+    def acc_line_bytes(self):
+        return 4 * self.acc_line_values
+
+    @property
+    def bus_bytes(self):
+        return self.axi_data_bits // 8
+
+    @property
+    def sp_addr_bits(self):
+        return (self.sp_lines - 1).bit_length()
+
+    @property
+    def acc_addr_bits(self):
+        return (self.acc_lines - 1).bit_length()
+
+    def supports(self, fmt_name):
+        return fmt_name in self.formats
+
+    # ---- serialization -----------------------------------------------------------------
+    def to_dict(self):
+        d = asdict(self)
+        d["formats"] = list(self.formats)
+        return d
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ValueError(f"an NPU config must be a JSON object, not {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        return cls.from_dict(data)
+
+
+def load_config(path):
+    """Read an :class:`NPUConfig` from a JSON file (``None``: the default configuration)."""
+    if path is None:
+        return NPUConfig()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    return NPUConfig.from_json(text)

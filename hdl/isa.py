@@ -1,0 +1,409 @@
+"""The fp8npu instruction set: one module for the command decoder, the assembler, the compiler
+and the functional simulator.
+
+A program is a sequence of 256-bit (32-byte) commands in DRAM, little-endian. Bit ``i`` of a
+command is bit ``i % 8`` of byte ``i // 8``. Every command starts with the same 12 bits::
+
+    [0:8]   opcode
+    [8]     pop_prev    wait for (and consume) a token from the previous unit
+    [9]     pop_next    wait for (and consume) a token from the next unit
+    [10]    push_prev   after executing, give a token to the previous unit
+    [11]    push_next   after executing, give a token to the next unit
+
+Units form a chain ``load -> compute -> store``: the load unit has no previous unit and the
+store unit no next one. Commands enter their unit's queue in program order; each unit runs its
+queue in order, waiting for the tokens its command pops. Tokens let DMA overlap compute (double
+buffering) while keeping every read after the write it depends on.
+
+Every bit not named by a command's fields is reserved and must be zero. The full field
+tables, with bit diagrams, are in docs/isa.md (generated from :data:`FIELDS`).
+"""
+
+import enum
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "StoreFormat", "ErrorCode", "Field", "FIELDS",
+    "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode", "encode_program", "decode_program",
+    "validate", "Register", "REGISTER_DOC", "DecodeError", "ERROR_TEXT",
+]
+
+COMMAND_BITS = 256
+COMMAND_BYTES = COMMAND_BITS // 8
+
+
+class Opcode(enum.IntEnum):
+    LOAD = 1
+    STORE = 2
+    MATMUL = 3
+    EPILOGUE = 4
+    BLOCKSCALE = 5
+    SYNC = 6
+    END = 7
+
+
+class Unit(enum.IntEnum):
+    LOAD = 0
+    COMPUTE = 1
+    STORE = 2
+
+
+class StoreFormat(enum.IntEnum):
+    FP32 = 0
+    E4M3 = 1
+    E5M2 = 2
+
+
+class ErrorCode(enum.IntEnum):
+    """Value of the ERROR register; the first error stops the NPU."""
+
+    NONE = 0
+    BAD_OPCODE = 1       # opcode not in Opcode
+    BAD_FIELD = 2        # reserved bit set, field value out of its range, or a token flag the unit lacks
+    BAD_FORMAT = 3       # an FP8 format this configuration does not support
+    SRAM_RANGE = 4       # scratchpad or accumulator lines beyond the SRAM
+    MISALIGNED = 5       # DRAM address or stride not a multiple of the AXI bus width in bytes
+    DRAM_WINDOW = 6      # a DRAM byte outside [WIN_BASE, WIN_LIMIT)
+    DEADLOCK = 7         # every unit waits for a token that no command can give
+    FETCH_WINDOW = 8     # the program itself is misaligned or outside the DMA window
+    BUS_ERROR = 9        # an AXI read or write answered SLVERR or DECERR
+    NO_END = 10          # the program ended (PROG_LEN reached) without an END command
+
+
+ERROR_TEXT = {
+    ErrorCode.NONE: "no error",
+    ErrorCode.BAD_OPCODE: "unknown opcode",
+    ErrorCode.BAD_FIELD: "a reserved bit is set or a field is out of range",
+    ErrorCode.BAD_FORMAT: "FP8 format not supported by this NPU configuration",
+    ErrorCode.SRAM_RANGE: "SRAM lines out of range",
+    ErrorCode.MISALIGNED: "DRAM address or stride not aligned to the bus width",
+    ErrorCode.DRAM_WINDOW: "DRAM access outside the DMA window",
+    ErrorCode.DEADLOCK: "deadlock: every unit waits for a token nothing will give",
+    ErrorCode.FETCH_WINDOW: "program misaligned or outside the DMA window",
+    ErrorCode.BUS_ERROR: "AXI bus error response",
+    ErrorCode.NO_END: "program ended without END",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    lsb: int
+    width: int
+    doc: str
+
+    @property
+    def msb(self):
+        return self.lsb + self.width - 1
+
+
+COMMON_FIELDS = (
+    Field("opcode", 0, 8, "operation (see Opcode)"),
+    Field("pop_prev", 8, 1, "wait for a token from the previous unit"),
+    Field("pop_next", 9, 1, "wait for a token from the next unit"),
+    Field("push_prev", 10, 1, "give a token to the previous unit when done"),
+    Field("push_next", 11, 1, "give a token to the next unit when done"),
+)
+
+#: Per-opcode fields (after the common ones).
+FIELDS = {
+    Opcode.LOAD: (
+        Field("dst", 12, 1, "0: scratchpad, 1: accumulator"),
+        Field("sram_addr", 32, 16, "first SRAM line written"),
+        Field("rows", 48, 16, "DRAM rows to copy (0: no transfer)"),
+        Field("row_bytes", 64, 16, "bytes per DRAM row (accumulator: a multiple of 4)"),
+        Field("dram_addr", 96, 32, "byte address of row 0 (a multiple of the bus width)"),
+        Field("dram_stride", 128, 32, "bytes from one row to the next (a multiple of the bus width)"),
+    ),
+    Opcode.STORE: (
+        Field("fmt", 12, 2, "0: FP32, 1: E4M3, 2: E5M2 (see StoreFormat)"),
+        Field("saturate", 14, 1, "FP8 overflow: 1 saturates to max, 0 gives inf (E5M2) or NaN (E4M3)"),
+        Field("acc_addr", 32, 16, "first accumulator line read"),
+        Field("rows", 48, 16, "lines to store (0: no transfer)"),
+        Field("cols", 64, 16, "values stored from each line (1..cols)"),
+        Field("dram_addr", 96, 32, "byte address of row 0 (a multiple of the bus width)"),
+        Field("dram_stride", 128, 32, "bytes from one row to the next (a multiple of the bus width)"),
+        Field("scale", 160, 32, "FP32 scale applied before FP8 conversion"),
+    ),
+    Opcode.MATMUL: (
+        Field("fmt_a", 12, 1, "format of A: 0 E4M3, 1 E5M2"),
+        Field("fmt_b", 13, 1, "format of B: 0 E4M3, 1 E5M2"),
+        Field("accumulate", 14, 1, "1: start from the accumulator, 0: start from +0"),
+        Field("a_addr", 32, 16, "scratchpad line of A row 0"),
+        Field("a_stride", 48, 16, "scratchpad lines from one A row to the next"),
+        Field("b_addr", 64, 16, "scratchpad line of B row 0 (k = 0)"),
+        Field("acc_addr", 80, 16, "accumulator line of output row 0"),
+        Field("m", 96, 16, "rows of A (0: no computation)"),
+        Field("k", 112, 16, "reduction length, 1..rows"),
+    ),
+    Opcode.EPILOGUE: (
+        Field("use_scale", 12, 1, "multiply by the per-column scale line"),
+        Field("use_bias", 13, 1, "add the per-column bias line"),
+        Field("src", 32, 16, "first accumulator line read"),
+        Field("dst", 48, 16, "first accumulator line written"),
+        Field("rows", 64, 16, "lines processed"),
+        Field("scale_addr", 80, 16, "accumulator line holding the column scales"),
+        Field("bias_addr", 96, 16, "accumulator line holding the column biases"),
+    ),
+    Opcode.BLOCKSCALE: (
+        Field("src", 32, 16, "first accumulator line of the K-block partial sums"),
+        Field("dst", 48, 16, "first accumulator line of the output accumulators"),
+        Field("rows", 64, 16, "lines processed"),
+        Field("row_scale", 80, 16, "first accumulator line of the row scales (value in lane 0)"),
+        Field("col_scale", 96, 16, "accumulator line holding the column scales"),
+    ),
+    Opcode.SYNC: (
+        Field("unit", 12, 2, "unit that moves the tokens: 0 load, 1 compute, 2 store"),
+    ),
+    Opcode.END: (),
+}
+
+OPCODE_UNIT = {
+    Opcode.LOAD: Unit.LOAD,
+    Opcode.STORE: Unit.STORE,
+    Opcode.MATMUL: Unit.COMPUTE,
+    Opcode.EPILOGUE: Unit.COMPUTE,
+    Opcode.BLOCKSCALE: Unit.COMPUTE,
+}
+
+#: Short semantics of each opcode (docs/isa.md renders these).
+SEMANTICS = {
+    Opcode.LOAD: (
+        "Copy `rows` DRAM rows of `row_bytes` bytes (row r at `dram_addr + r*dram_stride`) into "
+        "consecutive SRAM lines from `sram_addr`. A row fills `ceil(row_bytes / line)` lines "
+        "(line = scratchpad line bytes, or 4 x accumulator values); the last line of a row is "
+        "zero-padded."),
+    Opcode.STORE: (
+        "For each of `rows` accumulator lines from `acc_addr`, write its first `cols` values to "
+        "DRAM at `dram_addr + r*dram_stride`: as FP32 (4 bytes each), or as FP8 "
+        "`convert(fp32(value * scale), fmt, saturate)` (1 byte each). Bytes outside the values "
+        "are not written."),
+    Opcode.MATMUL: (
+        "With `W[kk][j]` = byte j of scratchpad line `b_addr + kk` and `A[i][kk]` = byte kk of "
+        "line `a_addr + i*a_stride`: for every row i < m and column j < cols, "
+        "`acc = (accumulate ? ACC[acc_addr+i][j] : +0)`, then for kk = 0..k-1 in order "
+        "`acc = fp32(acc + A[i][kk] * W[kk][j])` (exact products), then "
+        "`ACC[acc_addr+i][j] = acc`."),
+    Opcode.EPILOGUE: (
+        "For i < rows, j < cols: `x = ACC[src+i][j]`; if use_scale `x = fp32(x * ACC[scale_addr][j])`; "
+        "if use_bias `x = fp32(x + ACC[bias_addr][j])`; `ACC[dst+i][j] = x`. Two roundings, no FMA."),
+    Opcode.BLOCKSCALE: (
+        "Fine-grained (per K-block) scaling. For i < rows, j < cols: "
+        "`s = fp32(ACC[row_scale+i][0] * ACC[col_scale][j])`, "
+        "`ACC[dst+i][j] = fp32(ACC[dst+i][j] + fp32(ACC[src+i][j] * s))`. Three roundings, no FMA; "
+        "all exact for power-of-two scales barring overflow and underflow."),
+    Opcode.SYNC: "No operation in `unit`; only its token flags act.",
+    Opcode.END: "Wait until every unit has finished, then stop with DONE set.",
+}
+
+
+class DecodeError(ValueError):
+    """A command or program that cannot be encoded or decoded; the message says why."""
+
+
+@dataclass
+class Command:
+    """A decoded command: opcode, token flags and the opcode's fields (missing fields are 0)."""
+
+    opcode: int
+    fields: dict
+    pop_prev: int = 0
+    pop_next: int = 0
+    push_prev: int = 0
+    push_next: int = 0
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def unit(self):
+        if self.opcode == Opcode.SYNC:
+            return Unit(self.fields.get("unit", 0)) if self.fields.get("unit", 0) < 3 else None
+        return OPCODE_UNIT.get(self.opcode)
+
+
+def _all_fields(opcode):
+    return COMMON_FIELDS + FIELDS.get(opcode, ())
+
+
+def encode(opcode, pop_prev=0, pop_next=0, push_prev=0, push_next=0, **values):
+    """Encode one command to 32 bytes. Unknown field names or values too wide raise DecodeError."""
+    try:
+        opcode = Opcode(opcode)
+    except ValueError:
+        raise DecodeError(f"unknown opcode {opcode!r}; allowed: {', '.join(o.name for o in Opcode)}") from None
+    values = dict(values, opcode=int(opcode), pop_prev=pop_prev, pop_next=pop_next, push_prev=push_prev,
+                  push_next=push_next)
+    known = {f.name: f for f in _all_fields(opcode)}
+    word = 0
+    for name, value in values.items():
+        if name not in known:
+            raise DecodeError(f"{opcode.name} has no field {name!r}; fields: "
+                              f"{', '.join(f.name for f in FIELDS[opcode]) or 'none'}")
+        f = known[name]
+        value = int(value)
+        if not 0 <= value < (1 << f.width):
+            raise DecodeError(f"{opcode.name} field {name} must be from 0 to {(1 << f.width) - 1}, not {value}")
+        word |= value << f.lsb
+    return word.to_bytes(COMMAND_BYTES, "little")
+
+
+def decode(data):
+    """Decode 32 bytes to a :class:`Command` (no validation: see :func:`validate`).
+
+    Unknown opcodes decode with no fields; reserved bits are kept in ``fields['_reserved']``.
+    """
+    if len(data) != COMMAND_BYTES:
+        raise DecodeError(f"a command is {COMMAND_BYTES} bytes, not {len(data)}")
+    word = int.from_bytes(bytes(data), "little")
+    opcode = word & 0xFF
+    fields = {}
+    used = 0
+    for f in _all_fields(opcode):
+        mask = (1 << f.width) - 1
+        used |= mask << f.lsb
+        if f in COMMON_FIELDS:
+            continue
+        fields[f.name] = (word >> f.lsb) & mask
+    fields["_reserved"] = word & ~used & ((1 << COMMAND_BITS) - 1)
+    return Command(opcode, fields, (word >> 8) & 1, (word >> 9) & 1, (word >> 10) & 1, (word >> 11) & 1)
+
+
+def encode_program(commands):
+    """Concatenate encoded commands (bytes, or (opcode, kwargs) pairs) into a program image."""
+    out = bytearray()
+    for c in commands:
+        out += c if isinstance(c, (bytes, bytearray)) else encode(c[0], **c[1])
+    return bytes(out)
+
+
+def decode_program(data):
+    if len(data) % COMMAND_BYTES:
+        raise DecodeError(f"a program is a whole number of {COMMAND_BYTES}-byte commands; "
+                          f"{len(data)} bytes is not")
+    return [decode(data[i:i + COMMAND_BYTES]) for i in range(0, len(data), COMMAND_BYTES)]
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def validate(cmd, cfg, win_base, win_limit):
+    """Static checks the command decoder makes before a command is queued, in this order:
+    opcode, fields, format, SRAM ranges, alignment, DMA window. Returns an :class:`ErrorCode`.
+
+    Hardware and functional simulator both apply exactly these rules (tests check it).
+    """
+    try:
+        op = Opcode(cmd.opcode)
+    except ValueError:
+        return ErrorCode.BAD_OPCODE
+    f = cmd.fields
+    if f.get("_reserved", 0):
+        return ErrorCode.BAD_FIELD
+    unit = cmd.unit
+    if op == Opcode.END:
+        if cmd.pop_prev or cmd.pop_next or cmd.push_prev or cmd.push_next:
+            return ErrorCode.BAD_FIELD
+        return ErrorCode.NONE
+    if unit is None:
+        return ErrorCode.BAD_FIELD
+    if unit == Unit.LOAD and (cmd.pop_prev or cmd.push_prev):
+        return ErrorCode.BAD_FIELD
+    if unit == Unit.STORE and (cmd.pop_next or cmd.push_next):
+        return ErrorCode.BAD_FIELD
+    if op == Opcode.LOAD and f["dst"] == 1 and f["row_bytes"] % 4:
+        return ErrorCode.BAD_FIELD
+    if op == Opcode.STORE and (f["fmt"] > 2 or not 1 <= f["cols"] <= cfg.cols):
+        return ErrorCode.BAD_FIELD
+    if op == Opcode.MATMUL and not 1 <= f["k"] <= cfg.rows:
+        return ErrorCode.BAD_FIELD
+    # formats
+    if op == Opcode.MATMUL:
+        names = ("e4m3", "e5m2")
+        if not cfg.supports(names[f["fmt_a"]]) or not cfg.supports(names[f["fmt_b"]]):
+            return ErrorCode.BAD_FORMAT
+    if op == Opcode.STORE and f["fmt"] in (1, 2) and not cfg.supports(("e4m3", "e5m2")[f["fmt"] - 1]):
+        return ErrorCode.BAD_FORMAT
+    # SRAM ranges
+    sp, acc = cfg.sp_lines, cfg.acc_lines
+    if op == Opcode.LOAD and f["rows"] and f["row_bytes"]:
+        line = cfg.acc_line_bytes if f["dst"] else cfg.line_bytes
+        depth = acc if f["dst"] else sp
+        if f["sram_addr"] + f["rows"] * _ceil_div(f["row_bytes"], line) > depth:
+            return ErrorCode.SRAM_RANGE
+    if op == Opcode.STORE and f["rows"] and f["acc_addr"] + f["rows"] > acc:
+        return ErrorCode.SRAM_RANGE
+    if op == Opcode.MATMUL:
+        if f["b_addr"] + f["k"] > sp:
+            return ErrorCode.SRAM_RANGE
+        if f["m"] and (f["a_addr"] + (f["m"] - 1) * f["a_stride"] >= sp or f["acc_addr"] + f["m"] > acc):
+            return ErrorCode.SRAM_RANGE
+    if op == Opcode.EPILOGUE:
+        if f["rows"] and (f["src"] + f["rows"] > acc or f["dst"] + f["rows"] > acc):
+            return ErrorCode.SRAM_RANGE
+        if f["scale_addr"] >= acc or f["bias_addr"] >= acc:
+            return ErrorCode.SRAM_RANGE
+    if op == Opcode.BLOCKSCALE:
+        if f["rows"] and (f["src"] + f["rows"] > acc or f["dst"] + f["rows"] > acc
+                          or f["row_scale"] + f["rows"] > acc):
+            return ErrorCode.SRAM_RANGE
+        if f["col_scale"] >= acc:
+            return ErrorCode.SRAM_RANGE
+    # alignment and DMA window
+    if op in (Opcode.LOAD, Opcode.STORE):
+        if f["dram_addr"] % cfg.bus_bytes or f["dram_stride"] % cfg.bus_bytes:
+            return ErrorCode.MISALIGNED
+        row_bytes = f["row_bytes"] if op == Opcode.LOAD else f["cols"] * (4 if f["fmt"] == 0 else 1)
+        if f["rows"] and row_bytes:
+            first = f["dram_addr"]
+            end = first + (f["rows"] - 1) * f["dram_stride"] + row_bytes
+            if first < win_base or end > win_limit:
+                return ErrorCode.DRAM_WINDOW
+    return ErrorCode.NONE
+
+
+class Register(enum.IntEnum):
+    """AXI4-Lite control and status registers (byte offsets, 32-bit each)."""
+
+    CTRL = 0x00          # W: bit 0 start (ignored while busy)
+    STATUS = 0x04        # R: bit 0 busy, bit 1 done, bit 2 error
+    ERROR = 0x08         # R: ErrorCode of the first error
+    ERROR_ADDR = 0x0C    # R: DRAM address of the faulting command
+    PROG_ADDR = 0x10     # RW: DRAM byte address of the program (a multiple of 32)
+    PROG_LEN = 0x14      # RW: program length in commands
+    WIN_BASE = 0x18      # RW: lowest DRAM byte the NPU may touch
+    WIN_LIMIT = 0x1C     # RW: one past the highest DRAM byte the NPU may touch
+    CYCLES = 0x20        # R: cycles busy in the last run
+    MAC_BUSY = 0x24      # R: MAC operations performed (a streamed row adds k x cols)
+    DMA_BYTES = 0x28     # R: bytes moved by DMA (program fetch included)
+    STALL = 0x2C         # R: cycles the compute unit waited for a token or a queue
+    CONFIG = 0x30        # R: rows [7:0], cols [15:8], log2 bus bytes [19:16]
+    COMMANDS = 0x34      # R: commands dispatched in the last run
+
+
+REGISTER_DOC = {
+    Register.CTRL: "W: bit 0 starts the program (ignored while busy)",
+    Register.STATUS: "R: bit 0 busy, bit 1 done, bit 2 error",
+    Register.ERROR: "R: ErrorCode of the first error (0: none)",
+    Register.ERROR_ADDR: "R: DRAM address of the command that caused the error",
+    Register.PROG_ADDR: "RW: DRAM byte address of the program (a multiple of 32 and of the bus width)",
+    Register.PROG_LEN: "RW: program length in commands",
+    Register.WIN_BASE: "RW: lowest DRAM byte address the NPU may read or write",
+    Register.WIN_LIMIT: "RW: one past the highest DRAM byte address the NPU may read or write",
+    Register.CYCLES: "R: clock cycles of the last run",
+    Register.MAC_BUSY: "R: MAC operations performed (each streamed A row adds k x cols); utilization = MAC_BUSY / (CYCLES x rows x cols)",
+    Register.DMA_BYTES: "R: bytes moved by the DMA engine, program fetch included",
+    Register.STALL: "R: cycles the compute unit waited for a token or for input",
+    Register.CONFIG: "R: rows in [7:0], cols in [15:8], log2(bus bytes) in [19:16]",
+    Register.COMMANDS: "R: commands dispatched in the last run",
+}
+
+
+def pack_f32(x):
+    """FP32 bits of a Python float (for scale fields)."""
+    return struct.unpack("<I", struct.pack("<f", x))[0]
