@@ -16,13 +16,14 @@ from fp8npu.hdl.formats import FP8_FORMATS
 from fp8npu.hdl.fpadd import FP32Adder
 from fp8npu.hdl.fpconv import FP32ToFP8
 from fp8npu.hdl.fpmul import FP8Multiplier
+from fp8npu.hdl.fpmul32 import FP32Multiplier
 from fp8npu.hdl.mac import MAC
 
 from . import golden
 from .harness import LaneHarness
 from .rtl import RTLModel, nbytes, pack_lanes, unpack_lanes
 
-__all__ = ["CheckReport", "LANES", "check_products", "check_adder", "check_converter", "check_mac",
+__all__ = ["CheckReport", "LANES", "check_products", "check_adder", "check_fp32_mul", "check_converter", "check_mac",
            "MacBatch", "model_for"]
 
 #: Parallel unit copies per stage setting in the check harnesses.
@@ -32,6 +33,7 @@ _UNITS = {
     # unit: (factory, stage settings, per-lane inputs, outputs, shared inputs)
     "mul": (FP8Multiplier, (0, 1), {"a": 8, "b": 8, "fmt_a": 1, "fmt_b": 1}, {"product": 32}, {}),
     "add": (FP32Adder, (0, 1, 2, 3), {"a": 32, "b": 32}, {"result": 32}, {}),
+    "mul32": (FP32Multiplier, (0, 1), {"a": 32, "b": 32}, {"result": 32}, {}),
     "conv": (FP32ToFP8, (0, 1), {"x": 32, "fmt": 1, "saturate": 1}, {"y": 8}, {}),
     "mac": (MAC, (1, 2, 3), {"a": 8, "b": 8, "fmt_a": 1, "fmt_b": 1, "acc_in": 32}, {"acc": 32},
             {"valid": 1, "first": 1}),
@@ -143,6 +145,15 @@ def check_adder(a, b, name="fp32 adder", lanes=LANES):
     want = golden.add(_i32(a), _i32(b))
     return _compare(name, {v: got[("result", v)] for v in variants}, want, "fp32", len(a),
                     lambda i: f"0x{a[i]:08x} + 0x{b[i]:08x}", result, variants)
+
+
+def check_fp32_mul(a, b, name="fp32 multiplier", lanes=LANES):
+    """binary32 a[i] * b[i]."""
+    a, b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
+    got, result, variants = _run("mul32", {"a": a, "b": b}, lanes=lanes)
+    want = golden.f32_to_bits(golden.bits_to_f32(_i32(a)) * golden.bits_to_f32(_i32(b)))
+    return _compare(name, {v: got[("result", v)] for v in variants}, want, "fp32", len(a),
+                    lambda i: f"0x{a[i]:08x} * 0x{b[i]:08x}", result, variants)
 
 
 def check_converter(x, fmt, saturate, name="fp32->fp8 converter", lanes=LANES):

@@ -7,7 +7,7 @@ patterns (uint8 FP8 codes, uint32 binary32 patterns).
 import numpy as np
 from fp8npu.hdl.formats import E4M3, E5M2
 
-__all__ = ["all_fp8_pairs", "fp32_specials", "adder_vectors", "converter_inputs", "mac_chains"]
+__all__ = ["all_fp8_pairs", "fp32_specials", "adder_vectors", "multiplier_vectors", "converter_inputs", "mac_chains"]
 
 
 def all_fp8_pairs():
@@ -99,6 +99,42 @@ def adder_vectors(n, seed=0):
     swap = rng.integers(0, 2, len(a)).astype(bool)
     swap[:len(da)] = False
     return np.where(swap, b, a).astype(np.uint32), np.where(swap, a, b).astype(np.uint32)
+
+
+def multiplier_vectors(n, seed=0):
+    """``n`` binary32 operand pairs for the multiplier: all pairs of :func:`fp32_specials`,
+    uniform bit patterns, and operands whose exponents sum near the subnormal and overflow
+    boundaries (exponent fields adding up to 127 +- 30 and 254 +- 30), subnormal x normal,
+    and power-of-two scales (as used for block scaling)."""
+    rng = np.random.default_rng(seed)
+    sp = fp32_specials()
+    parts_a, parts_b = [np.repeat(sp, len(sp))], [np.tile(sp, len(sp))]
+    k = max(n - len(sp) ** 2, 0) // 5 + 1
+
+    def word(sign, exp, man):
+        return ((np.asarray(sign, np.uint32) << np.uint32(31)) | (np.asarray(exp, np.uint32) << np.uint32(23))
+                | np.asarray(man, np.uint32)).astype(np.uint32)
+
+    def rs(size):
+        return rng.integers(0, 2, size, dtype=np.uint32)
+
+    def rm(size):
+        return rng.integers(0, 2**23, size, dtype=np.uint32)
+
+    parts_a.append(rng.integers(0, 2**32, k, dtype=np.uint32))
+    parts_b.append(rng.integers(0, 2**32, k, dtype=np.uint32))
+    for centre in (127, 254 + 127 - 127):
+        ea = rng.integers(1, 255, k)
+        eb = np.clip(centre - ea + rng.integers(-30, 31, k), 0, 254)
+        parts_a.append(word(rs(k), ea, rm(k)))
+        parts_b.append(word(rs(k), eb, rm(k)))
+    parts_a.append(word(rs(k), 0, rm(k)))
+    parts_b.append(word(rs(k), rng.integers(1, 255, k), rm(k)))
+    parts_a.append(word(rs(k), rng.integers(0, 255, k), rm(k)))
+    parts_b.append(word(0, rng.integers(127 - 40, 127 + 40, k), 0))
+    a = np.concatenate(parts_a)[:max(n, len(sp) ** 2)]
+    b = np.concatenate(parts_b)[:max(n, len(sp) ** 2)]
+    return a.astype(np.uint32), b.astype(np.uint32)
 
 
 def _fp8_values(spec):

@@ -134,3 +134,11 @@ def test_checker_detects_a_wrong_result(monkeypatch):
     a, b = vectors.all_fp8_pairs()
     r = checks.check_products(a[:64], b[:64], 0, 0)
     assert r.mismatches == 2  # one vector, two stage settings
+
+
+def test_fp32_multiplier_million():
+    a, b = vectors.multiplier_vectors(1_000_000, seed=6)
+    r = checks.check_fp32_mul(a, b)
+    report(r)
+    assert r.vectors >= 1_000_000
+    assert r.ok, r.examples

@@ -1,0 +1,109 @@
+"""IEEE binary32 multiplier (round to nearest even, subnormals), for scales in the epilogue,
+the per-K-block scaling and requantizing stores."""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import check_stages, leading_zeros, pipe
+from .formats import FP32, FP32Layout
+
+__all__ = ["FP32Multiplier", "fp32_mul"]
+
+
+def fp32_mul(m, a, b, prefix=""):
+    """Add the logic of one binary32 product ``a * b`` (combinational); return the result signal.
+
+    Subnormal operands are normalised first (leading-zero shift), the 24 x 24-bit significand
+    product is normalised to a leading one at bit 47, results below the normal range are
+    shifted right with a sticky bit (gradual underflow), and the result is rounded to nearest,
+    ties to even. Overflow gives infinity; NaN operands and infinity x 0 give the canonical
+    NaN; zero results carry the XOR of the signs.
+    """
+    p = prefix
+    av = data.View(FP32Layout, a)
+    bv = data.View(FP32Layout, b)
+    sign = av.sign ^ bv.sign
+    a_zero = (av.exponent == 0) & (av.mantissa == 0)
+    b_zero = (bv.exponent == 0) & (bv.mantissa == 0)
+    a_inf = (av.exponent == 0xFF) & (av.mantissa == 0)
+    b_inf = (bv.exponent == 0xFF) & (bv.mantissa == 0)
+    a_nan = (av.exponent == 0xFF) & (av.mantissa != 0)
+    b_nan = (bv.exponent == 0xFF) & (bv.mantissa != 0)
+
+    def normalised(v, name):
+        sig = Signal(24, name=f"{p}{name}_sig")
+        m.d.comb += sig.eq(Cat(v.mantissa, v.exponent != 0))
+        lz = leading_zeros(m, sig, f"{p}{name}_lz")
+        nsig = Signal(24, name=f"{p}{name}_nsig")
+        exp = Signal(signed(11), name=f"{p}{name}_exp")
+        m.d.comb += [nsig.eq(sig << lz), exp.eq(Mux(v.exponent == 0, 1, v.exponent) - lz)]
+        return nsig, exp
+
+    sa, ea = normalised(av, "a")
+    sb, eb = normalised(bv, "b")
+    prod = Signal(48, name=f"{p}prod")
+    m.d.comb += prod.eq(sa * sb)
+    # value = prod / 2^46 * 2^(ea + eb - 254); align the leading one to bit 47
+    top = prod[47]
+    norm = Signal(48, name=f"{p}norm")
+    exp = Signal(signed(12), name=f"{p}exp")          # biased exponent of the result
+    m.d.comb += [
+        norm.eq(Mux(top, prod, prod << 1)),
+        exp.eq(ea + eb - 127 + top),
+    ]
+    # gradual underflow: shift right by 1 - exp (capped) with a sticky bit
+    under = Signal(range(64), name=f"{p}under")
+    m.d.comb += under.eq(Mux(exp < 1, Mux(1 - exp > 50, 50, 1 - exp), 0))
+    shifted = Signal(48, name=f"{p}shifted")
+    m.d.comb += shifted.eq(norm >> under)
+    lost = (shifted << under)[0:48] != norm
+    kept = shifted[24:48]
+    guard = shifted[23]
+    sticky = (shifted[0:23] != 0) | lost
+    rounded = Signal(25, name=f"{p}rounded")
+    m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
+    carry = rounded[24]
+    field = Signal(signed(13), name=f"{p}field")
+    # after underflow the exponent field is 0 unless rounding carried into the hidden bit
+    m.d.comb += field.eq(Mux(exp < 1, 0, exp) + carry + ((exp < 1) & rounded[23] & ~carry))
+    frac = Mux(carry, rounded[1:24], rounded[0:23])
+
+    result = Signal(32, name=f"{p}result")
+    with m.If(a_nan | b_nan | (a_inf & b_zero) | (a_zero & b_inf)):
+        m.d.comb += result.eq(FP32.nan_code)
+    with m.Elif(a_inf | b_inf | (field >= 0xFF)):
+        m.d.comb += result.eq(Cat(Const(0, 23), Const(0xFF, 8), sign))
+    with m.Elif(a_zero | b_zero):
+        m.d.comb += result.eq(Cat(Const(0, 31), sign))
+    with m.Else():
+        m.d.comb += result.eq(Cat(frac, field[0:8], sign))
+    return result
+
+
+class FP32Multiplier(wiring.Component):
+    """IEEE 754 binary32 multiplier, round to nearest even, subnormals kept (see :func:`fp32_mul`).
+
+    Latency ``stages`` cycles (0 or 1); throughput one product per cycle.
+
+    Members
+    -------
+    a, b : In(32)
+        binary32 operands.
+    result : Out(32)
+        binary32 bit pattern of ``a * b``.
+    """
+
+    a: In(32)
+    b: In(32)
+    result: Out(32)
+
+    def __init__(self, stages=0):
+        self.stages = check_stages(stages, (0, 1), "fp32 multiplier", self)
+        self.latency = stages
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.result.eq(pipe(m, fp32_mul(m, self.a, self.b), self.stages >= 1, "result_q"))
+        return m
