@@ -5,6 +5,8 @@ Subcommands::
     fp8npu generate {mac,multiplier,adder,converter} [-o FILE] [--stages N]
     fp8npu demo
     fp8npu bench mac
+    fp8npu asm SOURCE [-o PROGRAM]
+    fp8npu disasm PROGRAM [-o SOURCE]
 
 Every failure a user can cause (a bad parameter, a missing tool) ends with one line
 ``fp8npu: error: ...`` and exit status 2, never a traceback.
@@ -74,6 +76,62 @@ def cmd_bench(args):
                          vectors=args.vectors)
 
 
+def _read(path, binary):
+    """Contents of an input file; a missing or unreadable file is a :class:`UsageError`."""
+    try:
+        return path.read_bytes() if binary else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read {str(path)!r}: not UTF-8 text") from None
+
+
+def _write(path, data):
+    """Write an output file; a missing folder or a write failure is a :class:`UsageError`."""
+    if not path.parent.exists():
+        raise UsageError(f"output folder {str(path.parent)!r} does not exist")
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def cmd_asm(args):
+    from fp8npu.compiler.asm import assemble
+    from fp8npu.hdl.isa import COMMAND_BYTES, DecodeError
+
+    source = Path(args.source)
+    out = Path(args.output) if args.output else source.with_suffix(".bin")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"the output would overwrite the source {str(source)!r}; choose one with -o")
+    try:
+        program = assemble(_read(source, binary=False))
+    except DecodeError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    _write(out, program)
+    print(f"wrote {out} ({len(program) // COMMAND_BYTES} commands, {len(program)} bytes)", file=sys.stderr)
+    return 0
+
+
+def cmd_disasm(args):
+    from fp8npu.compiler.asm import disassemble
+    from fp8npu.hdl.isa import DecodeError
+
+    program = Path(args.program)
+    try:
+        text = disassemble(_read(program, binary=True))
+    except DecodeError as exc:
+        raise UsageError(f"{program}: {exc}") from None
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        _write(Path(args.output), text)
+    return 0
+
+
 def _positive(text):
     try:
         value = int(text)
@@ -130,6 +188,24 @@ def build_parser():
     bench.add_argument("--vectors", type=_positive, default=200_000, metavar="N",
                        help="vectors per simulation measurement (default 200000)")
     bench.set_defaults(func=cmd_bench)
+
+    asm = sub.add_parser("asm", help="assemble NPU commands into a binary program",
+                         description="Assemble a text file of NPU commands (one 'OPCODE field=value ... "
+                                     "flags' per line, '#' comments; see docs/isa.md) into a program "
+                                     "image of 32-byte commands.")
+    asm.add_argument("source", metavar="SOURCE", help="assembly source file")
+    asm.add_argument("-o", "--output", metavar="PROGRAM",
+                     help="binary program to write (default: SOURCE with the suffix .bin)")
+    asm.set_defaults(func=cmd_asm)
+
+    disasm = sub.add_parser("disasm", help="print a binary program as NPU assembly",
+                            description="Disassemble a program image (32-byte commands) into canonical "
+                                        "assembly that 'fp8npu asm' turns back into the same bytes; "
+                                        "unknown commands print as raw .word256 lines.")
+    disasm.add_argument("program", metavar="PROGRAM", help="binary program file")
+    disasm.add_argument("-o", "--output", metavar="SOURCE",
+                        help="assembly file to write (default: standard output)")
+    disasm.set_defaults(func=cmd_disasm)
     return parser
 
 
