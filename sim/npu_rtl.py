@@ -1,0 +1,71 @@
+"""Run programs on the NPU RTL under Verilator with cocotb (see :mod:`.npu_tb`)."""
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fp8npu.hdl.config import NPUConfig
+from fp8npu.hdl.isa import ErrorCode
+from fp8npu.hdl.npu import NPU
+
+from .rtl import RTLModel
+
+__all__ = ["NPUSimulation", "RTLRun"]
+
+
+@dataclass
+class RTLRun:
+    dram: bytes
+    registers: dict
+    hung: bool
+    wall_seconds: float
+
+    @property
+    def error(self):
+        return ErrorCode(self.registers["ERROR"])
+
+    @property
+    def error_addr(self):
+        return self.registers["ERROR_ADDR"]
+
+    @property
+    def done(self):
+        return bool(self.registers["STATUS"] & 2)
+
+    @property
+    def cycles(self):
+        return self.registers["CYCLES"]
+
+    @property
+    def utilization(self):
+        cfg_word = self.registers["CONFIG"]
+        rows, cols = cfg_word & 0xFF, (cfg_word >> 8) & 0xFF
+        return self.registers["MAC_BUSY"] / max(1, self.cycles * rows * cols)
+
+
+class NPUSimulation:
+    """The NPU for one :class:`NPUConfig`, built once (cached) and run on DRAM images."""
+
+    def __init__(self, cfg=None, waves=False):
+        self.cfg = cfg or NPUConfig()
+        key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))
+        self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
+
+    def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
+            max_cycles=2_000_000, run_dir=None, waves=False):
+        dram = bytes(dram)
+        if win_limit is None:
+            win_limit = len(dram)
+        with tempfile.TemporaryDirectory(prefix="npu-run-") as tmp:
+            d = Path(run_dir or tmp)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "dram_in.bin").write_bytes(dram)
+            job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
+                   "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,
+                   "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
+                   "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles}
+            (d / "job.json").write_text(json.dumps(job))
+            self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
+            res = json.loads((d / "result.json").read_text())
+            return RTLRun((d / "dram_out.bin").read_bytes(), res["registers"], res["hung"], res["wall_seconds"])
