@@ -3,6 +3,8 @@
 Subcommands::
 
     fp8npu generate {mac,multiplier,adder,converter} [-o FILE] [--stages N]
+    fp8npu generate npu [--config CFG.json] [-o FILE]
+    fp8npu sim PROGRAM --dram IMAGE [--config CFG.json] [--engine rtl|func] [--waves FILE.vcd]
     fp8npu demo
     fp8npu bench mac
     fp8npu asm SOURCE [-o PROGRAM]
@@ -45,11 +47,35 @@ def make_unit(name, stages=None):
         raise UsageError(str(exc)) from None
 
 
+def load_cfg(path):
+    """The :class:`NPUConfig` of a JSON file (default configuration for ``None``)."""
+    from fp8npu.hdl.config import load_config
+    try:
+        return load_config(path)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}" if path else str(exc)) from None
+
+
 def cmd_generate(args):
     from fp8npu.sim.rtl import to_verilog
 
-    unit = make_unit(args.unit, args.stages)
     top = args.top or f"fp8npu_{args.unit}"
+    if args.unit == "npu":
+        if args.stages is not None:
+            raise UsageError("--stages does not apply to the npu; set mac_stages in the config")
+        from fp8npu.hdl.npu import NPU
+        cfg = load_cfg(args.config)
+        text = to_verilog(NPU(cfg), top)
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            _write(Path(args.output), text)
+            print(f"wrote {args.output} (NPU {cfg.rows}x{cfg.cols}, AXI {cfg.axi_data_bits}-bit, "
+                  f"top module {top})", file=sys.stderr)
+        return 0
+    if args.config is not None:
+        raise UsageError(f"--config applies to the npu only, not to the {args.unit}")
+    unit = make_unit(args.unit, args.stages)
     text = to_verilog(unit, top)
     if args.output in (None, "-"):
         sys.stdout.write(text)
@@ -132,6 +158,100 @@ def cmd_disasm(args):
     return 0
 
 
+def cmd_sim(args):
+    import threading
+    import time
+
+    from fp8npu.compiler.asm import assemble
+    from fp8npu.hdl.isa import COMMAND_BYTES, ERROR_TEXT, DecodeError, ErrorCode
+
+    cfg = load_cfg(args.config)
+    source = Path(args.program)
+    raw = _read(source, binary=True)
+    if source.suffix in (".s", ".asm"):
+        try:
+            program = assemble(raw.decode("utf-8", errors="replace"))
+        except DecodeError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+    else:
+        program = raw
+    if not program or len(program) % COMMAND_BYTES:
+        raise UsageError(f"{source}: a program is a non-empty whole number of {COMMAND_BYTES}-byte commands, "
+                         f"not {len(program)} bytes")
+    dram = bytearray(_read(Path(args.dram), binary=True)) if args.dram else bytearray()
+    prog_addr = args.prog_addr
+    if prog_addr is None:
+        prog_addr = (len(dram) + 4095) // 4096 * 4096
+    if prog_addr % 32 or prog_addr % cfg.bus_bytes:
+        raise UsageError(f"--prog-addr must be a multiple of 32 and of the bus width, not {prog_addr:#x}")
+    end = prog_addr + len(program)
+    if len(dram) < end:
+        dram.extend(bytes(end - len(dram)))
+    dram[prog_addr:end] = program
+    size = max(len(dram), args.dram_size or 0)
+    dram.extend(bytes(size - len(dram)))
+    win_base, win_limit = 0, len(dram)
+    if args.window:
+        try:
+            lo, hi = (int(x, 0) for x in args.window.split(":"))
+        except ValueError:
+            raise UsageError(f"--window must be BASE:LIMIT (for example 0:0x100000), not {args.window!r}") from None
+        win_base, win_limit = lo, hi
+    n = len(program) // COMMAND_BYTES
+    if args.engine == "func":
+        from fp8npu.sim import funcsim
+        res = funcsim.run(bytes(dram), cfg, prog_addr=prog_addr, prog_len=n, win_base=win_base,
+                          win_limit=win_limit)
+        out, error, error_addr = res.dram, ErrorCode(res.error), res.error_addr
+        summary = f"estimated cycles {res.cycles:,}"
+    else:
+        from fp8npu.sim.npu_rtl import NPUSimulation
+        sim = NPUSimulation(cfg, waves=bool(args.waves))
+        stop = threading.Event()
+
+        def progress():
+            t0 = time.monotonic()
+            while not stop.wait(2.0):
+                print(f"  simulating... {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+
+        ticker = threading.Thread(target=progress, daemon=True)
+        ticker.start()
+        try:
+            run = sim.run(dram, prog_addr, n, win_base, win_limit, backpressure=args.backpressure,
+                          max_cycles=args.max_cycles, waves=bool(args.waves), waves_to=args.waves)
+        finally:
+            stop.set()
+        if run.hung:
+            raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
+        out, error, error_addr = run.dram, run.error, run.error_addr
+        r = run.registers
+        summary = (f"cycles {r['CYCLES']:,}, MAC ops {r['MAC_BUSY']:,} (utilization {run.utilization:.1%}), "
+                   f"DMA bytes {r['DMA_BYTES']:,}, compute stalls {r['STALL']:,}")
+    if args.output:
+        _write(Path(args.output), bytes(out))
+    state = "done" if error == ErrorCode.NONE else (f"error {error.name} ({ERROR_TEXT[error]}) at command "
+                                                    f"address {error_addr:#x}")
+    print(f"{source}: {n} commands, {state}; {summary}")
+    return 0 if error == ErrorCode.NONE else 1
+
+
+def _int0(text):
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (decimal or 0x hex), not {text!r}") from None
+
+
+def _probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, not {text!r}")
+    return value
+
+
 def _positive(text):
     try:
         value = int(text)
@@ -158,7 +278,8 @@ def build_parser():
 
     gen = sub.add_parser("generate", help="write Verilog for a hardware block",
                          description="Write synthesizable Verilog for one fp8npu hardware block.")
-    gen.add_argument("unit", choices=list(UNITS), help="block to generate")
+    gen.add_argument("unit", choices=[*UNITS, "npu"], help="block to generate")
+    gen.add_argument("--config", metavar="CFG.json", help="NPU configuration (npu only; default: 8x8)")
     gen.add_argument("-o", "--output", metavar="FILE", help="output file (default: standard output)")
     gen.add_argument("--stages", type=_stages, metavar="N",
                      help="pipeline stages: " + "; ".join(
@@ -188,6 +309,27 @@ def build_parser():
     bench.add_argument("--vectors", type=_positive, default=200_000, metavar="N",
                        help="vectors per simulation measurement (default 200000)")
     bench.set_defaults(func=cmd_bench)
+
+    simp = sub.add_parser("sim", help="run a program on the NPU (RTL under Verilator, or the functional simulator)",
+                          description="Run a program on a DRAM image. The program (binary, or assembly with "
+                                      "the suffix .s) is placed in DRAM at --prog-addr; the NPU runs it to END "
+                                      "or to an error. Prints the status and the performance counters.")
+    simp.add_argument("program", metavar="PROGRAM", help="program: binary (.bin) or assembly (.s)")
+    simp.add_argument("--dram", metavar="IMAGE", help="initial DRAM image (raw bytes from address 0)")
+    simp.add_argument("--dram-size", type=_int0, metavar="BYTES", help="DRAM size (default: image + program)")
+    simp.add_argument("--prog-addr", type=_int0, metavar="ADDR",
+                      help="where the program goes (default: after the image, 4 KB aligned)")
+    simp.add_argument("--window", metavar="BASE:LIMIT", help="DMA window (default: all of DRAM)")
+    simp.add_argument("--config", metavar="CFG.json", help="NPU configuration (default: 8x8)")
+    simp.add_argument("--engine", choices=["rtl", "func"], default="rtl",
+                      help="rtl: Verilator + cocotb (default); func: the functional simulator")
+    simp.add_argument("--backpressure", type=_probability, default=0.0, metavar="P",
+                      help="probability of a stall on each AXI channel per cycle (rtl)")
+    simp.add_argument("--max-cycles", type=_positive, default=50_000_000, metavar="N",
+                      help="give up after N cycles (rtl)")
+    simp.add_argument("--waves", metavar="FILE.vcd", help="dump a VCD waveform (rtl)")
+    simp.add_argument("-o", "--output", metavar="IMAGE", help="write the final DRAM image")
+    simp.set_defaults(func=cmd_sim)
 
     asm = sub.add_parser("asm", help="assemble NPU commands into a binary program",
                          description="Assemble a text file of NPU commands (one 'OPCODE field=value ... "

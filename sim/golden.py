@@ -26,7 +26,7 @@ from fp8npu.hdl.formats import E4M3, E5M2, FP8_FORMATS, FP32, Format
 
 __all__ = [
     "bits_to_f32", "f32_to_bits", "decode_fp8", "fp8_is_nan", "f32_is_nan",
-    "mul", "add", "mac", "quantize", "mismatches", "sign_bits",
+    "mul", "add", "mul_f32", "mac", "quantize", "mismatches", "sign_bits",
 ]
 
 
@@ -108,6 +108,16 @@ def mul(a_codes, b_codes, fmt_a, fmt_b):
 def add(a_bits, b_bits):
     """One IEEE binary32 round-to-nearest-even addition (subnormals kept), on bit patterns."""
     return f32_to_bits(bits_to_f32(_as_tensor(a_bits, torch.int32)) + bits_to_f32(_as_tensor(b_bits, torch.int32)))
+
+
+def mul_f32(a_bits, b_bits):
+    """One IEEE binary32 round-to-nearest-even multiplication (subnormals kept), on bit patterns.
+
+    Used where the hardware multiplies two FP32 values (EPILOGUE and BLOCKSCALE scales, the
+    STORE scale before FP8 conversion): ``float32 * float32`` on torch tensors is exactly one
+    rounded binary32 product. Arguments broadcast like torch tensors.
+    """
+    return f32_to_bits(bits_to_f32(_as_tensor(a_bits, torch.int32)) * bits_to_f32(_as_tensor(b_bits, torch.int32)))
 
 
 def mac(a_codes, b_codes, fmt_a, fmt_b, acc=None, valid=None, first=None, trace=False):

@@ -47,14 +47,26 @@ class RTLRun:
 class NPUSimulation:
     """The NPU for one :class:`NPUConfig`, built once (cached) and run on DRAM images."""
 
-    def __init__(self, cfg=None, waves=False):
+    def __init__(self, cfg=None, waves=False, fast_dram_bytes=None):
+        """With ``fast_dram_bytes`` the DRAM is simulated inside the design
+        (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiRam."""
         self.cfg = cfg or NPUConfig()
+        self.fast_dram_bytes = fast_dram_bytes
         key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))
-        self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
+        if fast_dram_bytes:
+            from .simdram import NPUWithDRAM
+            self.model = RTLModel(NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves)
+        else:
+            self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
 
     def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
-            max_cycles=2_000_000, run_dir=None, waves=False):
+            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None):
         dram = bytes(dram)
+        if self.fast_dram_bytes:
+            if len(dram) > self.fast_dram_bytes:
+                raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
+                                 f"({self.fast_dram_bytes} bytes)")
+            dram = dram + bytes(self.fast_dram_bytes - len(dram))
         if win_limit is None:
             win_limit = len(dram)
         with tempfile.TemporaryDirectory(prefix="npu-run-") as tmp:
@@ -64,8 +76,12 @@ class NPUSimulation:
             job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
                    "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,
                    "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
-                   "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles}
+                   "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
+                   "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes}
             (d / "job.json").write_text(json.dumps(job))
             self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
             res = json.loads((d / "result.json").read_text())
+            if waves and waves_to:
+                import shutil
+                shutil.copy(d / "dump.vcd", waves_to)
             return RTLRun((d / "dram_out.bin").read_bytes(), res["registers"], res["hung"], res["wall_seconds"])

@@ -18,8 +18,32 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
-
 from fp8npu.hdl.isa import Register
+
+
+class _ArrayDRAM:
+    """Byte-level access to the simulation DRAM's word array (only non-zero words are written)."""
+
+    def __init__(self, mem, bus_bytes):
+        self.mem = mem
+        self.bus_bytes = bus_bytes
+
+    def write(self, address, data):
+        import numpy as np
+        assert address == 0
+        b = self.bus_bytes
+        data = bytes(data) + bytes(-len(data) % b)
+        words = np.frombuffer(data, dtype=np.uint8).reshape(-1, b)
+        for i in np.flatnonzero(words.any(axis=1)):
+            self.mem[int(i)].value = int.from_bytes(words[i].tobytes(), "little")
+
+    def read(self, address, length):
+        assert address == 0
+        b = self.bus_bytes
+        out = bytearray()
+        for i in range((length + b - 1) // b):
+            out += int(self.mem[i].value).to_bytes(b, "little")
+        return bytes(out[:length])
 
 
 def _pauses(rng, probability):
@@ -32,9 +56,15 @@ async def run_program(dut):
     with open(os.environ["FP8NPU_NPU_JOB"]) as f:
         job = json.load(f)
     Clock(dut.clk, 10, unit="ns").start()
-    ram = AxiRam(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, size=job["dram_size"])
+    fast = bool(job.get("fast"))
     host = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil"), dut.clk, dut.rst)
-    if job.get("backpressure"):
+    if fast:
+        # DRAM inside the design (fp8npu.sim.simdram): load and read it through the simulator
+        ram = _ArrayDRAM(dut.dram.mem, job["bus_bytes"])
+        dut.stall_threshold.value = int(job.get("backpressure", 0) * 256) if job.get("backpressure") else 0
+    else:
+        ram = AxiRam(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, size=job["dram_size"])
+    if job.get("backpressure") and not fast:
         rng = random.Random(job.get("seed", 1))
         for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel,
                    ram.write_if.w_channel, ram.write_if.b_channel):

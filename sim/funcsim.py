@@ -1,0 +1,508 @@
+"""The functional simulator: the command-level, bit-exact model of the fp8npu core.
+
+:func:`run` executes a command stream (:mod:`fp8npu.hdl.isa`) against a DRAM image and
+returns the final DRAM, the error state and performance estimates. It is the golden model
+above GEMM level: every arithmetic step goes through :mod:`fp8npu.sim.golden`, and the RTL
+core is compared against it bit for bit.
+
+State
+-----
+* scratchpad: ``cfg.sp_lines`` x ``cfg.line_bytes`` FP8 codes (uint8),
+* accumulator: ``cfg.acc_lines`` x ``cfg.acc_line_values`` binary32 bit patterns (int32);
+  lanes ``>= cfg.cols`` are always 0 and no command reads them,
+* four token counters: load->compute, compute->load, compute->store, store->compute.
+
+Execution model (the hardware's)
+--------------------------------
+The host writes the program to DRAM and sets PROG_ADDR, PROG_LEN, WIN_BASE and WIN_LIMIT
+(:class:`~fp8npu.hdl.isa.Register`). The program must be 32-byte aligned and lie inside
+``[WIN_BASE, WIN_LIMIT)``, else FETCH_WINDOW at PROG_ADDR. A dispatcher then fetches the
+commands in order, decodes them and applies :func:`~fp8npu.hdl.isa.validate`; the first
+error stops everything, with ERROR_ADDR = the address of that command. A valid command
+enters its unit's FIFO queue (``cfg.queue_depth`` deep; SYNC goes to the unit named by its
+``unit`` field). END waits until all queues are empty and all units idle, then sets DONE.
+Reaching PROG_LEN without END is NO_END at the address just past the program.
+
+Each unit (load, compute, store) runs its queue in order. A command whose pop flags need
+tokens waits until those counters are positive, consumes one token from each, executes
+atomically, then pushes its push tokens. If the dispatcher is blocked (its command's queue
+is full, or it waits at END) and no unit can make progress, the run stops with DEADLOCK at
+the address of the command the dispatcher is blocked on.
+
+Every token counter has exactly one consumer and units are in order, so the system is
+confluent: any interleaving gives the same final state. This module uses the simplest one:
+dispatch while possible, else run one unit whose head command is ready, else stop. After
+an error the DRAM holds whatever was written before the error was found; with real timing
+more of the already queued commands may have run, so only ERROR and ERROR_ADDR are
+comparable with the hardware then. The window must lie inside the DRAM image (an ideal
+memory never answers with an AXI error, so BUS_ERROR does not occur here).
+
+Overlapping ranges: EPILOGUE and BLOCKSCALE read all their source lines before writing any
+destination line, and a STORE whose rows overlap in DRAM (``dram_stride`` < row bytes)
+writes them in row order, so the last row wins.
+
+Timing model (estimates, not cycle exact)
+-----------------------------------------
+Each command gets a start time ``max(enqueued, unit free, arrival of each token it pops)``
+and an end time ``start + duration``; the tokens it pushes become available at its end.
+
+* program fetch: ``ceil(32 / bus_bytes)`` cycles per command; the dispatcher fetches the
+  next command once the previous one is queued; a command is queued when its queue has
+  room (the command ``queue_depth`` places ahead in the same unit has started);
+* LOAD: ``DMA_LATENCY`` + ``rows * ceil(row_bytes / bus_bytes)`` beats;
+* STORE: ``DMA_LATENCY`` + ``rows * ceil(cols * value_bytes / bus_bytes)`` beats;
+* MATMUL: ``m + rows + cols + MATMUL_FILL`` (one A row per cycle plus pipeline fill);
+* EPILOGUE, BLOCKSCALE: ``rows + VECTOR_FILL``; SYNC, and commands that move no data: 1.
+
+The three units overlap; load and store do not contend for the bus. CYCLES is the end of the
+last command (or the time END completes). MAC_BUSY is the sum over MATMULs of
+``m * k * cols``, utilization ``MAC_BUSY / (CYCLES * rows * cols)``. DMA_BYTES counts
+program fetch (32 bytes a command), LOAD ``rows * row_bytes`` and STORE
+``rows * cols * value_bytes``. STALL is the time the compute unit waited for a command or
+a token.
+
+Run ``python -m fp8npu.sim.funcsim --bench`` for the speed of a 1024^3 E4M3 GEMM.
+"""
+
+import argparse
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fp8npu.hdl import isa
+from fp8npu.hdl.config import NPUConfig
+from fp8npu.hdl.isa import COMMAND_BYTES, ErrorCode, Opcode, Register, StoreFormat, Unit
+from numpy.lib.stride_tricks import as_strided
+
+from . import golden
+
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "MATMUL_FILL", "VECTOR_FILL", "main"]
+
+#: Cycles from the start of a LOAD or STORE to its first data beat.
+DMA_LATENCY = 20
+#: Pipeline cycles of a MATMUL beyond ``m + rows + cols``.
+MATMUL_FILL = 4
+#: Pipeline cycles of an EPILOGUE or BLOCKSCALE beyond one line per cycle.
+VECTOR_FILL = 8
+
+
+class Token(enum.IntEnum):
+    """The four token counters, named producer -> consumer."""
+
+    LOAD_TO_COMPUTE = 0
+    COMPUTE_TO_LOAD = 1
+    COMPUTE_TO_STORE = 2
+    STORE_TO_COMPUTE = 3
+
+
+#: Counter used by each token flag of each unit: (pop_prev, pop_next, push_prev, push_next).
+#: None where the unit has no such neighbour (isa.validate rejects those flags).
+_TOKEN_OF_FLAG = {
+    Unit.LOAD: (None, Token.COMPUTE_TO_LOAD, None, Token.LOAD_TO_COMPUTE),
+    Unit.COMPUTE: (Token.LOAD_TO_COMPUTE, Token.STORE_TO_COMPUTE, Token.COMPUTE_TO_LOAD, Token.COMPUTE_TO_STORE),
+    Unit.STORE: (Token.COMPUTE_TO_STORE, None, Token.STORE_TO_COMPUTE, None),
+}
+
+_STORE_BYTES = {StoreFormat.FP32: 4, StoreFormat.E4M3: 1, StoreFormat.E5M2: 1}
+
+
+@dataclass
+class Result:
+    """Outcome of one :func:`run`: final DRAM, error state and performance estimates."""
+
+    dram: bytes
+    error: ErrorCode
+    error_addr: int
+    done: bool
+    commands: int
+    cycles: int
+    mac_ops: int
+    dma_bytes: int
+    stall_cycles: int
+    tokens: dict
+    cfg: NPUConfig = field(repr=False)
+    sp: np.ndarray = field(default=None, repr=False)    # final scratchpad [sp_lines, line_bytes] uint8
+    acc: np.ndarray = field(default=None, repr=False)   # final accumulator [acc_lines, acc_line_values] int32
+    prog_addr: int = 0
+    prog_len: int = 0
+    win_base: int = 0
+    win_limit: int = 0
+
+    @property
+    def ok(self):
+        """True when the program reached END without error."""
+        return self.done and self.error == ErrorCode.NONE
+
+    @property
+    def utilization(self):
+        """MAC array utilization: MAC_BUSY / (CYCLES x rows x cols)."""
+        return self.mac_ops / (self.cycles * self.cfg.rows * self.cfg.cols) if self.cycles else 0.0
+
+    def registers(self):
+        """The AXI4-Lite register file after the run, as {Register: 32-bit value}."""
+        cfg = self.cfg
+        values = {
+            Register.CTRL: 0,
+            Register.STATUS: (2 if self.done else 0) | (4 if self.error else 0),
+            Register.ERROR: int(self.error),
+            Register.ERROR_ADDR: self.error_addr,
+            Register.PROG_ADDR: self.prog_addr,
+            Register.PROG_LEN: self.prog_len,
+            Register.WIN_BASE: self.win_base,
+            Register.WIN_LIMIT: self.win_limit,
+            Register.CYCLES: self.cycles,
+            Register.MAC_BUSY: self.mac_ops,
+            Register.DMA_BYTES: self.dma_bytes,
+            Register.STALL: self.stall_cycles,
+            Register.CONFIG: cfg.rows | cfg.cols << 8 | (cfg.bus_bytes.bit_length() - 1) << 16,
+            Register.COMMANDS: self.commands,
+        }
+        return {reg: v & 0xFFFFFFFF for reg, v in values.items()}
+
+
+def _signed32(bits):
+    """A 32-bit pattern as a Python int in the int32 range (for torch.int32 tensors)."""
+    bits &= 0xFFFFFFFF
+    return bits - (1 << 32) if bits & 0x80000000 else bits
+
+
+class _Datapath:
+    """The SRAMs and the command semantics (isa.SEMANTICS); each method returns its cycles."""
+
+    def __init__(self, mem, cfg):
+        self.cfg = cfg
+        self.mem = mem
+        self.sp = np.zeros((cfg.sp_lines, cfg.line_bytes), np.uint8)
+        self.acc = np.zeros((cfg.acc_lines, cfg.acc_line_values), np.int32)
+        self.mac_ops = 0
+        self.dma_bytes = 0
+        self.execute = {
+            Opcode.LOAD: self.load, Opcode.STORE: self.store, Opcode.MATMUL: self.matmul,
+            Opcode.EPILOGUE: self.epilogue, Opcode.BLOCKSCALE: self.blockscale, Opcode.SYNC: self.sync,
+        }
+
+    # ---- DRAM access (addresses are validated against the window, which lies inside mem) --
+    def _read_rows(self, addr, stride, rows, nbytes):
+        view = as_strided(self.mem[addr:], shape=(rows, nbytes), strides=(stride, 1), writeable=False)
+        return np.ascontiguousarray(view)
+
+    def _write_rows(self, addr, stride, data):
+        rows, nbytes = data.shape
+        if rows == 1 or stride >= nbytes:
+            as_strided(self.mem[addr:], shape=(rows, nbytes), strides=(stride, 1))[...] = data
+        else:  # overlapping rows: write in row order so the last row wins
+            for r in range(rows):
+                self.mem[addr + r * stride:addr + r * stride + nbytes] = data[r]
+
+    def _beats(self, nbytes):
+        return -(-nbytes // self.cfg.bus_bytes)
+
+    # ---- commands ------------------------------------------------------------------------
+    def sync(self, f):
+        """SYNC: no operation; only its token flags act."""
+        return 1
+
+    def load(self, f):
+        """LOAD: DRAM rows -> consecutive SRAM lines, ceil(row_bytes / line) lines a row, zero padded."""
+        rows, row_bytes = f["rows"], f["row_bytes"]
+        if not rows or not row_bytes:
+            return 1
+        cfg = self.cfg
+        data = self._read_rows(f["dram_addr"], f["dram_stride"], rows, row_bytes)
+        to_acc = f["dst"] == 1
+        line = cfg.acc_line_bytes if to_acc else cfg.line_bytes
+        per_row = -(-row_bytes // line)
+        if row_bytes != per_row * line:
+            padded = np.zeros((rows, per_row * line), np.uint8)
+            padded[:, :row_bytes] = data
+            data = padded
+        lines = data.reshape(rows * per_row, line)
+        first, last = f["sram_addr"], f["sram_addr"] + rows * per_row
+        if to_acc:
+            self.acc[first:last, :cfg.cols] = lines.view("<i4")[:, :cfg.cols]
+            self.acc[first:last, cfg.cols:] = 0
+        else:
+            self.sp[first:last] = lines
+        self.dma_bytes += rows * row_bytes
+        return DMA_LATENCY + rows * self._beats(row_bytes)
+
+    def store(self, f):
+        """STORE: the first ``cols`` values of ``rows`` accumulator lines -> DRAM, FP32 or FP8."""
+        rows, cols = f["rows"], f["cols"]
+        if not rows:
+            return 1
+        vals = np.ascontiguousarray(self.acc[f["acc_addr"]:f["acc_addr"] + rows, :cols])
+        fmt = StoreFormat(f["fmt"])
+        if fmt == StoreFormat.FP32:
+            data = vals.astype("<i4", copy=False).view(np.uint8).reshape(rows, cols * 4)
+        else:
+            scaled = golden.mul_f32(torch.from_numpy(vals), _signed32(f["scale"]))
+            data = golden.quantize(scaled, int(fmt) - 1, saturate=bool(f["saturate"])).numpy()
+        self._write_rows(f["dram_addr"], f["dram_stride"], data)
+        self.dma_bytes += data.size
+        return DMA_LATENCY + rows * self._beats(data.shape[1])
+
+    def matmul(self, f):
+        """MATMUL: sequential FP32 accumulation in kk order, vectorized over rows and columns."""
+        m, k, cols = f["m"], f["k"], self.cfg.cols
+        if not m:
+            return 1
+        a_addr, a_stride = f["a_addr"], f["a_stride"]
+        if a_stride == 1:
+            a_rows = self.sp[a_addr:a_addr + m, :k]
+        else:
+            a_rows = self.sp[a_addr + a_stride * np.arange(m), :k]
+        a = torch.from_numpy(a_rows).T.unsqueeze(2)                                     # [k, m, 1]
+        w = torch.from_numpy(self.sp[f["b_addr"]:f["b_addr"] + k, :cols]).unsqueeze(1)  # [k, 1, cols]
+        out = self.acc[f["acc_addr"]:f["acc_addr"] + m, :cols]
+        start = torch.from_numpy(out) if f["accumulate"] else None
+        out[...] = golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start).numpy()
+        self.mac_ops += m * k * cols
+        return m + self.cfg.rows + cols + MATMUL_FILL
+
+    def _lines(self, first, rows):
+        """A copy of accumulator lines [first, first + rows), lanes < cols, as an int32 tensor."""
+        return torch.from_numpy(self.acc[first:first + rows, :self.cfg.cols].copy())
+
+    def epilogue(self, f):
+        """EPILOGUE: x = ACC[src]; x = fp32(x * scale); x = fp32(x + bias); ACC[dst] = x."""
+        rows = f["rows"]
+        if not rows:
+            return 1
+        x = self._lines(f["src"], rows)
+        if f["use_scale"]:
+            x = golden.mul_f32(x, self._lines(f["scale_addr"], 1))
+        if f["use_bias"]:
+            x = golden.add(x, self._lines(f["bias_addr"], 1))
+        self.acc[f["dst"]:f["dst"] + rows, :self.cfg.cols] = x.numpy()
+        return rows + VECTOR_FILL
+
+    def blockscale(self, f):
+        """BLOCKSCALE: ACC[dst] = fp32(ACC[dst] + fp32(ACC[src] * fp32(row_scale * col_scale)))."""
+        rows = f["rows"]
+        if not rows:
+            return 1
+        row_scale = torch.from_numpy(self.acc[f["row_scale"]:f["row_scale"] + rows, :1].copy())
+        scale = golden.mul_f32(row_scale, self._lines(f["col_scale"], 1))
+        partial = golden.mul_f32(self._lines(f["src"], rows), scale)
+        out = golden.add(self._lines(f["dst"], rows), partial)
+        self.acc[f["dst"]:f["dst"] + rows, :self.cfg.cols] = out.numpy()
+        return rows + VECTOR_FILL
+
+
+class _Unit:
+    """One execution unit: its command queue and timing bookkeeping."""
+
+    def __init__(self, unit):
+        self.unit = unit
+        self.queue = deque()      # (command fields, opcode, pops, pushes, enqueue time)
+        self.enqueued = 0
+        self.starts = []          # start time of every command this unit has begun
+        self.free = 0             # time the unit finishes its current command
+
+
+class _Simulator:
+    """Dispatcher, units and token counters around a :class:`_Datapath`."""
+
+    def __init__(self, mem, cfg, prog_addr, prog_len, win_base, win_limit, max_commands):
+        self.cfg = cfg
+        self.mem = mem
+        self.data = _Datapath(mem, cfg)
+        self.prog_addr, self.prog_len = prog_addr, prog_len
+        self.win_base, self.win_limit = win_base, win_limit
+        self.max_commands = max_commands
+        self.units = [_Unit(u) for u in Unit]
+        self.tokens = [deque() for _ in Token]   # arrival time of each available token
+        self.commands = 0
+        self.fetches = 0
+        self.t_dispatch = 0       # time the dispatcher fetches the next command
+        self.stall = 0
+        self.error, self.error_addr, self.done = ErrorCode.NONE, 0, False
+
+    # ---- dispatcher --------------------------------------------------------------------------
+    def _fetch(self, pc):
+        """Fetch, decode and validate command ``pc``: (command, address, fetched time, error)."""
+        addr = self.prog_addr + pc * COMMAND_BYTES
+        cmd = isa.decode(self.mem[addr:addr + COMMAND_BYTES].tobytes())
+        self.fetches += 1
+        fetched = self.t_dispatch + -(-COMMAND_BYTES // self.cfg.bus_bytes)
+        return cmd, addr, fetched, isa.validate(cmd, self.cfg, self.win_base, self.win_limit)
+
+    def _enqueue(self, cmd, fetched):
+        """Put a valid command into its unit's queue at the time the queue has room."""
+        unit = self.units[cmd.unit]
+        flags = _TOKEN_OF_FLAG[cmd.unit]
+        pops = tuple(t for t, on in zip(flags[:2], (cmd.pop_prev, cmd.pop_next)) if on)
+        pushes = tuple(t for t, on in zip(flags[2:], (cmd.push_prev, cmd.push_next)) if on)
+        room = unit.starts[unit.enqueued - self.cfg.queue_depth] if unit.enqueued >= self.cfg.queue_depth else 0
+        when = max(fetched, room)
+        unit.queue.append((cmd.fields, cmd.opcode, pops, pushes, when))
+        unit.enqueued += 1
+        self.t_dispatch = when
+
+    def _idle(self):
+        return not any(u.queue for u in self.units)
+
+    # ---- units -------------------------------------------------------------------------------
+    def _step(self):
+        """Run the head command of the first unit that can start one; False if none can."""
+        for unit in self.units:
+            if unit.queue and all(self.tokens[t] for t in unit.queue[0][2]):
+                self._execute(unit)
+                return True
+        return False
+
+    def _execute(self, unit):
+        fields, opcode, pops, pushes, when = unit.queue.popleft()
+        start = max([when, unit.free] + [self.tokens[t].popleft() for t in pops])
+        if unit.unit == Unit.COMPUTE:
+            self.stall += start - unit.free
+        unit.starts.append(start)
+        unit.free = start + self.data.execute[opcode](fields)
+        for t in pushes:
+            self.tokens[t].append(unit.free)
+
+    def _stop(self, error, addr):
+        self.error, self.error_addr = error, addr
+
+    # ---- main loop ---------------------------------------------------------------------------
+    def run(self):
+        prog_end = self.prog_addr + self.prog_len * COMMAND_BYTES
+        if self.prog_addr % COMMAND_BYTES or (
+                self.prog_len and not self.win_base <= self.prog_addr < prog_end <= self.win_limit):
+            self._stop(ErrorCode.FETCH_WINDOW, self.prog_addr)
+            return self._result()
+        pc, pending, state = 0, None, "blocked"
+        while state == "blocked":
+            pc, pending, state = self._dispatch_all(pc, pending)
+            if state == "blocked" and not self._step():
+                # the dispatcher waits on a full queue or at END, and no unit can move: nothing will change
+                self._stop(ErrorCode.DEADLOCK, pending[1])
+                break
+        if state == "stopped":            # max_commands reached: let the units finish what they can
+            while self._step():
+                pass
+        return self._result()
+
+    def _dispatch_all(self, pc, pending):
+        """Dispatch until blocked or finished. Returns (pc, pending command, state) where state is
+        "blocked" (run a unit, then retry), "done", "error" or "stopped" (max_commands)."""
+        while True:
+            if pending is None:
+                if pc == self.prog_len:
+                    self._stop(ErrorCode.NO_END, self.prog_addr + pc * COMMAND_BYTES)
+                    return pc, None, "error"
+                if self.max_commands is not None and self.commands >= self.max_commands:
+                    return pc, None, "stopped"
+                cmd, addr, fetched, err = self._fetch(pc)
+                if err != ErrorCode.NONE:
+                    self._stop(err, addr)
+                    self.t_dispatch = fetched
+                    return pc, None, "error"
+                pending = (cmd, addr, fetched)
+            cmd, addr, fetched = pending
+            if cmd.opcode == Opcode.END:
+                if not self._idle():
+                    return pc, pending, "blocked"
+                self.t_dispatch = max([fetched] + [u.free for u in self.units])
+                self.commands += 1
+                self.done = True
+                return pc + 1, None, "done"
+            if len(self.units[cmd.unit].queue) >= self.cfg.queue_depth:
+                return pc, pending, "blocked"
+            self._enqueue(cmd, fetched)
+            self.commands += 1
+            pc, pending = pc + 1, None
+
+    def _result(self):
+        cycles = max([self.t_dispatch] + [u.free for u in self.units])
+        return Result(
+            dram=bytes(self.mem), error=self.error, error_addr=self.error_addr, done=self.done,
+            commands=self.commands, cycles=int(cycles), mac_ops=self.data.mac_ops,
+            dma_bytes=self.data.dma_bytes + self.fetches * COMMAND_BYTES, stall_cycles=int(self.stall),
+            tokens={t: len(q) for t, q in zip(Token, self.tokens)}, cfg=self.cfg, sp=self.data.sp, acc=self.data.acc,
+            prog_addr=self.prog_addr, prog_len=self.prog_len, win_base=self.win_base, win_limit=self.win_limit)
+
+
+def run(program, dram, cfg, prog_addr=0, win_base=0, win_limit=None, max_commands=None, *, prog_len=None):
+    """Run a program on the functional simulator and return a :class:`Result`.
+
+    ``program`` (bytes, a whole number of 32-byte commands) is first written into a copy of
+    ``dram`` at ``prog_addr``, as the host would; pass ``program=None`` when the program is
+    already in ``dram`` and give ``prog_len`` (in commands). ``prog_addr``, ``prog_len``,
+    ``win_base`` and ``win_limit`` (default: the end of ``dram``) are the values of the
+    registers of the same names. ``max_commands`` stops dispatching after that many commands
+    (the units then finish what they can, and ``done`` stays False). ``dram`` is not modified.
+    """
+    golden.check_environment()
+    mem = np.frombuffer(bytearray(dram), np.uint8)
+    if program is not None:
+        program = bytes(program)
+        if len(program) % COMMAND_BYTES:
+            raise ValueError(f"a program is a whole number of {COMMAND_BYTES}-byte commands, "
+                             f"not {len(program)} bytes")
+        if not 0 <= prog_addr <= len(mem) - len(program):
+            raise ValueError(f"the program ({len(program)} bytes at 0x{prog_addr:x}) does not fit in "
+                             f"the {len(mem)}-byte DRAM image")
+        mem[prog_addr:prog_addr + len(program)] = np.frombuffer(program, np.uint8)
+        prog_len = len(program) // COMMAND_BYTES if prog_len is None else prog_len
+    elif prog_len is None:
+        raise ValueError("prog_len is required when the program is already in DRAM (program=None)")
+    win_limit = len(mem) if win_limit is None else win_limit
+    if not 0 <= win_base <= win_limit <= min(len(mem), 1 << 32):
+        raise ValueError(f"the DMA window [0x{win_base:x}, 0x{win_limit:x}) must lie inside the "
+                         f"{len(mem)}-byte DRAM image")
+    if not 0 <= prog_len < 1 << 32 or not 0 <= prog_addr < 1 << 32:
+        raise ValueError("prog_addr and prog_len must be 32-bit register values")
+    return _Simulator(mem, cfg, prog_addr, prog_len, win_base, win_limit, max_commands).run()
+
+
+# ---- benchmark -------------------------------------------------------------------------------
+def bench(size=1024, cfg=None, check_rows=4, seed=0):
+    """Build and run a size^3 E4M3 GEMM; print timings, estimates and a spot check of rows."""
+    from fp8npu.compiler.gemm import build_gemm, reference_gemm
+
+    cfg = cfg or NPUConfig()
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    b = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    t0 = time.perf_counter()
+    g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+    t1 = time.perf_counter()
+    r = run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    t2 = time.perf_counter()
+    if not r.ok:
+        raise RuntimeError(f"the benchmark program stopped with {r.error.name} at 0x{r.error_addr:x}")
+    got = g.read_output(r.dram)[:check_rows]
+    want = reference_gemm(a[:check_rows], b, "e4m3", "e4m3")
+    bad = int(golden.mismatches(got, want, "fp32").sum())
+    macs = size ** 3
+    print(f"GEMM {size}x{size}x{size} E4M3 on {cfg.rows}x{cfg.cols}: {r.commands} commands, "
+          f"M block {g.m_block}")
+    print(f"  build {t1 - t0:.2f} s, simulate {t2 - t1:.2f} s = {macs / (t2 - t1) / 1e6:.1f} M MAC/s simulated")
+    print(f"  estimate: {r.cycles} cycles, utilization {r.utilization:.1%}, DMA {r.dma_bytes} bytes, "
+          f"compute stall {r.stall_cycles} cycles")
+    print(f"  spot check: {check_rows * size} outputs, {bad} mismatches")
+    return bad == 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fp8npu.sim.funcsim",
+                                     description="fp8npu functional simulator")
+    parser.add_argument("--bench", action="store_true", help="run a size^3 E4M3 GEMM and print its speed")
+    parser.add_argument("--size", type=int, default=1024, help="GEMM size for --bench (default 1024)")
+    parser.add_argument("--rows", type=int, default=8, help="MAC array rows (default 8)")
+    parser.add_argument("--cols", type=int, default=8, help="MAC array columns (default 8)")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 0
+    ok = bench(args.size, NPUConfig(rows=args.rows, cols=args.cols))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

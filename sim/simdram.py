@@ -1,0 +1,142 @@
+"""Simulation-only DRAM: an AXI4 slave backed by an Amaranth memory, and the NPU wrapped with it.
+
+cocotbext-axi's ``AxiRam`` is the reference bus model, but it runs Python on every clock
+edge, which limits a simulation to some ten thousand cycles per second. For long runs
+(benchmarks, large GEMMs) :class:`NPUWithDRAM` puts the DRAM inside the simulated design:
+cocotb then only loads the image (through the simulator's access to the memory array), writes
+the registers, waits, and reads the image back, so the simulator runs at full speed between
+those transaction boundaries. Both paths must give identical results (tests check it).
+
+:class:`SimDRAM` serves INCR bursts: reads one beat per cycle after a one-cycle address phase,
+several read bursts queued; writes with byte strobes, one response per burst. Optional
+backpressure: when ``stall_threshold`` is non-zero, each channel's ready/valid is withheld on
+cycles where an LFSR byte is below the threshold.
+"""
+
+from amaranth.hdl import Cat, Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from fp8npu.hdl.axi import ID_BITS, axi4_master_members, axil_slave_members
+from fp8npu.hdl.npu import NPU
+
+__all__ = ["SimDRAM", "NPUWithDRAM"]
+
+
+def _flip(members):
+    return {k: (In(v.shape) if v.flow == Out else Out(v.shape)) for k, v in members.items()}
+
+
+class SimDRAM(wiring.Component):
+    """AXI4 slave over ``words`` words of ``data_bits`` bits (address bits above wrap)."""
+
+    def __init__(self, data_bits, words):
+        self.data_bits = data_bits
+        self.words = words
+        members = _flip(axi4_master_members("s", data_bits))
+        members["stall_threshold"] = In(8)
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        D = self.data_bits
+        B = D // 8
+        shift = B.bit_length() - 1
+        g = lambda n: getattr(self, f"s_{n}")  # noqa: E731
+        m.submodules.mem = mem = Memory(shape=D, depth=self.words, init=[])
+        rport = mem.read_port(domain="comb")
+        wport = mem.write_port(granularity=8)
+        addr_bits = (self.words - 1).bit_length()
+
+        # LFSR for backpressure
+        lfsr = Signal(16, init=0xACE1)
+        m.d.sync += lfsr.eq(Cat(lfsr[1:], lfsr[0] ^ lfsr[2] ^ lfsr[3] ^ lfsr[5]))
+        thr = self.stall_threshold
+
+        def go(bits):
+            return (thr == 0) | (lfsr[bits[0]:bits[0] + 8] >= thr)
+
+        # ---- reads: queue of (id, addr, len) ----
+        m.submodules.arq = arq = SyncFIFOBuffered(width=ID_BITS + 32 + 8, depth=8)
+        m.d.comb += [
+            arq.w_data.eq(Cat(g("arid"), g("araddr"), g("arlen"))),
+            arq.w_en.eq(g("arvalid") & go((0,))),
+            g("arready").eq(arq.w_rdy & go((0,))),
+        ]
+        r_busy = Signal()
+        r_id = Signal(ID_BITS)
+        r_addr = Signal(32)
+        r_left = Signal(9)
+        with m.If(~r_busy & arq.r_rdy):
+            m.d.comb += arq.r_en.eq(1)
+            m.d.sync += [r_busy.eq(1), r_id.eq(arq.r_data[0:ID_BITS]),
+                         r_addr.eq(arq.r_data[ID_BITS:ID_BITS + 32]),
+                         r_left.eq(arq.r_data[ID_BITS + 32:ID_BITS + 40] + 1)]
+        r_show = r_busy & go((3,))
+        m.d.comb += [
+            rport.addr.eq((r_addr >> shift)[0:addr_bits]),
+            g("rvalid").eq(r_show), g("rdata").eq(rport.data), g("rid").eq(r_id),
+            g("rlast").eq(r_left == 1), g("rresp").eq(0),
+        ]
+        with m.If(r_show & g("rready")):
+            m.d.sync += [r_addr.eq(r_addr + B), r_left.eq(r_left - 1)]
+            with m.If(r_left == 1):
+                m.d.sync += r_busy.eq(0)
+
+        # ---- writes ----
+        w_busy = Signal()
+        w_id = Signal(ID_BITS)
+        w_addr = Signal(32)
+        m.submodules.bq = bq = SyncFIFOBuffered(width=ID_BITS, depth=8)
+        take_aw = ~w_busy & g("awvalid") & go((5,)) & bq.w_rdy
+        m.d.comb += g("awready").eq(take_aw)
+        with m.If(take_aw):
+            m.d.sync += [w_busy.eq(1), w_id.eq(g("awid")), w_addr.eq(g("awaddr"))]
+        w_take = w_busy & go((7,))
+        m.d.comb += [
+            g("wready").eq(w_take),
+            wport.addr.eq((w_addr >> shift)[0:addr_bits]),
+            wport.data.eq(g("wdata")),
+        ]
+        with m.If(w_take & g("wvalid")):
+            m.d.comb += wport.en.eq(g("wstrb"))
+            m.d.sync += w_addr.eq(w_addr + B)
+            with m.If(g("wlast")):
+                m.d.sync += w_busy.eq(0)
+                m.d.comb += [bq.w_en.eq(1), bq.w_data.eq(w_id)]
+        b_show = bq.r_rdy & go((8,))
+        m.d.comb += [g("bvalid").eq(b_show), g("bid").eq(bq.r_data), g("bresp").eq(0),
+                     bq.r_en.eq(b_show & g("bready"))]
+        return m
+
+
+class NPUWithDRAM(wiring.Component):
+    """The NPU with a :class:`SimDRAM` of ``dram_bytes`` on its AXI4 port; the AXI4-Lite
+    port and ``stall_threshold`` are the only inputs (simulation only)."""
+
+    def __init__(self, cfg, dram_bytes):
+        self.cfg = cfg
+        self.words = max(1, dram_bytes // cfg.bus_bytes)
+        members = axil_slave_members("s_axil")
+        members["stall_threshold"] = In(8)
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.npu = npu = NPU(self.cfg)
+        m.submodules.dram = dram = SimDRAM(self.cfg.axi_data_bits, self.words)
+        m.d.comb += dram.stall_threshold.eq(self.stall_threshold)
+        for name, member in npu.signature.members.items():
+            if name.startswith("m_axi_"):
+                other = getattr(dram, "s_" + name[len("m_axi_"):])
+                if member.flow == Out:
+                    m.d.comb += other.eq(getattr(npu, name))
+                else:
+                    m.d.comb += getattr(npu, name).eq(other)
+            elif name.startswith("s_axil_"):
+                if member.flow == In:
+                    m.d.comb += getattr(npu, name).eq(getattr(self, name))
+                else:
+                    m.d.comb += getattr(self, name).eq(getattr(npu, name))
+        return m

@@ -1,0 +1,56 @@
+"""NPUConfig: defaults, JSON round trip, validation messages, and that every size from 1x1
+to 16x16 generates."""
+
+import pytest
+from fp8npu.hdl.config import NPUConfig, load_config
+
+
+def test_defaults_and_geometry():
+    cfg = NPUConfig()
+    assert (cfg.rows, cfg.cols, cfg.line_bytes, cfg.acc_line_values, cfg.bus_bytes) == (8, 8, 8, 8, 8)
+    assert NPUConfig(rows=3, cols=5).line_bytes == 8 and NPUConfig(rows=3, cols=5).acc_line_values == 8
+    assert NPUConfig(rows=16, cols=1).line_bytes == 16
+
+
+def test_json_round_trip(tmp_path):
+    cfg = NPUConfig(rows=4, cols=16, formats=("e5m2",), sp_lines=1024, axi_data_bits=128)
+    assert NPUConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.to_json())
+    assert load_config(path) == cfg
+    assert load_config(None) == NPUConfig()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rows": 0}, r"^rows must be an integer from 1 to 16, not 0$"),
+    ({"cols": 17}, r"^cols must be an integer from 1 to 16, not 17$"),
+    ({"rows": True}, r"^rows must be an integer from 1 to 16, not True$"),
+    ({"sp_lines": 1000}, r"^sp_lines must be a power of two from 16 to 65536, not 1000$"),
+    ({"axi_data_bits": 48}, r"^axi_data_bits must be one of 32, 64, 128, 256, not 48$"),
+    ({"formats": ("e4m3", "fp4")}, r"^formats must be a non-empty list of distinct names from e4m3, e5m2, "
+                                   r"not \('e4m3', 'fp4'\)$"),
+    ({"mac_stages": 2}, r"^mac_stages must be one of 0, 1, not 2$"),
+])
+def test_invalid_values_are_one_sentence(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NPUConfig(**kwargs)
+
+
+def test_json_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"^unknown config key 'row'; allowed keys: rows, cols, "):
+        NPUConfig.from_json('{"row": 4}')
+    with pytest.raises(ValueError, match=r"^config is not valid JSON: "):
+        NPUConfig.from_json("{rows: 4")
+    with pytest.raises(ValueError, match=r"^an NPU config must be a JSON object, not list$"):
+        NPUConfig.from_json("[1]")
+    with pytest.raises(ValueError, match=r"^cannot read config file '.*nope.json': No such file or directory$"):
+        load_config(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (2, 3), (16, 16)])
+def test_npu_generates(rows, cols):
+    from fp8npu.hdl.npu import NPU
+    from fp8npu.sim.rtl import to_verilog
+    cfg = NPUConfig(rows=rows, cols=cols, sp_lines=64, acc_lines=64)
+    text = to_verilog(NPU(cfg), "npu")
+    assert "module npu" in text and "m_axi_araddr" in text and "s_axil_wdata" in text

@@ -1,0 +1,268 @@
+"""GEMM programs from compiler/gemm.py, run on the functional simulator, against reference_gemm
+(the contract written directly with the golden model), bit for bit."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from fp8npu.compiler.gemm import BLOCK_K, TiledLayout, build_gemm, reference_gemm
+from fp8npu.hdl import isa
+from fp8npu.hdl.config import NPUConfig
+from fp8npu.hdl.formats import E4M3, E5M2
+from fp8npu.hdl.isa import Opcode
+from fp8npu.sim import funcsim, golden
+
+CONFIGS = {
+    "1x1": NPUConfig(rows=1, cols=1),
+    "4x8": NPUConfig(rows=4, cols=8),
+    "8x8": NPUConfig(),
+    "16x16": NPUConfig(rows=16, cols=16),
+    # odd sizes, small SRAMs (several M blocks), shallow queues, narrow and wide buses
+    "5x12-small": NPUConfig(rows=5, cols=12, sp_lines=64, acc_lines=64, queue_depth=2, axi_data_bits=32),
+    "12x3-wide": NPUConfig(rows=12, cols=3, sp_lines=128, acc_lines=128, axi_data_bits=256),
+}
+SIZES = [(13, 21, 10), (1, 1, 1), (64, 64, 64)]
+FORMATS = [("e4m3", "e4m3"), ("e5m2", "e5m2"), ("e4m3", "e5m2"), ("e5m2", "e4m3")]
+KIND = {"fp32": "fp32", "e4m3": E4M3, "e5m2": E5M2}
+
+
+def codes(shape, fmt, kind, gen):
+    """FP8 codes: "any" = every code (NaN, inf, subnormals), "normal" = N(0, 1) quantized."""
+    if kind == "any":
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+    return torch.randn(shape, generator=gen).to(dtype).view(torch.uint8)
+
+
+def f32_values(n, gen, specials=True):
+    """FP32 bit patterns: normal values, and with ``specials`` some arbitrary bit patterns."""
+    bits = golden.f32_to_bits(torch.randn(n, generator=gen) * 4)
+    if specials:
+        raw = torch.randint(-2**31, 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+        bits = torch.where(torch.rand(n, generator=gen) < 0.2, raw, bits)
+    return bits
+
+
+def pow2_scales(shape, gen):
+    return 2.0 ** torch.randint(-8, 9, shape, generator=gen).to(torch.float32)
+
+
+def check(cfg, a, b, fmt_a, fmt_b, base=0, **kw):
+    """Build, simulate, compare with reference_gemm bit for bit; return (outputs checked, program, result)."""
+    g = build_gemm(cfg, a, b, fmt_a, fmt_b, base=base, **kw)
+    r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    assert r.ok, f"{r.error.name} at 0x{r.error_addr:x}"
+    assert all(v == 0 for v in r.tokens.values()), r.tokens
+    got = g.read_output(r.dram)
+    want = reference_gemm(a, b, fmt_a, fmt_b, **kw)
+    bad = golden.mismatches(got, want, KIND[kw.get("out", "fp32")])
+    assert not bool(bad.any()), f"{int(bad.sum())} of {bad.numel()} outputs differ, first {bad.nonzero()[0].tolist()}"
+    return got.numel(), g, r
+
+
+def commands_of(g):
+    return isa.decode_program(g.program)
+
+
+# ---- plain GEMM on every configuration --------------------------------------------------------------
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("fmt_a, fmt_b", FORMATS)
+def test_gemm_sizes_and_formats(cfg_name, fmt_a, fmt_b):
+    cfg = CONFIGS[cfg_name]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg_name} {fmt_a} {fmt_b}".encode()))
+    checked = 0
+    for i, (m, k, n) in enumerate(SIZES):
+        kind = ("any", "normal")[i % 2]
+        a, b = codes((m, k), fmt_a, kind, gen), codes((k, n), fmt_b, kind, gen)
+        checked += check(cfg, a, b, fmt_a, fmt_b)[0]
+    print(f"{cfg_name} {fmt_a} x {fmt_b}: {checked} outputs bit-exact")
+
+
+def test_accumulates_across_k_tiles_in_order():
+    """K = 100 on a 4-row array: 25 K tiles, the first overwrites, the rest accumulate, in k order."""
+    cfg = CONFIGS["4x8"]
+    gen = torch.Generator().manual_seed(7)
+    a, b = codes((33, 100), "e4m3", "any", gen), codes((100, 19), "e4m3", "any", gen)
+    a[(a & 0x7F) == 0x7F] = 0x38                      # no NaN: every output is a finite sum
+    b[(b & 0x7F) == 0x7F] = 0x38
+    checked, g, r = check(cfg, a, b, "e4m3", "e4m3")
+    mms = [c for c in commands_of(g) if c.opcode == Opcode.MATMUL]
+    assert [c.accumulate for c in mms[:25]] == [0] + [1] * 24
+    assert all(c.k == 4 for c in mms)
+    # one rounding per step is not a once-rounded exact sum: the test can tell them apart
+    once = golden.f32_to_bits((golden.decode_fp8(a, 0).double() @ golden.decode_fp8(b, 0).double()).float())
+    assert bool(golden.mismatches(g.read_output(r.dram), once, "fp32").any())
+    print(f"25 K tiles: {checked} outputs bit-exact")
+
+
+@pytest.mark.parametrize("cfg_name", ["4x8", "5x12-small", "12x3-wide"])
+def test_no_padded_products(cfg_name):
+    """Every MATMUL's k is its tile's real length: MAC work is exactly M x K x (N tiles x cols)."""
+    cfg = CONFIGS[cfg_name]
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 23, 29, 17
+    a, b = codes((m, k), "e5m2", "any", gen), codes((k, n), "e5m2", "any", gen)
+    checked, g, r = check(cfg, a, b, "e5m2", "e5m2")
+    assert r.mac_ops == m * k * math.ceil(n / cfg.cols) * cfg.cols
+    assert all(c.k <= cfg.rows for c in commands_of(g) if c.opcode == Opcode.MATMUL)
+    print(f"{cfg_name}: {checked} outputs bit-exact")
+
+
+def test_several_m_blocks_and_queue_depths():
+    """Small SRAMs force several M blocks (both output regions in turn); any queue depth gives
+    the same DRAM (confluence)."""
+    gen = torch.Generator().manual_seed(11)
+    a, b = codes((70, 37), "e4m3", "normal", gen), codes((37, 21), "e5m2", "normal", gen)
+    images, checked = [], 0
+    for depth in (2, 4, 64):
+        cfg = NPUConfig(rows=8, cols=8, sp_lines=64, acc_lines=32, queue_depth=depth)
+        n, g, r = check(cfg, a, b, "e4m3", "e5m2")
+        assert g.m_block < 70 and len(_stores(g)) == math.ceil(70 / g.m_block) * 3
+        images.append(r.dram)
+        checked += n
+    assert images[0] == images[1] == images[2]
+    print(f"M blocks: {checked} outputs bit-exact")
+
+
+def _stores(g):
+    return [c for c in commands_of(g) if c.opcode == Opcode.STORE]
+
+
+# ---- epilogue ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg_name", ["1x1", "4x8", "8x8", "16x16", "5x12-small"])
+@pytest.mark.parametrize("which", ["scale", "bias", "both"])
+def test_epilogue_scale_and_bias(cfg_name, which):
+    cfg = CONFIGS[cfg_name]
+    gen = torch.Generator().manual_seed(5)
+    m, k, n = 19, 40, 27
+    a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e5m2", "any", gen)
+    kw = {}
+    if which in ("scale", "both"):
+        kw["col_scale"] = f32_values(n, gen)
+    if which in ("bias", "both"):
+        kw["bias"] = golden.bits_to_f32(f32_values(n, gen))      # float values work too
+    checked = check(cfg, a, b, "e4m3", "e5m2", **kw)[0]
+    print(f"{cfg_name} epilogue {which}: {checked} outputs bit-exact")
+
+
+# ---- fine-grained (block) scaling -----------------------------------------------------------------
+@pytest.mark.parametrize("cfg_name", ["4x8", "8x8", "16x16", "5x12-small", "12x3-wide"])
+def test_block_scaling(cfg_name):
+    """K = 300: blocks of 128, 128 and 44; N = 140: two column-scale blocks."""
+    cfg = CONFIGS[cfg_name]
+    gen = torch.Generator().manual_seed(17)
+    m, k, n = 21, 300, 140
+    a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e4m3", "normal", gen)
+    kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+    checked, g, r = check(cfg, a, b, "e4m3", "e4m3", block_scales=(pow2_scales((m, kb), gen), pow2_scales((kb, nb), gen)))
+    tiles = len(_stores(g))
+    assert sum(c.opcode == Opcode.BLOCKSCALE for c in commands_of(g)) == kb * tiles
+    ks = [c.k for c in commands_of(g) if c.opcode == Opcode.MATMUL and c.a_stride]   # not the +0 fills
+    ends = np.cumsum(ks[:len(ks) // tiles]).tolist()
+    assert ends[-1] == k and 128 in ends and 256 in ends                         # no tile crosses a block
+    print(f"{cfg_name} block scaling: {checked} outputs bit-exact")
+
+
+@pytest.mark.parametrize("out, saturate", [("fp32", True), ("e4m3", True), ("e5m2", False)])
+def test_block_scaling_any_scales_with_epilogue(out, saturate):
+    """Non-power-of-two and special scales (the three roundings), with an epilogue and FP8 output."""
+    cfg = CONFIGS["8x8"]
+    gen = torch.Generator().manual_seed(23)
+    m, k, n = 9, 300, 131
+    a, b = codes((m, k), "e5m2", "any", gen), codes((k, n), "e4m3", "any", gen)
+    rs, cs = f32_values(m * 3, gen).reshape(m, 3), f32_values(3 * 2, gen).reshape(3, 2)
+    kw = dict(block_scales=(rs, cs), col_scale=f32_values(n, gen), bias=f32_values(n, gen), out=out,
+              saturate=saturate)
+    if out != "fp32":
+        kw["out_scale"] = 0.5
+    checked = check(cfg, a, b, "e5m2", "e4m3", **kw)[0]
+    print(f"block scaling, arbitrary scales, {out}: {checked} outputs bit-exact")
+
+
+# ---- FP8 outputs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("saturate", [True, False])
+@pytest.mark.parametrize("out_scale", [2.0 ** -6, 3.0, 1e4])
+def test_fp8_outputs(out, saturate, out_scale):
+    cfg = CONFIGS["4x8"]
+    gen = torch.Generator().manual_seed(29)
+    m, k, n = 17, 24, 20
+    a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e4m3", "normal", gen)
+    checked, g, r = check(cfg, a, b, "e4m3", "e4m3", out=out, out_scale=out_scale, saturate=saturate)
+    got = g.read_output(r.dram)
+    spec = KIND[out]
+    if out_scale == 1e4:   # many values overflow: saturation to max, or inf / NaN
+        mags = got & 0x7F
+        if saturate:
+            assert bool((mags == spec.max_code).any())
+        else:
+            assert bool(golden.fp8_is_nan(got, spec).any() if spec is E4M3 else (mags == spec.inf_code).any())
+    print(f"{out} saturate={saturate} scale={out_scale}: {checked} outputs bit-exact")
+
+
+# ---- DRAM image and window ------------------------------------------------------------------------
+def test_nothing_outside_the_window_is_written():
+    cfg = CONFIGS["5x12-small"]
+    gen = torch.Generator().manual_seed(31)
+    a, b = codes((30, 50), "e4m3", "any", gen), codes((50, 26), "e4m3", "any", gen)
+    kb = math.ceil(50 / BLOCK_K)
+    kw = dict(block_scales=(pow2_scales((30, kb), gen), pow2_scales((kb, 1), gen)), bias=f32_values(26, gen))
+    g = build_gemm(cfg, a, b, "e4m3", "e4m3", base=0x140, **kw)
+    guard = torch.randint(0, 256, (0x200,), generator=gen, dtype=torch.uint8).numpy().tobytes()
+    dram = bytearray(guard[:0x140]) + g.dram[0x140:] + guard
+    r = funcsim.run(g.program, dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    assert r.ok
+    assert r.dram[:0x140] == bytes(dram[:0x140]) and r.dram[g.win_limit:] == bytes(dram[g.win_limit:])
+    assert not bool(golden.mismatches(g.read_output(r.dram), reference_gemm(a, b, "e4m3", "e4m3", **kw), "fp32").any())
+    print(f"window: {30 * 26} outputs bit-exact, {len(dram) - (g.win_limit - g.win_base)} guard bytes untouched")
+
+
+def test_layout_is_bus_aligned_and_round_trips():
+    layout = TiledLayout.build(3, ((0, 5), (5, 5), (10, 2)), 4, 32)
+    assert layout.offsets == (0, 32, 64) and layout.pitch == 96
+    values = torch.randint(-2**31, 2**31, (3, 12), dtype=torch.int64).to(torch.int32).numpy()
+    assert np.array_equal(layout.unpack(layout.pack(values)), values)
+    dense = TiledLayout.build(2, ((0, 8), (8, 8), (16, 3)), 1, 8)   # 8-wide tiles on an 8-byte bus: row-major
+    assert dense.offsets == (0, 8, 16) and dense.pitch == 24
+    cfg = CONFIGS["12x3-wide"]
+    g = build_gemm(cfg, np.zeros((5, 30), np.uint8), np.zeros((30, 7), np.uint8), "e4m3", "e4m3")
+    for c in commands_of(g):
+        if c.opcode in (Opcode.LOAD, Opcode.STORE):
+            assert c.dram_addr % cfg.bus_bytes == 0 and c.dram_stride % cfg.bus_bytes == 0
+    assert g.prog_addr % 32 == 0 and g.win_base == 0 and g.win_limit == len(g.dram)
+    assert g.dram[g.prog_addr:g.prog_addr + len(g.program)] == g.program
+
+
+def test_token_protocol_shape():
+    """Primed double buffering: 2 + 2 SYNCs, every LOAD step pops and pushes, the program ends with END."""
+    cfg = CONFIGS["4x8"]
+    g = build_gemm(cfg, np.zeros((10, 12), np.uint8), np.zeros((12, 16), np.uint8), "e4m3", "e4m3")
+    cmds = commands_of(g)
+    assert [c.opcode for c in cmds[:4]] == [Opcode.SYNC] * 4 and cmds[-1].opcode == Opcode.END
+    assert sum(c.pop_next for c in cmds if c.opcode == Opcode.LOAD) == g.steps == 2 * 3
+    assert sum(c.push_next for c in cmds if c.opcode == Opcode.LOAD) == g.steps
+    assert sum(c.pop_prev for c in cmds if c.opcode == Opcode.STORE) == 2
+
+
+def test_argument_errors():
+    a, b = np.zeros((4, 5), np.uint8), np.zeros((5, 3), np.uint8)
+    cfg = CONFIGS["8x8"]
+    with pytest.raises(ValueError, match="inner dimensions must match"):
+        build_gemm(cfg, a, np.zeros((4, 3), np.uint8), "e4m3", "e4m3")
+    with pytest.raises(ValueError, match="does not support e5m2"):
+        build_gemm(NPUConfig(formats=("e4m3",)), a, b, "e4m3", "e5m2")
+    with pytest.raises(ValueError, match="out_scale applies only to FP8 outputs"):
+        build_gemm(cfg, a, b, "e4m3", "e4m3", out_scale=2.0)
+    with pytest.raises(ValueError, match=r"row_scales must have shape \(4, 1\)"):
+        build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(4, 2), torch.ones(1, 1)))
+    with pytest.raises(ValueError, match="uint8"):
+        build_gemm(cfg, a.astype(np.int32), b, "e4m3", "e4m3")
+    with pytest.raises(ValueError, match="too small"):
+        build_gemm(NPUConfig(rows=16, cols=16, sp_lines=16, acc_lines=16), a, b, "e4m3", "e4m3")
+
+
+def test_bench_runs_small():
+    """The --bench code path (no timing assertion)."""
+    assert funcsim.bench(size=48, cfg=CONFIGS["4x8"], check_rows=3)
