@@ -187,12 +187,15 @@ SEMANTICS = {
         "`ACC[acc_addr+i][j] = acc`."),
     Opcode.EPILOGUE: (
         "For i < rows, j < cols: `x = ACC[src+i][j]`; if use_scale `x = fp32(x * ACC[scale_addr][j])`; "
-        "if use_bias `x = fp32(x + ACC[bias_addr][j])`; `ACC[dst+i][j] = x`. Two roundings, no FMA."),
+        "if use_bias `x = fp32(x + ACC[bias_addr][j])`; `ACC[dst+i][j] = x`. Two roundings, no FMA. "
+        "The scale and bias lines are read once before the first row; rows go in increasing i, each "
+        "read before it is written."),
     Opcode.BLOCKSCALE: (
         "Fine-grained (per K-block) scaling. For i < rows, j < cols: "
         "`s = fp32(ACC[row_scale+i][0] * ACC[col_scale][j])`, "
         "`ACC[dst+i][j] = fp32(ACC[dst+i][j] + fp32(ACC[src+i][j] * s))`. Three roundings, no FMA; "
-        "all exact for power-of-two scales barring overflow and underflow."),
+        "all exact for power-of-two scales barring overflow and underflow. The column-scale line is "
+        "read once before the first row; rows go in increasing i."),
     Opcode.SYNC: "No operation in `unit`; only its token flags act.",
     Opcode.END: "Wait until every unit has finished, then stop with DONE set.",
 }

@@ -19,7 +19,8 @@ The host writes the program to DRAM and sets PROG_ADDR, PROG_LEN, WIN_BASE and W
 ``[WIN_BASE, WIN_LIMIT)``, else FETCH_WINDOW at PROG_ADDR. A dispatcher then fetches the
 commands in order, decodes them and applies :func:`~fp8npu.hdl.isa.validate`; the first
 error stops everything, with ERROR_ADDR = the address of that command. A valid command
-enters its unit's FIFO queue (``cfg.queue_depth`` deep; SYNC goes to the unit named by its
+enters its unit's FIFO queue (``cfg.queue_depth`` deep, plus the head command the unit
+holds while it waits for tokens; SYNC goes to the unit named by its
 ``unit`` field). END waits until all queues are empty and all units idle, then sets DONE.
 Reaching PROG_LEN without END is NO_END at the address just past the program.
 
@@ -37,8 +38,8 @@ more of the already queued commands may have run, so only ERROR and ERROR_ADDR a
 comparable with the hardware then. The window must lie inside the DRAM image (an ideal
 memory never answers with an AXI error, so BUS_ERROR does not occur here).
 
-Overlapping ranges: EPILOGUE and BLOCKSCALE read all their source lines before writing any
-destination line, and a STORE whose rows overlap in DRAM (``dram_stride`` < row bytes)
+Overlapping ranges: EPILOGUE and BLOCKSCALE read their scale and bias lines once, then
+process rows in increasing order, each row read before it is written; and a STORE whose rows overlap in DRAM (``dram_stride`` < row bytes)
 writes them in row order, so the last row wins.
 
 Timing model (estimates, not cycle exact)
@@ -268,29 +269,62 @@ class _Datapath:
         return torch.from_numpy(self.acc[first:first + rows, :self.cfg.cols].copy())
 
     def epilogue(self, f):
-        """EPILOGUE: x = ACC[src]; x = fp32(x * scale); x = fp32(x + bias); ACC[dst] = x."""
+        """EPILOGUE: x = ACC[src+i]; x = fp32(x * scale); x = fp32(x + bias); ACC[dst+i] = x.
+
+        The scale and bias lines are read once, before the first row; rows then go in
+        increasing order, each read before it is written (as the hardware does).
+        """
         rows = f["rows"]
         if not rows:
             return 1
-        x = self._lines(f["src"], rows)
-        if f["use_scale"]:
-            x = golden.mul_f32(x, self._lines(f["scale_addr"], 1))
-        if f["use_bias"]:
-            x = golden.add(x, self._lines(f["bias_addr"], 1))
-        self.acc[f["dst"]:f["dst"] + rows, :self.cfg.cols] = x.numpy()
+        scale = self._lines(f["scale_addr"], 1)
+        bias = self._lines(f["bias_addr"], 1)
+
+        def apply(x):
+            if f["use_scale"]:
+                x = golden.mul_f32(x, scale)
+            if f["use_bias"]:
+                x = golden.add(x, bias)
+            return x
+
+        self._rowwise(f["src"], f["dst"], rows, (f["src"],), lambda first, n: apply(self._lines(first, n)))
         return rows + VECTOR_FILL
 
     def blockscale(self, f):
-        """BLOCKSCALE: ACC[dst] = fp32(ACC[dst] + fp32(ACC[src] * fp32(row_scale * col_scale)))."""
+        """BLOCKSCALE: ACC[dst+i] = fp32(ACC[dst+i] + fp32(ACC[src+i] * fp32(row_scale[i] * col_scale))).
+
+        The column-scale line is read once, before the first row; rows go in increasing order.
+        """
         rows = f["rows"]
         if not rows:
             return 1
-        row_scale = torch.from_numpy(self.acc[f["row_scale"]:f["row_scale"] + rows, :1].copy())
-        scale = golden.mul_f32(row_scale, self._lines(f["col_scale"], 1))
-        partial = golden.mul_f32(self._lines(f["src"], rows), scale)
-        out = golden.add(self._lines(f["dst"], rows), partial)
-        self.acc[f["dst"]:f["dst"] + rows, :self.cfg.cols] = out.numpy()
+        col_scale = self._lines(f["col_scale"], 1)
+        src, dst, rs = f["src"], f["dst"], f["row_scale"]
+
+        def compute(first, n):
+            i0 = first - dst
+            row_scale = torch.from_numpy(self.acc[rs + i0:rs + i0 + n, :1].copy())
+            scale = golden.mul_f32(row_scale, col_scale)
+            partial = golden.mul_f32(self._lines(src + i0, n), scale)
+            return golden.add(self._lines(dst + i0, n), partial)
+
+        self._rowwise(dst, dst, rows, (src, rs), compute)
         return rows + VECTOR_FILL
+
+    def _rowwise(self, src_first, dst, rows, read_firsts, compute):
+        """Write ``compute(first, n)`` to lines ``dst..dst+rows`` as if row by row in order.
+
+        ``compute(first, n)`` returns rows ``first - src_first + (0..n)`` of the result. When no
+        row reads a line that an earlier row writes (``read_firsts`` are the first lines of the
+        per-row inputs), all rows are computed at once; otherwise one row at a time.
+        """
+        cols = self.cfg.cols
+        harmful = any(0 < dst - r < rows for r in read_firsts)
+        if not harmful:
+            self.acc[dst:dst + rows, :cols] = compute(src_first, rows).numpy()
+            return
+        for i in range(rows):
+            self.acc[dst + i:dst + i + 1, :cols] = compute(src_first + i, 1).numpy()
 
 
 class _Unit:
@@ -337,7 +371,8 @@ class _Simulator:
         flags = _TOKEN_OF_FLAG[cmd.unit]
         pops = tuple(t for t, on in zip(flags[:2], (cmd.pop_prev, cmd.pop_next)) if on)
         pushes = tuple(t for t, on in zip(flags[2:], (cmd.push_prev, cmd.push_next)) if on)
-        room = unit.starts[unit.enqueued - self.cfg.queue_depth] if unit.enqueued >= self.cfg.queue_depth else 0
+        capacity = self.cfg.queue_depth + 1
+        room = unit.starts[unit.enqueued - capacity] if unit.enqueued >= capacity else 0
         when = max(fetched, room)
         unit.queue.append((cmd.fields, cmd.opcode, pops, pushes, when))
         unit.enqueued += 1
@@ -411,7 +446,8 @@ class _Simulator:
                 self.commands += 1
                 self.done = True
                 return pc + 1, None, "done"
-            if len(self.units[cmd.unit].queue) >= self.cfg.queue_depth:
+            # a unit holds its head command (waiting for tokens) besides queue_depth queued ones
+            if len(self.units[cmd.unit].queue) >= self.cfg.queue_depth + 1:
                 return pc, pending, "blocked"
             self._enqueue(cmd, fetched)
             self.commands += 1

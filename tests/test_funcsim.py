@@ -310,12 +310,13 @@ def test_deadlock_at_end():
 def test_deadlock_on_a_full_queue():
     """The token would come from a command behind a full queue: deadlock at the blocked command."""
     cfg = NPUConfig(rows=4, cols=4, sp_lines=64, acc_lines=64, queue_depth=2)
-    waits = [cmd(Opcode.SYNC, unit=Unit.COMPUTE, pop_next=1)] * 3
+    # the compute unit holds one waiting command plus queue_depth queued ones: the fourth blocks
+    waits = [cmd(Opcode.SYNC, unit=Unit.COMPUTE, pop_next=1)] * 4
     r = run(waits + [cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1), END], cfg=cfg)
-    assert (r.error, r.error_addr) == (ErrorCode.DEADLOCK, addr_of(2))
+    assert (r.error, r.error_addr) == (ErrorCode.DEADLOCK, addr_of(3))
     # with a deeper queue the same program runs: the push arrives in time
     cfg8 = NPUConfig(rows=4, cols=4, sp_lines=64, acc_lines=64, queue_depth=8)
-    r = run(waits + [cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * 3 + [END], cfg=cfg8)
+    r = run(waits + [cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * 4 + [END], cfg=cfg8)
     assert r.ok and r.tokens[funcsim.Token.STORE_TO_COMPUTE] == 0
 
 
