@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
+from fp8npu.hdl.formats import FP32
 from fp8npu.hdl.isa import COMMAND_BYTES, ErrorCode, Opcode, Register, StoreFormat, Unit
 from numpy.lib.stride_tricks import as_strided
 
@@ -162,6 +163,12 @@ class Result:
             Register.COMMANDS: self.commands,
         }
         return {reg: v & 0xFFFFFFFF for reg, v in values.items()}
+
+
+def _canonical_nan(bits):
+    """Replace every NaN (int32 binary32 bits) by the canonical NaN the hardware produces, so
+    that whole DRAM images compare bit for bit (docs/numerics.md: NaN results are canonical)."""
+    return torch.where(golden.f32_is_nan(bits), torch.tensor(FP32.nan_code, dtype=torch.int32), bits)
 
 
 def _signed32(bits):
@@ -260,7 +267,7 @@ class _Datapath:
         w = torch.from_numpy(self.sp[f["b_addr"]:f["b_addr"] + k, :cols]).unsqueeze(1)  # [k, 1, cols]
         out = self.acc[f["acc_addr"]:f["acc_addr"] + m, :cols]
         start = torch.from_numpy(out) if f["accumulate"] else None
-        out[...] = golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start).numpy()
+        out[...] = _canonical_nan(golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start)).numpy()
         self.mac_ops += m * k * cols
         return m + self.cfg.rows + cols + MATMUL_FILL
 
@@ -321,10 +328,10 @@ class _Datapath:
         cols = self.cfg.cols
         harmful = any(0 < dst - r < rows for r in read_firsts)
         if not harmful:
-            self.acc[dst:dst + rows, :cols] = compute(src_first, rows).numpy()
+            self.acc[dst:dst + rows, :cols] = _canonical_nan(compute(src_first, rows)).numpy()
             return
         for i in range(rows):
-            self.acc[dst + i:dst + i + 1, :cols] = compute(src_first + i, 1).numpy()
+            self.acc[dst + i:dst + i + 1, :cols] = _canonical_nan(compute(src_first + i, 1)).numpy()
 
 
 class _Unit:
