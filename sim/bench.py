@@ -85,3 +85,58 @@ def run_mac_bench(synth=True, sim=True, fmax=False, vectors=200_000, echo=print)
     if synth:
         _synth(fmax, echo)
     return 0 if ok else 1
+
+
+def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1024, echo=print):
+    """GEMMs on the NPU RTL (simulation DRAM inside the design) and the functional simulator.
+
+    Prints, per array and size: RTL cycles and MAC utilization from the hardware counters
+    (MAC_BUSY / (CYCLES x rows x cols)), the functional simulator's cycle estimate and its
+    ratio to the RTL, whether the final DRAM images are identical, and the RTL simulation
+    speed; then the functional simulator's GEMM throughput on a ``funcsim_size``^3 GEMM.
+    """
+    from fp8npu.compiler.gemm import build_gemm
+    from fp8npu.hdl.config import NPUConfig
+
+    from . import funcsim
+    from .npu_rtl import NPUSimulation
+
+    echo("NPU GEMM (E4M3 x E4M3 -> FP32), RTL under Verilator with the simulation DRAM:")
+    echo(f"  {'array':>5} {'M=K=N':>6} | {'RTL cycles':>11} {'MAC util':>8} | {'funcsim est':>11} {'est/RTL':>7} "
+         f"| {'DRAM ==':>7} | {'RTL cycles/s':>12} {'wall s':>7}")
+    ok = True
+    for rows, cols in arrays:
+        cfg = NPUConfig(rows=rows, cols=cols)
+        for n in sizes:
+            rng = np.random.default_rng(n)
+            a = rng.integers(0, 0x78, (n, n), dtype=np.uint8)
+            b = rng.integers(0, 0x78, (n, n), dtype=np.uint8)
+            g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+            dram = bytearray(g.dram)
+            dram[g.prog_addr:g.prog_addr + len(g.program)] = g.program
+            fs = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+            size = 1 << (len(dram) - 1).bit_length()
+            sim = NPUSimulation(cfg, fast_dram_bytes=size)
+            t0 = time.perf_counter()
+            r = sim.run(dram, g.prog_addr, g.prog_len, g.win_base, g.win_limit, max_cycles=200_000_000)
+            wall = time.perf_counter() - t0
+            same = r.dram[:g.win_limit] == fs.dram[:g.win_limit] and r.error == fs.error
+            ok &= same and not r.hung
+            echo(f"  {rows}x{cols:<3} {n:>6} | {r.cycles:>11,} {r.utilization:>8.1%} | {fs.cycles:>11,} "
+                 f"{fs.cycles / max(r.cycles, 1):>7.2f} | {'yes' if same else 'NO':>7} | "
+                 f"{r.cycles / r.wall_seconds:>12,.0f} {wall:>7.1f}")
+    cfg = NPUConfig()
+    rng = np.random.default_rng(1)
+    n = funcsim_size
+    a = rng.integers(0, 0x78, (n, n), dtype=np.uint8)
+    b = rng.integers(0, 0x78, (n, n), dtype=np.uint8)
+    t0 = time.perf_counter()
+    g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+    t1 = time.perf_counter()
+    fs = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    t2 = time.perf_counter()
+    echo("")
+    echo(f"functional simulator, {n}^3 GEMM on 8x8 ({g.prog_len:,} commands): compile {t1 - t0:.1f} s, "
+         f"run {t2 - t1:.1f} s = {n ** 3 / (t2 - t1) / 1e6:,.0f} M MAC/s; estimated {fs.cycles:,} cycles, "
+         f"utilization {fs.utilization:.1%}")
+    return 0 if ok else 1

@@ -8,7 +8,7 @@ import pytest
 from fp8npu.compiler import cli
 from fp8npu.sim.toolchain import verilator_env
 
-SUBCOMMANDS = ["generate", "demo", "bench"]
+SUBCOMMANDS = ["generate", "demo", "bench", "sim", "asm", "disasm"]
 
 
 def run_cli(*args):
@@ -56,7 +56,7 @@ def test_errors_are_one_sentence(args, message, capsys):
     (["generate", "fpu"], "argument unit: invalid choice: 'fpu'"),
     (["generate", "mac", "--stages", "two"], "argument --stages: must be an integer, not 'two'"),
     (["demo", "--vectors", "0"], "argument --vectors: must be a positive integer, not '0'"),
-    (["bench", "npu"], "argument target: invalid choice: 'npu'"),
+    (["bench", "gpu"], "argument target: invalid choice: 'gpu'"),
 ])
 def test_argument_errors(args, fragment):
     proc = run_cli(*args)
@@ -71,3 +71,62 @@ def test_demo_reports_zero_mismatches(tmp_path, capsys):
     assert (tmp_path / "mac.v").exists()
     assert "PASS:" in out and ", 0 mismatches" in out
     assert "cycles/s" in out
+
+
+SIM_PROGRAM = """\
+# C[2x2] = A[2x2] @ B[2x2] on a 4x4 array, FP32 out
+LOAD dst=sp sram_addr=0 rows=2 row_bytes=2 dram_addr=0x100 dram_stride=8
+LOAD dst=sp sram_addr=8 rows=2 row_bytes=2 dram_addr=0x200 dram_stride=8 push_next
+MATMUL fmt_a=e4m3 fmt_b=e4m3 a_addr=0 a_stride=1 b_addr=8 acc_addr=0 m=2 k=2 pop_prev push_next
+STORE fmt=fp32 acc_addr=0 rows=2 cols=2 dram_addr=0x300 dram_stride=8 pop_prev
+END
+"""
+
+
+def _sim_inputs(tmp_path):
+    from fp8npu.hdl.config import NPUConfig
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4).to_json())
+    image = bytearray(0x400)
+    image[0x100:0x102] = bytes([0x38, 0x40])     # A = [[1, 2], [1, 1]]
+    image[0x108:0x10A] = bytes([0x38, 0x38])
+    image[0x200:0x202] = bytes([0x38, 0x38])     # B = [[1, 1], [2, 1]]
+    image[0x208:0x20A] = bytes([0x40, 0x38])
+    (tmp_path / "image.bin").write_bytes(bytes(image))
+    (tmp_path / "prog.s").write_text(SIM_PROGRAM)
+    return str(cfg)
+
+
+@pytest.mark.parametrize("engine", ["func", "rtl"])
+def test_sim_runs_a_program(engine, tmp_path, capsys):
+    import struct
+    cfg = _sim_inputs(tmp_path)
+    out = tmp_path / "out.bin"
+    code = cli.main(["sim", str(tmp_path / "prog.s"), "--dram", str(tmp_path / "image.bin"), "--config", cfg,
+                     "--engine", engine, "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "5 commands, done" in text
+    got = struct.unpack("<4f", out.read_bytes()[0x300:0x308] + out.read_bytes()[0x308:0x310])
+    assert got == (5.0, 3.0, 3.0, 2.0)
+
+
+def test_sim_reports_errors(tmp_path, capsys):
+    cfg = _sim_inputs(tmp_path)
+    (tmp_path / "bad.s").write_text("MATMUL k=0 m=1\nEND\n")
+    code = cli.main(["sim", str(tmp_path / "bad.s"), "--dram", str(tmp_path / "image.bin"), "--config", cfg,
+                     "--engine", "func"])
+    assert code == 1
+    assert "error BAD_FIELD" in capsys.readouterr().out
+    assert cli.main(["sim", str(tmp_path / "missing.s"), "--config", cfg]) == 2
+    assert "fp8npu: error: cannot read" in capsys.readouterr().err
+
+
+def test_generate_npu(tmp_path):
+    cfg = _sim_inputs(tmp_path)
+    out = tmp_path / "npu.v"
+    assert cli.main(["generate", "npu", "--config", cfg, "-o", str(out)]) == 0
+    assert "module fp8npu_npu" in out.read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": 99}')
+    assert cli.main(["generate", "npu", "--config", str(bad)]) == 2

@@ -11,7 +11,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-
 from fp8npu.compiler.gemm import build_gemm, reference_gemm
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
