@@ -118,7 +118,7 @@ class NPUCore(wiring.Component):
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        R, C = cfg.rows, cfg.cols
+
         B = cfg.bus_bytes
         D = cfg.axi_data_bits
         size_code = B.bit_length() - 1
@@ -154,7 +154,7 @@ class NPUCore(wiring.Component):
             m.d.sync += self.cycles.eq(self.cycles + 1)
 
         # ---------------- memories --------------------------------------------------------
-        Lsp, Lacc = cfg.line_bytes, cfg.acc_line_bytes
+        Lsp = cfg.line_bytes
         AV = cfg.acc_line_values
         m.submodules.sp = sp = Memory(shape=8 * Lsp, depth=cfg.sp_lines, init=[])
         sp_w = sp.write_port()
@@ -443,7 +443,6 @@ class NPUCore(wiring.Component):
         dst = fld(cur, Op.LOAD, "dst")
         rows = fld(cur, Op.LOAD, "rows")
         rb = fld(cur, Op.LOAD, "row_bytes")
-        sram0 = fld(cur, Op.LOAD, "sram_addr")
         addr0 = fld(cur, Op.LOAD, "dram_addr")
         stride = fld(cur, Op.LOAD, "dram_stride")
         beats_row = Signal(17, name="ld_beats_row")

@@ -195,3 +195,34 @@ def test_fuzz_malformed_programs_never_hang():
         runs += 1
     print(f"{runs} malformed programs; error codes seen: {sorted(c.name for c in codes)}")
     assert len(codes) >= 4
+
+
+def _cmd(op, **kw):
+    return isa.encode(op, **kw)
+
+
+@pytest.mark.parametrize("name, program, code, index", [
+    ("deadlock at END", [_cmd(Opcode.SYNC, unit=1, pop_prev=1), _cmd(Opcode.END)], ErrorCode.DEADLOCK, 1),
+    ("deadlock on a full queue", [_cmd(Opcode.SYNC, unit=1, pop_next=1)] * 8
+     + [_cmd(Opcode.SYNC, unit=2, push_prev=1), _cmd(Opcode.END)], ErrorCode.DEADLOCK, 5),
+    ("no END", [_cmd(Opcode.SYNC, unit=0)] * 3, ErrorCode.NO_END, 3),
+    ("misaligned", [_cmd(Opcode.LOAD, rows=1, row_bytes=8, dram_addr=0x104), _cmd(Opcode.END)],
+     ErrorCode.MISALIGNED, 0),
+    ("window", [_cmd(Opcode.STORE, rows=2, cols=4, dram_addr=0x7FF8, dram_stride=8), _cmd(Opcode.END)],
+     ErrorCode.DRAM_WINDOW, 0),
+    ("unknown opcode", [_cmd(Opcode.SYNC, unit=0), bytes([0x42]) + bytes(31)], ErrorCode.BAD_OPCODE, 1),
+    ("bad k", [_cmd(Opcode.MATMUL, m=1, k=5), _cmd(Opcode.END)], ErrorCode.BAD_FIELD, 0),
+    ("sram range", [_cmd(Opcode.MATMUL, m=2, k=1, acc_addr=255), _cmd(Opcode.END)], ErrorCode.SRAM_RANGE, 0),
+])
+def test_directed_errors_match_functional_simulator(name, program, code, index):
+    program = b"".join(program)
+    dram = bytearray(0x8000)
+    prog_addr = 0x1000
+    dram[prog_addr:prog_addr + len(program)] = program
+    n = len(program) // 32
+    fs = funcsim.run(None, dram, CFG, prog_addr, 0, len(dram), prog_len=n)
+    rtl = npu().run(dram, prog_addr, n, 0, len(dram), max_cycles=100_000)
+    assert not rtl.hung
+    assert (fs.error, fs.error_addr) == (code, prog_addr + 32 * index), name
+    assert (rtl.error, rtl.error_addr) == (code, prog_addr + 32 * index), name
+    assert rtl.registers["STATUS"] & 0b101 == 0b100      # not busy, error
