@@ -21,15 +21,56 @@ Tiling
 * K is cut into tiles of at most ``cfg.rows`` values that never cross a 128 boundary when
   block scaling is on; each MATMUL has ``k`` = the tile's real length, so no padded product
   is ever added. The first K tile of an output tile (of a K block, with block scaling)
-  overwrites (``accumulate=0``), the following ones accumulate.
+  overwrites (``accumulate=0``), the following ones accumulate, in K order.
 * N is cut into tiles of ``cfg.cols`` columns; STORE writes ``cols`` = the real width.
-* M is cut into :attr:`GemmProgram.m_block`-row blocks, as large as the SRAMs allow with
-  double buffering (one MATMUL streams all rows of a block), balanced so that the last
-  block is not tiny.
-* Loop order: M blocks, N tiles, K tiles (innermost); one "step" per K tile.
+* M is cut into :attr:`GemmProgram.m_block`-row blocks, as large as the SRAMs allow (one
+  MATMUL streams all rows of a block, so large blocks amortize the array's fill and drain),
+  balanced so that the last block is not tiny.
 
-SRAM use (two of everything, so DMA overlaps compute)
-----------------------------------------------------
+Schedules
+---------
+The array streams one A row per cycle, so it is only busy if DMA keeps ahead of it. Two
+schedules exist; :attr:`GemmProgram.schedule` says which one a program uses.
+
+**A-resident** (``"a_resident"``, used whenever it fits with M blocks of at least
+:data:`MIN_RESIDENT_ROWS` rows, or all of M when M is smaller)::
+
+    for each M block:          load the whole A block [m x K] once
+        for each N tile:       load the B column tile [K x cols] into B buffer (step % 2)
+            for each K tile:   MATMUL: the block's m resident A rows x the tile's B lines
+            BLOCKSCALE (per K block), EPILOGUE, then STORE from output region (step % 2)
+
+One *step* per (M block, N tile). A is read from DRAM once and B once per M block, and
+every LOAD moves long contiguous DRAM rows, so the AXI bursts are long (the old per-K-tile
+reload moved one single-beat row per A row). The next step's B tile is loaded while the
+current step computes (double buffering). The A block cannot be double-buffered in a small
+scratchpad: the next block's A is loaded once the current block's last step is done with
+it. It is loaded in *chunks* of K tiles (a DRAM row piece of about ``max_burst`` beats per A
+row), each with its own token, so the first step of a block starts on chunk 0 while the
+later chunks are still arriving; only chunk 0's load is exposed.
+
+**A-reload** (``"a_reload"``, the fallback when the A block plus two B tiles does not fit:
+K too large for the scratchpad): loops M block -> N tile -> K tile, one step per K tile;
+every step loads its A slice (``m`` rows of one K tile) and its B tile [rows x cols] into one
+of two buffers. It needs only ``2 * (m_block + rows)`` scratchpad lines, but its A loads are
+``m`` one-line DRAM rows, so the array waits for DMA much of the time.
+
+SRAM use, A-resident
+--------------------
+* scratchpad: the A block from line 0: chunk ``c`` (K tiles ``t0 .. t0+n-1``) at line
+  ``m * t0``, holding A row i's tiles in lines ``m*t0 + i*n + (t - t0)``; a MATMUL of tile t
+  reads ``a_addr = m*t0 + (t - t0)``, ``a_stride = n`` (with one chunk: ``a_addr = t``,
+  ``a_stride`` = tiles per row). Then two B buffers of K lines each (line k = B row k, the
+  tile's K values in bytes 0..cols-1; a K tile is lines ``k0 .. k0+k-1``); with block scaling
+  one zero line after them.
+* accumulator: output regions 0 and 1 (``m_block`` lines each, used by alternate steps); with
+  block scaling a temporary region (``m_block`` lines) for the K-block partial sums and the
+  row-scale region (KB x ``m_block`` lines: line ``kb*m + i`` holds ``row_scales[i][kb]`` in
+  lane 0, loaded with the A block); then two auxiliary areas (one per B buffer) holding the KB
+  column-scale lines of the step's N tile (block scaling) and the epilogue scale and bias lines.
+
+SRAM use, A-reload
+------------------
 * scratchpad buffer b (b = step % 2): ``m_block`` lines of A (row i of the tile in line i,
   its K values in bytes 0..k-1), then ``rows`` lines of B (row kk of the tile in line kk);
   with block scaling, one zero line after the two buffers;
@@ -39,34 +80,55 @@ SRAM use (two of everything, so DMA overlaps compute)
   value in lane 0) and the column scale line of a K block, and the epilogue scale and bias
   lines.
 
-The output accumulator of a block-scaled tile must start at +0: a MATMUL with ``k = 1``
-that reads the zero scratchpad line as both A (``a_stride = 0``) and B writes
+In both, the output accumulator of a block-scaled tile must start at +0: a MATMUL with
+``k = 1`` that reads the zero scratchpad line as both A (``a_stride = 0``) and B writes
 ``fp32(+0 + 0 * 0) = +0`` to all its lines. It runs on the compute unit, so it needs no
 extra synchronisation, costs one pass of the array per output tile and no DMA.
 
 Tokens
 ------
-The load unit fills buffer b and pushes a token to compute (``push_next`` on the last LOAD
-of the step); compute pops it (``pop_prev`` on the step's first command) and gives the buffer
-back (``push_prev`` on the step's last command); the load unit pops that (``pop_next`` on the
-step's first LOAD) before refilling the buffer. Two SYNC commands on the compute unit with
-``push_prev`` prime the two buffers. Output regions work the same way between compute
-(``push_next`` on the tile's last command, ``pop_next`` on the first command writing the
-region) and store (``pop_prev``, ``push_prev``), primed by two SYNCs on the store unit. The
-last two steps (tiles) push no return token, so every counter ends at zero. Commands are
-emitted step by step (loads, compute, then the tile's STORE), so every token a command pops
-was pushed by an earlier command: the in-order dispatcher never deadlocks, whatever
-``queue_depth``.
+Commands are emitted so that every token a command pops was pushed by a command earlier in
+the program: the in-order dispatcher never deadlocks, whatever ``queue_depth``. Every
+counter ends at zero.
+
+* compute <-> store (both schedules): output region ``step % 2``. The step's last compute
+  command pushes to store (``push_next``), the first command writing the region pops from
+  store (``pop_next``); STORE pops (``pop_prev``) and gives the region back (``push_prev``,
+  except for the last two steps). Two SYNCs on the store unit with ``push_prev`` prime it.
+* load <-> compute, A-resident: a load *group* ends with a LOAD that pushes (``push_next``).
+  Groups: the B tile (+ auxiliary lines) of a step, and each A chunk (+ the row scales of the
+  K blocks that end in it); the B group of a block's first step has no push of its own: it
+  shares the token of A chunk 0, which follows it. Compute pops (``pop_prev``) on the first
+  command of each step and, in a block's first step, on the first command of each later A
+  chunk's first K tile. Compute gives B buffer ``s % 2`` back on step s's last command
+  (``push_prev``, unless ``s + 2 >= steps``) and the A block (and row scales) back with a
+  SYNC after the block's last step (unless it is the last block); the B group of step s pops
+  (``pop_next``) iff ``s >= 2``, an A block's first chunk iff it is not the first block.
+  Emission order: B(0), A chunks of block 0, then per step s: B(s+1), compute(s), [SYNC],
+  STORE(s), [A chunks of the next block after its last step]; so B(s+1) is queued before
+  compute(s) and loads while step s computes.
+* load <-> compute, A-reload: the load unit fills buffer b and pushes a token to compute
+  (``push_next`` on the last LOAD of the step); compute pops it (``pop_prev`` on the step's
+  first command) and gives the buffer back (``push_prev`` on the step's last command); the
+  load unit pops that (``pop_next`` on the step's first LOAD) before refilling the buffer.
+  Two SYNC commands on the compute unit with ``push_prev`` prime the two buffers; the last
+  two steps push no return token.
 
 DRAM layout (all addresses absolute; the image covers ``[0, win_limit)``)
 -----------------------------------------------------------------------
 From ``base`` (a multiple of 32), each region starting on a 32-byte boundary:
 
 ====================  ======================================================================
-A                     M rows, each row its K tiles, every tile starting on a bus-width
-                      boundary (:class:`TiledLayout`; dense row-major when ``rows`` is a
-                      multiple of the bus width)
-B                     K rows, each row its N tiles, bus aligned the same way
+A                     M rows, each row its K tiles (:class:`TiledLayout`); A-resident: tile t
+                      at byte ``t * line_bytes`` of the row (so a row's tiles fill
+                      consecutive scratchpad lines; dense row-major when ``rows`` =
+                      ``line_bytes``), row pitch rounded up to the bus width; A-reload:
+                      every tile starting on a bus-width boundary
+B                     A-resident: tile-major (:class:`TileMajorLayout`): N tile j is one
+                      contiguous block of K lines of ``line_bytes`` bytes (line k = B[k, tile
+                      j], zero padded), so its LOAD is one long DRAM row filling K
+                      consecutive scratchpad lines; A-reload: K rows, each row its N tiles,
+                      bus aligned like A
 col_scale, bias       one FP32 row each, in N tiles (only when given)
 row scales            ``row_scales[i][kb]`` at region offset ``(kb * M + i) * bus_bytes`` (a bus word each)
 col scales            KB FP32 rows in N tiles; column j of row kb holds ``col_scales[kb][j//128]``
@@ -90,12 +152,18 @@ from fp8npu.hdl.formats import Format, format_by_name
 from fp8npu.hdl.isa import Opcode, StoreFormat, Unit
 from fp8npu.sim import golden
 
-__all__ = ["BLOCK_K", "TiledLayout", "GemmProgram", "build_gemm", "reference_gemm"]
+__all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "build_gemm",
+           "reference_gemm"]
 
 #: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
 BLOCK_K = 128
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
+#: Fewest rows of an A-resident M block (unless M itself is smaller): below that, the
+#: A-reload schedule is used (short MATMULs would not amortize the array's fill and drain).
+MIN_RESIDENT_ROWS = 16
+#: Longest DRAM row of one LOAD (``row_bytes`` is 16 bits; a power of two keeps pieces aligned).
+MAX_LOAD_ROW = 1 << 15
 
 _OUTPUTS = {"fp32": StoreFormat.FP32, "e4m3": StoreFormat.E4M3, "e5m2": StoreFormat.E5M2}
 
@@ -238,8 +306,9 @@ def _tiles(n, width, block=None):
 
 @dataclass(frozen=True)
 class TiledLayout:
-    """A [rows, cols] matrix in DRAM whose rows are cut into column tiles, each starting on a
-    bus-width boundary (so a LOAD or STORE of one tile has an aligned address).
+    """A [rows, cols] matrix in DRAM whose rows are cut into column tiles, each starting on an
+    ``align``-byte boundary (by default the bus width, so a LOAD or STORE of one tile has an
+    aligned address); the row pitch is a multiple of the bus width.
 
     Row r, tile t (columns ``tiles[t] = (start, width)``) is at byte ``r * pitch + offsets[t]``;
     values are ``esize`` bytes (1: FP8 code, 4: FP32 little-endian). Padding bytes are zero.
@@ -253,13 +322,14 @@ class TiledLayout:
     esize: int
 
     @classmethod
-    def build(cls, rows, tiles, esize, bus_bytes):
+    def build(cls, rows, tiles, esize, bus_bytes, align=None):
+        align = align or bus_bytes
         offsets, at = [], 0
         for _, width in tiles:
             offsets.append(at)
-            at += _round_up(width * esize, bus_bytes)
+            at += _round_up(width * esize, align)
         cols = tiles[-1][0] + tiles[-1][1]
-        return cls(rows, cols, tuple(tiles), tuple(offsets), at, esize)
+        return cls(rows, cols, tuple(tiles), tuple(offsets), _round_up(at, bus_bytes), esize)
 
     @property
     def nbytes(self):
@@ -284,9 +354,58 @@ class TiledLayout:
         return raw.view("<i4").astype(np.int32) if self.esize == 4 else raw
 
 
+@dataclass(frozen=True)
+class TileMajorLayout:
+    """A [rows, cols] FP8 matrix in DRAM stored column tile by column tile: tile t (columns
+    ``tiles[t] = (start, width)``) is a contiguous block at byte ``t * pitch`` of ``rows``
+    lines of ``line_bytes`` bytes, line r holding row r's ``width`` codes (then zeros); the
+    block pitch is a multiple of the bus width. One LOAD row of ``rows * line_bytes`` bytes
+    copies a whole tile into ``rows`` consecutive scratchpad lines.
+    """
+
+    rows: int
+    cols: int
+    tiles: tuple
+    line_bytes: int
+    pitch: int
+
+    @classmethod
+    def build(cls, rows, tiles, line_bytes, bus_bytes):
+        cols = tiles[-1][0] + tiles[-1][1]
+        return cls(rows, cols, tuple(tiles), line_bytes, _round_up(rows * line_bytes, bus_bytes))
+
+    @property
+    def nbytes(self):
+        return len(self.tiles) * self.pitch
+
+    def pack(self, values):
+        """[rows, cols] uint8 codes -> the region's bytes (uint8 array)."""
+        values = np.asarray(values, np.uint8)
+        out = np.zeros((len(self.tiles), self.pitch), np.uint8)
+        for t, (start, width) in enumerate(self.tiles):
+            block = out[t, :self.rows * self.line_bytes].reshape(self.rows, self.line_bytes)
+            block[:, :width] = values[:, start:start + width]
+        return out.reshape(-1)
+
+    def unpack(self, data):
+        """The region's bytes -> [rows, cols] uint8 codes."""
+        buf = np.frombuffer(bytes(data), np.uint8)[:self.nbytes].reshape(len(self.tiles), self.pitch)
+        out = np.empty((self.rows, self.cols), np.uint8)
+        for t, (start, width) in enumerate(self.tiles):
+            out[:, start:start + width] = buf[t, :self.rows * self.line_bytes].reshape(
+                self.rows, self.line_bytes)[:, :width]
+        return out
+
+
 @dataclass
 class GemmProgram:
-    """A built GEMM: program, DRAM image, register values and where the output is."""
+    """A built GEMM: program, DRAM image, register values and where the output is.
+
+    ``schedule`` is "a_resident" or "a_reload" (module docstring); ``steps`` counts the
+    double-buffered load -> compute steps: (M block, N tile) pairs when A-resident, (M block,
+    N tile, K tile) triples when A-reload. ``a_chunks`` is the number of LOAD chunks of an A
+    block (A-resident; 0 for A-reload).
+    """
 
     cfg: NPUConfig
     program: bytes
@@ -301,6 +420,8 @@ class GemmProgram:
     m_block: int
     steps: int
     regions: dict = field(default_factory=dict)     # name -> (address, bytes)
+    schedule: str = "a_resident"
+    a_chunks: int = 0
 
     @property
     def out_stride(self):
@@ -316,13 +437,13 @@ class GemmProgram:
 # ---- tiling ----------------------------------------------------------------------------------
 @dataclass
 class _Plan:
-    """Tiles and SRAM line map of one GEMM."""
+    """Tiles and SRAM line map of one GEMM (fields marked R: A-resident only, L: A-reload only)."""
 
+    resident: bool
     k_tiles: tuple
     n_tiles: tuple
     m_blocks: tuple          # (first row, rows)
     m_block: int
-    sp_buf: tuple            # first scratchpad line of buffer 0, 1 (A lines, then B lines)
     sp_zero: int
     acc_out: tuple           # first accumulator line of output region 0, 1
     acc_temp: int
@@ -330,10 +451,59 @@ class _Plan:
     aux_col: int             # offsets inside an auxiliary area
     aux_scale: int
     aux_bias: int
+    sp_buf: tuple = ()       # L: first scratchpad line of buffer 0, 1 (A lines, then B lines)
+    sp_b: tuple = ()         # R: first scratchpad line of B buffer 0, 1
+    a_chunks: tuple = ()     # R: (first K tile, tiles) of each A chunk
+    acc_rs: int = 0          # R: first accumulator line of the row-scale region
+
+
+def _m_blocks(m, m_max):
+    """Balanced M blocks of at most ``m_max`` rows: (block rows, ((first row, rows), ...))."""
+    count = math.ceil(m / m_max)
+    mb = math.ceil(m / count)
+    return mb, tuple((s, min(mb, m - s)) for s in range(0, m, mb))
 
 
 def _plan(cfg, g):
-    """Choose tile sizes and the SRAM line map (see the module docstring)."""
+    """Choose the schedule, tile sizes and the SRAM line map (see the module docstring)."""
+    m, k, n = g.shape
+    k_tiles = _tiles(k, cfg.rows, BLOCK_K if g.blocked else None)
+    n_tiles = _tiles(n, cfg.cols)
+    return _plan_resident(cfg, g, k_tiles, n_tiles) or _plan_reload(cfg, g, k_tiles, n_tiles)
+
+
+def _plan_resident(cfg, g, k_tiles, n_tiles):
+    """The A-resident plan, or None when its M blocks would be too short."""
+    m, k, n = g.shape
+    nt = len(k_tiles)
+    kb = math.ceil(k / BLOCK_K) if g.blocked else 0
+    vectors = (g.col_scale is not None) + (g.bias is not None)
+    aux_size = kb + vectors                                   # column-scale lines, scale, bias
+    zero_lines = 1 if g.blocked else 0
+    sp_max = (cfg.sp_lines - 2 * k - zero_lines) // nt        # A: one line per K tile per row
+    regions = 3 + kb if g.blocked else 2                      # out x2 (+ temp + KB row-scale regions)
+    acc_max = (cfg.acc_lines - 2 * aux_size) // regions
+    m_max = min(sp_max, acc_max, 0xFFFF)
+    if m_max < max(1, min(m, MIN_RESIDENT_ROWS)):
+        return None
+    mb, blocks = _m_blocks(m, m_max)
+    # A chunks: about max_burst bus beats of each A row, a whole number of bus words
+    per_chunk = max(1, cfg.max_burst * cfg.bus_bytes // cfg.line_bytes)
+    chunks = tuple((t, min(per_chunk, nt - t)) for t in range(0, nt, per_chunk))
+    a_lines = mb * nt
+    acc_rs = 3 * mb
+    aux0 = (3 + kb) * mb if g.blocked else 2 * mb
+    return _Plan(
+        resident=True, k_tiles=k_tiles, n_tiles=n_tiles, m_blocks=blocks, m_block=mb,
+        sp_zero=a_lines + 2 * k,
+        acc_out=(0, mb), acc_temp=2 * mb, acc_aux=(aux0, aux0 + aux_size),
+        aux_col=0, aux_scale=kb, aux_bias=kb + (g.col_scale is not None),
+        sp_b=(a_lines, a_lines + k), a_chunks=chunks, acc_rs=acc_rs,
+    )
+
+
+def _plan_reload(cfg, g, k_tiles, n_tiles):
+    """The A-reload plan."""
     m, k, n = g.shape
     vectors = (g.col_scale is not None) + (g.bias is not None)
     aux_fixed = (1 if g.blocked else 0) + vectors             # aux lines besides the row scales
@@ -345,23 +515,16 @@ def _plan(cfg, g):
     if m_max < 1:
         raise ValueError(f"the scratchpad ({cfg.sp_lines} lines) or accumulator ({cfg.acc_lines} lines) is "
                          f"too small for double-buffered {cfg.rows}x{cfg.cols} GEMM tiles")
-    count = math.ceil(m / m_max)
-    mb = math.ceil(m / count)
+    mb, blocks = _m_blocks(m, m_max)
     aux_size = (mb if g.blocked else 0) + aux_fixed
     aux0 = (3 if g.blocked else 2) * mb
     return _Plan(
-        k_tiles=_tiles(k, cfg.rows, BLOCK_K if g.blocked else None),
-        n_tiles=_tiles(n, cfg.cols),
-        m_blocks=tuple((s, min(mb, m - s)) for s in range(0, m, mb)),
-        m_block=mb,
-        sp_buf=(0, mb + cfg.rows),
+        resident=False, k_tiles=k_tiles, n_tiles=n_tiles, m_blocks=blocks, m_block=mb,
         sp_zero=2 * (mb + cfg.rows),
-        acc_out=(0, mb),
-        acc_temp=2 * mb,
-        acc_aux=(aux0, aux0 + aux_size),
-        aux_col=mb,
-        aux_scale=(mb + 1 if g.blocked else 0),
+        acc_out=(0, mb), acc_temp=2 * mb, acc_aux=(aux0, aux0 + aux_size),
+        aux_col=mb, aux_scale=(mb + 1 if g.blocked else 0),
         aux_bias=(mb + 1 if g.blocked else 0) + (g.col_scale is not None),
+        sp_buf=(0, mb + cfg.rows),
     )
 
 
@@ -412,11 +575,15 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     plan = _plan(cfg, g)
     bus = cfg.bus_bytes
     lay = {
-        "a": TiledLayout.build(m, plan.k_tiles, 1, bus),
-        "b": TiledLayout.build(k, plan.n_tiles, 1, bus),
         "c": TiledLayout.build(m, plan.n_tiles, 4 if out == "fp32" else 1, bus),
         "vec": TiledLayout.build(1, plan.n_tiles, 4, bus),
     }
+    if plan.resident:
+        lay["a"] = TiledLayout.build(m, plan.k_tiles, 1, bus, align=cfg.line_bytes)
+        lay["b"] = TileMajorLayout.build(k, plan.n_tiles, cfg.line_bytes, bus)
+    else:
+        lay["a"] = TiledLayout.build(m, plan.k_tiles, 1, bus)
+        lay["b"] = TiledLayout.build(k, plan.n_tiles, 1, bus)
     img = _Image(base)
     addr = {"a": img.add("a", lay["a"].pack(g.a)), "b": img.add("b", lay["b"].pack(g.b))}
     if g.col_scale is not None:
@@ -431,27 +598,158 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
         addr["col_scales"] = img.add("col_scales", lay["cs"].pack(g.column_block_scales().numpy()))
         addr["zero"] = img.add("zero", bytes(_round_up(cfg.line_bytes, bus)))
     addr["c"] = img.add("c", nbytes=lay["c"].nbytes)
-    commands = _commands(cfg, g, plan, lay, addr)
+    emit = _commands_resident if plan.resident else _commands_reload
+    commands = emit(cfg, g, plan, lay, addr)
     program = b"".join(commands)
     prog_addr = img.add("program", program)
     dram = img.bytes()
     if len(dram) > 1 << 32:
         raise ValueError(f"the GEMM needs {len(dram)} bytes of DRAM, more than a 32-bit address space")
+    steps = len(plan.m_blocks) * len(plan.n_tiles) * (1 if plan.resident else len(plan.k_tiles))
     return GemmProgram(cfg, program, dram, prog_addr, len(commands), base, len(dram), out, addr["c"], lay["c"],
-                       plan.m_block, len(plan.m_blocks) * len(plan.n_tiles) * len(plan.k_tiles), img.regions)
+                       plan.m_block, steps, img.regions, "a_resident" if plan.resident else "a_reload",
+                       len(plan.a_chunks))
 
 
-def _commands(cfg, g, plan, lay, addr):
-    """The command stream (a list of encoded commands), step by step; see the module docstring."""
+def _prologue(cfg, g, plan, addr, n_steps):
+    """The zero-line LOAD (block scaling) and the SYNCs that prime the output regions."""
+    out = [] if not g.blocked else [isa.encode(
+        Opcode.LOAD, dst=0, sram_addr=plan.sp_zero, rows=1, row_bytes=cfg.line_bytes,
+        dram_addr=addr["zero"], dram_stride=0)]
+    return out + [isa.encode(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_steps)
+
+
+def _store(g, lay, addr, acc_out, m0, m, ni, nw, push):
+    c = lay["c"]
+    return isa.encode(
+        Opcode.STORE, fmt=_OUTPUTS[g.out], saturate=int(g.saturate), acc_addr=acc_out, rows=m, cols=nw,
+        dram_addr=addr["c"] + m0 * c.pitch + c.offsets[ni], dram_stride=c.pitch, scale=g.out_scale,
+        pop_prev=1, push_prev=int(push))
+
+
+def _group(loads, pop, push):
+    """Encode a load group: the first LOAD pops from compute, the last pushes to it."""
+    loads = [dict(f) for f in loads]
+    loads[0]["pop_next"] = int(pop)
+    loads[-1]["push_next"] = int(push)
+    return [isa.encode(Opcode.LOAD, **f) for f in loads]
+
+
+def _commands_resident(cfg, g, plan, lay, addr):
+    """The A-resident command stream (a list of encoded commands); see the module docstring."""
+    m_total, k_total, _ = g.shape
+    fmts = {"fmt_a": g.fmt_a.value, "fmt_b": g.fmt_b.value}
+    steps = [(bi, m0, m, ni, nw) for bi, (m0, m) in enumerate(plan.m_blocks)
+             for ni, (_, nw) in enumerate(plan.n_tiles)]
+    n_steps, n_blocks, n_nt = len(steps), len(plan.m_blocks), len(plan.n_tiles)
+    line = cfg.line_bytes
+    chunk_of = [c for c, (_, n) in enumerate(plan.a_chunks) for _ in range(n)]     # K tile -> A chunk
+    block_end = {}                                 # K block -> index of its last K tile
+    for ti, (k0, _) in enumerate(plan.k_tiles):
+        block_end[k0 // BLOCK_K] = ti
+
+    def b_loads(s):
+        """The B column tile and the auxiliary lines of step s."""
+        _, _, _, ni, nw = steps[s]
+        b, aux = lay["b"], plan.acc_aux[s % 2]
+        piece = MAX_LOAD_ROW // line
+        loads = [dict(sram_addr=plan.sp_b[s % 2] + k0, rows=1, row_bytes=min(piece, k_total - k0) * line,
+                      dram_addr=addr["b"] + ni * b.pitch + k0 * line, dram_stride=0)
+                 for k0 in range(0, k_total, piece)]
+        if g.blocked:
+            cs = lay["cs"]
+            loads.append(dict(sram_addr=aux + plan.aux_col, rows=cs.rows, row_bytes=4 * nw, dst=1,
+                              dram_addr=addr["col_scales"] + cs.offsets[ni], dram_stride=cs.pitch))
+        for name, at in (("col_scale", plan.aux_scale), ("bias", plan.aux_bias)):
+            if name in addr:
+                loads.append(dict(sram_addr=aux + at, rows=1, row_bytes=4 * nw, dst=1,
+                                  dram_addr=addr[name] + lay["vec"].offsets[ni], dram_stride=0))
+        return loads
+
+    def a_loads(bi):
+        """One list of loads per A chunk of M block bi (with the row scales of the K blocks
+        that end in the chunk)."""
+        m0, m = plan.m_blocks[bi]
+        a = lay["a"]
+        groups = []
+        for c, (t0, n) in enumerate(plan.a_chunks):
+            loads = [dict(sram_addr=m * t0, rows=m, row_bytes=n * line,
+                          dram_addr=addr["a"] + m0 * a.pitch + a.offsets[t0], dram_stride=a.pitch)]
+            for kb, last in block_end.items():
+                if g.blocked and chunk_of[last] == c:
+                    loads.append(dict(sram_addr=plan.acc_rs + kb * m, rows=m, row_bytes=4, dst=1,
+                                      dram_addr=addr["row_scales"] + (kb * m_total + m0) * cfg.bus_bytes,
+                                      dram_stride=cfg.bus_bytes))
+            groups.append(loads)
+        return groups
+
+    def a_block(bi, b_first):
+        """Encoded A chunks of block bi; the first carries the loads of its first step's B."""
+        groups = a_loads(bi)
+        out = []
+        for c, loads in enumerate(groups):
+            out += _group((b_first if c == 0 else []) + loads, pop=c == 0 and bi > 0, push=True)
+        return out
+
+    def compute(s):
+        bi, m0, m, ni, nw = steps[s]
+        first_step = ni == 0
+        buf, aux, acc_out = plan.sp_b[s % 2], plan.acc_aux[s % 2], plan.acc_out[s % 2]
+        cmds = []
+        for ti, (k0, kw) in enumerate(plan.k_tiles):
+            t0, n = plan.a_chunks[chunk_of[ti]]
+            kb = k0 // BLOCK_K
+            block_first = k0 % BLOCK_K == 0
+            last_k = ti == len(plan.k_tiles) - 1
+            pop = ti == 0 or (first_step and ti == t0)
+            mm = dict(fmts, a_addr=m * t0 + ti - t0, a_stride=n, b_addr=buf + k0, m=m, k=kw, pop_prev=int(pop))
+            if g.blocked:
+                cmds.append((Opcode.MATMUL, dict(mm, accumulate=int(not block_first), acc_addr=plan.acc_temp)))
+                if ti == 0:   # after the first pop, so the zero line is loaded
+                    cmds.append((Opcode.MATMUL, dict(
+                        fmts, accumulate=0, a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
+                        acc_addr=acc_out, m=m, k=1, pop_next=1)))
+                if block_end[kb] == ti:
+                    cmds.append((Opcode.BLOCKSCALE, dict(
+                        src=plan.acc_temp, dst=acc_out, rows=m, row_scale=plan.acc_rs + kb * m,
+                        col_scale=aux + plan.aux_col + kb)))
+            else:
+                cmds.append((Opcode.MATMUL, dict(mm, accumulate=int(ti > 0), acc_addr=acc_out,
+                                                 pop_next=int(ti == 0))))
+            if last_k and (g.col_scale is not None or g.bias is not None):
+                cmds.append((Opcode.EPILOGUE, dict(
+                    use_scale=int(g.col_scale is not None), use_bias=int(g.bias is not None), src=acc_out,
+                    dst=acc_out, rows=m, scale_addr=aux + plan.aux_scale if g.col_scale is not None else 0,
+                    bias_addr=aux + plan.aux_bias if g.bias is not None else 0)))
+        cmds[-1][1]["push_prev"] = int(s + 2 < n_steps)      # B buffer s % 2 is free again
+        cmds[-1][1]["push_next"] = 1                         # output region s % 2 is ready
+        out = [isa.encode(op, **f) for op, f in cmds]
+        if ni == n_nt - 1 and bi + 1 < n_blocks:             # the A block is free again
+            out.append(isa.encode(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
+        return out
+
+    out = _prologue(cfg, g, plan, addr, n_steps)
+    out += a_block(0, b_loads(0))
+    for s, (bi, m0, m, ni, nw) in enumerate(steps):
+        next_first = s + 1 < n_steps and steps[s + 1][3] == 0
+        if s + 1 < n_steps:     # prefetch the next B tile; a block's first B shares A chunk 0's token
+            out += _group(b_loads(s + 1), pop=s + 1 >= 2, push=not next_first)
+        out += compute(s)
+        out.append(_store(g, lay, addr, plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
+        if next_first:
+            out += a_block(bi + 1, [])
+    out.append(isa.encode(Opcode.END))
+    return out
+
+
+def _commands_reload(cfg, g, plan, lay, addr):
+    """The A-reload command stream (a list of encoded commands), step by step; see the module docstring."""
     m_total = g.shape[0]
     fmts = {"fmt_a": g.fmt_a.value, "fmt_b": g.fmt_b.value}
     n_tiles_total = len(plan.m_blocks) * len(plan.n_tiles)
     n_steps = n_tiles_total * len(plan.k_tiles)
-    out = [] if not g.blocked else [isa.encode(
-        Opcode.LOAD, dst=0, sram_addr=plan.sp_zero, rows=1, row_bytes=cfg.line_bytes,
-        dram_addr=addr["zero"], dram_stride=0)]
+    out = _prologue(cfg, g, plan, addr, n_tiles_total)
     out += [isa.encode(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1)] * min(2, n_steps)
-    out += [isa.encode(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_tiles_total)
     step = 0
     for tile, ((m0, m), (ni, (_, nw))) in enumerate(product(plan.m_blocks, enumerate(plan.n_tiles))):
         acc_out = plan.acc_out[tile % 2]
@@ -499,18 +797,12 @@ def _commands(cfg, g, plan, lay, addr):
                     use_scale=int(g.col_scale is not None), use_bias=int(g.bias is not None), src=acc_out,
                     dst=acc_out, rows=m, scale_addr=aux + plan.aux_scale if g.col_scale is not None else 0,
                     bias_addr=aux + plan.aux_bias if g.bias is not None else 0)))
-            loads[0]["pop_next"] = 1
-            loads[-1]["push_next"] = 1
             compute[0][1]["pop_prev"] = 1
             compute[-1][1]["push_prev"] = int(step + 2 < n_steps)
             compute[-1][1]["push_next"] = int(last_k)
-            out += [isa.encode(Opcode.LOAD, **f) for f in loads]
+            out += _group(loads, pop=True, push=True)
             out += [isa.encode(op, **f) for op, f in compute]
             step += 1
-        c = lay["c"]
-        out.append(isa.encode(
-            Opcode.STORE, fmt=_OUTPUTS[g.out], saturate=int(g.saturate), acc_addr=acc_out, rows=m, cols=nw,
-            dram_addr=addr["c"] + m0 * c.pitch + c.offsets[ni], dram_stride=c.pitch, scale=g.out_scale,
-            pop_prev=1, push_prev=int(tile + 2 < n_tiles_total)))
+        out.append(_store(g, lay, addr, acc_out, m0, m, ni, nw, push=tile + 2 < n_tiles_total))
     out.append(isa.encode(Opcode.END))
     return out

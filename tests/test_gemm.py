@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from fp8npu.compiler.gemm import BLOCK_K, TiledLayout, build_gemm, reference_gemm
+from fp8npu.compiler.gemm import BLOCK_K, TiledLayout, TileMajorLayout, build_gemm, reference_gemm
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.formats import E4M3, E5M2
@@ -235,15 +235,136 @@ def test_layout_is_bus_aligned_and_round_trips():
     assert g.dram[g.prog_addr:g.prog_addr + len(g.program)] == g.program
 
 
-def test_token_protocol_shape():
-    """Primed double buffering: 2 + 2 SYNCs, every LOAD step pops and pushes, the program ends with END."""
+def _tokens_balanced_in_program_order(g):
+    """Every token counter ends at zero, and every pop is covered by pushes of commands earlier in
+    the program (so the in-order dispatcher cannot deadlock, whatever the queue depth)."""
+    flags = {  # unit -> (pop_prev, pop_next, push_prev, push_next) counters
+        isa.Unit.LOAD: (None, "c2l", None, "l2c"), isa.Unit.COMPUTE: ("l2c", "s2c", "c2l", "c2s"),
+        isa.Unit.STORE: ("c2s", None, "s2c", None)}
+    pushed, popped = dict.fromkeys(("l2c", "c2l", "c2s", "s2c"), 0), dict.fromkeys(("l2c", "c2l", "c2s", "s2c"), 0)
+    for c in commands_of(g):
+        if c.opcode == Opcode.END:
+            continue
+        pop_prev, pop_next, push_prev, push_next = flags[c.unit]
+        for counter, on in ((pop_prev, c.pop_prev), (pop_next, c.pop_next)):
+            if on:
+                popped[counter] += 1
+                assert popped[counter] <= pushed[counter], f"{counter} popped before an earlier push"
+        for counter, on in ((push_prev, c.push_prev), (push_next, c.push_next)):
+            if on:
+                pushed[counter] += 1
+    assert pushed == popped, (pushed, popped)
+
+
+def _loads(g):
+    return [c for c in commands_of(g) if c.opcode == Opcode.LOAD]
+
+
+def test_token_protocol_shape_a_resident():
+    """A-resident: 2 store-priming SYNCs, one B LOAD per step (buffer 0, 1, 0, ...), one A chunk per
+    M block; tokens balanced in program order; the program ends with END."""
     cfg = CONFIGS["4x8"]
     g = build_gemm(cfg, np.zeros((10, 12), np.uint8), np.zeros((12, 16), np.uint8), "e4m3", "e4m3")
+    assert g.schedule == "a_resident" and g.steps == 2 and g.m_block == 10 and g.a_chunks == 1
+    cmds = commands_of(g)
+    assert [(c.opcode, c.unit) for c in cmds[:2]] == [(Opcode.SYNC, isa.Unit.STORE)] * 2
+    assert cmds[-1].opcode == Opcode.END
+    loads = _loads(g)
+    # B(0) [no token of its own], A (10 rows of 3 tiles = 3 lines each) [push], B(1) [push]
+    assert [(c.sram_addr, c.rows, c.row_bytes) for c in loads] == [(30, 1, 12 * 8), (0, 10, 3 * 8), (42, 1, 12 * 8)]
+    assert [c.push_next for c in loads] == [0, 1, 1] and not any(c.pop_next for c in loads)
+    mms = [c for c in cmds if c.opcode == Opcode.MATMUL]
+    assert [(c.a_addr, c.a_stride, c.b_addr, c.k) for c in mms[:3]] == [(0, 3, 30, 4), (1, 3, 34, 4), (2, 3, 38, 4)]
+    assert sum(c.pop_next for c in cmds if c.opcode == Opcode.LOAD) == 0
+    assert sum(c.pop_prev for c in cmds if c.opcode == Opcode.STORE) == 2
+    _tokens_balanced_in_program_order(g)
+
+
+def test_token_protocol_shape_a_reload():
+    """A-reload (the scratchpad cannot hold A and two B tiles): primed double buffering, 2 + 2
+    SYNCs, every LOAD step pops and pushes, the program ends with END."""
+    cfg = NPUConfig(rows=4, cols=8, sp_lines=32)
+    g = build_gemm(cfg, np.zeros((10, 12), np.uint8), np.zeros((12, 16), np.uint8), "e4m3", "e4m3")
+    assert g.schedule == "a_reload" and g.a_chunks == 0
     cmds = commands_of(g)
     assert [c.opcode for c in cmds[:4]] == [Opcode.SYNC] * 4 and cmds[-1].opcode == Opcode.END
     assert sum(c.pop_next for c in cmds if c.opcode == Opcode.LOAD) == g.steps == 2 * 3
     assert sum(c.push_next for c in cmds if c.opcode == Opcode.LOAD) == g.steps
     assert sum(c.pop_prev for c in cmds if c.opcode == Opcode.STORE) == 2
+    _tokens_balanced_in_program_order(g)
+
+
+@pytest.mark.parametrize("cfg_name, shape, sram, blocked, schedule", [
+    ("8x8", (70, 300, 37), {}, True, "a_resident"),          # 3 A chunks, each ends a K block
+    ("8x8", (70, 300, 37), {"sp_lines": 2048}, False, "a_resident"),  # 2 M blocks
+    ("8x8", (70, 300, 37), {"sp_lines": 2048}, True, "a_resident"),
+    ("8x8", (70, 300, 37), {"sp_lines": 1024}, True, "a_reload"),
+    ("4x8", (70, 100, 37), {"sp_lines": 128}, False, "a_reload"),
+    ("5x12-small", (70, 21, 30), {"sp_lines": 256, "acc_lines": 128}, True, "a_resident"),  # 2 chunks, 3 blocks
+    ("5x12-small", (13, 21, 30), {}, True, "a_reload"),
+    ("12x3-wide", (29, 33, 10), {}, False, "a_resident"),
+])
+def test_schedules_several_blocks_and_chunks(cfg_name, shape, sram, blocked, schedule):
+    """Several M blocks, A chunks and N tiles, with block scaling and an epilogue, on both schedules:
+    bit-exact, tokens balanced in program order, any queue depth gives the same DRAM."""
+    cfg = NPUConfig(**dict(CONFIGS[cfg_name].to_dict(), **sram))
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg_name} {shape} {sram} {blocked}".encode()))
+    a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e5m2", "normal", gen)
+    kw = dict(bias=f32_values(n, gen, specials=False))
+    if blocked:
+        kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+        kw["block_scales"] = (pow2_scales((m, kb), gen), pow2_scales((kb, nb), gen))
+    images = []
+    for depth in (2, 64):
+        checked, g, r = check(NPUConfig(**dict(cfg.to_dict(), queue_depth=depth)), a, b, "e4m3", "e5m2", **kw)
+        assert g.schedule == schedule
+        _tokens_balanced_in_program_order(g)
+        images.append(r.dram)
+    assert images[0] == images[1]
+    print(f"{cfg_name} {shape} {sram}: {g.schedule}, M block {g.m_block} ({len(g.program) // 32} commands, "
+          f"{g.a_chunks} A chunks), {checked} outputs bit-exact")
+
+
+def test_tile_major_layout_round_trips():
+    layout = TileMajorLayout.build(5, ((0, 8), (8, 8), (16, 3)), 8, 32)
+    assert layout.pitch == 64 and layout.nbytes == 3 * 64
+    values = np.arange(5 * 19, dtype=np.int64).reshape(5, 19).astype(np.uint8)
+    raw = layout.pack(values)
+    assert raw[64 + 8 * 2:64 + 8 * 2 + 8].tolist() == values[2, 8:16].tolist()   # tile 1, line 2
+    assert raw[128 + 3:128 + 8].tolist() == [0] * 5                                 # padding
+    assert np.array_equal(layout.unpack(raw), values)
+
+
+def test_512_cubed_is_a_resident():
+    """512 x 512 x 512 E4M3 on 8x8: the A block is loaded once per M block (in a few chunks), each B
+    column tile once per (M block, N tile), in long DRAM rows. With a scratchpad that holds all
+    of A, funcsim's utilization estimate is >= 0.9."""
+    gen = torch.Generator().manual_seed(512)
+    a, b = codes((512, 512), "e4m3", "normal", gen), codes((512, 512), "e4m3", "normal", gen)
+    for cfg in (NPUConfig(), NPUConfig(sp_lines=65536)):
+        g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+        blocks, n_tiles = math.ceil(512 / g.m_block), 512 // cfg.cols
+        assert g.schedule == "a_resident" and g.steps == blocks * n_tiles
+        loads = _loads(g)
+        a_loads = [c for c in loads if c.sram_addr < g.m_block * 512 // cfg.rows]
+        b_loads = [c for c in loads if c.sram_addr >= g.m_block * 512 // cfg.rows]
+        assert len(a_loads) == blocks * g.a_chunks and g.a_chunks <= 4
+        assert len(b_loads) == blocks * n_tiles
+        assert all(c.rows == 1 and c.row_bytes == 512 * cfg.line_bytes for c in b_loads)
+        assert sum(c.rows * c.row_bytes for c in a_loads) == 512 * 512
+        assert len(loads) == len(a_loads) + len(b_loads)
+        _tokens_balanced_in_program_order(g)
+        print(f"sp_lines={cfg.sp_lines}: M block {g.m_block}, {blocks} M blocks x {g.a_chunks} A LOADs, "
+              f"{len(b_loads)} B LOADs, {len(loads)} LOADs in all")
+    r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    assert r.ok and all(v == 0 for v in r.tokens.values())
+    rows = [0, 137, 511]
+    want = reference_gemm(a[rows], b, "e4m3", "e4m3")
+    assert not bool(golden.mismatches(g.read_output(r.dram)[rows], want, "fp32").any())
+    print(f"512^3 E4M3 on 8x8, sp_lines={cfg.sp_lines}, M block {g.m_block}: funcsim estimate "
+          f"{r.cycles} cycles, utilization {r.utilization:.1%}")
+    assert r.utilization >= 0.9
 
 
 def test_argument_errors():
@@ -259,8 +380,9 @@ def test_argument_errors():
         build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(4, 2), torch.ones(1, 1)))
     with pytest.raises(ValueError, match="uint8"):
         build_gemm(cfg, a.astype(np.int32), b, "e4m3", "e4m3")
-    with pytest.raises(ValueError, match="too small"):
-        build_gemm(NPUConfig(rows=16, cols=16, sp_lines=16, acc_lines=16), a, b, "e4m3", "e4m3")
+    with pytest.raises(ValueError, match="too small"):      # neither A-resident nor A-reload fits
+        build_gemm(NPUConfig(rows=16, cols=16, sp_lines=16, acc_lines=16), np.zeros((4, 40), np.uint8),
+                   np.zeros((40, 3), np.uint8), "e4m3", "e4m3")
 
 
 def test_bench_runs_small():

@@ -226,3 +226,19 @@ def test_directed_errors_match_functional_simulator(name, program, code, index):
     assert (fs.error, fs.error_addr) == (code, prog_addr + 32 * index), name
     assert (rtl.error, rtl.error_addr) == (code, prog_addr + 32 * index), name
     assert rtl.registers["STATUS"] & 0b101 == 0b100      # not busy, error
+
+
+@pytest.mark.parametrize("cfg", [
+    NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=128, queue_depth=2, max_burst=4),
+    NPUConfig(rows=3, cols=5, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2, max_burst=8),
+], ids=["2x2-bus128", "3x5-bus32"])
+def test_other_geometries_and_bus_widths(cfg):
+    """Lines narrower than a bus beat (several lines per beat) and wider (several beats per line),
+    non-power-of-two arrays, short bursts and shallow queues."""
+    rng = np.random.default_rng(cfg.rows * 10 + cfg.cols)
+    a, b = _codes(rng, (11, 13)), _codes(rng, (13, 7))
+    g = build_gemm(cfg, a, b, "e5m2", "e5m2", out="e4m3", out_scale=0.5)
+    want = reference_gemm(a, b, "e5m2", "e5m2", out="e4m3", out_scale=0.5)
+    check_gemm(g, _i64(want), golden.E4M3, cfg=cfg)
+    g = build_gemm(cfg, a, b, "e4m3", "e5m2")
+    check_gemm(g, _i64(reference_gemm(a, b, "e4m3", "e5m2")), "fp32", cfg=cfg, backpressure=0.4)
