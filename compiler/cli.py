@@ -164,7 +164,6 @@ def cmd_disasm(args):
 
 
 def cmd_sim(args):
-    import threading
     import time
 
     from fp8npu.compiler.asm import assemble
@@ -214,20 +213,15 @@ def cmd_sim(args):
     else:
         from fp8npu.sim.npu_rtl import NPUSimulation
         sim = NPUSimulation(cfg, waves=bool(args.waves))
-        stop = threading.Event()
+        t0 = time.monotonic()
 
-        def progress():
-            t0 = time.monotonic()
-            while not stop.wait(2.0):
-                print(f"  simulating... {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        def progress(p):
+            print(f"  {time.monotonic() - t0:5.0f} s: {p['cycles']:,} cycles, {p['commands']:,} of {n:,} "
+                  f"commands dispatched", file=sys.stderr, flush=True)
 
-        ticker = threading.Thread(target=progress, daemon=True)
-        ticker.start()
-        try:
-            run = sim.run(dram, prog_addr, n, win_base, win_limit, backpressure=args.backpressure,
-                          max_cycles=args.max_cycles, waves=bool(args.waves), waves_to=args.waves)
-        finally:
-            stop.set()
+        run = sim.run(dram, prog_addr, n, win_base, win_limit, backpressure=args.backpressure,
+                      max_cycles=args.max_cycles, waves=bool(args.waves), waves_to=args.waves,
+                      progress=progress if not args.quiet else None)
         if run.hung:
             raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
         out, error, error_addr = run.dram, run.error, run.error_addr
@@ -339,6 +333,7 @@ def build_parser():
     simp.add_argument("--max-cycles", type=_positive, default=50_000_000, metavar="N",
                       help="give up after N cycles (rtl)")
     simp.add_argument("--waves", metavar="FILE.vcd", help="dump a VCD waveform (rtl)")
+    simp.add_argument("--quiet", action="store_true", help="no progress lines during long RTL runs")
     simp.add_argument("-o", "--output", metavar="IMAGE", help="write the final DRAM image")
     simp.set_defaults(func=cmd_sim)
 

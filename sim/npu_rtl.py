@@ -2,6 +2,7 @@
 
 import json
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,14 @@ class RTLRun:
         return self.registers["MAC_BUSY"] / max(1, self.cycles * rows * cols)
 
 
+def _watch(path, callback, stop):
+    while not stop.wait(2.0):
+        try:
+            callback(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+
+
 class NPUSimulation:
     """The NPU for one :class:`NPUConfig`, built once (cached) and run on DRAM images."""
 
@@ -60,7 +69,12 @@ class NPUSimulation:
             self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
 
     def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
-            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None):
+            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None):
+        """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an :class:`RTLRun`.
+
+        ``progress``, if given, is called about every two seconds with a dict of the cycles
+        simulated so far and the commands dispatched.
+        """
         dram = bytes(dram)
         if self.fast_dram_bytes:
             if len(dram) > self.fast_dram_bytes:
@@ -78,8 +92,18 @@ class NPUSimulation:
                    "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
                    "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
                    "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes}
+            if progress:
+                job["progress"] = str(d / "progress.json")
+                job["poll"] = 4096
             (d / "job.json").write_text(json.dumps(job))
-            self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
+            stop = threading.Event()
+            watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop), daemon=True)
+            if progress:
+                watcher.start()
+            try:
+                self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
+            finally:
+                stop.set()
             res = json.loads((d / "result.json").read_text())
             if waves and waves_to:
                 import shutil

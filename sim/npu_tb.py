@@ -91,10 +91,15 @@ async def run_program(dut):
     waited = 0
     poll = int(job.get("poll", 256))
     status = await rd(Register.STATUS)
+    progress = job.get("progress")
     while status & 1 and waited < job["max_cycles"]:
         await ClockCycles(dut.clk, poll)
         waited += poll
         status = await rd(Register.STATUS)
+        if progress:
+            with open(progress + ".tmp", "w") as f:
+                json.dump({"cycles": waited, "commands": await rd(Register.COMMANDS)}, f)
+            os.replace(progress + ".tmp", progress)
     elapsed = time.perf_counter() - start
     regs = {r.name: await rd(r) for r in Register if r != Register.CTRL}
     await RisingEdge(dut.clk)
