@@ -50,10 +50,13 @@ and an end time ``start + duration``; the tokens it pushes become available at i
 * program fetch: ``ceil(32 / bus_bytes)`` cycles per command; the dispatcher fetches the
   next command once the previous one is queued; a command is queued when its queue has
   room (the command ``queue_depth`` places ahead in the same unit has started);
-* LOAD: ``DMA_LATENCY`` + ``rows * ceil(row_bytes / bus_bytes)`` beats;
-* STORE: ``DMA_LATENCY`` + ``rows * ceil(cols * value_bytes / bus_bytes)`` beats;
-* MATMUL: ``m + rows + cols + MATMUL_FILL`` (one A row per cycle plus pipeline fill);
-* EPILOGUE, BLOCKSCALE: ``rows + VECTOR_FILL``; SYNC, and commands that move no data: 1.
+* LOAD: ``DMA_LATENCY`` + per row its beats plus one cycle per burst (``max_burst`` beats);
+* STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row;
+* MATMUL: the unit is busy ``m`` cycles (one A row per cycle; the next MATMUL's weights load
+  meanwhile, so consecutive MATMULs stream back to back); its results, and the tokens it
+  pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row;
+* EPILOGUE (2 cycles a row), BLOCKSCALE (4 a row), plus ``VECTOR_FILL``; they start after the
+  array has drained. SYNC, and commands that move no data: 1.
 
 The three units overlap; load and store do not contend for the bus. CYCLES is the end of the
 last command (or the time END completes). MAC_BUSY is the sum over MATMULs of
@@ -81,14 +84,16 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "MATMUL_FILL", "VECTOR_FILL", "main"]
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "VECTOR_FILL", "main"]
 
-#: Cycles from the start of a LOAD or STORE to its first data beat.
-DMA_LATENCY = 20
-#: Pipeline cycles of a MATMUL beyond ``m + rows + cols``.
-MATMUL_FILL = 4
-#: Pipeline cycles of an EPILOGUE or BLOCKSCALE beyond one line per cycle.
-VECTOR_FILL = 8
+#: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
+DMA_LATENCY = 8
+#: Cycles a STORE spends per row besides its data beats (accumulator read, conversion, address).
+STORE_ROW_OVERHEAD = 3
+#: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
+MATMUL_FILL = 3
+#: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (2 and 4).
+VECTOR_FILL = 4
 
 
 class Token(enum.IntEnum):
@@ -235,7 +240,8 @@ class _Datapath:
         else:
             self.sp[first:last] = lines
         self.dma_bytes += rows * row_bytes
-        return DMA_LATENCY + rows * self._beats(row_bytes)
+        beats = self._beats(row_bytes)
+        return DMA_LATENCY + rows * (beats + -(-beats // cfg.max_burst))
 
     def store(self, f):
         """STORE: the first ``cols`` values of ``rows`` accumulator lines -> DRAM, FP32 or FP8."""
@@ -251,7 +257,8 @@ class _Datapath:
             data = golden.quantize(scaled, int(fmt) - 1, saturate=bool(f["saturate"])).numpy()
         self._write_rows(f["dram_addr"], f["dram_stride"], data)
         self.dma_bytes += data.size
-        return DMA_LATENCY + rows * self._beats(data.shape[1])
+        beats = self._beats(data.shape[1])
+        return DMA_LATENCY + rows * (STORE_ROW_OVERHEAD + beats + -(-beats // self.cfg.max_burst))
 
     def matmul(self, f):
         """MATMUL: sequential FP32 accumulation in kk order, vectorized over rows and columns."""
@@ -269,7 +276,9 @@ class _Datapath:
         start = torch.from_numpy(out) if f["accumulate"] else None
         out[...] = _canonical_nan(golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start)).numpy()
         self.mac_ops += m * k * cols
-        return m + self.cfg.rows + cols + MATMUL_FILL
+        # the unit streams one row a cycle and takes the next command at once; results (and the
+        # tokens the command pushes) are ready when the last row leaves the array
+        return m, m + self.cfg.rows + MATMUL_FILL
 
     def _lines(self, first, rows):
         """A copy of accumulator lines [first, first + rows), lanes < cols, as an int32 tensor."""
@@ -295,7 +304,7 @@ class _Datapath:
             return x
 
         self._rowwise(f["src"], f["dst"], rows, (f["src"],), lambda first, n: apply(self._lines(first, n)))
-        return rows + VECTOR_FILL
+        return 2 * rows + VECTOR_FILL
 
     def blockscale(self, f):
         """BLOCKSCALE: ACC[dst+i] = fp32(ACC[dst+i] + fp32(ACC[src+i] * fp32(row_scale[i] * col_scale))).
@@ -316,7 +325,7 @@ class _Datapath:
             return golden.add(self._lines(dst + i0, n), partial)
 
         self._rowwise(dst, dst, rows, (src, rs), compute)
-        return rows + VECTOR_FILL
+        return 4 * rows + VECTOR_FILL
 
     def _rowwise(self, src_first, dst, rows, read_firsts, compute):
         """Write ``compute(first, n)`` to lines ``dst..dst+rows`` as if row by row in order.
@@ -342,7 +351,8 @@ class _Unit:
         self.queue = deque()      # (command fields, opcode, pops, pushes, enqueue time)
         self.enqueued = 0
         self.starts = []          # start time of every command this unit has begun
-        self.free = 0             # time the unit finishes its current command
+        self.free = 0             # time the unit can start its next command
+        self.drained = 0          # time all results of the unit's commands are written
 
 
 class _Simulator:
@@ -400,12 +410,17 @@ class _Simulator:
     def _execute(self, unit):
         fields, opcode, pops, pushes, when = unit.queue.popleft()
         start = max([when, unit.free] + [self.tokens[t].popleft() for t in pops])
+        if opcode in (Opcode.EPILOGUE, Opcode.BLOCKSCALE):
+            start = max(start, unit.drained)     # vector commands wait for the array to drain
         if unit.unit == Unit.COMPUTE:
             self.stall += start - unit.free
         unit.starts.append(start)
-        unit.free = start + self.data.execute[opcode](fields)
+        timing = self.data.execute[opcode](fields)
+        busy, ready = timing if isinstance(timing, tuple) else (timing, timing)
+        unit.free = start + busy
+        unit.drained = max(unit.drained, start + ready)
         for t in pushes:
-            self.tokens[t].append(unit.free)
+            self.tokens[t].append(max(start + ready, unit.drained))
 
     def _stop(self, error, addr):
         self.error, self.error_addr = error, addr
@@ -449,7 +464,7 @@ class _Simulator:
             if cmd.opcode == Opcode.END:
                 if not self._idle():
                     return pc, pending, "blocked"
-                self.t_dispatch = max([fetched] + [u.free for u in self.units])
+                self.t_dispatch = max([fetched] + [max(u.free, u.drained) for u in self.units])
                 self.commands += 1
                 self.done = True
                 return pc + 1, None, "done"
@@ -461,7 +476,7 @@ class _Simulator:
             pc, pending = pc + 1, None
 
     def _result(self):
-        cycles = max([self.t_dispatch] + [u.free for u in self.units])
+        cycles = max([self.t_dispatch] + [max(u.free, u.drained) for u in self.units])
         return Result(
             dram=bytes(self.mem), error=self.error, error_addr=self.error_addr, done=self.done,
             commands=self.commands, cycles=int(cycles), mac_ops=self.data.mac_ops,

@@ -420,9 +420,10 @@ def test_random_programs_never_touch_dram_outside_the_window(rng):
 
 # ---- timing estimate, registers, partial runs -----------------------------------------------------
 def test_timing_estimate_of_a_small_program():
-    """One LOAD of 3 rows x 16 bytes on an 8-byte bus, then END: fetch 4 cycles, 20 + 3 x 2 beats."""
+    """One LOAD of 3 rows x 16 bytes on an 8-byte bus, then END: fetch 4 cycles, then the
+    latency and per row 2 beats in one burst (one cycle of address)."""
     r = run([cmd(Opcode.LOAD, rows=3, row_bytes=16, dram_addr=0x100, dram_stride=16), END])
-    assert r.ok and r.cycles == 4 + funcsim.DMA_LATENCY + 6
+    assert r.ok and r.cycles == 4 + funcsim.DMA_LATENCY + 3 * (2 + 1)
     assert r.dma_bytes == 2 * 32 + 48 and r.commands == 2 and r.mac_ops == 0
     regs = r.registers()
     assert regs[Register.STATUS] == 2 and regs[Register.CYCLES] == r.cycles
@@ -435,7 +436,7 @@ def test_matmul_overlaps_load():
     load = cmd(Opcode.LOAD, rows=40, row_bytes=4, dram_addr=0x100, dram_stride=8, push_next=1)
     mm = cmd(Opcode.MATMUL, a_addr=0, a_stride=1, b_addr=0, acc_addr=0, m=40, k=4, pop_prev=1)
     r = run([load, mm, load, mm, END])
-    load_t, mm_t = funcsim.DMA_LATENCY + 40, 40 + 4 + 4 + funcsim.MATMUL_FILL
+    load_t, mm_t = funcsim.DMA_LATENCY + 40 * 2, 40 + 4 + funcsim.MATMUL_FILL
     assert r.cycles == 4 + 2 * load_t + mm_t              # the first MATMUL hides behind the second LOAD
     assert r.mac_ops == 2 * 40 * 4 * 4
     assert 0 < r.utilization <= 1
