@@ -339,7 +339,8 @@ def test_tile_major_layout_round_trips():
 def test_512_cubed_is_a_resident():
     """512 x 512 x 512 E4M3 on 8x8: the A block is loaded once per M block (in a few chunks), each B
     column tile once per (M block, N tile), in long DRAM rows. With a scratchpad that holds all
-    of A, funcsim's utilization estimate is >= 0.9."""
+    of A or with the default one, funcsim's utilization estimate (within ~2 % of the RTL's
+    counters) is >= 0.95."""
     gen = torch.Generator().manual_seed(512)
     a, b = codes((512, 512), "e4m3", "normal", gen), codes((512, 512), "e4m3", "normal", gen)
     for cfg in (NPUConfig(), NPUConfig(sp_lines=65536)):
@@ -357,14 +358,16 @@ def test_512_cubed_is_a_resident():
         _tokens_balanced_in_program_order(g)
         print(f"sp_lines={cfg.sp_lines}: M block {g.m_block}, {blocks} M blocks x {g.a_chunks} A LOADs, "
               f"{len(b_loads)} B LOADs, {len(loads)} LOADs in all")
-    r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
-    assert r.ok and all(v == 0 for v in r.tokens.values())
-    rows = [0, 137, 511]
-    want = reference_gemm(a[rows], b, "e4m3", "e4m3")
-    assert not bool(golden.mismatches(g.read_output(r.dram)[rows], want, "fp32").any())
-    print(f"512^3 E4M3 on 8x8, sp_lines={cfg.sp_lines}, M block {g.m_block}: funcsim estimate "
-          f"{r.cycles} cycles, utilization {r.utilization:.1%}")
-    assert r.utilization >= 0.9
+    for cfg in (NPUConfig(), NPUConfig(sp_lines=65536)):
+        g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+        r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+        assert r.ok and all(v == 0 for v in r.tokens.values())
+        rows = [0, 137, 511]
+        want = reference_gemm(a[rows], b, "e4m3", "e4m3")
+        assert not bool(golden.mismatches(g.read_output(r.dram)[rows], want, "fp32").any())
+        print(f"512^3 E4M3 on 8x8, sp_lines={cfg.sp_lines}, M block {g.m_block}: funcsim estimate "
+              f"{r.cycles} cycles, utilization {r.utilization:.1%}")
+        assert r.utilization >= 0.95
 
 
 def test_argument_errors():
