@@ -167,13 +167,22 @@ def _fuzz_program(rng, base_program, kind):
 
 
 def test_fuzz_malformed_programs_never_hang():
-    rng = np.random.default_rng(2026)
+    _fuzz(36, seed=2026)
+
+
+@pytest.mark.slow
+def test_fuzz_many_malformed_programs():
+    _fuzz(400, seed=7)
+
+
+def _fuzz(trials, seed):
+    rng = np.random.default_rng(seed)
     a, b = _codes(rng, (9, 10)), _codes(rng, (10, 6))
     g = build_gemm(CFG, a, b, "e4m3", "e4m3")
     guard = 4096
     runs = 0
     codes = set()
-    for trial in range(36):
+    for trial in range(trials):
         kind = "random" if trial % 2 else "mutate"
         program = _fuzz_program(rng, g.program, kind)
         dram = bytearray(g.dram) + bytearray(guard)
