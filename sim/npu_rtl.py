@@ -53,6 +53,10 @@ def _watch(path, callback, stop):
             pass
 
 
+#: Smallest simulation DRAM built for the fast path (bytes).
+FAST_DRAM_MIN = 16 << 20
+
+
 class NPUSimulation:
     """The NPU for one :class:`NPUConfig`, built once (cached) and run on DRAM images."""
 
@@ -63,8 +67,11 @@ class NPUSimulation:
         self.fast_dram_bytes = fast_dram_bytes
         key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))
         if fast_dram_bytes:
-            from .simdram import NPUWithDRAM
-            self.model = RTLModel(NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves)
+            from .simdram import SIM_MEMORY_VERILOG, NPUWithDRAM
+            # one build serves every image up to 16 MiB
+            self.fast_dram_bytes = fast_dram_bytes = max(fast_dram_bytes, FAST_DRAM_MIN)
+            self.model = RTLModel(NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves,
+                                  extra_verilog=SIM_MEMORY_VERILOG)
         else:
             self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
 
@@ -80,7 +87,6 @@ class NPUSimulation:
             if len(dram) > self.fast_dram_bytes:
                 raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
                                  f"({self.fast_dram_bytes} bytes)")
-            dram = dram + bytes(self.fast_dram_bytes - len(dram))
         if win_limit is None:
             win_limit = len(dram)
         with tempfile.TemporaryDirectory(prefix="npu-run-") as tmp:

@@ -60,7 +60,7 @@ async def run_program(dut):
     host = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil"), dut.clk, dut.rst)
     if fast:
         # DRAM inside the design (fp8npu.sim.simdram): load and read it through the simulator
-        ram = _ArrayDRAM(dut.dram.mem, job["bus_bytes"])
+        ram = _ArrayDRAM(dut.dram.store.words, job["bus_bytes"])
         dut.stall_threshold.value = int(job.get("backpressure", 0) * 256) if job.get("backpressure") else 0
     else:
         ram = AxiRam(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, size=job["dram_size"])

@@ -13,15 +13,36 @@ backpressure: when ``stall_threshold`` is non-zero, each channel's ready/valid i
 cycles where an LFSR byte is below the threshold.
 """
 
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Cat, ClockSignal, Instance, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from fp8npu.hdl.axi import ID_BITS, axi4_master_members, axil_slave_members
 from fp8npu.hdl.npu import NPU
 
-__all__ = ["SimDRAM", "NPUWithDRAM"]
+__all__ = ["SimDRAM", "NPUWithDRAM", "SIM_MEMORY_VERILOG"]
+
+#: The DRAM array itself, as plain behavioural Verilog (simulation only). Amaranth memories
+#: of many megabytes take the Verilog backend minutes; this module costs nothing. cocotb
+#: reaches the array as ``dut.dram.store.words``.
+SIM_MEMORY_VERILOG = """
+module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter AW = 10) (
+    input wire clk,
+    input wire [AW-1:0] raddr,
+    output wire [WIDTH-1:0] rdata,
+    input wire [AW-1:0] waddr,
+    input wire [WIDTH/8-1:0] wen,
+    input wire [WIDTH-1:0] wdata
+);
+    reg [WIDTH-1:0] words [0:WORDS-1];
+    assign rdata = words[raddr];
+    integer i;
+    always @(posedge clk) begin
+        for (i = 0; i < WIDTH/8; i = i + 1)
+            if (wen[i]) words[waddr][i*8 +: 8] <= wdata[i*8 +: 8];
+    end
+endmodule
+"""
 
 
 def _flip(members):
@@ -44,10 +65,12 @@ class SimDRAM(wiring.Component):
         B = D // 8
         shift = B.bit_length() - 1
         g = lambda n: getattr(self, f"s_{n}")  # noqa: E731
-        m.submodules.mem = mem = Memory(shape=D, depth=self.words, init=[])
-        rport = mem.read_port(domain="comb")
-        wport = mem.write_port(granularity=8)
-        addr_bits = (self.words - 1).bit_length()
+        addr_bits = max(1, (self.words - 1).bit_length())
+        rport_addr, rport_data = Signal(addr_bits), Signal(D)
+        wport_addr, wport_en, wport_data = Signal(addr_bits), Signal(B), Signal(D)
+        m.submodules.store = Instance(
+            "fp8npu_simmem", p_WORDS=self.words, p_WIDTH=D, p_AW=addr_bits, i_clk=ClockSignal(),
+            i_raddr=rport_addr, o_rdata=rport_data, i_waddr=wport_addr, i_wen=wport_en, i_wdata=wport_data)
 
         # LFSR for backpressure
         lfsr = Signal(16, init=0xACE1)
@@ -75,8 +98,8 @@ class SimDRAM(wiring.Component):
                          r_left.eq(arq.r_data[ID_BITS + 32:ID_BITS + 40] + 1)]
         r_show = r_busy & go((3,))
         m.d.comb += [
-            rport.addr.eq((r_addr >> shift)[0:addr_bits]),
-            g("rvalid").eq(r_show), g("rdata").eq(rport.data), g("rid").eq(r_id),
+            rport_addr.eq((r_addr >> shift)[0:addr_bits]),
+            g("rvalid").eq(r_show), g("rdata").eq(rport_data), g("rid").eq(r_id),
             g("rlast").eq(r_left == 1), g("rresp").eq(0),
         ]
         with m.If(r_show & g("rready")):
@@ -96,11 +119,11 @@ class SimDRAM(wiring.Component):
         w_take = w_busy & go((7,))
         m.d.comb += [
             g("wready").eq(w_take),
-            wport.addr.eq((w_addr >> shift)[0:addr_bits]),
-            wport.data.eq(g("wdata")),
+            wport_addr.eq((w_addr >> shift)[0:addr_bits]),
+            wport_data.eq(g("wdata")),
         ]
         with m.If(w_take & g("wvalid")):
-            m.d.comb += wport.en.eq(g("wstrb"))
+            m.d.comb += wport_en.eq(g("wstrb"))
             m.d.sync += w_addr.eq(w_addr + B)
             with m.If(g("wlast")):
                 m.d.sync += w_busy.eq(0)
