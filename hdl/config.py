@@ -52,7 +52,7 @@ class NPUConfig:
     rows: int = 8
     cols: int = 8
     formats: tuple = ("e4m3", "e5m2")
-    sp_lines: int = 4096
+    sp_lines: int = 16384
     acc_lines: int = 1024
     axi_data_bits: int = 64
     axi_addr_bits: int = 32

@@ -264,16 +264,25 @@ def decode(data):
         raise DecodeError(f"a command is {COMMAND_BYTES} bytes, not {len(data)}")
     word = int.from_bytes(bytes(data), "little")
     opcode = word & 0xFF
-    fields = {}
-    used = 0
-    for f in _all_fields(opcode):
-        mask = (1 << f.width) - 1
-        used |= mask << f.lsb
-        if f in COMMON_FIELDS:
-            continue
-        fields[f.name] = (word >> f.lsb) & mask
+    fields_of, used = _decode_table(opcode)
+    fields = {name: (word >> lsb) & mask for name, lsb, mask in fields_of}
     fields["_reserved"] = word & ~used & ((1 << COMMAND_BITS) - 1)
     return Command(opcode, fields, (word >> 8) & 1, (word >> 9) & 1, (word >> 10) & 1, (word >> 11) & 1)
+
+
+_DECODE_TABLES = {}
+
+
+def _decode_table(opcode):
+    """(opcode fields as (name, lsb, mask), mask of every used bit), cached per opcode value."""
+    table = _DECODE_TABLES.get(opcode)
+    if table is None:
+        used = 0
+        for f in _all_fields(opcode):
+            used |= ((1 << f.width) - 1) << f.lsb
+        own = tuple((f.name, f.lsb, (1 << f.width) - 1) for f in FIELDS.get(opcode, ()))
+        table = _DECODE_TABLES[opcode] = (own, used)
+    return table
 
 
 def encode_program(commands):
