@@ -86,12 +86,12 @@ class RTLModel:
         Build with tracing so runs can dump a VCD.
     """
 
-    def __init__(self, design, name, waves=False, verilog_text=None, extra_verilog=""):
+    def __init__(self, design, name, waves=False, extra_verilog=""):
         import cocotb
 
         self.name = name
         self.waves = waves
-        self.verilog = (verilog_text if verilog_text is not None else to_verilog(design, name)) + extra_verilog
+        self.verilog = to_verilog(design, name) + extra_verilog
         verilator = find_verilator()
         key = hashlib.sha256(
             "\0".join([self.verilog, verilator.version_text, cocotb.__version__, str(waves),
