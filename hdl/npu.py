@@ -867,6 +867,8 @@ class NPU(wiring.Component):
     -------
     m_axi_* : AXI4 master (DRAM)
     s_axil_* : AXI4-Lite slave (control and status)
+    irq : Out(1)
+        Interrupt, level: high from the cycle STATUS shows done or error until the next start.
     """
 
     def __init__(self, cfg=None):
@@ -874,6 +876,7 @@ class NPU(wiring.Component):
         from .axi import axil_slave_members
         members = axi4_master_members("m_axi", self.cfg.axi_data_bits, self.cfg.axi_addr_bits)
         members.update(axil_slave_members("s_axil"))
+        members["irq"] = Out(1)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -886,7 +889,8 @@ class NPU(wiring.Component):
         prog_addr, prog_len, win_base, win_limit = (Signal(32, name=n) for n in
                                                     ("r_prog_addr", "r_prog_len", "r_win_base", "r_win_limit"))
         status = Signal(32)
-        m.d.comb += status.eq(Cat(core.busy, core.done, core.error_valid))
+        m.d.comb += [status.eq(Cat(core.busy, core.done, core.error_valid)),
+                     self.irq.eq(~core.busy & (core.done | core.error_valid))]
         config_word = cfg.rows | (cfg.cols << 8) | ((cfg.bus_bytes.bit_length() - 1) << 16)
         regs = {
             Rg.STATUS: (status, False), Rg.ERROR: (core.error_code, False), Rg.ERROR_ADDR: (core.error_addr, False),

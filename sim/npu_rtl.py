@@ -100,7 +100,7 @@ class NPUSimulation:
                    "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes}
             if progress:
                 job["progress"] = str(d / "progress.json")
-                job["poll"] = 4096
+                job["poll"] = 1 << 16
             (d / "job.json").write_text(json.dumps(job))
             stop = threading.Event()
             watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop), daemon=True)

@@ -24,7 +24,8 @@ __all__ = ["SimDRAM", "NPUWithDRAM", "SIM_MEMORY_VERILOG"]
 
 #: The DRAM array itself, as plain behavioural Verilog (simulation only). Amaranth memories
 #: of many megabytes take the Verilog backend minutes; this module costs nothing. cocotb
-#: reaches the array as ``dut.dram.store.words``.
+#: reaches the array as ``dut.dram.store.words`` (the one internal signal marked public for
+#: Verilator; models are built with only top-level ports visible, see :mod:`.rtl`).
 SIM_MEMORY_VERILOG = """
 module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter AW = 10) (
     input wire clk,
@@ -34,7 +35,7 @@ module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter A
     input wire [WIDTH/8-1:0] wen,
     input wire [WIDTH-1:0] wdata
 );
-    reg [WIDTH-1:0] words [0:WORDS-1];
+    reg [WIDTH-1:0] words [0:WORDS-1] /*verilator public_flat_rw*/;
     assign rdata = words[raddr];
     integer i;
     always @(posedge clk) begin
@@ -136,20 +137,22 @@ class SimDRAM(wiring.Component):
 
 class NPUWithDRAM(wiring.Component):
     """The NPU with a :class:`SimDRAM` of ``dram_bytes`` on its AXI4 port; the AXI4-Lite
-    port and ``stall_threshold`` are the only inputs (simulation only)."""
+    port and ``stall_threshold`` are the only inputs, ``irq`` the NPU's interrupt
+    (simulation only)."""
 
     def __init__(self, cfg, dram_bytes):
         self.cfg = cfg
         self.words = max(1, dram_bytes // cfg.bus_bytes)
         members = axil_slave_members("s_axil")
         members["stall_threshold"] = In(8)
+        members["irq"] = Out(1)
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.npu = npu = NPU(self.cfg)
         m.submodules.dram = dram = SimDRAM(self.cfg.axi_data_bits, self.words)
-        m.d.comb += dram.stall_threshold.eq(self.stall_threshold)
+        m.d.comb += [dram.stall_threshold.eq(self.stall_threshold), self.irq.eq(npu.irq)]
         for name, member in npu.signature.members.items():
             if name.startswith("m_axi_"):
                 other = getattr(dram, "s_" + name[len("m_axi_"):])
