@@ -220,7 +220,10 @@ failure with that error code (`isa.validate`; hardware and simulator apply the s
    [`WIN_BASE`, `WIN_LIMIT`).
 
 `{E.DEADLOCK.name}`, `{E.FETCH_WINDOW.name}`, `{E.BUS_ERROR.name}` and `{E.NO_END.name}` are found while the program
-runs."""
+runs. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
+`LOAD` or `STORE` whose transfer was refused, or the command being fetched when the refused
+read was a fetch. The NPU still completes every burst it has started before it reports the
+error, as AXI requires."""
 
 
 def _assembly():

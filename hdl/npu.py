@@ -193,8 +193,13 @@ class NPUCore(wiring.Component):
         r_load = ax("rvalid") & (ax("rid") == 1)
         f_r_ready, l_r_ready = Signal(), Signal()
         m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, l_r_ready) | stopped)
+        # a read answered SLVERR/DECERR: ERROR_ADDR is the command being fetched (ID 0) or the
+        # LOAD whose data it is (ID 1: the load unit holds one command until all its data is in)
+        f_recv = Signal(32)          # commands fetched so far
+        ld_addr = Signal(32)         # address of the LOAD the load unit holds
         with m.If(r_fire & (ax("rresp") != 0) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(0)]
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR),
+                         raise_addr.eq(Mux(ax("rid") == 0, self.prog_addr + (f_recv << 5), ld_addr))]
         dma_rd = Signal(32)
         dma_wr = Signal(32)
         with m.If(r_fire):
@@ -228,7 +233,6 @@ class NPUCore(wiring.Component):
         # assemble beats into commands
         f_buf = Signal(CMD)
         f_beat = Signal(range(beats_per_cmd + 1))
-        f_recv = Signal(32)
         m.d.comb += f_r_ready.eq(1)
         with m.If(r_fetch & ~stopped):
             if beats_per_cmd == 1:
@@ -247,7 +251,8 @@ class NPUCore(wiring.Component):
         # ---------------- unit queues ---------------------------------------------------------
         queues = []
         for name in ("load", "compute", "store"):
-            q = SyncFIFOBuffered(width=CMD, depth=cfg.queue_depth)
+            # load and store entries carry the command's address too (for bus-error reports)
+            q = SyncFIFOBuffered(width=CMD if name == "compute" else CMD + 32, depth=cfg.queue_depth)
             m.submodules[f"{name}_q"] = q
             queues.append(q)
         lq, cq, sq = queues
@@ -275,7 +280,7 @@ class NPUCore(wiring.Component):
         head = fq.r_rdy & active & ~at_end
         q_ready = Array([lq.w_rdy, cq.w_rdy, sq.w_rdy])[target]
         blocked_on_queue = Signal()
-        m.d.comb += [q.w_data.eq(cmd) for q in queues]
+        m.d.comb += [lq.w_data.eq(Cat(cmd, cmd_addr)), cq.w_data.eq(cmd), sq.w_data.eq(Cat(cmd, cmd_addr))]
         with m.If(head):
             with m.If(verdict != 0):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(verdict), raise_addr.eq(cmd_addr)]
@@ -301,7 +306,8 @@ class NPUCore(wiring.Component):
         # ---------------- the units --------------------------------------------------------
         acc_w_taken = Signal()    # the compute unit writes the accumulator this cycle: loads wait
         l_idle, l_wait = self._load_unit(m, lq, tok, tok_push, tok_pop, l_ar_valid, l_ar_addr, l_ar_len,
-                                         l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken, active, stopped)
+                                         l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken, active, stopped,
+                                         ld_addr)
         c_idle, c_wait, compute_writes = self._compute_unit(m, cq, tok, tok_push, tok_pop, sp_ra, sp_rb, acc_rc,
                                                             acc_w, active)
         m.d.comb += acc_w_taken.eq(compute_writes)
@@ -418,6 +424,13 @@ class NPUCore(wiring.Component):
         return code
 
     # ------------------------------------------------------------------------------------
+    def _burst_len(self, left, addr):
+        """Beats in the next INCR burst from ``addr`` with ``left`` beats to go: at most
+        ``max_burst``, and never across a 4 KB boundary (AXI4 rule)."""
+        to_4k = (4096 - (addr & 4095)) >> (self.cfg.bus_bytes.bit_length() - 1)
+        capped = Mux(left < self.cfg.max_burst, left, self.cfg.max_burst)
+        return Mux(to_4k < capped, to_4k, capped)
+
     def _tokens_ready(self, cmd, tok, prev_idx, next_idx):
         pp, pn = common(cmd, "pop_prev"), common(cmd, "pop_next")
         ok = Const(1, 1)
@@ -428,8 +441,9 @@ class NPUCore(wiring.Component):
         return ok
 
     def _load_unit(self, m, q, tok, tok_push, tok_pop, ar_valid, ar_addr, ar_len, ar_ready, r_valid, r_ready,
-                   sp_w, acc_w, acc_w_taken, active, stopped):
-        """LOAD: strided DRAM rows -> SRAM lines. Returns (idle, waiting-for-token)."""
+                   sp_w, acc_w, acc_w_taken, active, stopped, cmd_addr):
+        """LOAD: strided DRAM rows -> SRAM lines; ``cmd_addr`` is driven with the address of
+        the command held. Returns (idle, waiting-for-token)."""
         cfg = self.cfg
         B = cfg.bus_bytes
         Op = isa.Opcode
@@ -438,7 +452,7 @@ class NPUCore(wiring.Component):
         wait = Signal(name="ld_wait")
         with m.If(~busy & q.r_rdy & active):
             m.d.comb += q.r_en.eq(1)
-            m.d.sync += [cur.eq(q.r_data), busy.eq(1)]
+            m.d.sync += [cur.eq(q.r_data[:CMD]), cmd_addr.eq(q.r_data[CMD:]), busy.eq(1)]
         is_load = cur[0:8] == Op.LOAD
         dst = fld(cur, Op.LOAD, "dst")
         rows = fld(cur, Op.LOAD, "rows")
@@ -464,11 +478,8 @@ class NPUCore(wiring.Component):
         row_base = Signal(32, name="ld_row_base")
         issued_all = Signal(name="ld_issued_all")
         outstanding = Signal(10, name="ld_outstanding")
-        left = beats_row - i_beat
-        to_4k = (4096 - (i_addr & 4095)) >> (B.bit_length() - 1)
         blen = Signal(9, name="ld_blen")
-        capped = Mux(left < cfg.max_burst, left, cfg.max_burst)
-        m.d.comb += blen.eq(Mux(to_4k < capped, to_4k, capped))
+        m.d.comb += blen.eq(self._burst_len(beats_row - i_beat, i_addr))
         start_xfer = busy & (phase == 1)
         first = Signal(name="ld_first")
         with m.If(busy & (phase == 0) & ready_tok & active):
@@ -765,9 +776,10 @@ class NPUCore(wiring.Component):
         busy = Signal(name="s_busy")
         wait = Signal(name="s_wait")
         phase = Signal(3, name="s_phase")   # 0 tokens, 1 read line, 2 line arrives, 3 AW, 4 W, 5 wait B, 6 finish
+        cmd_addr = Signal(32, name="st_cmd_addr")
         with m.If(~busy & q.r_rdy & active):
             m.d.comb += q.r_en.eq(1)
-            m.d.sync += [cur.eq(q.r_data), busy.eq(1), phase.eq(0)]
+            m.d.sync += [cur.eq(q.r_data[:CMD]), cmd_addr.eq(q.r_data[CMD:]), busy.eq(1), phase.eq(0)]
         is_store = cur[0:8] == Op.STORE
         f = {n: fld(cur, Op.STORE, n) for n in ("fmt", "saturate", "acc_addr", "rows", "cols", "dram_addr",
                                                 "dram_stride", "scale")}
@@ -812,10 +824,7 @@ class NPUCore(wiring.Component):
         with m.If(busy & (phase == 2)):
             m.d.sync += [buf.eq(packed), beat.eq(0), phase.eq(3), w_addr.eq(row_addr)]
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
-        left = beats_row - beat
-        to_4k = (4096 - (w_addr & 4095)) >> (B.bit_length() - 1)
-        capped = Mux(left < cfg.max_burst, left, cfg.max_burst)
-        m.d.comb += blen.eq(Mux(to_4k < capped, to_4k, capped))
+        m.d.comb += blen.eq(self._burst_len(beats_row - beat, w_addr))
         aw_go = busy & (phase == 3) & active
         m.d.comb += [ax("awvalid").eq(aw_go), ax("awaddr").eq(w_addr), ax("awlen").eq(blen - 1),
                      ax("awsize").eq(B.bit_length() - 1), ax("awburst").eq(1), ax("awid").eq(2)]
@@ -823,8 +832,9 @@ class NPUCore(wiring.Component):
         b_fire = ax("bvalid") & ax("bready")
         m.d.comb += ax("bready").eq(1)
         m.d.sync += wr_out.eq(wr_out + aw_fire - b_fire)
+        # the unit holds a STORE until all its write responses are in: the error is that command's
         with m.If(b_fire & (ax("bresp") != 0) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(0)]
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(cmd_addr)]
         with m.If(aw_fire):
             m.d.sync += [phase.eq(4), burst_left.eq(blen), w_addr.eq(w_addr + (blen << (B.bit_length() - 1)))]
         # W beats (completed even after an error: the burst was promised)

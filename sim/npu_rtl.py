@@ -76,13 +76,17 @@ class NPUSimulation:
             self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
 
     def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
-            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None):
+            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None, mapped_bytes=None):
         """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an :class:`RTLRun`.
 
         ``progress``, if given, is called about every two seconds with a dict of the cycles
-        simulated so far and the commands dispatched.
+        simulated so far and the commands dispatched. ``mapped_bytes`` (cocotbext-axi DRAM only)
+        makes the bus answer SLVERR to any access at or above that address; the DRAM returned is
+        zero there.
         """
         dram = bytes(dram)
+        if mapped_bytes is not None and self.fast_dram_bytes:
+            raise ValueError("mapped_bytes needs the cocotbext-axi DRAM, not the simulation DRAM")
         if self.fast_dram_bytes:
             if len(dram) > self.fast_dram_bytes:
                 raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
@@ -97,7 +101,8 @@ class NPUSimulation:
                    "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,
                    "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
                    "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
-                   "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes}
+                   "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
+                   "mapped_bytes": mapped_bytes}
             if progress:
                 job["progress"] = str(d / "progress.json")
                 job["poll"] = 1 << 16

@@ -3,7 +3,9 @@
 Roles: the *DRAM model* is cocotbext-axi's ``AxiRam`` on the ``m_axi`` port, the *host
 driver* is cocotbext-axi's ``AxiLiteMaster`` on ``s_axil``. The job (a JSON file named by
 ``FP8NPU_NPU_JOB``) gives the DRAM image, the program address and length, the DMA window,
-whether to apply random backpressure, and a cycle limit. The testbench writes the image,
+whether to apply random backpressure, a cycle limit, and optionally ``mapped_bytes``: only
+that much DRAM exists and the bus answers SLVERR above it (``AxiSlave`` over an
+``AddressSpace``, for bus-error tests). The testbench writes the image,
 programs the registers, starts the NPU, waits for its ``irq`` output (cocotb acts only at
 these transaction boundaries, never per clock), then records the registers and the whole
 DRAM for the caller to check.
@@ -18,7 +20,7 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.simtime import get_sim_time
 from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
-from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
+from cocotbext.axi import AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam, AxiSlave, MemoryRegion
 from fp8npu.hdl.isa import Register
 
 
@@ -50,6 +52,27 @@ class _ArrayDRAM:
 CLOCK_NS = 10
 
 
+class _MappedDRAM:
+    """cocotbext-axi's ``AxiSlave`` over an address space where only ``[0, mapped)`` is memory:
+    bursts that touch anything above are answered SLVERR (to test bus-error handling)."""
+
+    def __init__(self, dut, mapped):
+        space = AddressSpace(2 ** 32)
+        self.region = MemoryRegion(mapped)
+        space.register_region(self.region, 0)
+        self.slave = AxiSlave(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, target=space)
+        self.read_if, self.write_if = self.slave.read_if, self.slave.write_if
+        self.mapped = mapped
+
+    def write(self, address, data):
+        data = bytes(data)[:self.mapped - address]
+        self.region[address:address + len(data)] = data
+
+    def read(self, address, length):
+        data = bytes(self.region[address:min(address + length, self.mapped)])
+        return data + bytes(length - len(data))
+
+
 def _pauses(rng, probability):
     while True:
         yield rng.random() < probability
@@ -66,6 +89,8 @@ async def run_program(dut):
         # DRAM inside the design (fp8npu.sim.simdram): load and read it through the simulator
         ram = _ArrayDRAM(dut.dram.store.words, job["bus_bytes"])
         dut.stall_threshold.value = int(job.get("backpressure", 0) * 256) if job.get("backpressure") else 0
+    elif job.get("mapped_bytes") is not None:
+        ram = _MappedDRAM(dut, job["mapped_bytes"])
     else:
         ram = AxiRam(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, size=job["dram_size"])
     if job.get("backpressure") and not fast:

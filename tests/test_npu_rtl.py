@@ -237,6 +237,29 @@ def test_directed_errors_match_functional_simulator(name, program, code, index):
     assert rtl.registers["STATUS"] & 0b101 == 0b100      # not busy, error
 
 
+@pytest.mark.parametrize("name, program, index, prog_addr", [
+    ("load", [_cmd(Opcode.SYNC, unit=0), _cmd(Opcode.LOAD, rows=2, row_bytes=8, dram_addr=0x6000, dram_stride=8),
+              _cmd(Opcode.END)], 1, 0x1000),
+    ("store", [_cmd(Opcode.STORE, rows=2, cols=4, dram_addr=0x6000, dram_stride=16), _cmd(Opcode.END)], 0, 0x1000),
+    ("fetch", [_cmd(Opcode.SYNC, unit=0)] * 3 + [_cmd(Opcode.END)], 2, 0x4000 - 64),
+])
+def test_bus_error_stops_with_the_command_address(name, program, index, prog_addr):
+    """DRAM exists only below 0x4000 (cocotbext-axi AxiSlave over an AddressSpace): a valid
+    program whose transfer reaches above it gets SLVERR and stops with BUS_ERROR, the address
+    of the command whose transfer was refused, and the bus drained (not busy)."""
+    program = b"".join(program)
+    dram = bytearray(0x8000)
+    dram[prog_addr:prog_addr + len(program)] = program
+    n = len(program) // 32
+    fs = funcsim.run(None, dram, CFG, prog_addr, 0, len(dram), prog_len=n)
+    assert fs.error == ErrorCode.NONE, "the program itself must be valid"
+    rtl = npu().run(dram, prog_addr, n, 0, len(dram), max_cycles=100_000, mapped_bytes=0x4000)
+    assert not rtl.hung
+    assert (rtl.error, rtl.error_addr) == (ErrorCode.BUS_ERROR, prog_addr + 32 * index), name
+    assert rtl.registers["STATUS"] & 0b101 == 0b100      # not busy, error
+    assert rtl.dram[:0x4000] == bytes(dram[:0x4000]), "memory changed"
+
+
 @pytest.mark.parametrize("cfg", [
     NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=128, queue_depth=2, max_burst=4),
     NPUConfig(rows=3, cols=5, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2, max_burst=8),
