@@ -64,12 +64,13 @@ class NPUSimulation:
         """With ``fast_dram_bytes`` the DRAM is simulated inside the design
         (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiRam."""
         self.cfg = cfg or NPUConfig()
+        waves = RTLModel.wave_format(waves)
         self.fast_dram_bytes = fast_dram_bytes
         key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))
         if fast_dram_bytes:
             from .simdram import SIM_MEMORY_VERILOG, NPUWithDRAM
-            # one build serves every image up to 16 MiB
-            self.fast_dram_bytes = fast_dram_bytes = max(fast_dram_bytes, FAST_DRAM_MIN)
+            # one build serves every image up to 16 MiB, then one per power of two
+            self.fast_dram_bytes = fast_dram_bytes = max(1 << (fast_dram_bytes - 1).bit_length(), FAST_DRAM_MIN)
             self.model = RTLModel(NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves,
                                   extra_verilog=SIM_MEMORY_VERILOG)
         else:
@@ -118,5 +119,5 @@ class NPUSimulation:
             res = json.loads((d / "result.json").read_text())
             if waves and waves_to:
                 import shutil
-                shutil.copy(d / "dump.vcd", waves_to)
+                shutil.copy(d / self.model.wave_file, waves_to)
             return RTLRun((d / "dram_out.bin").read_bytes(), res["registers"], res["hung"], res["wall_seconds"])

@@ -87,19 +87,20 @@ class RTLModel:
         The design; it must use the default ``sync`` domain (ports ``clk`` and ``rst``).
     name : str
         Top-level module name and build-folder prefix.
-    waves : bool
-        Build with tracing so runs can dump a VCD.
+    waves : bool or str
+        Build with tracing so runs can dump waveforms: ``"vcd"`` (or True) for ``dump.vcd``,
+        ``"fst"`` for the smaller ``dump.fst``, in the run directory.
     """
 
     def __init__(self, design, name, waves=False, extra_verilog=""):
         import cocotb
 
         self.name = name
-        self.waves = waves
+        self.waves = self.wave_format(waves)
         self.verilog = to_verilog(design, name) + extra_verilog
         verilator = find_verilator()
         key = hashlib.sha256(
-            "\0".join([self.verilog, verilator.version_text, cocotb.__version__, str(waves),
+            "\0".join([self.verilog, verilator.version_text, cocotb.__version__, str(self.waves),
                        " ".join(VERILATOR_ARGS)]).encode()).hexdigest()[:16]
         self.build_dir = cache_root() / "rtl" / f"{name}-{key}"
         self._build()
@@ -119,13 +120,33 @@ class RTLModel:
         with _environment(verilator_env()):
             try:
                 runner.build(sources=[source], hdl_toplevel=self.name, build_dir=self.build_dir,
-                             build_args=VERILATOR_ARGS, waves=self.waves, log_file=log)
+                             build_args=VERILATOR_ARGS + (["--trace-fst"] if self.waves == "fst" else []),
+                             waves=bool(self.waves), log_file=log)
             except (SystemExit, Exception) as exc:
                 raise RTLError(f"Verilator build of {self.name} failed ({exc}); see {log}:\n"
                                f"{_log_tail(log)}") from None
         if not binary.exists():
             raise RTLError(f"Verilator build of {self.name} produced no simulator; see {log}:\n{_log_tail(log)}")
         self._runner = runner
+
+    @staticmethod
+    def wave_format(waves):
+        """``"vcd"``, ``"fst"`` or False for a ``waves`` argument; raises :class:`RTLError` if
+        this machine cannot build it (call before creating the design, so nothing is wasted)."""
+        if waves not in (False, True, None, "vcd", "fst"):
+            raise ValueError(f"waves must be 'vcd', 'fst' or False, not {waves!r}")
+        if waves == "fst":
+            from .toolchain import fst_missing
+            why = fst_missing()
+            if why:
+                raise RTLError(f"Verilator cannot write FST waveforms on this machine: {why}; "
+                               f"install them or dump a .vcd instead")
+        return "vcd" if waves is True else (waves or False)
+
+    @property
+    def wave_file(self):
+        """Name of the waveform file a run with waves writes in its run directory."""
+        return f"dump.{self.waves}" if self.waves else None
 
     def run(self, test_module, extra_env, run_dir, waves=False):
         """Run a cocotb test module against the built model in ``run_dir``."""
@@ -139,7 +160,7 @@ class RTLModel:
             try:
                 results = runner.test(test_module=test_module, hdl_toplevel=self.name,
                                       build_dir=self.build_dir, test_dir=run_dir, extra_env=extra_env,
-                                      waves=waves and self.waves, log_file=log,
+                                      waves=bool(waves and self.waves), log_file=log,
                                       results_xml=str(run_dir / "results.xml"))
             except (SystemExit, Exception) as exc:
                 raise RTLError(f"simulation of {self.name} failed ({exc}); see {log}:\n{_log_tail(log)}") from None

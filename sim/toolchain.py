@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MIN_VERSION", "Verilator", "VerilatorError", "find_verilator", "verilator_env"]
+__all__ = ["MIN_VERSION", "Verilator", "VerilatorError", "find_verilator", "fst_missing", "verilator_env"]
 
 MIN_VERSION = (5, 36)
 
@@ -97,3 +97,21 @@ def verilator_env(base=None):
         if "CFG_CXXFLAGS_PCH_I" not in flags:
             env["MAKEFLAGS"] = (flags + " CFG_CXXFLAGS_PCH_I=-include").strip()
     return env
+
+
+def fst_missing():
+    """Why Verilator cannot write FST waveforms here (its FST writer needs the LZ4 and zlib
+    development files), or None if it can."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        return "no C++ compiler was found"
+    missing = []
+    for header, package in (("lz4.h", "LZ4 (liblz4-dev)"), ("zlib.h", "zlib (zlib1g-dev)")):
+        try:
+            ok = subprocess.run([cxx, "-E", "-x", "c++", "-"], input=f"#include <{header}>\n", text=True,
+                                capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if not ok:
+            missing.append(package)
+    return f"the development files of {' and '.join(missing)} are not installed" if missing else None

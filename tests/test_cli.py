@@ -111,6 +111,36 @@ def test_sim_runs_a_program(engine, tmp_path, capsys):
     assert got == (5.0, 3.0, 3.0, 2.0)
 
 
+@pytest.mark.parametrize("fast, waves", [(False, "vcd"), (True, "fst")])
+def test_sim_waves_and_fast_dram(fast, waves, tmp_path, capsys):
+    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiRam path."""
+    from fp8npu.sim.toolchain import fst_missing
+    cfg = _sim_inputs(tmp_path)
+    out, dump = tmp_path / "out.bin", tmp_path / f"run.{waves}"
+    if waves == "fst" and fst_missing():
+        assert cli.main(["sim", str(tmp_path / "prog.s"), "--config", cfg, "--waves", str(dump)]) == 2
+        assert "cannot write FST waveforms on this machine" in capsys.readouterr().err
+        waves, dump = "vcd", tmp_path / "run.vcd"
+    code = cli.main(["sim", str(tmp_path / "prog.s"), "--dram", str(tmp_path / "image.bin"), "--config", cfg,
+                     "-o", str(out), "--waves", str(dump), "--quiet"] + (["--fast"] if fast else []))
+    assert code == 0, capsys.readouterr()
+    assert "5 commands, done" in capsys.readouterr().out
+    assert cli.main(["sim", str(tmp_path / "prog.s"), "--dram", str(tmp_path / "image.bin"), "--config", cfg,
+                     "--engine", "func", "-o", str(tmp_path / "func.bin")]) == 0
+    assert out.read_bytes() == (tmp_path / "func.bin").read_bytes()
+    data = dump.read_bytes()
+    if waves == "vcd":
+        assert b"$enddefinitions" in data and b" irq " in data
+    else:
+        assert data[0] == 0 and len(data) > 1000     # FST header block, then data
+
+
+def test_sim_rejects_unknown_wave_format(tmp_path, capsys):
+    cfg = _sim_inputs(tmp_path)
+    assert cli.main(["sim", str(tmp_path / "prog.s"), "--config", cfg, "--waves", "x.txt"]) == 2
+    assert "--waves must name a .vcd or .fst file" in capsys.readouterr().err
+
+
 def test_sim_reports_errors(tmp_path, capsys):
     cfg = _sim_inputs(tmp_path)
     (tmp_path / "bad.s").write_text("MATMUL k=0 m=1\nEND\n")
