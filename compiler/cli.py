@@ -3,7 +3,7 @@
 Subcommands::
 
     fp8npu generate {mac,multiplier,adder,converter} [-o FILE] [--stages N]
-    fp8npu generate npu [--config CFG.json] [-o FILE]
+    fp8npu generate [npu] [--config CFG.json] [-o FILE]
     fp8npu sim PROGRAM --dram IMAGE [--config CFG.json] [--engine rtl|func] [--fast] [--waves FILE.vcd|FILE.fst]
     fp8npu demo
     fp8npu bench mac
@@ -284,7 +284,8 @@ def build_parser():
 
     gen = sub.add_parser("generate", help="write Verilog for a hardware block",
                          description="Write synthesizable Verilog for one fp8npu hardware block.")
-    gen.add_argument("unit", choices=[*UNITS, "npu"], help="block to generate")
+    gen.add_argument("unit", nargs="?", default="npu", choices=[*UNITS, "npu"],
+                     help="block to generate (default: npu, the whole NPU)")
     gen.add_argument("--config", metavar="CFG.json", help="NPU configuration (npu only; default: 8x8)")
     gen.add_argument("-o", "--output", metavar="FILE", help="output file (default: standard output)")
     gen.add_argument("--stages", type=_stages, metavar="N",

@@ -157,6 +157,9 @@ def test_generate_npu(tmp_path):
     out = tmp_path / "npu.v"
     assert cli.main(["generate", "npu", "--config", cfg, "-o", str(out)]) == 0
     assert "module fp8npu_npu" in out.read_text()
+    default = tmp_path / "default.v"
+    assert cli.main(["generate", "--config", cfg, "-o", str(default)]) == 0     # the NPU is the default
+    assert default.read_text() == out.read_text()
     bad = tmp_path / "bad.json"
     bad.write_text('{"rows": 99}')
     assert cli.main(["generate", "npu", "--config", str(bad)]) == 2
