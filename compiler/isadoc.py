@@ -165,7 +165,8 @@ def _intro():
 The NPU runs a program of commands that the host places in DRAM. The host writes the program's
 address and length to the `PROG_ADDR` and `PROG_LEN` registers and sets bit 0 of `CTRL`; the
 NPU fetches the commands by DMA, runs them and sets `STATUS` done (or error, with the reason in
-`ERROR` and the command's address in `ERROR_ADDR`).
+`ERROR` and the command's address in `ERROR_ADDR`); its `irq` output is high from then until the
+next start.
 
 ## Commands
 
