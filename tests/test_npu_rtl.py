@@ -135,7 +135,7 @@ def test_default_8x8_fast_path():
 # Malformed programs: the NPU always stops (done or an error code, never a hang), with the same
 # error and faulting address as the functional simulator, and writes nothing outside the window.
 
-def _fuzz_program(rng, base_program, kind):
+def _fuzz_program(rng, base_program, kind, dram_span=0x8000):
     cmds = [base_program[i:i + 32] for i in range(0, len(base_program), 32)]
     if kind == "random":
         n = int(rng.integers(1, 12))
@@ -151,8 +151,30 @@ def _fuzz_program(rng, base_program, kind):
         if rng.random() < 0.5:
             out.append(isa.encode(Opcode.END))
         return b"".join(out)
-    # mutate a valid program: flip bits, drop or duplicate commands
     cmds = [bytearray(c) for c in cmds]
+    if kind == "tokens":
+        # flip token flags of a valid program: unbalanced tokens, mostly ending in DEADLOCK
+        flags = [f.lsb for f in isa.COMMON_FIELDS if f.name.startswith(("pop_", "push_"))]
+        for _ in range(int(rng.integers(1, 3))):
+            i = int(rng.integers(0, len(cmds) - 1))       # not END, which takes no flags
+            bit = flags[int(rng.integers(0, len(flags)))]
+            cmds[i][bit // 8] ^= 1 << (bit % 8)
+        return b"".join(bytes(c) for c in cmds)
+    if kind == "window":
+        # point a LOAD or STORE of a valid program at a random DRAM address (mostly bus aligned)
+        moves = [i for i, c in enumerate(cmds) if c[0] in (Opcode.LOAD, Opcode.STORE)]
+        i = moves[int(rng.integers(0, len(moves)))]
+        f = next(f for f in isa.FIELDS[Opcode(cmds[i][0])] if f.name == "dram_addr")
+        addr = int(rng.integers(0, dram_span))
+        if rng.random() < 0.75:
+            addr &= ~(CFG.bus_bytes - 1)
+        word = int.from_bytes(cmds[i], "little") & ~(((1 << f.width) - 1) << f.lsb) | (addr << f.lsb)
+        cmds[i] = bytearray(word.to_bytes(32, "little"))
+        return b"".join(bytes(c) for c in cmds)
+    if kind == "truncate":
+        # a valid program cut short, without its END
+        return b"".join(bytes(c) for c in cmds[:int(rng.integers(1, len(cmds)))])
+    # mutate a valid program: flip bits, drop or duplicate commands
     for _ in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, len(cmds)))
         choice = rng.random()
@@ -167,7 +189,7 @@ def _fuzz_program(rng, base_program, kind):
 
 
 def test_fuzz_malformed_programs_never_hang():
-    _fuzz(36, seed=2026)
+    _fuzz(100, seed=2026)
 
 
 @pytest.mark.slow
@@ -178,13 +200,13 @@ def test_fuzz_many_malformed_programs():
 def _fuzz(trials, seed):
     rng = np.random.default_rng(seed)
     a, b = _codes(rng, (9, 10)), _codes(rng, (10, 6))
-    g = build_gemm(CFG, a, b, "e4m3", "e4m3")
+    g = build_gemm(CFG, a, b, "e4m3", "e4m3", base=256)   # a valid program inside the window
     guard = 4096
     runs = 0
     codes = set()
     for trial in range(trials):
-        kind = "random" if trial % 2 else "mutate"
-        program = _fuzz_program(rng, g.program, kind)
+        kind = ("random", "mutate", "tokens", "truncate", "window")[trial % 5]
+        program = _fuzz_program(rng, g.program, kind, len(g.dram) + guard)
         dram = bytearray(g.dram) + bytearray(guard)
         # bytes outside the window are a fixed pattern that must survive
         win_base, win_limit = 256, len(g.dram)
@@ -203,7 +225,8 @@ def _fuzz(trials, seed):
         codes.add(rtl.error)
         runs += 1
     print(f"{runs} malformed programs; error codes seen: {sorted(c.name for c in codes)}")
-    assert len(codes) >= 4
+    assert {ErrorCode.BAD_OPCODE, ErrorCode.BAD_FIELD, ErrorCode.DEADLOCK, ErrorCode.NO_END,
+            ErrorCode.DRAM_WINDOW, ErrorCode.MISALIGNED} <= codes
 
 
 def _cmd(op, **kw):
