@@ -45,8 +45,8 @@ class RTLRun:
         return self.registers["MAC_BUSY"] / max(1, self.cycles * rows * cols)
 
 
-def _watch(path, callback, stop):
-    while not stop.wait(2.0):
+def _watch(path, callback, stop, every):
+    while not stop.wait(every):
         try:
             callback(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -77,11 +77,13 @@ class NPUSimulation:
             self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
 
     def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
-            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None, mapped_bytes=None):
+            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None, mapped_bytes=None,
+            progress_every=2.0, progress_cycles=1 << 16):
         """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an :class:`RTLRun`.
 
-        ``progress``, if given, is called about every two seconds with a dict of the cycles
-        simulated so far and the commands dispatched. ``mapped_bytes`` (cocotbext-axi DRAM only)
+        ``progress``, if given, is called about every ``progress_every`` seconds with a dict of
+        the cycles simulated so far and the commands dispatched (the simulation records them
+        every ``progress_cycles`` cycles), and once more at the end with the final counts. ``mapped_bytes`` (cocotbext-axi DRAM only)
         makes the bus answer SLVERR to any access at or above that address; the DRAM returned is
         zero there.
         """
@@ -106,17 +108,22 @@ class NPUSimulation:
                    "mapped_bytes": mapped_bytes}
             if progress:
                 job["progress"] = str(d / "progress.json")
-                job["poll"] = 1 << 16
+                job["poll"] = progress_cycles
             (d / "job.json").write_text(json.dumps(job))
             stop = threading.Event()
-            watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop), daemon=True)
+            watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop, progress_every),
+                                       daemon=True)
             if progress:
                 watcher.start()
             try:
                 self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
             finally:
                 stop.set()
+                if progress:
+                    watcher.join()
             res = json.loads((d / "result.json").read_text())
+            if progress:
+                progress({"cycles": res["registers"]["CYCLES"], "commands": res["registers"]["COMMANDS"]})
             if waves and waves_to:
                 import shutil
                 shutil.copy(d / self.model.wave_file, waves_to)

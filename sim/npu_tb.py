@@ -134,8 +134,7 @@ async def run_program(dut):
         status = await rd(Register.STATUS)
         if progress:
             with open(progress + ".tmp", "w") as f:
-                json.dump({"cycles": int((get_sim_time("ns") - t_start) // CLOCK_NS),
-                           "commands": await rd(Register.COMMANDS)}, f)
+                json.dump({"cycles": await rd(Register.CYCLES), "commands": await rd(Register.COMMANDS)}, f)
             os.replace(progress + ".tmp", progress)
     waited = int((get_sim_time("ns") - t_start) // CLOCK_NS)
     elapsed = time.perf_counter() - start

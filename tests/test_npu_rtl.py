@@ -131,6 +131,21 @@ def test_default_8x8_fast_path():
     check_gemm(g, want, "fp32", cfg=cfg, fast=size)
 
 
+def test_progress_reports_during_a_run():
+    rng = np.random.default_rng(3)
+    g = build_gemm(CFG, _codes(rng, (48, 64)), _codes(rng, (64, 40)), "e4m3", "e4m3")
+    dram = bytearray(g.dram)
+    dram[g.prog_addr:g.prog_addr + len(g.program)] = g.program
+    seen = []
+    rtl = npu().run(dram, g.prog_addr, g.prog_len, g.win_base, g.win_limit, progress=seen.append,
+                    progress_every=0.05, progress_cycles=1024)
+    assert rtl.error == ErrorCode.NONE
+    print(f"{len(seen)} progress reports over {rtl.cycles} cycles")
+    assert len(seen) >= 2
+    assert seen[-1] == {"cycles": rtl.cycles, "commands": rtl.registers["COMMANDS"]}
+    assert all(a["cycles"] <= b["cycles"] and a["commands"] <= b["commands"] for a, b in zip(seen, seen[1:]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Malformed programs: the NPU always stops (done or an error code, never a hang), with the same
 # error and faulting address as the functional simulator, and writes nothing outside the window.
