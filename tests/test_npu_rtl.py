@@ -312,3 +312,13 @@ def test_other_geometries_and_bus_widths(cfg):
     check_gemm(g, _i64(want), golden.E4M3, cfg=cfg)
     g = build_gemm(cfg, a, b, "e4m3", "e5m2")
     check_gemm(g, _i64(reference_gemm(a, b, "e4m3", "e5m2")), "fp32", cfg=cfg, backpressure=0.4)
+
+
+def test_npu_benchmark_runs_small():
+    """`fp8npu bench npu` code path on a tiny GEMM (no timing assertion): both DRAM models
+    agree with the functional simulator."""
+    from fp8npu.sim.bench import run_npu_bench
+    lines = []
+    assert run_npu_bench(sizes=(24,), arrays=((8, 8),), funcsim_size=32, echo=lines.append) == 0
+    text = "\n".join(lines)
+    assert "8x8" in text and "DRAM == funcsim: yes" in text and "M MAC/s" in text
