@@ -53,6 +53,16 @@ def _watch(path, callback, stop, every):
             pass
 
 
+def _changes_only(callback):
+    last = []
+
+    def report(p):
+        if not last or last[0] != p:
+            last[:] = [p]
+            callback(p)
+    return report
+
+
 #: Smallest simulation DRAM built for the fast path (bytes).
 FAST_DRAM_MIN = 16 << 20
 
@@ -111,6 +121,8 @@ class NPUSimulation:
                 job["poll"] = progress_cycles
             (d / "job.json").write_text(json.dumps(job))
             stop = threading.Event()
+            if progress:
+                progress = _changes_only(progress)
             watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop, progress_every),
                                        daemon=True)
             if progress:
