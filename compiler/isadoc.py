@@ -222,9 +222,15 @@ failure with that error code (`isa.validate`; hardware and simulator apply the s
 
 `{E.DEADLOCK.name}`, `{E.FETCH_WINDOW.name}`, `{E.BUS_ERROR.name}` and `{E.NO_END.name}` are found while the program
 runs. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
-`LOAD` or `STORE` whose transfer was refused, or the command being fetched when the refused
-read was a fetch. The NPU still completes every burst it has started before it reports the
-error, as AXI requires."""
+`LOAD` or `STORE` whose transfer was refused, or the command whose fetch was refused. A refused
+fetch is reported when that command's turn comes, after the commands before it have been
+checked (the NPU fetches ahead; a refused fetch past `END` is not an error). A refused
+`LOAD` or `STORE` transfer is reported at once, and wins over any other error found in the
+same clock cycle. The NPU still completes every burst it has started before it reports the
+error, as AXI requires.
+
+The NPU fetches commands ahead of running them, so a program that stores over its own
+commands has undefined results."""
 
 
 def _assembly():

@@ -193,13 +193,7 @@ class NPUCore(wiring.Component):
         r_load = ax("rvalid") & (ax("rid") == 1)
         f_r_ready, l_r_ready = Signal(), Signal()
         m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, l_r_ready) | stopped)
-        # a read answered SLVERR/DECERR: ERROR_ADDR is the command being fetched (ID 0) or the
-        # LOAD whose data it is (ID 1: the load unit holds one command until all its data is in)
-        f_recv = Signal(32)          # commands fetched so far
-        ld_addr = Signal(32)         # address of the LOAD the load unit holds
-        with m.If(r_fire & (ax("rresp") != 0) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR),
-                         raise_addr.eq(Mux(ax("rid") == 0, self.prog_addr + (f_recv << 5), ld_addr))]
+        r_refused = r_fire & (ax("rresp") != 0)     # SLVERR or DECERR
         dma_rd = Signal(32)
         dma_wr = Signal(32)
         with m.If(r_fire):
@@ -207,7 +201,9 @@ class NPUCore(wiring.Component):
         m.d.comb += self.dma_bytes.eq(dma_rd + dma_wr)
 
         # ---------------- fetch ------------------------------------------------------------
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 32, depth=4)
+        # entries: command, its address, and whether the bus refused any of its beats (that is
+        # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 33, depth=4)
         beats_per_cmd = max(CMD // D, 1)
         f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
@@ -233,10 +229,13 @@ class NPUCore(wiring.Component):
         # assemble beats into commands
         f_buf = Signal(CMD)
         f_beat = Signal(range(beats_per_cmd + 1))
+        f_recv = Signal(32)          # commands fetched so far
+        f_bad = Signal()             # a beat of the command being assembled was refused
+        f_addr = (self.prog_addr + (f_recv << 5))[:32]
         m.d.comb += f_r_ready.eq(1)
         with m.If(r_fetch & ~stopped):
             if beats_per_cmd == 1:
-                m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(ax("rdata")[0:CMD], self.prog_addr + (f_recv << 5))),
+                m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(ax("rdata")[0:CMD], f_addr, r_refused)),
                              f_got.eq(1)]
                 m.d.sync += f_recv.eq(f_recv + 1)
             else:
@@ -244,9 +243,11 @@ class NPUCore(wiring.Component):
                 m.d.comb += new.eq(Cat(f_buf[D:], ax("rdata")))
                 m.d.sync += [f_buf.eq(new), f_beat.eq(f_beat + 1)]
                 with m.If(f_beat == beats_per_cmd - 1):
-                    m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(new, self.prog_addr + (f_recv << 5))),
+                    m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(new, f_addr, f_bad | r_refused)),
                                  f_got.eq(1)]
-                    m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1)]
+                    m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1), f_bad.eq(0)]
+                with m.Else():
+                    m.d.sync += f_bad.eq(f_bad | r_refused)
 
         # ---------------- unit queues ---------------------------------------------------------
         queues = []
@@ -260,6 +261,7 @@ class NPUCore(wiring.Component):
         # ---------------- dispatcher --------------------------------------------------------
         cmd = fq.r_data[0:CMD]
         cmd_addr = fq.r_data[CMD:CMD + 32]
+        fetch_refused = fq.r_data[CMD + 32]
         verdict = self._validate(m, cmd)
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
@@ -282,7 +284,9 @@ class NPUCore(wiring.Component):
         blocked_on_queue = Signal()
         m.d.comb += [lq.w_data.eq(Cat(cmd, cmd_addr)), cq.w_data.eq(cmd), sq.w_data.eq(Cat(cmd, cmd_addr))]
         with m.If(head):
-            with m.If(verdict != 0):
+            with m.If(fetch_refused):
+                m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(cmd_addr)]
+            with m.Elif(verdict != 0):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(verdict), raise_addr.eq(cmd_addr)]
             with m.Elif(op == isa.Opcode.END):
                 m.d.comb += fq.r_en.eq(1)
@@ -305,14 +309,15 @@ class NPUCore(wiring.Component):
 
         # ---------------- the units --------------------------------------------------------
         acc_w_taken = Signal()    # the compute unit writes the accumulator this cycle: loads wait
+        ld_addr = Signal(32)      # address of the LOAD the load unit holds
         l_idle, l_wait = self._load_unit(m, lq, tok, tok_push, tok_pop, l_ar_valid, l_ar_addr, l_ar_len,
                                          l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken, active, stopped,
                                          ld_addr)
         c_idle, c_wait, compute_writes = self._compute_unit(m, cq, tok, tok_push, tok_pop, sp_ra, sp_rb, acc_rc,
                                                             acc_w, active)
         m.d.comb += acc_w_taken.eq(compute_writes)
-        s_idle, s_wait = self._store_unit(m, sq, tok, tok_push, tok_pop, acc_rs, wr_out, w_busy, dma_wr,
-                                          active, stopped, raise_err, raise_code, raise_addr)
+        s_idle, s_wait, st_addr = self._store_unit(m, sq, tok, tok_push, tok_pop, acc_rs, wr_out, w_busy, dma_wr,
+                                                   active, stopped)
         m.d.comb += units_idle.eq(l_idle & c_idle & s_idle)
 
         # ---------------- deadlock ------------------------------------------------------------
@@ -328,6 +333,15 @@ class NPUCore(wiring.Component):
         with m.If(dl_count == 4):
             m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.DEADLOCK),
                          raise_addr.eq(Mux(at_end, blocked_addr, cmd_addr))]
+
+        # ---------------- bus errors of LOAD and STORE transfers ----------------------------
+        # Each unit holds its command until all its data (LOAD) or write responses (STORE) are
+        # in, so the refused transfer is that command's. Last here: in a cycle with another
+        # error too, the bus error is the one reported.
+        with m.If(r_refused & (ax("rid") == 1) & active):
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(ld_addr)]
+        with m.If(ax("bvalid") & ax("bready") & (ax("bresp") != 0) & active):
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(st_addr)]
         return m
 
     # ------------------------------------------------------------------------------------
@@ -765,8 +779,9 @@ class NPUCore(wiring.Component):
         return c_idle, c_wait, compute_writing
 
     # ------------------------------------------------------------------------------------
-    def _store_unit(self, m, q, tok, tok_push, tok_pop, acc_r, wr_out, w_busy, dma_wr, active, stopped,
-                    raise_err, raise_code, raise_addr):
+    def _store_unit(self, m, q, tok, tok_push, tok_pop, acc_r, wr_out, w_busy, dma_wr, active, stopped):
+        """STORE: accumulator lines -> DRAM rows (FP32, or scaled and requantized to FP8).
+        Returns (idle, waiting-for-token, address of the command held)."""
         cfg = self.cfg
         B = cfg.bus_bytes
         C = cfg.cols
@@ -832,9 +847,6 @@ class NPUCore(wiring.Component):
         b_fire = ax("bvalid") & ax("bready")
         m.d.comb += ax("bready").eq(1)
         m.d.sync += wr_out.eq(wr_out + aw_fire - b_fire)
-        # the unit holds a STORE until all its write responses are in: the error is that command's
-        with m.If(b_fire & (ax("bresp") != 0) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(cmd_addr)]
         with m.If(aw_fire):
             m.d.sync += [phase.eq(4), burst_left.eq(blen), w_addr.eq(w_addr + (blen << (B.bit_length() - 1)))]
         # W beats (completed even after an error: the burst was promised)
@@ -865,7 +877,7 @@ class NPUCore(wiring.Component):
             m.d.sync += [busy.eq(0), phase.eq(0)]
         with m.If(stopped & ~in_w):
             m.d.sync += [busy.eq(0), phase.eq(0)]
-        return ~busy, wait
+        return ~busy, wait, cmd_addr
 
 
 class NPU(wiring.Component):

@@ -46,10 +46,13 @@ class RTLRun:
 
 
 def _watch(path, callback, stop, every):
+    """Every ``every`` seconds, pass the newest record of the progress log to ``callback``."""
     while not stop.wait(every):
         try:
-            callback(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            lines = path.read_text().splitlines()
+            if lines:
+                callback(json.loads(lines[-1]))
+        except (OSError, ValueError):    # not written yet, or a line half written
             pass
 
 
@@ -92,12 +95,16 @@ class NPUSimulation:
         """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an :class:`RTLRun`.
 
         ``progress``, if given, is called about every ``progress_every`` seconds with a dict of
-        the cycles simulated so far and the commands dispatched (the simulation records them
-        every ``progress_cycles`` cycles), and once more at the end with the final counts. ``mapped_bytes`` (cocotbext-axi DRAM only)
+        the NPU's CYCLES and COMMANDS counters, when they have changed (the simulation appends
+        them to ``progress.jsonl`` in the run directory every ``progress_cycles`` cycles), and
+        once more at the end with the final counts. ``mapped_bytes`` (cocotbext-axi DRAM only)
         makes the bus answer SLVERR to any access at or above that address; the DRAM returned is
         zero there.
         """
         dram = bytes(dram)
+        if waves and not self.model.waves:
+            raise ValueError("this simulation was built without waveforms: create it with "
+                             "NPUSimulation(cfg, waves='vcd' or 'fst')")
         if mapped_bytes is not None and self.fast_dram_bytes:
             raise ValueError("mapped_bytes needs the cocotbext-axi DRAM, not the simulation DRAM")
         if self.fast_dram_bytes:
@@ -117,13 +124,13 @@ class NPUSimulation:
                    "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
                    "mapped_bytes": mapped_bytes}
             if progress:
-                job["progress"] = str(d / "progress.json")
+                job["progress"] = str(d / "progress.jsonl")
                 job["poll"] = progress_cycles
             (d / "job.json").write_text(json.dumps(job))
             stop = threading.Event()
             if progress:
                 progress = _changes_only(progress)
-            watcher = threading.Thread(target=_watch, args=(d / "progress.json", progress, stop, progress_every),
+            watcher = threading.Thread(target=_watch, args=(d / "progress.jsonl", progress, stop, progress_every),
                                        daemon=True)
             if progress:
                 watcher.start()

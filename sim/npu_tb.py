@@ -6,9 +6,11 @@ driver* is cocotbext-axi's ``AxiLiteMaster`` on ``s_axil``. The job (a JSON file
 whether to apply random backpressure, a cycle limit, and optionally ``mapped_bytes``: only
 that much DRAM exists and the bus answers SLVERR above it (``AxiSlave`` over an
 ``AddressSpace``, for bus-error tests). The testbench writes the image,
-programs the registers, starts the NPU, waits for its ``irq`` output (cocotb acts only at
-these transaction boundaries, never per clock), then records the registers and the whole
-DRAM for the caller to check.
+programs the registers, starts the NPU, waits for its ``irq`` output, then records the
+registers and the whole DRAM for the caller to check. The testbench itself acts only at these
+transaction boundaries; the cocotbext-axi DRAM models act on every clock while the bus is
+busy, which is why long runs use the simulation DRAM (``fast``), where no Python runs
+between start and ``irq``.
 """
 
 import json
@@ -132,10 +134,10 @@ async def run_program(dut):
         if not dut.irq.value:
             await First(RisingEdge(dut.irq), Timer(min(chunk_ns, left), unit="ns"))
         status = await rd(Register.STATUS)
-        if progress:
-            with open(progress + ".tmp", "w") as f:
-                json.dump({"cycles": await rd(Register.CYCLES), "commands": await rd(Register.COMMANDS)}, f)
-            os.replace(progress + ".tmp", progress)
+        if progress:     # one JSON line per record, appended
+            record = {"cycles": await rd(Register.CYCLES), "commands": await rd(Register.COMMANDS)}
+            with open(progress, "a") as f:
+                f.write(json.dumps(record) + "\n")
     waited = int((get_sim_time("ns") - t_start) // CLOCK_NS)
     elapsed = time.perf_counter() - start
     regs = {r.name: await rd(r) for r in Register if r != Register.CTRL}

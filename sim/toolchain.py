@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -102,16 +103,16 @@ def verilator_env(base=None):
 def fst_missing():
     """Why Verilator cannot write FST waveforms here (its FST writer needs the LZ4 and zlib
     development files), or None if it can."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    cxx = shlex.split(os.environ.get("CXX", "")) or [c for c in ("c++", "g++", "clang++") if shutil.which(c)][:1]
     if not cxx:
         return "no C++ compiler was found"
     missing = []
     for header, package in (("lz4.h", "LZ4 (liblz4-dev)"), ("zlib.h", "zlib (zlib1g-dev)")):
         try:
-            ok = subprocess.run([cxx, "-E", "-x", "c++", "-"], input=f"#include <{header}>\n", text=True,
+            ok = subprocess.run([*cxx, "-E", "-x", "c++", "-"], input=f"#include <{header}>\n", text=True,
                                 capture_output=True, timeout=60).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
-            ok = False
+            return f"the C++ compiler '{' '.join(cxx)}' could not be run"
         if not ok:
             missing.append(package)
     return f"the development files of {' and '.join(missing)} are not installed" if missing else None
