@@ -140,7 +140,7 @@ class RTLModel:
             why = fst_missing()
             if why:
                 raise RTLError(f"Verilator cannot write FST waveforms on this machine: {why}; "
-                               f"install them or dump a .vcd instead")
+                               f"dump a .vcd instead")
         return "vcd" if waves is True else (waves or False)
 
     @property
