@@ -309,10 +309,9 @@ class NPUCore(wiring.Component):
 
         # ---------------- the units --------------------------------------------------------
         acc_w_taken = Signal()    # the compute unit writes the accumulator this cycle: loads wait
-        ld_addr = Signal(32)      # address of the LOAD the load unit holds
-        l_idle, l_wait = self._load_unit(m, lq, tok, tok_push, tok_pop, l_ar_valid, l_ar_addr, l_ar_len,
-                                         l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken, active, stopped,
-                                         ld_addr)
+        l_idle, l_wait, ld_addr = self._load_unit(m, lq, tok, tok_push, tok_pop, l_ar_valid, l_ar_addr, l_ar_len,
+                                                  l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken,
+                                                  active, stopped)
         c_idle, c_wait, compute_writes = self._compute_unit(m, cq, tok, tok_push, tok_pop, sp_ra, sp_rb, acc_rc,
                                                             acc_w, active)
         m.d.comb += acc_w_taken.eq(compute_writes)
@@ -454,19 +453,27 @@ class NPUCore(wiring.Component):
             ok = ok & (~pn | (tok[next_idx] != 0))
         return ok
 
-    def _load_unit(self, m, q, tok, tok_push, tok_pop, ar_valid, ar_addr, ar_len, ar_ready, r_valid, r_ready,
-                   sp_w, acc_w, acc_w_taken, active, stopped, cmd_addr):
-        """LOAD: strided DRAM rows -> SRAM lines; ``cmd_addr`` is driven with the address of
-        the command held. Returns (idle, waiting-for-token)."""
-        cfg = self.cfg
-        B = cfg.bus_bytes
-        Op = isa.Opcode
-        cur = Signal(CMD, name="ld_cmd")
-        busy = Signal(name="ld_busy")
-        wait = Signal(name="ld_wait")
+    @staticmethod
+    def _take_command(m, q, active, prefix):
+        """A unit's held command: when the unit is idle, take the next (command, address) entry
+        of its queue ``q``. Returns (command, its address, busy); the unit clears busy when done."""
+        cur = Signal(CMD, name=f"{prefix}_cmd")
+        cmd_addr = Signal(32, name=f"{prefix}_cmd_addr")
+        busy = Signal(name=f"{prefix}_busy")
         with m.If(~busy & q.r_rdy & active):
             m.d.comb += q.r_en.eq(1)
             m.d.sync += [cur.eq(q.r_data[:CMD]), cmd_addr.eq(q.r_data[CMD:]), busy.eq(1)]
+        return cur, cmd_addr, busy
+
+    def _load_unit(self, m, q, tok, tok_push, tok_pop, ar_valid, ar_addr, ar_len, ar_ready, r_valid, r_ready,
+                   sp_w, acc_w, acc_w_taken, active, stopped):
+        """LOAD: strided DRAM rows -> SRAM lines.
+        Returns (idle, waiting-for-token, address of the command held)."""
+        cfg = self.cfg
+        B = cfg.bus_bytes
+        Op = isa.Opcode
+        cur, cmd_addr, busy = self._take_command(m, q, active, "ld")
+        wait = Signal(name="ld_wait")
         is_load = cur[0:8] == Op.LOAD
         dst = fld(cur, Op.LOAD, "dst")
         rows = fld(cur, Op.LOAD, "rows")
@@ -527,7 +534,7 @@ class NPUCore(wiring.Component):
             m.d.sync += [busy.eq(0), phase.eq(0)]
         with m.If(stopped):
             m.d.sync += [busy.eq(0), phase.eq(0)]
-        return ~busy, wait
+        return ~busy, wait, cmd_addr
 
     def _line_assembler(self, m, name, L, wport, selected, cur, xfer, r_valid, r_ready, got_beat, recv_done, first,
                         port_taken):
@@ -787,14 +794,11 @@ class NPUCore(wiring.Component):
         C = cfg.cols
         Op = isa.Opcode
         ax = self.ax
-        cur = Signal(CMD, name="st_cmd_s")
-        busy = Signal(name="s_busy")
+        cur, cmd_addr, busy = self._take_command(m, q, active, "st")
         wait = Signal(name="s_wait")
-        phase = Signal(3, name="s_phase")   # 0 tokens, 1 read line, 2 line arrives, 3 AW, 4 W, 5 wait B, 6 finish
-        cmd_addr = Signal(32, name="st_cmd_addr")
-        with m.If(~busy & q.r_rdy & active):
-            m.d.comb += q.r_en.eq(1)
-            m.d.sync += [cur.eq(q.r_data[:CMD]), cmd_addr.eq(q.r_data[CMD:]), busy.eq(1), phase.eq(0)]
+        # phase (0 when idle: set back at finish and on stop): 0 tokens, 1 read line,
+        # 2 line arrives, 3 AW, 4 W, 5 wait B, 6 finish
+        phase = Signal(3, name="s_phase")
         is_store = cur[0:8] == Op.STORE
         f = {n: fld(cur, Op.STORE, n) for n in ("fmt", "saturate", "acc_addr", "rows", "cols", "dram_addr",
                                                 "dram_stride", "scale")}
