@@ -1,16 +1,14 @@
 """Run programs on the NPU RTL under Verilator with cocotb (see :mod:`.npu_tb`)."""
 
 import json
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.isa import ErrorCode
 from fp8npu.hdl.npu import NPU
 
-from .rtl import RTLModel
+from .rtl import RTLModel, run_folder
 
 __all__ = ["NPUSimulation", "RTLRun"]
 
@@ -84,10 +82,12 @@ class NPUSimulation:
             from .simdram import SIM_MEMORY_VERILOG, NPUWithDRAM
             # one build serves every image up to 16 MiB, then one per power of two
             self.fast_dram_bytes = fast_dram_bytes = max(1 << (fast_dram_bytes - 1).bit_length(), FAST_DRAM_MIN)
-            self.model = RTLModel(NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves,
-                                  extra_verilog=SIM_MEMORY_VERILOG)
+            self.model = RTLModel(lambda: NPUWithDRAM(self.cfg, fast_dram_bytes), f"npudram_{key}", waves=waves,
+                                  extra_verilog=SIM_MEMORY_VERILOG,
+                                  identity=f"NPUWithDRAM {fast_dram_bytes} {self.cfg.to_json()}")
         else:
-            self.model = RTLModel(NPU(self.cfg), f"npu_{key}", waves=waves)
+            self.model = RTLModel(lambda: NPU(self.cfg), f"npu_{key}", waves=waves,
+                                  identity=f"NPU {self.cfg.to_json()}")
 
     def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
             max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None, mapped_bytes=None,
@@ -113,9 +113,7 @@ class NPUSimulation:
                                  f"({self.fast_dram_bytes} bytes)")
         if win_limit is None:
             win_limit = len(dram)
-        with tempfile.TemporaryDirectory(prefix="npu-run-") as tmp:
-            d = Path(run_dir or tmp)
-            d.mkdir(parents=True, exist_ok=True)
+        with run_folder(run_dir, "fp8npu-run-") as d:
             (d / "dram_in.bin").write_bytes(dram)
             job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
                    "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,

@@ -12,15 +12,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .modelcache import cache_root, cached_model
 from .toolchain import find_verilator, verilator_env
 
-__all__ = ["RTLError", "RTLModel", "StreamResult", "cache_root", "pack_lanes", "unpack_lanes", "to_verilog"]
+__all__ = ["RTLError", "RTLModel", "StreamResult", "cache_root", "log_cause", "pack_lanes", "run_folder",
+           "to_verilog", "unpack_lanes"]
 
 # Verilator warnings that Amaranth's generated Verilog triggers by design (implicit width
 # changes in arithmetic, unused bits of shared signals). They are not errors.
@@ -33,13 +37,12 @@ VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNU
 
 
 class RTLError(RuntimeError):
-    """A Verilator build or a cocotb run failed; the message names the log to read."""
+    """A Verilator build or a cocotb run failed. The message is one sentence that says what
+    went wrong and names the log (which is kept); :attr:`detail` holds the log's last lines."""
 
-
-def cache_root():
-    """Where built models are kept: ``$FP8NPU_CACHE`` or ``~/.cache/fp8npu``."""
-    root = os.environ.get("FP8NPU_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "fp8npu"
+    def __init__(self, message, detail=""):
+        super().__init__(message)
+        self.detail = detail
 
 
 def to_verilog(design, name):
@@ -67,6 +70,105 @@ def _log_tail(path, lines=30):
         return ""
 
 
+_CAUSE = re.compile(r"(%Error[^\n]*|\b[A-Za-z_.]*(?:Error|Exception|Failure|Interrupt)\b: [^\n]+|"
+                    r"\bKilled\b[^\n]*|[Ss]egmentation fault[^\n]*)")
+
+
+def log_cause(path):
+    """The most telling line of a build or simulation log: the last Python exception line or
+    Verilator ``%Error``, shortened to one line (empty if none is found)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    found = _CAUSE.findall(text)
+    if not found:
+        return ""
+    cause = " ".join(found[-1].split())
+    return cause if len(cause) <= 300 else cause[:297] + "..."
+
+
+def _failure(what, log, fallback):
+    cause = log_cause(log) or fallback
+    return RTLError(f"{what} failed: {cause} (log kept in {log})", _log_tail(log))
+
+
+def _design_fingerprint():
+    """Hash of everything a design built from fp8npu.hdl depends on besides its parameters:
+    the hardware sources, the simulation DRAM and the Amaranth version."""
+    import amaranth
+    import fp8npu.hdl
+    h = hashlib.sha256(amaranth.__version__.encode())
+    files = sorted(Path(fp8npu.hdl.__file__).parent.glob("*.py")) + [Path(__file__).with_name("simdram.py")]
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _runner():
+    """cocotb's Verilator runner whose commands run in their own process group, so that an
+    interrupt (Ctrl-C, SIGTERM turned into :class:`KeyboardInterrupt` by the CLI) stops the
+    whole build or simulation, compilers included, before the exception goes on."""
+    import subprocess
+
+    from cocotb_tools.runner import get_runner
+
+    runner = get_runner("verilator")
+
+    def execute_cmds(cmds, cwd, stdout=None):
+        for cmd in cmds:
+            stderr = None if stdout is None else subprocess.STDOUT
+            proc = subprocess.Popen(cmd, cwd=cwd, env=runner.env, stdout=stdout, stderr=stderr,
+                                    start_new_session=True)
+            try:
+                code = proc.wait()
+            except BaseException:
+                _kill_group(proc)
+                raise
+            if code != 0:
+                raise RuntimeError(f"{Path(str(cmd[0])).name} exited with status {code}")
+
+    runner._execute_cmds = execute_cmds
+    return runner
+
+
+def _kill_group(proc):
+    """Terminate a child's process group, then kill what is left after a grace period."""
+    import signal
+    import subprocess
+    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def run_folder(run_dir, prefix):
+    """A folder for one simulation run: ``run_dir`` if given (kept), else a new temporary
+    folder that is removed when the run succeeds and kept when it fails, so the log an error
+    names is still there."""
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        yield run_dir
+        return
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    except RTLError:
+        raise                      # keep the folder: the message names its log
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @dataclass
 class StreamResult:
     outputs: dict      # name -> [rows, nbytes] uint8
@@ -81,53 +183,73 @@ class StreamResult:
 class RTLModel:
     """An Amaranth design built under Verilator, ready for cocotb runs.
 
+    The build is cached (:mod:`.modelcache`). Its key is the hash of the Verilog, or, when
+    ``identity`` is given, of ``identity`` and the sources of :mod:`fp8npu.hdl` (then the
+    Verilog is only generated on a cache miss and ``design`` may be a function returning the
+    design), together with the Verilator and cocotb versions and the build options.
+
     Parameters
     ----------
-    design : wiring.Component
+    design : wiring.Component or callable
         The design; it must use the default ``sync`` domain (ports ``clk`` and ``rst``).
     name : str
-        Top-level module name and build-folder prefix.
+        Top-level module name and cache-entry prefix.
     waves : bool or str
         Build with tracing so runs can dump waveforms: ``"vcd"`` (or True) for ``dump.vcd``,
         ``"fst"`` for the smaller ``dump.fst``, in the run directory.
+    extra_verilog : str
+        Verilog appended to the design's (modules it instantiates).
+    identity : str, optional
+        Everything that determines the design besides fp8npu's sources (for example a
+        configuration as JSON).
     """
 
-    def __init__(self, design, name, waves=False, extra_verilog=""):
+    def __init__(self, design, name, waves=False, extra_verilog="", identity=None):
         import cocotb
 
         self.name = name
         self.waves = self.wave_format(waves)
-        self.verilog = to_verilog(design, name) + extra_verilog
         verilator = find_verilator()
-        key = hashlib.sha256(
-            "\0".join([self.verilog, verilator.version_text, cocotb.__version__, str(self.waves),
-                       " ".join(VERILATOR_ARGS)]).encode()).hexdigest()[:16]
-        self.build_dir = cache_root() / "rtl" / f"{name}-{key}"
-        self._build()
+        options = [verilator.version_text, cocotb.__version__, str(self.waves), " ".join(VERILATOR_ARGS)]
+        if identity is None:
+            verilog = to_verilog(design() if callable(design) else design,
+                                 name) + extra_verilog
+            key_text = [verilog]
+            self._verilog = lambda: verilog
+        else:
+            key_text = [identity, _design_fingerprint(), extra_verilog]
 
-    def _build(self):
-        """Verilate and compile; a second call on an up-to-date build directory is a no-op
-        (Verilator skips identical inputs and make finds nothing to do)."""
-        from cocotb_tools.runner import get_runner
+            def generate():
+                made = design() if callable(design) else design
+                return to_verilog(made, name) + extra_verilog
+            self._verilog = generate
+        key = hashlib.sha256("\0".join(key_text + options).encode()).hexdigest()[:16]
+        self.key = key
+        self.build_dir = cached_model(name, key, name, self._build)
+        self._runner = _runner()
 
-        binary = self.build_dir / self.name
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        source = self.build_dir / f"{self.name}.v"
-        if not source.exists() or source.read_text() != self.verilog:
-            source.write_text(self.verilog)
-        log = self.build_dir / "build.log"
-        runner = get_runner("verilator")
+    @property
+    def verilog(self):
+        """The model's Verilog (kept in its cache entry)."""
+        return (self.build_dir / f"{self.name}.v").read_text()
+
+    def _build(self, folder):
+        """Verilate and compile into the empty private ``folder`` (see :mod:`.modelcache`)."""
+        source = folder / f"{self.name}.v"
+        source.write_text(self._verilog())
+        log = folder / "build.log"
+        runner = _runner()
         with _environment(verilator_env()):
             try:
-                runner.build(sources=[source], hdl_toplevel=self.name, build_dir=self.build_dir,
+                runner.build(sources=[source], hdl_toplevel=self.name, build_dir=folder,
                              build_args=VERILATOR_ARGS + (["--trace-fst"] if self.waves == "fst" else []),
                              waves=bool(self.waves), log_file=log)
             except (SystemExit, Exception) as exc:
-                raise RTLError(f"Verilator build of {self.name} failed ({exc}); see {log}:\n"
-                               f"{_log_tail(log)}") from None
-        if not binary.exists():
-            raise RTLError(f"Verilator build of {self.name} produced no simulator; see {log}:\n{_log_tail(log)}")
-        self._runner = runner
+                kept = cache_root() / "failed-builds" / f"{self.name}-{self.key}"
+                _remove_tree(kept)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(folder, kept, ignore=shutil.ignore_patterns("*.o", "*.a", "*.gch"))
+                raise _failure(f"Verilator build of {self.name}", kept / "build.log", str(exc)) from None
 
     @staticmethod
     def wave_format(waves):
@@ -148,7 +270,7 @@ class RTLModel:
         """Name of the waveform file a run with waves writes in its run directory."""
         return f"dump.{self.waves}" if self.waves else None
 
-    def run(self, test_module, extra_env, run_dir, waves=False):
+    def run(self, test_module, extra_env, run_dir, waves=False, plusargs=()):
         """Run a cocotb test module against the built model in ``run_dir``."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,17 +280,20 @@ class RTLModel:
         env["COCOTB_LOG_LEVEL"] = env.get("COCOTB_LOG_LEVEL", "WARNING")
         with _environment(env):
             try:
-                results = runner.test(test_module=test_module, hdl_toplevel=self.name,
+                results = runner.test(test_module=test_module, hdl_toplevel=self.name, hdl_toplevel_lang="verilog",
                                       build_dir=self.build_dir, test_dir=run_dir, extra_env=extra_env,
                                       waves=bool(waves and self.waves), log_file=log,
-                                      results_xml=str(run_dir / "results.xml"))
+                                      results_xml=str(run_dir / "results.xml"), plusargs=list(plusargs))
             except (SystemExit, Exception) as exc:
-                raise RTLError(f"simulation of {self.name} failed ({exc}); see {log}:\n{_log_tail(log)}") from None
+                raise _failure(f"simulation of {self.name}", log, str(exc)) from None
         from cocotb_tools.runner import get_results
-        tests, failed = get_results(results)
+        try:
+            tests, failed = get_results(results)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise _failure(f"simulation of {self.name}", log, f"no test results ({exc})") from None
         if tests == 0 or failed:
-            raise RTLError(f"simulation of {self.name}: {failed} of {tests} cocotb tests failed; "
-                           f"see {log}:\n{_log_tail(log)}")
+            raise _failure(f"simulation of {self.name}", log,
+                           f"{failed} of {tests} cocotb tests failed")
         return run_dir
 
     def stream(self, inputs, outputs, drain=4, run_dir=None, waves=False):
@@ -178,11 +303,7 @@ class RTLModel:
         names to their width in bytes. Returns a :class:`StreamResult` whose arrays have
         ``cycles + drain`` rows.
         """
-        with contextlib.ExitStack() as stack:
-            if run_dir is None:
-                run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{self.name}-"))
-            run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+        with run_folder(run_dir, f"{self.name}-") as run_dir:
             job = {"inputs": {}, "outputs": dict(outputs), "drain": drain,
                    "result": str(run_dir / "result.npz")}
             for port, rows in inputs.items():
@@ -218,3 +339,7 @@ def unpack_lanes(rows, width, lanes):
 
 def nbytes(width, lanes=1):
     return (width * lanes + 7) // 8
+
+
+def _remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
