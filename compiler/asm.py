@@ -69,6 +69,8 @@ class AsmError(isa.DecodeError):
     """
 
     def __init__(self, message, line=None):
+        # a hostile source can put a megabyte on one line: quote at most a little of it
+        message = re.sub(r"'([^']{60})[^']{4,}'", r"'\1...'", message)
         super().__init__(message if line is None else f"line {line}: {message}")
         self.line = line
 
@@ -130,8 +132,15 @@ def _parse_float_bits(name, text, lineno):
     return bits
 
 
+#: Longest value literal read: every field is at most 32 bits (a float needs no more either).
+MAX_LITERAL = 80
+
+
 def _parse_value(opcode, name, text, lineno):
     """Integer value of ``name=text`` (range checks are left to :func:`fp8npu.hdl.isa.encode`)."""
+    if len(text) > MAX_LITERAL:
+        raise AsmError(f"bad value {text[:20]}... for field {name}: {len(text)} characters, "
+                       f"at most {MAX_LITERAL} are read", lineno)
     symbols = SYMBOLS.get((opcode, name), ())
     if text.lower() in symbols:
         return symbols.index(text.lower())

@@ -10,12 +10,22 @@ Subcommands::
     fp8npu asm SOURCE [-o PROGRAM]
     fp8npu disasm PROGRAM [-o SOURCE]
 
-Every failure a user can cause (a bad parameter, a missing tool) ends with one line
-``fp8npu: error: ...`` and exit status 2, never a traceback.
+Every failure a user can cause (a bad parameter, a bad file, a missing tool) ends with one
+line ``fp8npu: error: ...`` and exit status 2, never a traceback. Outputs are checked before
+any long work, never replace an input, and are written atomically. SIGTERM stops a running
+simulation and removes its temporary files as Ctrl-C does (exit status 143). An unexpected
+failure (a bug) prints one ``fp8npu: internal error`` line naming the file that holds the
+traceback, exit status 3.
 """
 
 import argparse
+import contextlib
+import os
+import re
+import signal
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -49,41 +59,65 @@ def make_unit(name, stages=None):
 
 def load_cfg(path):
     """The :class:`NPUConfig` of a JSON file (default configuration for ``None``)."""
-    from fp8npu.hdl.config import load_config
+    from fp8npu.hdl.config import NPUConfig
+    if path is None:
+        return NPUConfig()
+    text = _input(path, "config", binary=False, limit=1 << 20)
     try:
-        return load_config(path)
+        return NPUConfig.from_json(text)
     except ValueError as exc:
-        raise UsageError(f"{path}: {exc}" if path else str(exc)) from None
+        raise UsageError(f"{path}: {exc}") from None
+
+
+#: Verilog-2005 keywords a module may not be named.
+_VERILOG_KEYWORDS = frozenset("""always and assign automatic begin buf bufif0 bufif1 case casex casez cell cmos config
+deassign default defparam design disable edge else end endcase endconfig endfunction endgenerate endmodule
+endprimitive endspecify endtable endtask event for force forever fork function generate genvar highz0 highz1 if
+ifnone incdir include initial inout input instance integer join large liblist library localparam macromodule
+medium module nand negedge nmos nor noshowcancelled not notif0 notif1 or output parameter pmos posedge primitive
+pull0 pull1 pulldown pullup pulsestyle_onevent pulsestyle_ondetect rcmos real realtime reg release repeat rnmos
+rpmos rtran rtranif0 rtranif1 scalared showcancelled signed small specify specparam strong0 strong1 supply0
+supply1 table task time tran tranif0 tranif1 tri tri0 tri1 triand trior trireg unsigned use uwire vectored wait
+wand weak0 weak1 while wire wor xnor xor""".split())
+
+
+def _top_name(name, default):
+    """The top module name: a Verilog identifier that is not a keyword."""
+    if name is None:
+        return default
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name) or name in _VERILOG_KEYWORDS:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise UsageError(f"--top must be a Verilog identifier (a letter or _, then letters, digits or _, "
+                         f"at most 128, not a keyword), not {shown!r}")
+    return name
 
 
 def cmd_generate(args):
     from fp8npu.sim.rtl import to_verilog
 
-    top = args.top or f"fp8npu_{args.unit}"
+    top = _top_name(args.top, f"fp8npu_{args.unit}")
+    out = _output(args.output, inputs=(args.config,), what="output")
     if args.unit == "npu":
         if args.stages is not None:
             raise UsageError("--stages does not apply to the npu; set mac_stages in the config")
         from fp8npu.hdl.npu import NPU
         cfg = load_cfg(args.config)
         text = to_verilog(NPU(cfg), top)
-        if args.output in (None, "-"):
+        if out in (None, "-"):
             sys.stdout.write(text)
         else:
-            _write(Path(args.output), text)
-            print(f"wrote {args.output} (NPU {cfg.rows}x{cfg.cols}, AXI {cfg.axi_data_bits}-bit, "
+            _write(out, text)
+            print(f"wrote {out} (NPU {cfg.rows}x{cfg.cols}, AXI {cfg.axi_data_bits}-bit, "
                   f"top module {top})", file=sys.stderr)
         return 0
     if args.config is not None:
         raise UsageError(f"--config applies to the npu only, not to the {args.unit}")
     unit = make_unit(args.unit, args.stages)
     text = to_verilog(unit, top)
-    if args.output in (None, "-"):
+    if out in (None, "-"):
         sys.stdout.write(text)
     else:
-        out = Path(args.output)
-        if out.parent and not out.parent.exists():
-            raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-        out.write_text(text)
+        _write(out, text)
         print(f"wrote {out} ({args.unit}, stages={unit.stages}, latency {unit.latency} cycles, "
               f"top module {top})", file=sys.stderr)
     return 0
@@ -92,7 +126,15 @@ def cmd_generate(args):
 def cmd_demo(args):
     from fp8npu.sim.demo import run_demo
 
-    return run_demo(out_dir=Path(args.out_dir), vectors=args.vectors, seed=args.seed)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder {str(out_dir)!r}: {exc.strerror or exc}") from None
+    _output(out_dir / "mac.v", what="output")
+    return run_demo(out_dir=out_dir, vectors=args.vectors, seed=args.seed)
 
 
 def cmd_bench(args):
@@ -113,27 +155,99 @@ def cmd_bench(args):
                          vectors=args.vectors)
 
 
-def _read(path, binary):
-    """Contents of an input file; a missing or unreadable file is a :class:`UsageError`."""
+#: Largest input file read: a program or DRAM image cannot exceed the 32-bit address space.
+MAX_INPUT_BYTES = 1 << 32
+
+
+def _input(path, what, binary=True, limit=MAX_INPUT_BYTES):
+    """Contents of an input file (bytes, or UTF-8 text). Anything but a regular file (a folder,
+    a FIFO, a device) or a file larger than ``limit`` is a :class:`UsageError`, checked before
+    reading, so nothing blocks or fills memory."""
+    path = Path(path)
     try:
-        return path.read_bytes() if binary else path.read_text(encoding="utf-8")
+        st = os.stat(path)
     except OSError as exc:
-        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise UsageError(f"the {what} {str(path)!r} is {kind}; give a file")
+    if st.st_size > limit:
+        raise UsageError(f"the {what} {str(path)!r} is {st.st_size:,} bytes; at most {limit:,} are allowed")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise UsageError(f"the {what} {str(path)!r} is larger than {limit:,} bytes")
+    if binary:
+        return data
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"cannot read {str(path)!r}: not UTF-8 text") from None
+        raise UsageError(f"cannot read the {what} {str(path)!r}: not UTF-8 text") from None
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _output(path, inputs=(), what="output"):
+    """Check an output path before any work: its folder exists, it is not a folder or a
+    special file, and it is none of the ``inputs`` (an output never replaces an input).
+    Returns the :class:`~pathlib.Path`; ``None`` and ``-`` (standard output) pass through."""
+    if path in (None, "-"):
+        return path
+    out = Path(path)
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} folder {str(parent)!r} does not exist")
+    if out.is_dir():
+        raise UsageError(f"the {what} {str(out)!r} is a folder; give a file name")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"the {what} {str(out)!r} is not a regular file")
+    for source in inputs:
+        if source is not None and (_same_file(out, source) or out.resolve() == Path(source).resolve()):
+            raise UsageError(f"the {what} {str(out)!r} would overwrite the input {str(source)!r}; "
+                             f"choose another with -o")
+    try:       # a real probe: permissions, read-only file systems and the like (also for root)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot write to the folder {str(parent)!r}: {exc.strerror or exc}") from None
+    return out
 
 
 def _write(path, data):
-    """Write an output file; a missing folder or a write failure is a :class:`UsageError`."""
-    if not path.parent.exists():
+    """Write an output file atomically: into a temporary file beside it, then renamed over it,
+    so a failure (full disk, no permission) leaves no half-written file and an old file intact."""
+    path = Path(path)
+    if not path.parent.is_dir():
         raise UsageError(f"output folder {str(path.parent)!r} does not exist")
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = None
     try:
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(data, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
     except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cmd_asm(args):
@@ -141,11 +255,9 @@ def cmd_asm(args):
     from fp8npu.hdl.isa import COMMAND_BYTES, DecodeError
 
     source = Path(args.source)
-    out = Path(args.output) if args.output else source.with_suffix(".bin")
-    if out.resolve() == source.resolve():
-        raise UsageError(f"the output would overwrite the source {str(source)!r}; choose one with -o")
+    out = _output(args.output if args.output else source.with_suffix(".bin"), inputs=(source,))
     try:
-        program = assemble(_read(source, binary=False))
+        program = assemble(_input(source, "assembly source", binary=False))
     except DecodeError as exc:
         raise UsageError(f"{source}: {exc}") from None
     _write(out, program)
@@ -158,14 +270,15 @@ def cmd_disasm(args):
     from fp8npu.hdl.isa import DecodeError
 
     program = Path(args.program)
+    out = _output(args.output, inputs=(program,))
     try:
-        text = disassemble(_read(program, binary=True))
+        text = disassemble(_input(program, "program"))
     except DecodeError as exc:
         raise UsageError(f"{program}: {exc}") from None
-    if args.output in (None, "-"):
+    if out in (None, "-"):
         sys.stdout.write(text)
     else:
-        _write(Path(args.output), text)
+        _write(out, text)
     return 0
 
 
@@ -173,11 +286,29 @@ def cmd_sim(args):
     import time
 
     from fp8npu.compiler.asm import assemble
-    from fp8npu.hdl.isa import COMMAND_BYTES, ERROR_TEXT, DecodeError, ErrorCode
+    from fp8npu.hdl.isa import (
+        ADDRESS_SPACE,
+        COMMAND_BYTES,
+        ERROR_TEXT,
+        DecodeError,
+        ErrorCode,
+        launch_problem,
+    )
 
+    # everything is checked before memory is allocated or a model is built
     cfg = load_cfg(args.config)
     source = Path(args.program)
-    raw = _read(source, binary=True)
+    inputs = (source, args.dram, args.config)
+    out = _output(args.output, inputs=inputs, what="output image")
+    waves = _output(args.waves, inputs=inputs + (args.output,), what="waveform file")
+    wave_format = False
+    if waves is not None:
+        if args.engine != "rtl":
+            raise UsageError("--waves needs --engine rtl")
+        wave_format = waves.suffix.lower().lstrip(".")
+        if wave_format not in ("vcd", "fst"):
+            raise UsageError(f"--waves must name a .vcd or .fst file, not {args.waves!r}")
+    raw = _input(source, "program")
     if source.suffix in (".s", ".asm"):
         try:
             program = assemble(raw.decode("utf-8", errors="replace"))
@@ -188,41 +319,41 @@ def cmd_sim(args):
     if not program or len(program) % COMMAND_BYTES:
         raise UsageError(f"{source}: a program is a non-empty whole number of {COMMAND_BYTES}-byte commands, "
                          f"not {len(program)} bytes")
-    dram = bytearray(_read(Path(args.dram), binary=True)) if args.dram else bytearray()
+    if args.dram_size is not None and args.dram_size < 0:
+        raise UsageError(f"--dram-size must not be negative, not {args.dram_size}")
+    image = _input(args.dram, "DRAM image") if args.dram else b""
     prog_addr = args.prog_addr
     if prog_addr is None:
-        prog_addr = (len(dram) + 4095) // 4096 * 4096
+        prog_addr = (len(image) + 4095) // 4096 * 4096
     if prog_addr % 32 or prog_addr % cfg.bus_bytes:
         raise UsageError(f"--prog-addr must be a multiple of 32 and of the bus width, not {prog_addr:#x}")
     end = prog_addr + len(program)
-    if len(dram) < end:
-        dram.extend(bytes(end - len(dram)))
-    dram[prog_addr:end] = program
-    size = max(len(dram), args.dram_size or 0)
-    dram.extend(bytes(size - len(dram)))
-    win_base, win_limit = 0, len(dram)
+    size = max(len(image), end, args.dram_size or 0)
+    if end > ADDRESS_SPACE:
+        raise UsageError(f"the program ({len(program):,} bytes at {prog_addr:#x}) ends past the 32-bit "
+                         f"address space (4 GiB)")
+    if size > ADDRESS_SPACE:
+        raise UsageError(f"--dram-size {size:#x} is beyond the 32-bit address space (at most 0x100000000)")
+    win_base, win_limit = 0, size
     if args.window:
         try:
-            lo, hi = (int(x, 0) for x in args.window.split(":"))
+            win_base, win_limit = (int(x, 0) for x in args.window.split(":"))
         except ValueError:
             raise UsageError(f"--window must be BASE:LIMIT (for example 0:0x100000), not {args.window!r}") from None
-        win_base, win_limit = lo, hi
     n = len(program) // COMMAND_BYTES
+    problem = launch_problem(size, prog_addr, n, win_base, win_limit)
+    if problem:
+        raise UsageError(problem)
+    dram = bytearray(size)
+    dram[:len(image)] = image
+    dram[prog_addr:end] = program
     if args.engine == "func":
         from fp8npu.sim import funcsim
-        try:
-            res = funcsim.run(None, bytes(dram), cfg, prog_addr, win_base, win_limit, prog_len=n)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        out, error, error_addr = res.dram, ErrorCode(res.error), res.error_addr
+        res = funcsim.run(None, bytes(dram), cfg, prog_addr, win_base, win_limit, prog_len=n)
+        final, error, error_addr = res.dram, ErrorCode(res.error), res.error_addr
         summary = f"estimated cycles {res.cycles:,}"
     else:
         from fp8npu.sim.npu_rtl import NPUSimulation
-        wave_format = False
-        if args.waves:
-            wave_format = Path(args.waves).suffix.lower().lstrip(".")
-            if wave_format not in ("vcd", "fst"):
-                raise UsageError(f"--waves must name a .vcd or .fst file, not {args.waves!r}")
         sim = NPUSimulation(cfg, waves=wave_format, fast_dram_bytes=len(dram) if args.fast else None)
         t0 = time.monotonic()
 
@@ -231,16 +362,16 @@ def cmd_sim(args):
                   f"commands dispatched", file=sys.stderr, flush=True)
 
         run = sim.run(dram, prog_addr, n, win_base, win_limit, backpressure=args.backpressure,
-                      max_cycles=args.max_cycles, waves=bool(args.waves), waves_to=args.waves,
+                      max_cycles=args.max_cycles, waves=bool(waves), waves_to=waves,
                       progress=progress if not args.quiet else None)
         if run.hung:
             raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
-        out, error, error_addr = run.dram, run.error, run.error_addr
+        final, error, error_addr = run.dram, run.error, run.error_addr
         r = run.registers
         summary = (f"cycles {r['CYCLES']:,}, MAC ops {r['MAC_BUSY']:,} (utilization {run.utilization:.1%}), "
                    f"DMA bytes {r['DMA_BYTES']:,}, compute stalls {r['STALL']:,}")
-    if args.output:
-        _write(Path(args.output), bytes(out))
+    if out:
+        _write(out, bytes(final))
     state = "done" if error == ErrorCode.NONE else (f"error {error.name} ({ERROR_TEXT[error]}) at command "
                                                     f"address {error_addr:#x}")
     print(f"{source}: {n} commands, {state}; {summary}")
@@ -304,8 +435,18 @@ def _stages(text):
         raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fp8npu's error format: one line, ``fp8npu: error: ...``, exit status 2."""
+
+    def error(self, message):
+        message = " ".join(message.split())
+        if len(message) > 300:
+            message = message[:297] + "..."
+        self.exit(2, f"fp8npu: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fp8npu", description="Open FP8 NPU toolkit: generate hardware, simulate it bit-exactly, "
                                    "build it for FPGAs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -398,21 +539,55 @@ def build_parser():
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that running simulators are stopped and temporary
+    folders removed on the way out, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once is enough
+    raise Terminated()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     from fp8npu.fpga.synth import ToolError
+    from fp8npu.sim.modelcache import CacheError
     from fp8npu.sim.rtl import RTLError
     from fp8npu.sim.toolchain import VerilatorError
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (UsageError, VerilatorError, ToolError, RTLError) as exc:
+    except (UsageError, VerilatorError, ToolError, RTLError, CacheError) as exc:
         print(f"fp8npu: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("fp8npu: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("fp8npu: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("fp8npu: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as exc:     # a bug: one line for the user, the traceback kept for the report
+        import traceback
+        fd, path = tempfile.mkstemp(prefix="fp8npu-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        print(f"fp8npu: internal error ({type(exc).__name__}: {str(exc)[:200]}); the traceback is in {path}; "
+              f"please report it", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

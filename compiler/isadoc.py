@@ -196,6 +196,14 @@ that says a buffer is free again. `SYNC` moves tokens without doing work. `END` 
 flags; it waits until every unit has finished. If every unit waits for a token that no command
 can give, the NPU stops with `{E.DEADLOCK.name}`.
 
+Each of the four token counters ({", ".join(f"`{t.name}`" for t in isa.Token)}) has a limit
+that does not depend on timing: over every first part of the program, the pushes to one
+counter minus the pops from it (its *program-order balance*) may be at most
+{isa.TOKEN_LIMIT:,} (`isa.TOKEN_LIMIT`). The command decoder keeps the four balances of the
+commands it has queued; a command that would take one past the limit stops the NPU with
+`{E.TOKEN_LIMIT.name}` at that command, after its static checks. A counter itself can then never
+hold more than the limit plus the pops already queued, and never wraps.
+
 An example: C = A x W for 8 x 8 E4M3 matrices on the default configuration (8 x 8 array,
 64-bit bus).
 
@@ -220,8 +228,11 @@ failure with that error code (`isa.validate`; hardware and simulator apply the s
 6. `{E.DRAM_WINDOW.name}`: a `LOAD` or `STORE` that moves bytes touches DRAM outside
    [`WIN_BASE`, `WIN_LIMIT`).
 
-`{E.DEADLOCK.name}`, `{E.FETCH_WINDOW.name}`, `{E.BUS_ERROR.name}` and `{E.NO_END.name}` are found while the program
-runs. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
+`{E.DEADLOCK.name}`, `{E.FETCH_WINDOW.name}`, `{E.BUS_ERROR.name}`, `{E.NO_END.name}` and `{E.TOKEN_LIMIT.name}` are found while
+the program runs. `{E.FETCH_WINDOW.name}` (at `PROG_ADDR`): `PROG_ADDR` is not a multiple of 32, or
+[`PROG_ADDR`, `PROG_ADDR` + 32 x `PROG_LEN`) does not lie inside [`WIN_BASE`, `WIN_LIMIT`)
+(for `PROG_LEN` = 0: `PROG_ADDR` < `WIN_BASE` or `PROG_ADDR` > `WIN_LIMIT`); the sum is
+computed without truncation. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
 `LOAD` or `STORE` whose transfer was refused, or the command whose fetch was refused. A refused
 fetch is reported when that command's turn comes, after the commands before it have been
 checked (the NPU fetches ahead; a refused fetch past `END` is not an error). A refused
@@ -230,7 +241,13 @@ same clock cycle. The NPU still completes every burst it has started before it r
 error, as AXI requires.
 
 The NPU fetches commands ahead of running them, so a program that stores over its own
-commands has undefined results."""
+commands has undefined results.
+
+The host (fp8npu's simulators and drivers) never starts the NPU with a DMA window that reaches
+past the memory: [`WIN_BASE`, `WIN_LIMIT`) must lie inside the DRAM (`isa.launch_problem`). The
+simulated DRAMs answer SLVERR to any access past their memory and never wrap an address
+around. The performance counters (`CYCLES`, `MAC_BUSY`, `DMA_BYTES`, `STALL`, `COMMANDS`) are
+32 bits and count modulo 2^32."""
 
 
 def _assembly():

@@ -15,6 +15,12 @@ from dataclasses import asdict, dataclass, fields
 __all__ = ["NPUConfig", "load_config"]
 
 
+def _short(value):
+    """``repr`` of a bad value, cut to 60 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _pow2(n):
     p = 1
     while p < n:
@@ -68,27 +74,29 @@ class NPUConfig:
                 ok = False
             if not ok:
                 kind = "a power of two" if pow2 else "an integer"
-                raise ValueError(f"{name} must be {kind} from {lo} to {hi}, not {v!r}")
+                raise ValueError(f"{name} must be {kind} from {lo} to {hi}, not {_short(v)}")
 
         integer("rows", 1, 16)
         integer("cols", 1, 16)
         integer("sp_lines", 16, 65536, pow2=True)
         integer("acc_lines", 16, 65536, pow2=True)
-        if self.axi_data_bits not in (32, 64, 128, 256):
-            raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {self.axi_data_bits!r}")
-        if self.axi_addr_bits != 32:
-            raise ValueError(f"axi_addr_bits must be 32, not {self.axi_addr_bits!r}")
+        if self.axi_data_bits not in (32, 64, 128, 256) or type(self.axi_data_bits) is not int:
+            raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {_short(self.axi_data_bits)}")
+        if self.axi_addr_bits != 32 or isinstance(self.axi_addr_bits, bool):
+            raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
         integer("queue_depth", 2, 64, pow2=True)
         integer("max_burst", 1, 256, pow2=True)
-        if self.mac_stages not in (0, 1) or isinstance(self.mac_stages, bool):
-            raise ValueError(f"mac_stages must be one of 0, 1, not {self.mac_stages!r}")
+        if self.mac_stages not in (0, 1) or type(self.mac_stages) is not int:
+            raise ValueError(f"mac_stages must be one of 0, 1, not {_short(self.mac_stages)}")
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))
             formats = self.formats
-        if (not isinstance(formats, tuple) or not formats or len(set(formats)) != len(formats)
-                or any(f not in ("e4m3", "e5m2") for f in formats)):
-            raise ValueError(f"formats must be a non-empty list of distinct names from e4m3, e5m2, not {formats!r}")
+        if (not isinstance(formats, tuple) or not formats or not all(isinstance(f, str) for f in formats)
+                or len(set(formats)) != len(formats) or any(f not in ("e4m3", "e5m2") for f in formats)):
+            shown = repr(formats)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"formats must be a non-empty list of distinct names from e4m3, e5m2, not {shown}")
 
     # ---- derived geometry ------------------------------------------------------------
     @property
@@ -136,7 +144,7 @@ class NPUConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(known)}")
+            raise ValueError(f"unknown config key {_short(unknown[0])}; allowed keys: {', '.join(known)}")
         return cls(**data)
 
     @classmethod
@@ -145,6 +153,10 @@ class NPUConfig:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise ValueError("config is nested too deeply to be an NPU config") from None
+        except ValueError:      # an integer literal of thousands of digits
+            raise ValueError("config is not valid JSON: it holds a number with too many digits") from None
         return cls.from_dict(data)
 
 

@@ -24,9 +24,11 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "StoreFormat", "ErrorCode", "Field", "FIELDS",
-    "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode", "encode_program", "decode_program",
-    "validate", "Register", "REGISTER_DOC", "DecodeError", "ERROR_TEXT",
+    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "Token", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
+    "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
+    "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
+    "ADDRESS_SPACE", "launch_problem",
+    "DecodeError", "ERROR_TEXT",
 ]
 
 COMMAND_BITS = 256
@@ -49,6 +51,31 @@ class Unit(enum.IntEnum):
     STORE = 2
 
 
+class Token(enum.IntEnum):
+    """The four token counters, named producer -> consumer."""
+
+    LOAD_TO_COMPUTE = 0
+    COMPUTE_TO_LOAD = 1
+    COMPUTE_TO_STORE = 2
+    STORE_TO_COMPUTE = 3
+
+
+#: The counter each token flag of each unit uses: (pop_prev, pop_next, push_prev, push_next).
+#: None where the unit has no such neighbour (:func:`validate` refuses those flags).
+TOKEN_OF_FLAG = {
+    Unit.LOAD: (None, Token.COMPUTE_TO_LOAD, None, Token.LOAD_TO_COMPUTE),
+    Unit.COMPUTE: (Token.LOAD_TO_COMPUTE, Token.STORE_TO_COMPUTE, Token.COMPUTE_TO_LOAD, Token.COMPUTE_TO_STORE),
+    Unit.STORE: (Token.COMPUTE_TO_STORE, None, Token.STORE_TO_COMPUTE, None),
+}
+
+#: Largest program-order balance of a token counter: over any first part of a program, the
+#: commands' pushes to one counter minus their pops from it. A command that would take a balance
+#: past it stops the NPU with TOKEN_LIMIT when it reaches the command decoder. The balance is a
+#: property of the program alone (not of timing), so every implementation stops at the same
+#: command; the hardware's counters are sized so they can never wrap below this limit.
+TOKEN_LIMIT = 65535
+
+
 class StoreFormat(enum.IntEnum):
     FP32 = 0
     E4M3 = 1
@@ -69,6 +96,7 @@ class ErrorCode(enum.IntEnum):
     FETCH_WINDOW = 8     # the program itself is misaligned or outside the DMA window
     BUS_ERROR = 9        # an AXI read or write answered SLVERR or DECERR
     NO_END = 10          # the program ended (PROG_LEN reached) without an END command
+    TOKEN_LIMIT = 11     # a token counter's program-order balance would exceed TOKEN_LIMIT
 
 
 ERROR_TEXT = {
@@ -83,6 +111,7 @@ ERROR_TEXT = {
     ErrorCode.FETCH_WINDOW: "program misaligned or outside the DMA window",
     ErrorCode.BUS_ERROR: "AXI bus error response",
     ErrorCode.NO_END: "program ended without END",
+    ErrorCode.TOKEN_LIMIT: "more tokens pushed than popped than a token counter holds",
 }
 
 
@@ -379,6 +408,31 @@ def validate(cmd, cfg, win_base, win_limit):
     return ErrorCode.NONE
 
 
+def token_deltas(cmd):
+    """``{Token: +1 or -1}``: how a valid command changes the token balances (pushes +1, pops -1)."""
+    unit = cmd.unit
+    if unit is None or cmd.opcode == Opcode.END:
+        return {}
+    pop_prev, pop_next, push_prev, push_next = TOKEN_OF_FLAG[unit]
+    deltas = {}
+    for token, on, delta in ((pop_prev, cmd.pop_prev, -1), (pop_next, cmd.pop_next, -1),
+                             (push_prev, cmd.push_prev, 1), (push_next, cmd.push_next, 1)):
+        if on and token is not None:
+            deltas[token] = deltas.get(token, 0) + delta
+    return deltas
+
+
+def token_check(cmd, balance):
+    """TOKEN_LIMIT if dispatching ``cmd`` would take a balance (``balance[token]``, updated in
+    place when it does not) past :data:`TOKEN_LIMIT`, else NONE."""
+    deltas = token_deltas(cmd)
+    if any(balance[t] + d > TOKEN_LIMIT for t, d in deltas.items()):
+        return ErrorCode.TOKEN_LIMIT
+    for t, d in deltas.items():
+        balance[t] += d
+    return ErrorCode.NONE
+
+
 class Register(enum.IntEnum):
     """AXI4-Lite control and status registers (byte offsets, 32-bit each)."""
 
@@ -414,6 +468,26 @@ REGISTER_DOC = {
     Register.CONFIG: "R: rows in [7:0], cols in [15:8], log2(bus bytes) in [19:16]",
     Register.COMMANDS: "R: commands dispatched in the last run",
 }
+
+
+ADDRESS_SPACE = 1 << 32
+
+
+def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit):
+    """Why the host must not start the NPU with these register values on a memory of
+    ``memory_bytes`` (one sentence), or None. Every engine and host path applies this one rule:
+    registers are 32-bit, memory fits the 32-bit address space, and the DMA window lies inside
+    the memory, so no access can reach past it."""
+    for name, value in (("PROG_ADDR", prog_addr), ("PROG_LEN", prog_len), ("WIN_BASE", win_base),
+                        ("WIN_LIMIT", win_limit)):
+        if not isinstance(value, int) or not 0 <= value < ADDRESS_SPACE:
+            return f"{name} must be a 32-bit register value (0 to 0xffffffff), not {value!r}"
+    if memory_bytes > ADDRESS_SPACE:
+        return f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space (at most 4 GiB)"
+    if not win_base <= win_limit <= memory_bytes:
+        return (f"the DMA window [0x{win_base:x}, 0x{win_limit:x}) must lie inside the "
+                f"{memory_bytes}-byte DRAM image")
+    return None
 
 
 def pack_f32(x):

@@ -167,7 +167,11 @@ class NPUCore(wiring.Component):
 
         # ---------------- tokens -----------------------------------------------------------
         # index: 0 load->compute, 1 compute->load, 2 compute->store, 3 store->compute
-        tok = [Signal(16, name=f"tok{i}") for i in range(4)]
+        # A counter never exceeds its program-order balance (at most isa.TOKEN_LIMIT, checked by
+        # the dispatcher) plus the pops dispatched but not yet taken (at most queue_depth + 1),
+        # so these widths never wrap.
+        tok_bits = (isa.TOKEN_LIMIT + cfg.queue_depth + 1).bit_length()
+        tok = [Signal(tok_bits, name=f"tok{i}") for i in range(4)]
         tok_push = [Signal(name=f"tok_push{i}") for i in range(4)]
         tok_pop = [Signal(name=f"tok_pop{i}") for i in range(4)]
         for i in range(4):
@@ -208,7 +212,7 @@ class NPUCore(wiring.Component):
         f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
-        prog_end = Signal(33)
+        prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
         m.d.comb += prog_end.eq(self.prog_addr + (self.prog_len << 5))
         fetch_ok = ((self.prog_addr & 31) == 0) & ((self.prog_addr & (B - 1)) == 0) \
             & (self.prog_addr >= self.win_base) & (prog_end <= self.win_limit)
@@ -283,11 +287,20 @@ class NPUCore(wiring.Component):
         q_ready = Array([lq.w_rdy, cq.w_rdy, sq.w_rdy])[target]
         blocked_on_queue = Signal()
         m.d.comb += [lq.w_data.eq(Cat(cmd, cmd_addr)), cq.w_data.eq(cmd), sq.w_data.eq(Cat(cmd, cmd_addr))]
+        # program-order token balances (isa.token_check): pushes minus pops of dispatched commands
+        bal_bits = (isa.TOKEN_LIMIT + 1).bit_length() + (cfg.queue_depth + 2).bit_length() + 1
+        balance = [Signal(range(-(1 << (bal_bits - 1)), 1 << (bal_bits - 1)), name=f"tok_balance{i}")
+                   for i in range(4)]
+        deltas = self._token_deltas(m, cmd, target)
+        over_limit = Signal()
+        m.d.comb += over_limit.eq(Cat(*[(d > 0) & (b == isa.TOKEN_LIMIT) for b, d in zip(balance, deltas)]).any())
         with m.If(head):
             with m.If(fetch_refused):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(cmd_addr)]
             with m.Elif(verdict != 0):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(verdict), raise_addr.eq(cmd_addr)]
+            with m.Elif(over_limit & (op != isa.Opcode.END)):
+                m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.TOKEN_LIMIT), raise_addr.eq(cmd_addr)]
             with m.Elif(op == isa.Opcode.END):
                 m.d.comb += fq.r_en.eq(1)
                 m.d.sync += [at_end.eq(1), dispatched.eq(dispatched + 1)]
@@ -295,6 +308,7 @@ class NPUCore(wiring.Component):
                 m.d.comb += fq.r_en.eq(1)
                 m.d.comb += Array([lq.w_en, cq.w_en, sq.w_en])[target].eq(1)
                 m.d.sync += dispatched.eq(dispatched + 1)
+                m.d.sync += [b.eq(b + d) for b, d in zip(balance, deltas)]
             with m.Else():
                 m.d.comb += blocked_on_queue.eq(1)
         blocked_addr = Signal(32)
@@ -435,6 +449,20 @@ class NPUCore(wiring.Component):
         with m.Else():
             m.d.comb += code.eq(E.NONE)
         return code
+
+    @staticmethod
+    def _token_deltas(m, cmd, target):
+        """Per token counter, +1 / -1 / 0: how dispatching ``cmd`` (for unit ``target``) changes
+        its program-order balance (the mirror of :func:`fp8npu.hdl.isa.token_deltas`)."""
+        flags = [common(cmd, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next")]
+        deltas = [Signal(range(-1, 2), name=f"tok_delta{t}") for t in range(4)]
+        with m.Switch(target):
+            for unit, tokens in isa.TOKEN_OF_FLAG.items():
+                with m.Case(unit):
+                    for flag, token, sign in zip(flags, tokens, (-1, -1, 1, 1)):
+                        if token is not None:
+                            m.d.comb += deltas[token].eq(Mux(flag, sign, 0))
+        return deltas
 
     # ------------------------------------------------------------------------------------
     def _burst_len(self, left, addr):

@@ -16,13 +16,18 @@ Execution model (the hardware's)
 --------------------------------
 The host writes the program to DRAM and sets PROG_ADDR, PROG_LEN, WIN_BASE and WIN_LIMIT
 (:class:`~fp8npu.hdl.isa.Register`). The program must be 32-byte aligned and lie inside
-``[WIN_BASE, WIN_LIMIT)``, else FETCH_WINDOW at PROG_ADDR. A dispatcher then fetches the
+``[WIN_BASE, WIN_LIMIT)`` (an empty program: ``WIN_BASE <= PROG_ADDR <= WIN_LIMIT``), else
+FETCH_WINDOW at PROG_ADDR. A dispatcher then fetches the
 commands in order, decodes them and applies :func:`~fp8npu.hdl.isa.validate`; the first
 error stops everything, with ERROR_ADDR = the address of that command. A valid command
 enters its unit's FIFO queue (``cfg.queue_depth`` deep, plus the head command the unit
 holds while it waits for tokens; SYNC goes to the unit named by its
 ``unit`` field). END waits until all queues are empty and all units idle, then sets DONE.
 Reaching PROG_LEN without END is NO_END at the address just past the program.
+
+Before a command is queued, the dispatcher also keeps each token counter's program-order
+balance (pushes minus pops of the commands dispatched so far); a command that would take one
+past ``isa.TOKEN_LIMIT`` stops the run with TOKEN_LIMIT at its address, on both engines alike.
 
 Each unit (load, compute, store) runs its queue in order. A command whose pop flags need
 tokens waits until those counters are positive, consumes one token from each, executes
@@ -69,7 +74,6 @@ Run ``python -m fp8npu.sim.funcsim --bench`` for the speed of a 1024^3 E4M3 GEMM
 """
 
 import argparse
-import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -96,22 +100,8 @@ MATMUL_FILL = 3
 VECTOR_FILL = 4
 
 
-class Token(enum.IntEnum):
-    """The four token counters, named producer -> consumer."""
-
-    LOAD_TO_COMPUTE = 0
-    COMPUTE_TO_LOAD = 1
-    COMPUTE_TO_STORE = 2
-    STORE_TO_COMPUTE = 3
-
-
-#: Counter used by each token flag of each unit: (pop_prev, pop_next, push_prev, push_next).
-#: None where the unit has no such neighbour (isa.validate rejects those flags).
-_TOKEN_OF_FLAG = {
-    Unit.LOAD: (None, Token.COMPUTE_TO_LOAD, None, Token.LOAD_TO_COMPUTE),
-    Unit.COMPUTE: (Token.LOAD_TO_COMPUTE, Token.STORE_TO_COMPUTE, Token.COMPUTE_TO_LOAD, Token.COMPUTE_TO_STORE),
-    Unit.STORE: (Token.COMPUTE_TO_STORE, None, Token.STORE_TO_COMPUTE, None),
-}
+Token = isa.Token
+_TOKEN_OF_FLAG = isa.TOKEN_OF_FLAG
 
 _STORE_BYTES = {StoreFormat.FP32: 4, StoreFormat.E4M3: 1, StoreFormat.E5M2: 1}
 
@@ -367,6 +357,7 @@ class _Simulator:
         self.max_commands = max_commands
         self.units = [_Unit(u) for u in Unit]
         self.tokens = [deque() for _ in Token]   # arrival time of each available token
+        self.balance = {t: 0 for t in Token}     # program-order balance of each counter (isa.TOKEN_LIMIT)
         self.commands = 0
         self.fetches = 0
         self.t_dispatch = 0       # time the dispatcher fetches the next command
@@ -380,7 +371,10 @@ class _Simulator:
         cmd = isa.decode(self.mem[addr:addr + COMMAND_BYTES].tobytes())
         self.fetches += 1
         fetched = self.t_dispatch + -(-COMMAND_BYTES // self.cfg.bus_bytes)
-        return cmd, addr, fetched, isa.validate(cmd, self.cfg, self.win_base, self.win_limit)
+        error = isa.validate(cmd, self.cfg, self.win_base, self.win_limit)
+        if error == ErrorCode.NONE:
+            error = isa.token_check(cmd, self.balance)
+        return cmd, addr, fetched, error
 
     def _enqueue(self, cmd, fetched):
         """Put a valid command into its unit's queue at the time the queue has room."""
@@ -428,8 +422,7 @@ class _Simulator:
     # ---- main loop ---------------------------------------------------------------------------
     def run(self):
         prog_end = self.prog_addr + self.prog_len * COMMAND_BYTES
-        if self.prog_addr % COMMAND_BYTES or (
-                self.prog_len and not self.win_base <= self.prog_addr < prog_end <= self.win_limit):
+        if self.prog_addr % COMMAND_BYTES or self.prog_addr < self.win_base or prog_end > self.win_limit:
             self._stop(ErrorCode.FETCH_WINDOW, self.prog_addr)
             return self._result()
         pc, pending, state = 0, None, "blocked"
@@ -510,11 +503,9 @@ def run(program, dram, cfg, prog_addr=0, win_base=0, win_limit=None, max_command
     elif prog_len is None:
         raise ValueError("prog_len is required when the program is already in DRAM (program=None)")
     win_limit = len(mem) if win_limit is None else win_limit
-    if not 0 <= win_base <= win_limit <= min(len(mem), 1 << 32):
-        raise ValueError(f"the DMA window [0x{win_base:x}, 0x{win_limit:x}) must lie inside the "
-                         f"{len(mem)}-byte DRAM image")
-    if not 0 <= prog_len < 1 << 32 or not 0 <= prog_addr < 1 << 32:
-        raise ValueError("prog_addr and prog_len must be 32-bit register values")
+    problem = isa.launch_problem(len(mem), prog_addr, prog_len, win_base, win_limit)
+    if problem:
+        raise ValueError(problem)
     return _Simulator(mem, cfg, prog_addr, prog_len, win_base, win_limit, max_commands).run()
 
 

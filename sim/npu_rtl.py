@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass
 
 from fp8npu.hdl.config import NPUConfig
-from fp8npu.hdl.isa import ErrorCode
+from fp8npu.hdl.isa import ErrorCode, launch_problem
 from fp8npu.hdl.npu import NPU
 
 from .rtl import RTLModel, run_folder
@@ -97,29 +97,38 @@ class NPUSimulation:
         ``progress``, if given, is called about every ``progress_every`` seconds with a dict of
         the NPU's CYCLES and COMMANDS counters, when they have changed (the simulation appends
         them to ``progress.jsonl`` in the run directory every ``progress_cycles`` cycles), and
-        once more at the end with the final counts. ``mapped_bytes`` (cocotbext-axi DRAM only)
-        makes the bus answer SLVERR to any access at or above that address; the DRAM returned is
-        zero there.
+        once more at the end with the final counts. Only the image's bytes exist: the DRAM answers
+        SLVERR to any access at or above ``len(dram)``, or above ``mapped_bytes`` if that is
+        given (the DRAM returned is zero there).
         """
         dram = bytes(dram)
         if waves and not self.model.waves:
             raise ValueError("this simulation was built without waveforms: create it with "
                              "NPUSimulation(cfg, waves='vcd' or 'fst')")
-        if mapped_bytes is not None and self.fast_dram_bytes:
-            raise ValueError("mapped_bytes needs the cocotbext-axi DRAM, not the simulation DRAM")
         if self.fast_dram_bytes:
             if len(dram) > self.fast_dram_bytes:
                 raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
                                  f"({self.fast_dram_bytes} bytes)")
         if win_limit is None:
             win_limit = len(dram)
+        problem = launch_problem(len(dram), prog_addr, prog_len, win_base, win_limit)
+        if problem:
+            raise ValueError(problem)
         with run_folder(run_dir, "fp8npu-run-") as d:
-            (d / "dram_in.bin").write_bytes(dram)
+            plusargs = []
+            if self.fast_dram_bytes:
+                from .simdram import write_hex
+                write_hex(d / "dram_in.hex", dram, self.cfg.bus_bytes)
+                plusargs = [f"+fp8npu_dram_in={d / 'dram_in.hex'}", f"+fp8npu_dram_out={d / 'dram_out.hex'}",
+                            f"+fp8npu_dram_words={-(-len(dram) // self.cfg.bus_bytes)}"]
+            else:
+                (d / "dram_in.bin").write_bytes(dram)
             job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
                    "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,
                    "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
                    "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
                    "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
+                   "dram_hex_out": str(d / "dram_out.hex"),
                    "mapped_bytes": mapped_bytes}
             if progress:
                 job["progress"] = str(d / "progress.jsonl")
@@ -133,7 +142,8 @@ class NPUSimulation:
             if progress:
                 watcher.start()
             try:
-                self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves)
+                self.model.run("fp8npu.sim.npu_tb", {"FP8NPU_NPU_JOB": str(d / "job.json")}, d, waves=waves,
+                               plusargs=plusargs)
             finally:
                 stop.set()
                 if progress:

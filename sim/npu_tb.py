@@ -1,16 +1,17 @@
 """cocotb testbench for the NPU (runs inside the simulator).
 
-Roles: the *DRAM model* is cocotbext-axi's ``AxiRam`` on the ``m_axi`` port, the *host
-driver* is cocotbext-axi's ``AxiLiteMaster`` on ``s_axil``. The job (a JSON file named by
-``FP8NPU_NPU_JOB``) gives the DRAM image, the program address and length, the DMA window,
-whether to apply random backpressure, a cycle limit, and optionally ``mapped_bytes``: only
-that much DRAM exists and the bus answers SLVERR above it (``AxiSlave`` over an
-``AddressSpace``, for bus-error tests). The testbench writes the image,
-programs the registers, starts the NPU, waits for its ``irq`` output, then records the
-registers and the whole DRAM for the caller to check. The testbench itself acts only at these
-transaction boundaries; the cocotbext-axi DRAM models act on every clock while the bus is
-busy, which is why long runs use the simulation DRAM (``fast``), where no Python runs
-between start and ``irq``.
+Roles: the *DRAM model* is cocotbext-axi's ``AxiSlave`` over an ``AddressSpace`` on the
+``m_axi`` port, or, on the fast path, the simulation DRAM inside the design
+(:mod:`fp8npu.sim.simdram`); the *host driver* is cocotbext-axi's ``AxiLiteMaster`` on
+``s_axil``. The job (a JSON file named by ``FP8NPU_NPU_JOB``) gives the DRAM image, the
+program address and length, the DMA window, whether to apply random backpressure, a cycle
+limit, and optionally ``mapped_bytes``. Only the image's bytes (or the first ``mapped_bytes``)
+exist: both DRAM models answer SLVERR to an access above them and never wrap an address
+around. The testbench loads the image, programs the registers, starts the NPU, waits for its
+``irq`` output, then records the registers and the whole DRAM for the caller to check. The
+testbench itself acts only at these transaction boundaries; the cocotbext-axi model acts on
+every clock while the bus is busy, which is why long runs use the simulation DRAM (``fast``),
+where no Python runs between start and ``irq`` and the image moves through files in bulk.
 """
 
 import json
@@ -22,33 +23,29 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.simtime import get_sim_time
 from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
-from cocotbext.axi import AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam, AxiSlave, MemoryRegion
+from cocotbext.axi import AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiSlave, MemoryRegion
 from fp8npu.hdl.isa import Register
 
 
-class _ArrayDRAM:
-    """Byte-level access to the simulation DRAM's word array (only non-zero words are written)."""
+class _SimDRAM:
+    """The simulation DRAM inside the design (fp8npu.sim.simdram): loaded from a file by the
+    simulator before time 0, written back to a file on a pulse of ``dram_dump``."""
 
-    def __init__(self, mem, bus_bytes):
-        self.mem = mem
-        self.bus_bytes = bus_bytes
+    def __init__(self, dut, job):
+        self.dut = dut
+        self.job = job
 
     def write(self, address, data):
-        import numpy as np
-        assert address == 0
-        b = self.bus_bytes
-        data = bytes(data) + bytes(-len(data) % b)
-        words = np.frombuffer(data, dtype=np.uint8).reshape(-1, b)
-        for i in np.flatnonzero(words.any(axis=1)):
-            self.mem[int(i)].value = int.from_bytes(words[i].tobytes(), "little")
+        pass            # loaded by $readmemh from the job's hex file
 
-    def read(self, address, length):
-        assert address == 0
-        b = self.bus_bytes
-        out = bytearray()
-        for i in range((length + b - 1) // b):
-            out += int(self.mem[i].value).to_bytes(b, "little")
-        return bytes(out[:length])
+    async def dump(self):
+        from fp8npu.sim.simdram import read_hex
+        self.dut.dram_dump.value = 1
+        await RisingEdge(self.dut.clk)
+        await RisingEdge(self.dut.clk)
+        self.dut.dram_dump.value = 0
+        await RisingEdge(self.dut.clk)
+        return read_hex(self.job["dram_hex_out"], self.job["bus_bytes"], self.job["dram_size"])
 
 
 CLOCK_NS = 10
@@ -56,7 +53,8 @@ CLOCK_NS = 10
 
 class _MappedDRAM:
     """cocotbext-axi's ``AxiSlave`` over an address space where only ``[0, mapped)`` is memory:
-    bursts that touch anything above are answered SLVERR (to test bus-error handling)."""
+    bursts that touch anything above are answered SLVERR, never wrapped around (AxiRam would
+    wrap an address modulo its size)."""
 
     def __init__(self, dut, mapped):
         space = AddressSpace(2 ** 32)
@@ -87,14 +85,15 @@ async def run_program(dut):
     Clock(dut.clk, CLOCK_NS, unit="ns").start()
     fast = bool(job.get("fast"))
     host = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil"), dut.clk, dut.rst)
+    mapped = job["dram_size"] if job.get("mapped_bytes") is None else job["mapped_bytes"]
     if fast:
-        # DRAM inside the design (fp8npu.sim.simdram): load and read it through the simulator
-        ram = _ArrayDRAM(dut.dram.store.words, job["bus_bytes"])
+        # DRAM inside the design (fp8npu.sim.simdram), loaded and dumped through files
+        ram = _SimDRAM(dut, job)
         dut.stall_threshold.value = int(job.get("backpressure", 0) * 256) if job.get("backpressure") else 0
-    elif job.get("mapped_bytes") is not None:
-        ram = _MappedDRAM(dut, job["mapped_bytes"])
+        dut.dram_limit.value = mapped
+        dut.dram_dump.value = 0
     else:
-        ram = AxiRam(AxiBus.from_prefix(dut, "m_axi"), dut.clk, dut.rst, size=job["dram_size"])
+        ram = _MappedDRAM(dut, mapped)
     if job.get("backpressure") and not fast:
         rng = random.Random(job.get("seed", 1))
         for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel,
@@ -104,8 +103,9 @@ async def run_program(dut):
     await ClockCycles(dut.clk, 4)
     dut.rst.value = 0
     await ClockCycles(dut.clk, 2)
-    with open(job["dram_in"], "rb") as f:
-        ram.write(0, f.read())
+    if not fast:
+        with open(job["dram_in"], "rb") as f:
+            ram.write(0, f.read())
 
     async def wr(reg, value):
         await host.write_dword(int(reg), value)
@@ -142,8 +142,9 @@ async def run_program(dut):
     elapsed = time.perf_counter() - start
     regs = {r.name: await rd(r) for r in Register if r != Register.CTRL}
     await RisingEdge(dut.clk)
+    image = await ram.dump() if fast else ram.read(0, job["dram_size"])
     with open(job["dram_out"], "wb") as f:
-        f.write(ram.read(0, job["dram_size"]))
+        f.write(image)
     with open(job["result"], "w") as f:
         json.dump({"registers": regs, "hung": bool(status & 1), "wall_seconds": elapsed,
                    "waited_cycles": waited}, f)

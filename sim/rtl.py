@@ -30,8 +30,8 @@ __all__ = ["RTLError", "RTLModel", "StreamResult", "cache_root", "log_cause", "p
 # changes in arithmetic, unused bits of shared signals). They are not errors.
 # cocotb's runner marks every signal public (--public-flat-rw), which keeps Verilator from
 # inlining or removing anything, so large designs simulate many times slower and compile to
-# far more C++. Only top-level ports are made visible instead; a signal a testbench needs inside
-# the design carries a /*verilator public_flat_rw*/ comment. Waveforms still show every signal.
+# far more C++. Only top-level ports are made visible instead (a signal a testbench needs inside
+# the design would carry a /*verilator public_flat_rw*/ comment). Waveforms still show every signal.
 VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNUSEDSIGNAL", "-O3",
                   "--no-public-flat-rw", "--public-depth", "1"]
 

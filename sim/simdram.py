@@ -3,8 +3,8 @@
 cocotbext-axi's ``AxiRam`` is the reference bus model, but it runs Python on every clock
 edge, which limits a simulation to some ten thousand cycles per second. For long runs
 (benchmarks, large GEMMs) :class:`NPUWithDRAM` puts the DRAM inside the simulated design:
-cocotb then only loads the image (through the simulator's access to the memory array), writes
-the registers, waits, and reads the image back, so the simulator runs at full speed between
+cocotb then only hands the image over (as a file the simulator loads), writes
+the registers, waits, and has the image dumped back, so the simulator runs at full speed between
 those transaction boundaries. Both paths must give identical results (tests check it).
 
 :class:`SimDRAM` serves INCR bursts: reads one beat per cycle after a one-cycle address phase,
@@ -13,7 +13,7 @@ backpressure: when ``stall_threshold`` is non-zero, each channel's ready/valid i
 cycles where an LFSR byte is below the threshold.
 """
 
-from amaranth.hdl import Cat, ClockSignal, Instance, Module, Signal
+from amaranth.hdl import Cat, ClockSignal, Instance, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -23,9 +23,10 @@ from fp8npu.hdl.npu import NPU
 __all__ = ["SimDRAM", "NPUWithDRAM", "SIM_MEMORY_VERILOG"]
 
 #: The DRAM array itself, as plain behavioural Verilog (simulation only). Amaranth memories
-#: of many megabytes take the Verilog backend minutes; this module costs nothing. cocotb
-#: reaches the array as ``dut.dram.store.words`` (the one internal signal marked public for
-#: Verilator; models are built with only top-level ports visible, see :mod:`.rtl`).
+#: of many megabytes take the Verilog backend minutes; this module costs nothing. The image
+#: goes in and out as hex files ($readmemh at time 0, $writememh on ``dump``), so no signal
+#: inside the design needs to be visible to cocotb (models are built with only top-level
+#: ports visible, see :mod:`.rtl`).
 SIM_MEMORY_VERILOG = """
 module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter AW = 10) (
     input wire clk,
@@ -33,14 +34,29 @@ module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter A
     output wire [WIDTH-1:0] rdata,
     input wire [AW-1:0] waddr,
     input wire [WIDTH/8-1:0] wen,
-    input wire [WIDTH-1:0] wdata
+    input wire [WIDTH-1:0] wdata,
+    input wire dump
 );
-    reg [WIDTH-1:0] words [0:WORDS-1] /*verilator public_flat_rw*/;
+    reg [WIDTH-1:0] words [0:WORDS-1];
     assign rdata = words[raddr];
     integer i;
     always @(posedge clk) begin
         for (i = 0; i < WIDTH/8; i = i + 1)
             if (wen[i]) words[waddr][i*8 +: 8] <= wdata[i*8 +: 8];
+    end
+    // Bulk load and dump by file (hex, one word per line), named by plusargs, so that a
+    // testbench moves megabytes without touching each word from Python.
+    reg [8*4096-1:0] file_in, file_out;
+    integer count;
+    initial begin
+        if ($value$plusargs("fp8npu_dram_in=%s", file_in)) $readmemh(file_in, words);
+    end
+    reg dump_q = 0;
+    always @(posedge clk) begin
+        dump_q <= dump;
+        if (dump && !dump_q && $value$plusargs("fp8npu_dram_out=%s", file_out)
+                && $value$plusargs("fp8npu_dram_words=%d", count))
+            $writememh(file_out, words, 0, count - 1);
     end
 endmodule
 """
@@ -51,13 +67,21 @@ def _flip(members):
 
 
 class SimDRAM(wiring.Component):
-    """AXI4 slave over ``words`` words of ``data_bits`` bits (address bits above wrap)."""
+    """AXI4 slave over ``words`` words of ``data_bits`` bits.
+
+    Only bytes below ``limit`` (and below the memory's size) exist: a read beat from at or
+    above it returns zero with SLVERR, a write beat there is dropped and its burst answered
+    SLVERR. Addresses never wrap around. A rising ``dump`` writes the memory to the file named
+    by the ``fp8npu_dram_out`` plusarg (see :data:`SIM_MEMORY_VERILOG`).
+    """
 
     def __init__(self, data_bits, words):
         self.data_bits = data_bits
         self.words = words
         members = _flip(axi4_master_members("s", data_bits))
         members["stall_threshold"] = In(8)
+        members["limit"] = In(32)
+        members["dump"] = In(1)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -71,7 +95,11 @@ class SimDRAM(wiring.Component):
         wport_addr, wport_en, wport_data = Signal(addr_bits), Signal(B), Signal(D)
         m.submodules.store = Instance(
             "fp8npu_simmem", p_WORDS=self.words, p_WIDTH=D, p_AW=addr_bits, i_clk=ClockSignal(),
-            i_raddr=rport_addr, o_rdata=rport_data, i_waddr=wport_addr, i_wen=wport_en, i_wdata=wport_data)
+            i_raddr=rport_addr, o_rdata=rport_data, i_waddr=wport_addr, i_wen=wport_en, i_wdata=wport_data,
+            i_dump=self.dump)
+        size = self.words * B
+        limit = Signal(33)
+        m.d.comb += limit.eq(Mux(self.limit < size, self.limit, size))
 
         # LFSR for backpressure
         lfsr = Signal(16, init=0xACE1)
@@ -98,10 +126,11 @@ class SimDRAM(wiring.Component):
                          r_addr.eq(arq.r_data[ID_BITS:ID_BITS + 32]),
                          r_left.eq(arq.r_data[ID_BITS + 32:ID_BITS + 40] + 1)]
         r_show = r_busy & go((3,))
+        r_out = r_addr >= limit
         m.d.comb += [
             rport_addr.eq((r_addr >> shift)[0:addr_bits]),
-            g("rvalid").eq(r_show), g("rdata").eq(rport_data), g("rid").eq(r_id),
-            g("rlast").eq(r_left == 1), g("rresp").eq(0),
+            g("rvalid").eq(r_show), g("rdata").eq(Mux(r_out, 0, rport_data)), g("rid").eq(r_id),
+            g("rlast").eq(r_left == 1), g("rresp").eq(Mux(r_out, 2, 0)),
         ]
         with m.If(r_show & g("rready")):
             m.d.sync += [r_addr.eq(r_addr + B), r_left.eq(r_left - 1)]
@@ -112,39 +141,43 @@ class SimDRAM(wiring.Component):
         w_busy = Signal()
         w_id = Signal(ID_BITS)
         w_addr = Signal(32)
-        m.submodules.bq = bq = SyncFIFOBuffered(width=ID_BITS, depth=8)
+        w_bad = Signal()              # a beat of this burst lay outside the memory
+        m.submodules.bq = bq = SyncFIFOBuffered(width=ID_BITS + 1, depth=8)
         take_aw = ~w_busy & g("awvalid") & go((5,)) & bq.w_rdy
         m.d.comb += g("awready").eq(take_aw)
         with m.If(take_aw):
-            m.d.sync += [w_busy.eq(1), w_id.eq(g("awid")), w_addr.eq(g("awaddr"))]
+            m.d.sync += [w_busy.eq(1), w_id.eq(g("awid")), w_addr.eq(g("awaddr")), w_bad.eq(0)]
         w_take = w_busy & go((7,))
         m.d.comb += [
             g("wready").eq(w_take),
             wport_addr.eq((w_addr >> shift)[0:addr_bits]),
             wport_data.eq(g("wdata")),
         ]
+        w_out = w_addr >= limit
         with m.If(w_take & g("wvalid")):
-            m.d.comb += wport_en.eq(g("wstrb"))
-            m.d.sync += w_addr.eq(w_addr + B)
+            m.d.comb += wport_en.eq(Mux(w_out, 0, g("wstrb")))
+            m.d.sync += [w_addr.eq(w_addr + B), w_bad.eq(w_bad | w_out)]
             with m.If(g("wlast")):
                 m.d.sync += w_busy.eq(0)
-                m.d.comb += [bq.w_en.eq(1), bq.w_data.eq(w_id)]
+                m.d.comb += [bq.w_en.eq(1), bq.w_data.eq(Cat(w_id, w_bad | w_out))]
         b_show = bq.r_rdy & go((8,))
-        m.d.comb += [g("bvalid").eq(b_show), g("bid").eq(bq.r_data), g("bresp").eq(0),
-                     bq.r_en.eq(b_show & g("bready"))]
+        m.d.comb += [g("bvalid").eq(b_show), g("bid").eq(bq.r_data[:ID_BITS]),
+                     g("bresp").eq(Mux(bq.r_data[ID_BITS], 2, 0)), bq.r_en.eq(b_show & g("bready"))]
         return m
 
 
 class NPUWithDRAM(wiring.Component):
     """The NPU with a :class:`SimDRAM` of ``dram_bytes`` on its AXI4 port; the AXI4-Lite
-    port and ``stall_threshold`` are the only inputs, ``irq`` the NPU's interrupt
-    (simulation only)."""
+    port, ``stall_threshold``, ``dram_limit`` (bytes that exist) and ``dram_dump`` are the
+    only inputs, ``irq`` the NPU's interrupt (simulation only)."""
 
     def __init__(self, cfg, dram_bytes):
         self.cfg = cfg
         self.words = max(1, dram_bytes // cfg.bus_bytes)
         members = axil_slave_members("s_axil")
         members["stall_threshold"] = In(8)
+        members["dram_limit"] = In(32)
+        members["dram_dump"] = In(1)
         members["irq"] = Out(1)
         super().__init__(members)
 
@@ -152,7 +185,8 @@ class NPUWithDRAM(wiring.Component):
         m = Module()
         m.submodules.npu = npu = NPU(self.cfg)
         m.submodules.dram = dram = SimDRAM(self.cfg.axi_data_bits, self.words)
-        m.d.comb += [dram.stall_threshold.eq(self.stall_threshold), self.irq.eq(npu.irq)]
+        m.d.comb += [dram.stall_threshold.eq(self.stall_threshold), dram.limit.eq(self.dram_limit),
+                     dram.dump.eq(self.dram_dump), self.irq.eq(npu.irq)]
         for name, member in npu.signature.members.items():
             if name.startswith("m_axi_"):
                 other = getattr(dram, "s_" + name[len("m_axi_"):])
@@ -166,3 +200,29 @@ class NPUWithDRAM(wiring.Component):
                 else:
                     m.d.comb += getattr(self, name).eq(getattr(npu, name))
         return m
+
+
+def write_hex(path, data, bus_bytes):
+    """Write a DRAM image as ``$readmemh`` text: one ``bus_bytes`` word a line, lowest
+    address first, each word's bytes little-endian (the last word zero-padded)."""
+    import numpy as np
+    data = bytes(data) + bytes(-len(data) % bus_bytes)
+    words = np.frombuffer(data, np.uint8).reshape(-1, bus_bytes)[:, ::-1]
+    text = np.ascontiguousarray(words).tobytes().hex().encode()
+    lines = np.frombuffer(text, dtype=f"S{2 * bus_bytes}")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines.tolist()) + b"\n")
+
+
+def read_hex(path, bus_bytes, length):
+    """The first ``length`` bytes of a ``$writememh`` dump written by :data:`SIM_MEMORY_VERILOG`."""
+    import numpy as np
+    with open(path, "rb") as f:
+        lines = [ln for ln in f.read().split() if not ln.startswith((b"//", b"@"))]
+    # undefined bits (x/z) cannot occur in a two-state simulator; treat anything odd as an error
+    words = np.frombuffer(bytes.fromhex(b"".join(ln.rjust(2 * bus_bytes, b"0") for ln in lines).decode()),
+                          np.uint8).reshape(-1, bus_bytes)[:, ::-1]
+    out = np.ascontiguousarray(words).tobytes()
+    if len(out) < length:
+        raise ValueError(f"the DRAM dump {path} holds {len(out)} bytes, not {length}")
+    return out[:length]

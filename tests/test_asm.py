@@ -262,9 +262,9 @@ def _cli_error(args, capsys):
 def test_cli_errors(tmp_path, capsys):
     missing = tmp_path / "missing.s"
     assert _cli_error(["asm", str(missing)], capsys) == \
-        f"fp8npu: error: cannot read '{missing}': No such file or directory\n"
+        f"fp8npu: error: cannot read the assembly source '{missing}': No such file or directory\n"
     assert _cli_error(["disasm", str(tmp_path / "missing.bin")], capsys) == \
-        f"fp8npu: error: cannot read '{tmp_path / 'missing.bin'}': No such file or directory\n"
+        f"fp8npu: error: cannot read the program '{tmp_path / 'missing.bin'}': No such file or directory\n"
 
     bad = tmp_path / "bad.s"
     bad.write_text("END\nMATMU k=1\n")
@@ -279,12 +279,12 @@ def test_cli_errors(tmp_path, capsys):
 
     binary = tmp_path / "latin.s"
     binary.write_bytes(b"END # \xff\n")
-    assert _cli_error(["asm", str(binary)], capsys) == f"fp8npu: error: cannot read '{binary}': not UTF-8 text\n"
+    assert _cli_error(["asm", str(binary)], capsys) == f"fp8npu: error: cannot read the assembly source '{binary}': not UTF-8 text\n"
 
     source = tmp_path / "prog.bin"
     source.write_text("END\n")
     assert _cli_error(["asm", str(source)], capsys) == \
-        f"fp8npu: error: the output would overwrite the source '{source}'; choose one with -o\n"
+        f"fp8npu: error: the output '{source}' would overwrite the input '{source}'; choose another with -o\n"
 
     assert _cli_error(["asm", str(source), "-o", str(tmp_path / "no" / "p.bin")], capsys) == \
         f"fp8npu: error: output folder '{tmp_path / 'no'}' does not exist\n"
