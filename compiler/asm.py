@@ -70,7 +70,7 @@ class AsmError(isa.DecodeError):
 
     def __init__(self, message, line=None):
         # a hostile source can put a megabyte on one line: quote at most a little of it
-        message = re.sub(r"'([^']{60})[^']{4,}'", r"'\1...'", message)
+        message = re.sub(r"'([^']{60})[^']{21,}'", r"'\1...'", message)
         super().__init__(message if line is None else f"line {line}: {message}")
         self.line = line
 

@@ -73,7 +73,7 @@ class NPUSimulation:
 
     def __init__(self, cfg=None, waves=False, fast_dram_bytes=None):
         """With ``fast_dram_bytes`` the DRAM is simulated inside the design
-        (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiRam."""
+        (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiSlave (over an AddressSpace)."""
         self.cfg = cfg or NPUConfig()
         waves = RTLModel.wave_format(waves)
         self.fast_dram_bytes = fast_dram_bytes
@@ -89,17 +89,26 @@ class NPUSimulation:
             self.model = RTLModel(lambda: NPU(self.cfg), f"npu_{key}", waves=waves,
                                   identity=f"NPU {self.cfg.to_json()}")
 
-    def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, backpressure=0.0, seed=1,
-            max_cycles=2_000_000, run_dir=None, waves=False, waves_to=None, progress=None, mapped_bytes=None,
-            progress_every=2.0, progress_cycles=1 << 16):
-        """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an :class:`RTLRun`.
+    def run(self, dram, prog_addr, prog_len, win_base=0, win_limit=None, **options):
+        """Run the program at ``prog_addr`` (``prog_len`` commands) in ``dram``; return an
+        :class:`RTLRun`. The options are those of :meth:`run_many`."""
+        return self.run_many(dram, [(prog_addr, prog_len, win_base, win_limit)], **options)[0]
+
+    def run_many(self, dram, launches, backpressure=0.0, seed=1, max_cycles=2_000_000, run_dir=None,
+                 waves=False, waves_to=None, progress=None, mapped_bytes=None, progress_every=2.0,
+                 progress_cycles=1 << 16):
+        """Start the NPU once per launch ``(prog_addr, prog_len, win_base, win_limit)`` on one
+        DRAM, in one simulation (``win_limit`` None: the end of ``dram``), as a host would: set
+        the registers, start, wait for the interrupt, read the registers. Each start resets the
+        core; the DRAM carries over. Returns one :class:`RTLRun` per launch run, each with the
+        final DRAM (a launch that hangs ends the list).
 
         ``progress``, if given, is called about every ``progress_every`` seconds with a dict of
         the NPU's CYCLES and COMMANDS counters, when they have changed (the simulation appends
         them to ``progress.jsonl`` in the run directory every ``progress_cycles`` cycles), and
         once more at the end with the final counts. Only the image's bytes exist: the DRAM answers
         SLVERR to any access at or above ``len(dram)``, or above ``mapped_bytes`` if that is
-        given (the DRAM returned is zero there).
+        given (the DRAM returned is zero there). ``max_cycles`` applies to each launch.
         """
         dram = bytes(dram)
         if waves and not self.model.waves:
@@ -109,11 +118,14 @@ class NPUSimulation:
             if len(dram) > self.fast_dram_bytes:
                 raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
                                  f"({self.fast_dram_bytes} bytes)")
-        if win_limit is None:
-            win_limit = len(dram)
-        problem = launch_problem(len(dram), prog_addr, prog_len, win_base, win_limit)
-        if problem:
-            raise ValueError(problem)
+        checked = []
+        for prog_addr, prog_len, win_base, win_limit in launches:
+            win_limit = len(dram) if win_limit is None else win_limit
+            problem = launch_problem(len(dram), prog_addr, prog_len, win_base, win_limit)
+            if problem:
+                raise ValueError(problem)
+            checked.append({"prog_addr": prog_addr, "prog_len": prog_len, "win_base": win_base,
+                            "win_limit": win_limit})
         with run_folder(run_dir, "fp8npu-run-") as d:
             plusargs = []
             if self.fast_dram_bytes:
@@ -124,8 +136,7 @@ class NPUSimulation:
             else:
                 (d / "dram_in.bin").write_bytes(dram)
             job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
-                   "result": str(d / "result.json"), "dram_size": len(dram), "prog_addr": prog_addr,
-                   "prog_len": prog_len, "win_base": win_base, "win_limit": win_limit,
+                   "result": str(d / "result.json"), "dram_size": len(dram), "launches": checked,
                    "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
                    "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
                    "dram_hex_out": str(d / "dram_out.hex"),
@@ -148,10 +159,12 @@ class NPUSimulation:
                 stop.set()
                 if progress:
                     watcher.join()
-            res = json.loads((d / "result.json").read_text())
+            runs = json.loads((d / "result.json").read_text())["runs"]
             if progress:
-                progress({"cycles": res["registers"]["CYCLES"], "commands": res["registers"]["COMMANDS"]})
+                last = runs[-1]["registers"]
+                progress({"cycles": last["CYCLES"], "commands": last["COMMANDS"]})
             if waves and waves_to:
                 import shutil
                 shutil.copy(d / self.model.wave_file, waves_to)
-            return RTLRun((d / "dram_out.bin").read_bytes(), res["registers"], res["hung"], res["wall_seconds"])
+            final = (d / "dram_out.bin").read_bytes()
+            return [RTLRun(final, r["registers"], r["hung"], r["wall_seconds"]) for r in runs]

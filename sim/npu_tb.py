@@ -113,10 +113,29 @@ async def run_program(dut):
     async def rd(reg):
         return await host.read_dword(int(reg))
 
-    await wr(Register.PROG_ADDR, job["prog_addr"])
-    await wr(Register.PROG_LEN, job["prog_len"])
-    await wr(Register.WIN_BASE, job["win_base"])
-    await wr(Register.WIN_LIMIT, job["win_limit"])
+    # one or more launches on the same DRAM; each start resets the core (the host's view:
+    # write the registers, start, wait for the interrupt, read the registers)
+    launches = job.get("launches") or [{k: job[k] for k in ("prog_addr", "prog_len", "win_base", "win_limit")}]
+    runs = []
+    for launch in launches:
+        run = await _launch(dut, job, launch, wr, rd)
+        runs.append(run)
+        if run["hung"]:
+            break
+    await RisingEdge(dut.clk)
+    image = await ram.dump() if fast else ram.read(0, job["dram_size"])
+    with open(job["dram_out"], "wb") as f:
+        f.write(image)
+    with open(job["result"], "w") as f:
+        json.dump({"runs": runs}, f)
+
+
+async def _launch(dut, job, launch, wr, rd):
+    """Program the registers, start, wait for the interrupt (or the cycle limit); the result."""
+    await wr(Register.PROG_ADDR, launch["prog_addr"])
+    await wr(Register.PROG_LEN, launch["prog_len"])
+    await wr(Register.WIN_BASE, launch["win_base"])
+    await wr(Register.WIN_LIMIT, launch["win_limit"])
     await wr(Register.CTRL, 1)
     start = time.perf_counter()
     t_start = get_sim_time("ns")
@@ -141,10 +160,4 @@ async def run_program(dut):
     waited = int((get_sim_time("ns") - t_start) // CLOCK_NS)
     elapsed = time.perf_counter() - start
     regs = {r.name: await rd(r) for r in Register if r != Register.CTRL}
-    await RisingEdge(dut.clk)
-    image = await ram.dump() if fast else ram.read(0, job["dram_size"])
-    with open(job["dram_out"], "wb") as f:
-        f.write(image)
-    with open(job["result"], "w") as f:
-        json.dump({"registers": regs, "hung": bool(status & 1), "wall_seconds": elapsed,
-                   "waited_cycles": waited}, f)
+    return {"registers": regs, "hung": bool(status & 1), "wall_seconds": elapsed, "waited_cycles": waited}

@@ -37,7 +37,7 @@ VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNU
 
 
 class RTLError(RuntimeError):
-    """A Verilator build or a cocotb run failed. The message is one sentence that says what
+    """Verilog generation, a Verilator build or a cocotb run failed. The message is one sentence that says what
     went wrong and names the log (which is kept); :attr:`detail` holds the log's last lines."""
 
     def __init__(self, message, detail=""):
@@ -46,9 +46,19 @@ class RTLError(RuntimeError):
 
 
 def to_verilog(design, name):
-    """Verilog text of an Amaranth component, with ``name`` as the top module."""
+    """Verilog text of an Amaranth component, with ``name`` as the top module.
+
+    A failure of the yosys that Amaranth runs (for example when the disk is full) is an
+    :class:`RTLError` naming the cause in one line."""
     from amaranth.back import verilog
-    return verilog.convert(design, name=name, emit_src=False)
+    try:
+        return verilog.convert(design, name=name, emit_src=False)
+    except Exception as exc:
+        if type(exc).__name__ not in ("YosysError", "WasmtimeError") and not isinstance(exc, OSError):
+            raise
+        found = _CAUSE.findall(str(exc))
+        cause = " ".join(found[-1].split()) if found else " ".join(str(exc).split())[-200:]
+        raise RTLError(f"Verilog generation with Amaranth's yosys failed: {cause}") from None
 
 
 @contextlib.contextmanager

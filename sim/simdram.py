@@ -1,6 +1,6 @@
 """Simulation-only DRAM: an AXI4 slave backed by an Amaranth memory, and the NPU wrapped with it.
 
-cocotbext-axi's ``AxiRam`` is the reference bus model, but it runs Python on every clock
+cocotbext-axi's ``AxiSlave`` is the reference bus model, but it runs Python on every clock
 edge, which limits a simulation to some ten thousand cycles per second. For long runs
 (benchmarks, large GEMMs) :class:`NPUWithDRAM` puts the DRAM inside the simulated design:
 cocotb then only hands the image over (as a file the simulator loads), writes

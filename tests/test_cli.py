@@ -116,7 +116,7 @@ def test_sim_runs_a_program(engine, tmp_path, capsys):
 
 @pytest.mark.parametrize("fast, waves", [(False, "vcd"), (True, "fst")])
 def test_sim_waves_and_fast_dram(fast, waves, tmp_path, capsys):
-    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiRam path."""
+    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiSlave path."""
     from fp8npu.sim.toolchain import fst_missing
     cfg = _sim_inputs(tmp_path)
     out, dump = tmp_path / "out.bin", tmp_path / f"run.{waves}"

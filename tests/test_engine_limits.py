@@ -6,6 +6,8 @@ The RTL runs use a small configuration with the in-design simulation DRAM (one m
 """
 
 import functools
+import shutil
+from pathlib import Path
 
 import pytest
 from fp8npu.hdl import isa
@@ -112,15 +114,22 @@ def fetch_cases():
 
 
 def test_fetch_window_edges_agree():
+    """All the combinations in one simulation (each start resets the core)."""
     dram = bytearray(8192)
     for a in range(BASE, 8192, 32):
         dram[a:a + 32] = END
     dram = bytes(dram)
+    cases = list(fetch_cases())
+    runs = rtl().run_many(dram, [(a, n, lo, hi) for a, n, (lo, hi) in cases], max_cycles=100_000)
+    assert len(runs) == len(cases)
     seen = set()
-    for prog_addr, prog_len, (lo, hi) in fetch_cases():
-        error, addr, _ = both(dram, prog_addr, prog_len, lo, hi)
-        seen.add(error)
+    for (prog_addr, prog_len, (lo, hi)), r in zip(cases, runs):
+        f = funcsim.run(None, dram, CFG, prog_addr, lo, hi, prog_len=prog_len)
+        assert not r.hung
+        assert (r.error, r.error_addr) == (f.error, f.error_addr), (prog_addr, prog_len, lo, hi)
+        seen.add(f.error)
     assert {ErrorCode.NONE, ErrorCode.FETCH_WINDOW, ErrorCode.NO_END} <= seen
+    assert len(cases) > 100
 
 
 def test_windows_past_memory_are_refused_alike():
@@ -148,3 +157,41 @@ def test_simulated_dram_never_wraps(fast):
         r = rtl(fast).run(bytes(dram), prog_addr, len(prog) // 32, mapped_bytes=mapped)
         assert (r.error, r.error_addr) == (ErrorCode.BUS_ERROR, prog_addr)
         assert r.dram[:mapped] == bytes(dram[:mapped]), "memory inside the mapped part changed"
+
+
+def test_counters_are_32_bit_on_both_engines():
+    """The performance registers count modulo 2^32 (docs/isa.md); the functional simulator's
+    register view wraps the same way as the RTL's 32-bit counters."""
+    dram, n = image(END)
+    f = funcsim.run(None, dram, CFG, BASE, prog_len=n)
+    f.cycles, f.mac_ops, f.dma_bytes = (1 << 32) + 5, (1 << 33) + 7, (1 << 32) - 1
+    regs = f.registers()
+    assert (regs[isa.Register.CYCLES], regs[isa.Register.MAC_BUSY], regs[isa.Register.DMA_BYTES]) == \
+        (5, 7, (1 << 32) - 1)
+
+
+def test_failed_simulation_keeps_its_log_and_says_why_in_one_line(tmp_path):
+    from fp8npu.sim.rtl import RTLError
+    model = rtl().model
+    with pytest.raises(RTLError) as info:
+        model.run("fp8npu.sim.no_such_testbench", {}, tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "No module named 'fp8npu.sim.no_such_testbench'" in msg
+    log = msg.rsplit("(log kept in ", 1)[1].rstrip(")")
+    assert "no_such_testbench" in open(log).read()
+
+
+def test_failed_npu_run_keeps_its_folder(monkeypatch):
+    """NPUSimulation.run's temporary run folder survives a failed simulation, so the log the
+    message names can be read."""
+    from fp8npu.sim.rtl import RTLError
+    sim = rtl()
+    real = sim.model.run
+    monkeypatch.setattr(sim.model, "run", lambda module, *a, **k: real("fp8npu.sim.no_such_testbench", *a, **k))
+    dram, n = image(END)
+    with pytest.raises(RTLError) as info:
+        sim.run(dram, BASE, n)
+    log = str(info.value).rsplit("(log kept in ", 1)[1].rstrip(")")
+    assert "no_such_testbench" in open(log).read()
+    shutil.rmtree(Path(log).parent)

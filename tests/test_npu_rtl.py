@@ -1,7 +1,7 @@
 """The NPU RTL under Verilator + cocotb against the functional simulator and the direct torch
 expression of the contract (compiler.gemm.reference_gemm), bit for bit.
 
-DRAM is cocotbext-axi's AxiRam and the host is its AxiLiteMaster; some runs add random
+DRAM is cocotbext-axi's AxiSlave and the host is its AxiLiteMaster; some runs add random
 backpressure on every AXI channel and must give identical DRAM. One run uses the in-design
 simulation DRAM (the fast path) on the default 8x8 configuration.
 """
