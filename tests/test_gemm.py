@@ -7,12 +7,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from fp8npu.compiler.gemm import BLOCK_K, TiledLayout, TileMajorLayout, build_gemm, reference_gemm
+from fp8npu.compiler.gemm import BLOCK_K, TiledLayout, TileMajorLayout, build_gemm
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.formats import E4M3, E5M2
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import funcsim, golden
+from fp8npu.sim.reference import reference_gemm
 
 CONFIGS = {
     "1x1": NPUConfig(rows=1, cols=1),
@@ -390,4 +391,5 @@ def test_argument_errors():
 
 def test_bench_runs_small():
     """The --bench code path (no timing assertion)."""
-    assert funcsim.bench(size=48, cfg=CONFIGS["4x8"], check_rows=3)
+    from fp8npu.compiler.bench import run_funcsim_bench
+    assert run_funcsim_bench(size=48, cfg=CONFIGS["4x8"], check_rows=3)

@@ -1,5 +1,5 @@
 """The NPU RTL under Verilator + cocotb against the functional simulator and the direct torch
-expression of the contract (compiler.gemm.reference_gemm), bit for bit.
+expression of the contract (sim.reference.reference_gemm), bit for bit.
 
 DRAM is cocotbext-axi's AxiSlave and the host is its AxiLiteMaster; some runs add random
 backpressure on every AXI channel and must give identical DRAM. One run uses the in-design
@@ -11,12 +11,13 @@ import functools
 import numpy as np
 import pytest
 import torch
-from fp8npu.compiler.gemm import build_gemm, reference_gemm
+from fp8npu.compiler.gemm import build_gemm
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.isa import ErrorCode, Opcode
 from fp8npu.sim import funcsim, golden
 from fp8npu.sim.npu_rtl import NPUSimulation
+from fp8npu.sim.reference import reference_gemm
 
 CFG = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4)
 
@@ -350,7 +351,7 @@ def test_other_geometries_and_bus_widths(cfg):
 def test_npu_benchmark_runs_small():
     """`fp8npu bench npu` code path on a tiny GEMM (no timing assertion): both DRAM models
     agree with the functional simulator."""
-    from fp8npu.sim.bench import run_npu_bench
+    from fp8npu.compiler.bench import run_npu_bench
     lines = []
     assert run_npu_bench(sizes=(24,), arrays=((8, 8),), funcsim_size=32, echo=lines.append) == 0
     text = "\n".join(lines)

