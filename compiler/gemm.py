@@ -152,6 +152,8 @@ from fp8npu.hdl.formats import format_by_name
 from fp8npu.hdl.isa import Opcode, Unit
 from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs
 
+from .program import Command, Layout, Program, allocate
+
 __all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "build_gemm"]
 
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
@@ -294,6 +296,8 @@ class GemmProgram:
     regions: dict = field(default_factory=dict)     # name -> (address, bytes)
     schedule: str = "a_resident"
     a_chunks: int = 0
+    ir: Program = None          # the program as commands over buffers (compiler.program)
+    layout: Layout = None       # where its buffers lie
 
     @property
     def out_stride(self):
@@ -400,30 +404,6 @@ def _plan_reload(cfg, g, k_tiles, n_tiles):
     )
 
 
-class _Image:
-    """Places regions in DRAM, each on a REGION_ALIGN boundary."""
-
-    def __init__(self, base):
-        self.end = base
-        self.regions = {}
-        self.contents = []
-
-    def add(self, name, data=None, nbytes=None):
-        addr = _round_up(self.end, REGION_ALIGN)
-        size = len(data) if data is not None else nbytes
-        self.regions[name] = (addr, size)
-        if data is not None:
-            self.contents.append((addr, data))
-        self.end = addr + size
-        return addr
-
-    def bytes(self):
-        out = bytearray(_round_up(self.end, REGION_ALIGN))
-        for addr, data in self.contents:
-            out[addr:addr + len(data)] = bytes(data)
-        return out
-
-
 # ---- program ---------------------------------------------------------------------------------
 def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
                col_scale=None, bias=None, block_scales=None, base=0x0):
@@ -456,44 +436,54 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     else:
         lay["a"] = TiledLayout.build(m, plan.k_tiles, 1, bus)
         lay["b"] = TiledLayout.build(k, plan.n_tiles, 1, bus)
-    img = _Image(base)
-    addr = {"a": img.add("a", lay["a"].pack(g.a)), "b": img.add("b", lay["b"].pack(g.b))}
-    if g.col_scale is not None:
-        addr["col_scale"] = img.add("col_scale", lay["vec"].pack(g.col_scale.numpy()[None]))
-    if g.bias is not None:
-        addr["bias"] = img.add("bias", lay["vec"].pack(g.bias.numpy()[None]))
-    if g.blocked:
-        rs = np.zeros((g.row_scales.shape[1], m, bus // 4), "<i4")
-        rs[:, :, 0] = g.row_scales.numpy().T
-        addr["row_scales"] = img.add("row_scales", rs.view(np.uint8).reshape(-1))
-        lay["cs"] = TiledLayout.build(g.col_scales.shape[0], plan.n_tiles, 4, bus)
-        addr["col_scales"] = img.add("col_scales", lay["cs"].pack(g.column_block_scales().numpy()))
-        addr["zero"] = img.add("zero", bytes(_round_up(cfg.line_bytes, bus)))
-    addr["c"] = img.add("c", nbytes=lay["c"].nbytes)
-    emit = _commands_resident if plan.resident else _commands_reload
-    commands = emit(cfg, g, plan, lay, addr)
-    program = b"".join(commands)
-    prog_addr = img.add("program", program)
-    dram = img.bytes()
-    if len(dram) > 1 << 32:
-        raise ValueError(f"the GEMM needs {len(dram)} bytes of DRAM, more than a 32-bit address space")
+    prog = Program(cfg)
+    with prog.noting(f"gemm {m}x{k}x{n}"):
+        addr = {"a": prog.buffer("a", kind="const", data=lay["a"].pack(g.a), layout=lay["a"]),
+                "b": prog.buffer("b", kind="const", data=lay["b"].pack(g.b), layout=lay["b"])}
+        if g.col_scale is not None:
+            addr["col_scale"] = prog.buffer("col_scale", kind="const", data=lay["vec"].pack(g.col_scale.numpy()[None]))
+        if g.bias is not None:
+            addr["bias"] = prog.buffer("bias", kind="const", data=lay["vec"].pack(g.bias.numpy()[None]))
+        if g.blocked:
+            rs = np.zeros((g.row_scales.shape[1], m, bus // 4), "<i4")
+            rs[:, :, 0] = g.row_scales.numpy().T
+            addr["row_scales"] = prog.buffer("row_scales", kind="const", data=rs.view(np.uint8).reshape(-1))
+            lay["cs"] = TiledLayout.build(g.col_scales.shape[0], plan.n_tiles, 4, bus)
+            addr["col_scales"] = prog.buffer("col_scales", kind="const",
+                                             data=lay["cs"].pack(g.column_block_scales().numpy()))
+            addr["zero"] = prog.buffer("zero", kind="const", data=bytes(_round_up(cfg.line_bytes, bus)))
+        addr["c"] = prog.buffer("c", nbytes=lay["c"].nbytes, kind="output", layout=lay["c"])
+        emit = _commands_resident if plan.resident else _commands_reload
+        prog.extend(emit(cfg, g, plan, lay, addr))
+    code = prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
+    layout = allocate(list(prog.buffers.values()), base)
+    program = prog.verify(layout)
+    dram = layout.image(prog.buffers.values())
+    prog_addr = layout.address(code)
+    dram[prog_addr:prog_addr + len(program)] = program
     steps = len(plan.m_blocks) * len(plan.n_tiles) * (1 if plan.resident else len(plan.k_tiles))
-    return GemmProgram(cfg, program, dram, prog_addr, len(commands), base, len(dram), out, addr["c"], lay["c"],
-                       plan.m_block, steps, img.regions, "a_resident" if plan.resident else "a_reload",
-                       len(plan.a_chunks))
+    regions = {name: (layout.address(b), b.nbytes) for name, b in prog.buffers.items()}
+    return GemmProgram(cfg, program, dram, prog_addr, len(prog), base, len(dram), out, layout.address(addr["c"]),
+                       lay["c"], plan.m_block, steps, regions, "a_resident" if plan.resident else "a_reload",
+                       len(plan.a_chunks), prog, layout)
+
+
+def _cmd(op, **fields):
+    """A command of the GEMM lowering (appended to the program by :func:`build_gemm`)."""
+    return Command(Opcode(op), fields)
 
 
 def _prologue(cfg, g, plan, addr, n_steps):
     """The zero-line LOAD (block scaling) and the SYNCs that prime the output regions."""
-    out = [] if not g.blocked else [isa.encode(
+    out = [] if not g.blocked else [_cmd(
         Opcode.LOAD, dst=0, sram_addr=plan.sp_zero, rows=1, row_bytes=cfg.line_bytes,
         dram_addr=addr["zero"], dram_stride=0)]
-    return out + [isa.encode(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_steps)
+    return out + [_cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_steps)
 
 
 def _store(g, lay, addr, acc_out, m0, m, ni, nw, push):
     c = lay["c"]
-    return isa.encode(
+    return _cmd(
         Opcode.STORE, fmt=OUTPUTS[g.out], saturate=int(g.saturate), acc_addr=acc_out, rows=m, cols=nw,
         dram_addr=addr["c"] + m0 * c.pitch + c.offsets[ni], dram_stride=c.pitch, scale=g.out_scale,
         pop_prev=1, push_prev=int(push))
@@ -504,7 +494,7 @@ def _group(loads, pop, push):
     loads = [dict(f) for f in loads]
     loads[0]["pop_next"] = int(pop)
     loads[-1]["push_next"] = int(push)
-    return [isa.encode(Opcode.LOAD, **f) for f in loads]
+    return [_cmd(Opcode.LOAD, **f) for f in loads]
 
 
 def _commands_resident(cfg, g, plan, lay, addr):
@@ -595,9 +585,9 @@ def _commands_resident(cfg, g, plan, lay, addr):
                     bias_addr=aux + plan.aux_bias if g.bias is not None else 0)))
         cmds[-1][1]["push_prev"] = int(s + 2 < n_steps)      # B buffer s % 2 is free again
         cmds[-1][1]["push_next"] = 1                         # output region s % 2 is ready
-        out = [isa.encode(op, **f) for op, f in cmds]
+        out = [_cmd(op, **f) for op, f in cmds]
         if ni == n_nt - 1 and bi + 1 < n_blocks:             # the A block is free again
-            out.append(isa.encode(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
+            out.append(_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
         return out
 
     out = _prologue(cfg, g, plan, addr, n_steps)
@@ -610,7 +600,7 @@ def _commands_resident(cfg, g, plan, lay, addr):
         out.append(_store(g, lay, addr, plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
         if next_first:
             out += a_block(bi + 1, [])
-    out.append(isa.encode(Opcode.END))
+    out.append(_cmd(Opcode.END))
     return out
 
 
@@ -621,7 +611,7 @@ def _commands_reload(cfg, g, plan, lay, addr):
     n_tiles_total = len(plan.m_blocks) * len(plan.n_tiles)
     n_steps = n_tiles_total * len(plan.k_tiles)
     out = _prologue(cfg, g, plan, addr, n_tiles_total)
-    out += [isa.encode(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1)] * min(2, n_steps)
+    out += [_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1)] * min(2, n_steps)
     step = 0
     for tile, ((m0, m), (ni, (_, nw))) in enumerate(product(plan.m_blocks, enumerate(plan.n_tiles))):
         acc_out = plan.acc_out[tile % 2]
@@ -673,8 +663,8 @@ def _commands_reload(cfg, g, plan, lay, addr):
             compute[-1][1]["push_prev"] = int(step + 2 < n_steps)
             compute[-1][1]["push_next"] = int(last_k)
             out += _group(loads, pop=True, push=True)
-            out += [isa.encode(op, **f) for op, f in compute]
+            out += [_cmd(op, **f) for op, f in compute]
             step += 1
         out.append(_store(g, lay, addr, acc_out, m0, m, ni, nw, push=tile + 2 < n_tiles_total))
-    out.append(isa.encode(Opcode.END))
+    out.append(_cmd(Opcode.END))
     return out
