@@ -288,14 +288,7 @@ def cmd_sim(args):
     import time
 
     from fp8npu.compiler.asm import assemble
-    from fp8npu.hdl.isa import (
-        ADDRESS_SPACE,
-        COMMAND_BYTES,
-        ERROR_TEXT,
-        DecodeError,
-        ErrorCode,
-        launch_problem,
-    )
+    from fp8npu.hdl.isa import ADDRESS_SPACE, COMMAND_BYTES, DecodeError, ErrorCode, Register, launch_problem
 
     # everything is checked before memory is allocated or a model is built
     cfg = load_cfg(args.config)
@@ -346,38 +339,32 @@ def cmd_sim(args):
     problem = launch_problem(size, prog_addr, n, win_base, win_limit)
     if problem:
         raise UsageError(problem)
-    dram = bytearray(size)
-    dram[:len(image)] = image
-    dram[prog_addr:end] = program
+    from fp8npu.sim.host import Driver, FuncTransport, RTLTransport
     if args.engine == "func":
-        from fp8npu.sim import funcsim
-        res = funcsim.run(None, bytes(dram), cfg, prog_addr, win_base, win_limit, prog_len=n)
-        final, error, error_addr = res.dram, ErrorCode(res.error), res.error_addr
-        summary = f"estimated cycles {res.cycles:,}"
+        transport = FuncTransport(cfg, size, image)
     else:
-        from fp8npu.sim.npu_rtl import NPUSimulation
-        sim = NPUSimulation(cfg, waves=wave_format, fast_dram_bytes=len(dram) if args.fast else None)
         t0 = time.monotonic()
 
         def progress(p):
             print(f"  {time.monotonic() - t0:5.0f} s: {p['cycles']:,} cycles, {p['commands']:,} of {n:,} "
                   f"commands dispatched", file=sys.stderr, flush=True)
 
-        run = sim.run(dram, prog_addr, n, win_base, win_limit, backpressure=args.backpressure,
-                      max_cycles=args.max_cycles, waves=bool(waves), waves_to=waves,
-                      progress=progress if not args.quiet else None)
-        if run.hung:
-            raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
-        final, error, error_addr = run.dram, run.error, run.error_addr
-        r = run.registers
-        summary = (f"cycles {r['CYCLES']:,}, MAC ops {r['MAC_BUSY']:,} (utilization {run.utilization:.1%}), "
-                   f"DMA bytes {r['DMA_BYTES']:,}, compute stalls {r['STALL']:,}")
+        transport = RTLTransport(cfg, size, image, fast=args.fast, waves=wave_format, waves_to=waves,
+                                 backpressure=args.backpressure, progress=progress if not args.quiet else None)
+    run = Driver(transport, cfg).run(program, prog_addr, win_base, win_limit, max_cycles=args.max_cycles)
+    if run.hung:
+        raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
+    final = transport.read(0, size)
+    r = run.registers
+    if args.engine == "func":
+        summary = f"estimated cycles {run.cycles:,}"
+    else:
+        summary = (f"cycles {r[Register.CYCLES]:,}, MAC ops {r[Register.MAC_BUSY]:,} (utilization "
+                   f"{run.utilization:.1%}), DMA bytes {r[Register.DMA_BYTES]:,}, compute stalls {r[Register.STALL]:,}")
     if out:
         _write(out, bytes(final))
-    state = "done" if error == ErrorCode.NONE else (f"error {error.name} ({ERROR_TEXT[error]}) at command "
-                                                    f"address {error_addr:#x}")
-    print(f"{source}: {n} commands, {state}; {summary}")
-    return 0 if error == ErrorCode.NONE else 1
+    print(f"{source}: {n} commands, {run.describe()}; {summary}")
+    return 0 if run.error == ErrorCode.NONE else 1
 
 
 def _int0(text):
@@ -558,6 +545,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     from fp8npu.fpga.synth import ToolError
+    from fp8npu.sim.host import HostError
     from fp8npu.sim.modelcache import CacheError
     from fp8npu.sim.rtl import RTLError
     from fp8npu.sim.toolchain import VerilatorError
@@ -565,7 +553,7 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (UsageError, VerilatorError, ToolError, RTLError, CacheError) as exc:
+    except (UsageError, VerilatorError, ToolError, RTLError, CacheError, HostError) as exc:
         print(f"fp8npu: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:

@@ -27,7 +27,7 @@ __all__ = [
     "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "Token", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
-    "ADDRESS_SPACE", "launch_problem",
+    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "config_word", "describe_config_word", "config_mismatch",
     "DecodeError", "ERROR_TEXT",
 ]
 
@@ -448,7 +448,7 @@ class Register(enum.IntEnum):
     MAC_BUSY = 0x24      # R: MAC operations performed (a streamed row adds k x cols)
     DMA_BYTES = 0x28     # R: bytes moved by DMA (program fetch included)
     STALL = 0x2C         # R: cycles the compute unit waited for a token or a queue
-    CONFIG = 0x30        # R: rows [7:0], cols [15:8], log2 bus bytes [19:16]
+    CONFIG = 0x30        # R: the configuration built (see config_word)
     COMMANDS = 0x34      # R: commands dispatched in the last run
 
 
@@ -465,12 +465,53 @@ REGISTER_DOC = {
     Register.MAC_BUSY: "R: MAC operations performed (each streamed A row adds k x cols); utilization = MAC_BUSY / (CYCLES x rows x cols)",
     Register.DMA_BYTES: "R: bytes moved by the DMA engine, program fetch included",
     Register.STALL: "R: cycles the compute unit waited for a token or for input",
-    Register.CONFIG: "R: rows in [7:0], cols in [15:8], log2(bus bytes) in [19:16]",
+    Register.CONFIG: "R: the configuration built: rows in [7:0], cols in [15:8], log2(bus bytes) in [19:16], "
+                     "log2(scratchpad lines) in [24:20], log2(accumulator lines) in [29:25], E4M3 in [30], E5M2 in [31]",
     Register.COMMANDS: "R: commands dispatched in the last run",
 }
 
 
 ADDRESS_SPACE = 1 << 32
+
+def launch_writes(prog_addr, prog_len, win_base, win_limit):
+    """The host's register writes that start a program, in order: the four run registers,
+    then CTRL bit 0 (check them first with :func:`launch_problem`)."""
+    return [(Register.PROG_ADDR, prog_addr), (Register.PROG_LEN, prog_len), (Register.WIN_BASE, win_base),
+            (Register.WIN_LIMIT, win_limit), (Register.CTRL, 1)]
+
+
+#: Fields of the CONFIG register: (name, lsb, width, what it holds).
+CONFIG_FIELDS = (
+    ("rows", 0, 8, "rows"), ("cols", 8, 8, "cols"), ("bus", 16, 4, "log2 bus bytes"),
+    ("sp", 20, 5, "log2 scratchpad lines"), ("acc", 25, 5, "log2 accumulator lines"),
+    ("e4m3", 30, 1, "E4M3 supported"), ("e5m2", 31, 1, "E5M2 supported"),
+)
+
+
+def config_word(cfg):
+    """The CONFIG register's value for an :class:`~fp8npu.hdl.config.NPUConfig`: what a program
+    compiled for that configuration needs the hardware to be."""
+    values = {"rows": cfg.rows, "cols": cfg.cols, "bus": cfg.bus_bytes.bit_length() - 1,
+              "sp": cfg.sp_lines.bit_length() - 1, "acc": cfg.acc_lines.bit_length() - 1,
+              "e4m3": int(cfg.supports("e4m3")), "e5m2": int(cfg.supports("e5m2"))}
+    return sum(values[name] << lsb for name, lsb, _, _ in CONFIG_FIELDS)
+
+
+def describe_config_word(word):
+    """A short description of a CONFIG value (``8x8, 64-bit bus, ...``)."""
+    v = {name: (word >> lsb) & ((1 << width) - 1) for name, lsb, width, _ in CONFIG_FIELDS}
+    formats = "+".join(f for f in ("e4m3", "e5m2") if v[f]) or "no formats"
+    return (f"{v['rows']}x{v['cols']} array, {8 << v['bus']}-bit bus, {1 << v['sp']} scratchpad lines, "
+            f"{1 << v['acc']} accumulator lines, {formats}")
+
+
+def config_mismatch(word, cfg):
+    """None if the hardware's CONFIG ``word`` is ``cfg``'s, else one sentence saying both."""
+    want = config_word(cfg)
+    if word == want:
+        return None
+    return (f"the NPU is a {describe_config_word(word)}, but the program was built for a "
+            f"{describe_config_word(want)}")
 
 
 def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit):

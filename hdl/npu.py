@@ -945,7 +945,7 @@ class NPU(wiring.Component):
         status = Signal(32)
         m.d.comb += [status.eq(Cat(core.busy, core.done, core.error_valid)),
                      self.irq.eq(~core.busy & (core.done | core.error_valid))]
-        config_word = cfg.rows | (cfg.cols << 8) | ((cfg.bus_bytes.bit_length() - 1) << 16)
+        config_word = isa.config_word(cfg)
         regs = {
             Rg.STATUS: (status, False), Rg.ERROR: (core.error_code, False), Rg.ERROR_ADDR: (core.error_addr, False),
             Rg.PROG_ADDR: (prog_addr, True), Rg.PROG_LEN: (prog_len, True), Rg.WIN_BASE: (win_base, True),

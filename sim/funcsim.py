@@ -152,7 +152,7 @@ class Result:
             Register.MAC_BUSY: self.mac_ops,
             Register.DMA_BYTES: self.dma_bytes,
             Register.STALL: self.stall_cycles,
-            Register.CONFIG: cfg.rows | cfg.cols << 8 | (cfg.bus_bytes.bit_length() - 1) << 16,
+            Register.CONFIG: isa.config_word(cfg),
             Register.COMMANDS: self.commands,
         }
         return {reg: v & 0xFFFFFFFF for reg, v in values.items()}

@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass
 
 from fp8npu.hdl.config import NPUConfig
-from fp8npu.hdl.isa import ErrorCode, launch_problem
+from fp8npu.hdl.isa import ErrorCode, Register, launch_problem, launch_writes
 from fp8npu.hdl.npu import NPU
 
 from .rtl import RTLModel, run_folder
@@ -97,9 +97,11 @@ class NPUSimulation:
     def run_many(self, dram, launches, backpressure=0.0, seed=1, max_cycles=2_000_000, run_dir=None,
                  waves=False, waves_to=None, progress=None, mapped_bytes=None, progress_every=2.0,
                  progress_cycles=1 << 16):
-        """Start the NPU once per launch ``(prog_addr, prog_len, win_base, win_limit)`` on one
-        DRAM, in one simulation (``win_limit`` None: the end of ``dram``), as a host would: set
-        the registers, start, wait for the interrupt, read the registers. Each start resets the
+        """Start the NPU once per launch on one DRAM, in one simulation, as a host would: write
+        the registers, start, wait for the interrupt, read the registers. A launch is
+        ``(prog_addr, prog_len, win_base, win_limit)`` (``win_limit`` None: the end of ``dram``)
+        or the host's register writes themselves, ``[(Register, value), ...]`` ending with the
+        CTRL start (:func:`fp8npu.hdl.isa.launch_writes`). Each start resets the
         core; the DRAM carries over. Returns one :class:`RTLRun` per launch run, each with the
         final DRAM (a launch that hangs ends the list).
 
@@ -119,13 +121,19 @@ class NPUSimulation:
                 raise ValueError(f"the DRAM image ({len(dram)} bytes) is larger than the simulated DRAM "
                                  f"({self.fast_dram_bytes} bytes)")
         checked = []
-        for prog_addr, prog_len, win_base, win_limit in launches:
-            win_limit = len(dram) if win_limit is None else win_limit
-            problem = launch_problem(len(dram), prog_addr, prog_len, win_base, win_limit)
+        for launch in launches:
+            if len(launch) == 4 and not isinstance(launch[0], (tuple, list)):
+                prog_addr, prog_len, win_base, win_limit = launch
+                win_limit = len(dram) if win_limit is None else win_limit
+                writes = launch_writes(prog_addr, prog_len, win_base, win_limit)
+            else:
+                writes = list(launch)
+            regs = dict(writes)
+            problem = launch_problem(len(dram), regs.get(Register.PROG_ADDR, 0), regs.get(Register.PROG_LEN, 0),
+                                     regs.get(Register.WIN_BASE, 0), regs.get(Register.WIN_LIMIT, 0))
             if problem:
                 raise ValueError(problem)
-            checked.append({"prog_addr": prog_addr, "prog_len": prog_len, "win_base": win_base,
-                            "win_limit": win_limit})
+            checked.append({"writes": [[int(r), int(v)] for r, v in writes]})
         with run_folder(run_dir, "fp8npu-run-") as d:
             plusargs = []
             if self.fast_dram_bytes:

@@ -3,9 +3,9 @@
 Roles: the *DRAM model* is cocotbext-axi's ``AxiSlave`` over an ``AddressSpace`` on the
 ``m_axi`` port, or, on the fast path, the simulation DRAM inside the design
 (:mod:`fp8npu.sim.simdram`); the *host driver* is cocotbext-axi's ``AxiLiteMaster`` on
-``s_axil``. The job (a JSON file named by ``FP8NPU_NPU_JOB``) gives the DRAM image, the
-program address and length, the DMA window, whether to apply random backpressure, a cycle
-limit, and optionally ``mapped_bytes``. Only the image's bytes (or the first ``mapped_bytes``)
+``s_axil``. The job (a JSON file named by ``FP8NPU_NPU_JOB``) gives the DRAM image, one or
+more launches (each the host's register writes, ending with the CTRL start), whether to apply
+random backpressure, a cycle limit, and optionally ``mapped_bytes``. Only the image's bytes (or the first ``mapped_bytes``)
 exist: both DRAM models answer SLVERR to an access above them and never wrap an address
 around. The testbench loads the image, programs the registers, starts the NPU, waits for its
 ``irq`` output, then records the registers and the whole DRAM for the caller to check. The
@@ -113,9 +113,9 @@ async def run_program(dut):
     async def rd(reg):
         return await host.read_dword(int(reg))
 
-    # one or more launches on the same DRAM; each start resets the core (the host's view:
-    # write the registers, start, wait for the interrupt, read the registers)
-    launches = job.get("launches") or [{k: job[k] for k in ("prog_addr", "prog_len", "win_base", "win_limit")}]
+    # one or more launches on the same DRAM; each start resets the core. The register writes
+    # come from the host driver (fp8npu.sim.host, isa.launch_writes): this bench only applies them.
+    launches = job["launches"]
     runs = []
     for launch in launches:
         run = await _launch(dut, job, launch, wr, rd)
@@ -131,12 +131,10 @@ async def run_program(dut):
 
 
 async def _launch(dut, job, launch, wr, rd):
-    """Program the registers, start, wait for the interrupt (or the cycle limit); the result."""
-    await wr(Register.PROG_ADDR, launch["prog_addr"])
-    await wr(Register.PROG_LEN, launch["prog_len"])
-    await wr(Register.WIN_BASE, launch["win_base"])
-    await wr(Register.WIN_LIMIT, launch["win_limit"])
-    await wr(Register.CTRL, 1)
+    """Apply the host's register writes (the last one starts the NPU), wait for the interrupt
+    (or the cycle limit), read every register."""
+    for reg, value in launch["writes"]:
+        await wr(reg, value)
     start = time.perf_counter()
     t_start = get_sim_time("ns")
     max_ns = job["max_cycles"] * CLOCK_NS

@@ -1,0 +1,231 @@
+"""The host side of the NPU: one driver over small transports.
+
+:class:`Driver` is the only place that knows the host's register sequence (docs/isa.md):
+check the hardware's CONFIG against the configuration a program was built for, write the
+program and data to DRAM, set PROG_ADDR, PROG_LEN, WIN_BASE and WIN_LIMIT, start with CTRL,
+wait for the interrupt, read the registers and the results. A transport only moves bytes
+and register values:
+
+=================  ==========================================================================
+``memory_bytes``   size of the DRAM behind the NPU
+``write(a, data)`` write DRAM
+``read(a, n)``     read DRAM
+``write_reg(r, v)`` write a register (:class:`~fp8npu.hdl.isa.Register`)
+``read_reg(r)``    read a register
+``wait(cycles)``   wait for the interrupt (at most ``cycles`` NPU cycles); False on timeout
+``close()``        release the transport
+=================  ==========================================================================
+
+Transports here: :class:`FuncTransport` (the functional simulator, the readable definition
+of every command), :class:`RTLTransport` (the generated Verilog under Verilator + cocotb). A
+board's serial link is a third transport of the same shape. Every transport gives the same
+:class:`RunResult` for the same program and DRAM.
+
+:class:`RTLTransport` runs one simulation per launch: the DRAM image goes in, the register
+writes since the last launch are applied in order inside the simulation, the simulation runs
+to the interrupt, and the final DRAM and registers come back. DRAM carries over from launch
+to launch; SRAM does not (docs/isa.md: programs must not rely on SRAM contents at start).
+"""
+
+from dataclasses import dataclass, field
+
+from fp8npu.hdl import isa
+from fp8npu.hdl.config import NPUConfig
+from fp8npu.hdl.isa import ErrorCode, Register
+
+__all__ = ["Driver", "FuncTransport", "RTLTransport", "RunResult", "HostError"]
+
+
+class HostError(RuntimeError):
+    """The host cannot run this program on this NPU; the message says why in one sentence."""
+
+
+@dataclass
+class RunResult:
+    """The outcome of one launch, the same for every transport."""
+
+    error: ErrorCode
+    error_addr: int
+    registers: dict          # Register -> 32-bit value
+    hung: bool = False       # still busy when the wait ended
+    wall_seconds: float = 0.0
+    extra: dict = field(default_factory=dict, repr=False)    # transport-specific details
+
+    @property
+    def ok(self):
+        return not self.hung and self.error == ErrorCode.NONE and bool(self.registers[Register.STATUS] & 2)
+
+    @property
+    def cycles(self):
+        return self.registers[Register.CYCLES]
+
+    @property
+    def commands(self):
+        return self.registers[Register.COMMANDS]
+
+    @property
+    def mac_ops(self):
+        return self.registers[Register.MAC_BUSY]
+
+    @property
+    def utilization(self):
+        word = self.registers[Register.CONFIG]
+        rows, cols = word & 0xFF, (word >> 8) & 0xFF
+        return self.mac_ops / max(1, self.cycles * rows * cols)
+
+    def describe(self):
+        """``done`` or ``error NAME (text) at command address 0x...``."""
+        if self.hung:
+            return f"still busy after the cycle limit ({self.cycles:,} cycles)"
+        if self.error == ErrorCode.NONE:
+            return "done"
+        return (f"error {self.error.name} ({isa.ERROR_TEXT[self.error]}) at command address "
+                f"{self.error_addr:#x}")
+
+
+class Driver:
+    """Runs programs on an NPU through a transport (see the module docstring)."""
+
+    def __init__(self, transport, cfg=None):
+        self.transport = transport
+        self.cfg = cfg or NPUConfig()
+
+    def check_config(self):
+        """Refuse to run on hardware built for another configuration (one clear sentence)."""
+        problem = isa.config_mismatch(self.transport.read_reg(Register.CONFIG), self.cfg)
+        if problem:
+            raise HostError(problem)
+
+    def write(self, addr, data):
+        self._check_range(addr, len(data))
+        self.transport.write(addr, bytes(data))
+
+    def read(self, addr, n):
+        self._check_range(addr, n)
+        return self.transport.read(addr, n)
+
+    def _check_range(self, addr, n):
+        size = self.transport.memory_bytes
+        if addr < 0 or n < 0 or addr + n > size:
+            raise HostError(f"bytes [{addr:#x}, {addr + n:#x}) lie outside the {size}-byte DRAM")
+
+    def launch(self, prog_addr, prog_len, win_base=0, win_limit=None, max_cycles=50_000_000):
+        """Run the program at ``prog_addr`` (``prog_len`` commands, already in DRAM) with the DMA
+        window ``[win_base, win_limit)`` (default: all of DRAM); return a :class:`RunResult`."""
+        t = self.transport
+        win_limit = t.memory_bytes if win_limit is None else win_limit
+        problem = isa.launch_problem(t.memory_bytes, prog_addr, prog_len, win_base, win_limit)
+        if problem:
+            raise HostError(problem)
+        self.check_config()
+        import time
+        t0 = time.perf_counter()
+        for reg, value in isa.launch_writes(prog_addr, prog_len, win_base, win_limit):
+            t.write_reg(reg, value)
+        finished = t.wait(max_cycles)
+        regs = {r: t.read_reg(r) for r in Register if r != Register.CTRL}
+        regs[Register.CTRL] = 0
+        hung = not finished or bool(regs[Register.STATUS] & 1)
+        return RunResult(ErrorCode(regs[Register.ERROR]), regs[Register.ERROR_ADDR], regs, hung,
+                         time.perf_counter() - t0, getattr(t, "last_extra", {}))
+
+    def run(self, program, prog_addr, win_base=0, win_limit=None, max_cycles=50_000_000):
+        """Write ``program`` (bytes) at ``prog_addr`` and run it; a :class:`RunResult`."""
+        if len(program) % isa.COMMAND_BYTES or not program:
+            raise HostError(f"a program is a non-empty whole number of {isa.COMMAND_BYTES}-byte commands, "
+                            f"not {len(program)} bytes")
+        self.write(prog_addr, program)
+        return self.launch(prog_addr, len(program) // isa.COMMAND_BYTES, win_base, win_limit, max_cycles)
+
+
+class _Memory:
+    """DRAM and a register file kept on the host side, shared by the simulator transports."""
+
+    def __init__(self, cfg, memory_bytes, image=b""):
+        if memory_bytes > isa.ADDRESS_SPACE:
+            raise HostError(f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space")
+        self.cfg = cfg
+        self.memory = bytearray(memory_bytes)
+        self.memory[:len(image)] = image
+        self.regs = {r: 0 for r in Register}
+        self.regs[Register.CONFIG] = isa.config_word(cfg)
+        self.last_extra = {}
+
+    @property
+    def memory_bytes(self):
+        return len(self.memory)
+
+    def write(self, addr, data):
+        self.memory[addr:addr + len(data)] = data
+
+    def read(self, addr, n):
+        return bytes(self.memory[addr:addr + n])
+
+    def read_reg(self, reg):
+        return self.regs[Register(reg)]
+
+    def close(self):
+        pass
+
+
+class FuncTransport(_Memory):
+    """The functional simulator as a transport: a start runs the program at once."""
+
+    def __init__(self, cfg=None, memory_bytes=1 << 20, image=b""):
+        super().__init__(cfg or NPUConfig(), memory_bytes, image)
+
+    def write_reg(self, reg, value):
+        reg = Register(reg)
+        if reg == Register.CTRL:
+            if value & 1:
+                self._start()
+            return
+        if reg in (Register.PROG_ADDR, Register.PROG_LEN, Register.WIN_BASE, Register.WIN_LIMIT):
+            self.regs[reg] = value & 0xFFFFFFFF
+
+    def _start(self):
+        from . import funcsim
+        r = self.regs
+        res = funcsim.run(None, bytes(self.memory), self.cfg, r[Register.PROG_ADDR], r[Register.WIN_BASE],
+                          r[Register.WIN_LIMIT], prog_len=r[Register.PROG_LEN])
+        self.memory[:] = res.dram
+        self.regs.update(res.registers())
+        self.last_extra = {"funcsim": res}
+
+    def wait(self, max_cycles):
+        return True
+
+
+class RTLTransport(_Memory):
+    """The NPU's Verilog under Verilator + cocotb (:class:`~fp8npu.sim.npu_rtl.NPUSimulation`).
+
+    ``fast`` puts the DRAM inside the simulated design (no Python per bus beat); otherwise it
+    is cocotbext-axi's AxiSlave. ``waves`` ("vcd" or "fst") dumps waveforms of every launch
+    (``waves_to``: where to copy the last one). Other ``options`` go to
+    :meth:`NPUSimulation.run_many` (``backpressure``, ``seed``, ``progress``, ``mapped_bytes`` ...).
+    """
+
+    def __init__(self, cfg=None, memory_bytes=1 << 20, image=b"", fast=True, waves=False, **options):
+        super().__init__(cfg or NPUConfig(), memory_bytes, image)
+        from .npu_rtl import NPUSimulation
+        self.sim = NPUSimulation(self.cfg, waves=waves, fast_dram_bytes=memory_bytes if fast else None)
+        self.options = dict(options, waves=bool(waves))
+        self._writes = []
+        self._started = False
+
+    def write_reg(self, reg, value):
+        reg = Register(reg)
+        self._writes.append((reg, value & 0xFFFFFFFF))
+        if reg == Register.CTRL and value & 1:
+            self._started = True
+
+    def wait(self, max_cycles):
+        if not self._started:
+            return True
+        writes, self._writes, self._started = self._writes, [], False
+        run = self.sim.run_many(bytes(self.memory), [writes], max_cycles=max_cycles, **self.options)[0]
+        self.memory[:] = run.dram
+        for name, value in run.registers.items():
+            self.regs[Register[name]] = value
+        self.last_extra = {"rtl": run}
+        return not run.hung
