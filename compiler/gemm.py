@@ -151,10 +151,12 @@ from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.formats import format_by_name
 from fp8npu.hdl.isa import Opcode, Unit
 from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs
+from fp8npu.sim.reference import f32_bits as _f32_bits
 
 from .program import Command, Layout, Program, allocate
 
-__all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "build_gemm"]
+__all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "GemmOp", "build_gemm",
+           "lower_gemm", "RUNTIME_OPERANDS"]
 
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
@@ -417,17 +419,107 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     bit patterns. ``base`` is the first DRAM address used (a multiple of 32).
     """
     g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
-    for f in (g.fmt_a, g.fmt_b) + ((format_by_name(out),) if out != "fp32" else ()):
+    _check_formats(cfg, g)
+    if base % REGION_ALIGN or base < 0:
+        raise ValueError(f"base must be a non-negative multiple of {REGION_ALIGN}, not 0x{base:x}")
+    prog = Program(cfg)
+    op = _lower(prog, cfg, g, base_name="", runtime=())
+    prog.emit(Opcode.END, note=op.note)
+    code = prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
+    layout = allocate(list(prog.buffers.values()), base)
+    program = prog.verify(layout)
+    dram = layout.image(prog.buffers.values())
+    prog_addr = layout.address(code)
+    dram[prog_addr:prog_addr + len(program)] = program
+    plan = op.plan
+    steps = len(plan.m_blocks) * len(plan.n_tiles) * (1 if plan.resident else len(plan.k_tiles))
+    regions = {name: (layout.address(b), b.nbytes) for name, b in prog.buffers.items()}
+    return GemmProgram(cfg, program, dram, prog_addr, len(prog), base, len(dram), g.out,
+                       layout.address(op.buffers["c"]), op.layouts["c"], plan.m_block, steps, regions,
+                       "a_resident" if plan.resident else "a_reload", len(plan.a_chunks), prog, layout)
+
+
+#: Operands of a GEMM that can be filled by the host at run time instead of at compile time.
+RUNTIME_OPERANDS = ("a", "b", "row_scales", "col_scales", "col_scale", "bias")
+
+
+@dataclass(eq=False)
+class GemmOp:
+    """A GEMM lowered into a :class:`~fp8npu.compiler.program.Program`: its buffers (by role:
+    ``a``, ``b``, ``col_scale``, ``bias``, ``row_scales``, ``col_scales``, ``zero``, ``c``),
+    their layouts, and :meth:`pack` / :meth:`unpack` for the host."""
+
+    cfg: NPUConfig
+    shape: tuple
+    out: str
+    plan: object
+    buffers: dict
+    layouts: dict
+    note: str
+
+    def pack(self, role, values):
+        """The bytes of buffer ``role`` for ``values``: ``a`` [M, K] / ``b`` [K, N] uint8 FP8
+        codes, ``row_scales`` [M, KB], ``col_scales`` [KB, NB], ``col_scale`` / ``bias`` [N]
+        (int32 FP32 bits or float tensors)."""
+        m, k, n = self.shape
+        if role in ("a", "b"):
+            arr = np.ascontiguousarray(np.asarray(values, dtype=np.uint8))
+            want = (m, k) if role == "a" else (k, n)
+            if arr.shape != want:
+                raise ValueError(f"{self.note}: operand {role} must be {want[0]}x{want[1]}, not {arr.shape}")
+            return self.layouts[role].pack(arr)
+        kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+        shapes = {"row_scales": (m, kb), "col_scales": (kb, nb), "col_scale": (n,), "bias": (n,)}
+        bits = _f32_bits(values, role, shapes[role])
+        if role == "row_scales":
+            return _pack_row_scales(bits, self.cfg.bus_bytes)
+        if role == "col_scales":
+            return self.layouts["cs"].pack(bits[:, torch.arange(n) // BLOCK_K].numpy())
+        return self.layouts["vec"].pack(bits.numpy()[None])
+
+    def unpack(self, data):
+        """The [M, N] output from the bytes of buffer ``c``: int32 FP32 bits or uint8 FP8 codes."""
+        return torch.from_numpy(self.layouts["c"].unpack(memoryview(data)[:self.layouts["c"].nbytes]))
+
+
+def _pack_row_scales(bits, bus):
+    """Row scales [M, KB] int32 -> the region the LOADs read: (kb * M + i) * bus bytes, value in lane 0."""
+    m, kb = bits.shape
+    rs = np.zeros((kb, m, bus // 4), "<i4")
+    rs[:, :, 0] = bits.numpy().T
+    return rs.view(np.uint8).reshape(-1)
+
+
+def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
+               col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm"):
+    """Append ``C = A @ B`` to ``prog`` (no END); return its :class:`GemmOp`.
+
+    Arguments as for :func:`build_gemm`. Operands named in ``runtime`` (from
+    :data:`RUNTIME_OPERANDS`) become ``input`` buffers that the host fills before a run
+    (:meth:`GemmOp.pack`); the values given for them only fix their shapes. The others become
+    ``const`` buffers holding their data. Buffers are named ``<name>.<role>``.
+    """
+    unknown = set(runtime) - set(RUNTIME_OPERANDS)
+    if unknown:
+        raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
+    _check_formats(cfg, g)
+    return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime))
+
+
+def _check_formats(cfg, g):
+    for f in (g.fmt_a, g.fmt_b) + ((format_by_name(g.out),) if g.out != "fp32" else ()):
         if not cfg.supports(f.spec.name):
             raise ValueError(f"this NPU configuration does not support {f.spec.name} (formats: "
                              f"{', '.join(cfg.formats)})")
-    if base % REGION_ALIGN or base < 0:
-        raise ValueError(f"base must be a non-negative multiple of {REGION_ALIGN}, not 0x{base:x}")
+
+
+def _lower(prog, cfg, g, base_name, runtime):
     m, k, n = g.shape
     plan = _plan(cfg, g)
     bus = cfg.bus_bytes
     lay = {
-        "c": TiledLayout.build(m, plan.n_tiles, 4 if out == "fp32" else 1, bus),
+        "c": TiledLayout.build(m, plan.n_tiles, 4 if g.out == "fp32" else 1, bus),
         "vec": TiledLayout.build(1, plan.n_tiles, 4, bus),
     }
     if plan.resident:
@@ -436,36 +528,34 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     else:
         lay["a"] = TiledLayout.build(m, plan.k_tiles, 1, bus)
         lay["b"] = TiledLayout.build(k, plan.n_tiles, 1, bus)
-    prog = Program(cfg)
-    with prog.noting(f"gemm {m}x{k}x{n}"):
-        addr = {"a": prog.buffer("a", kind="const", data=lay["a"].pack(g.a), layout=lay["a"]),
-                "b": prog.buffer("b", kind="const", data=lay["b"].pack(g.b), layout=lay["b"])}
+    if g.blocked:
+        lay["cs"] = TiledLayout.build(g.col_scales.shape[0], plan.n_tiles, 4, bus)
+    note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
+    op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note)
+
+    def operand(role, values):
+        data = op.pack(role, values)
+        kind = "input" if role in runtime else "const"
+        buf = prog.buffer(base_name + role, nbytes=len(data), kind=kind, data=None if kind == "input" else data,
+                          role=role)
+        op.buffers[role] = buf
+        return buf
+
+    with prog.noting(note):
+        addr = {"a": operand("a", g.a), "b": operand("b", g.b)}
         if g.col_scale is not None:
-            addr["col_scale"] = prog.buffer("col_scale", kind="const", data=lay["vec"].pack(g.col_scale.numpy()[None]))
+            addr["col_scale"] = operand("col_scale", g.col_scale)
         if g.bias is not None:
-            addr["bias"] = prog.buffer("bias", kind="const", data=lay["vec"].pack(g.bias.numpy()[None]))
+            addr["bias"] = operand("bias", g.bias)
         if g.blocked:
-            rs = np.zeros((g.row_scales.shape[1], m, bus // 4), "<i4")
-            rs[:, :, 0] = g.row_scales.numpy().T
-            addr["row_scales"] = prog.buffer("row_scales", kind="const", data=rs.view(np.uint8).reshape(-1))
-            lay["cs"] = TiledLayout.build(g.col_scales.shape[0], plan.n_tiles, 4, bus)
-            addr["col_scales"] = prog.buffer("col_scales", kind="const",
-                                             data=lay["cs"].pack(g.column_block_scales().numpy()))
-            addr["zero"] = prog.buffer("zero", kind="const", data=bytes(_round_up(cfg.line_bytes, bus)))
-        addr["c"] = prog.buffer("c", nbytes=lay["c"].nbytes, kind="output", layout=lay["c"])
+            addr["row_scales"] = operand("row_scales", g.row_scales)
+            addr["col_scales"] = operand("col_scales", g.col_scales)
+            addr["zero"] = op.buffers["zero"] = prog.buffer(base_name + "zero", kind="const",
+                                                             data=bytes(_round_up(cfg.line_bytes, bus)), role="zero")
+        addr["c"] = op.buffers["c"] = prog.buffer(base_name + "c", nbytes=lay["c"].nbytes, kind="output", role="c")
         emit = _commands_resident if plan.resident else _commands_reload
         prog.extend(emit(cfg, g, plan, lay, addr))
-    code = prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
-    layout = allocate(list(prog.buffers.values()), base)
-    program = prog.verify(layout)
-    dram = layout.image(prog.buffers.values())
-    prog_addr = layout.address(code)
-    dram[prog_addr:prog_addr + len(program)] = program
-    steps = len(plan.m_blocks) * len(plan.n_tiles) * (1 if plan.resident else len(plan.k_tiles))
-    regions = {name: (layout.address(b), b.nbytes) for name, b in prog.buffers.items()}
-    return GemmProgram(cfg, program, dram, prog_addr, len(prog), base, len(dram), out, layout.address(addr["c"]),
-                       lay["c"], plan.m_block, steps, regions, "a_resident" if plan.resident else "a_reload",
-                       len(plan.a_chunks), prog, layout)
+    return op
 
 
 def _cmd(op, **fields):
@@ -600,7 +690,6 @@ def _commands_resident(cfg, g, plan, lay, addr):
         out.append(_store(g, lay, addr, plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
         if next_first:
             out += a_block(bi + 1, [])
-    out.append(_cmd(Opcode.END))
     return out
 
 
@@ -666,5 +755,4 @@ def _commands_reload(cfg, g, plan, lay, addr):
             out += [_cmd(op, **f) for op, f in compute]
             step += 1
         out.append(_store(g, lay, addr, acc_out, m0, m, ni, nw, push=tile + 2 < n_tiles_total))
-    out.append(_cmd(Opcode.END))
     return out

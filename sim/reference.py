@@ -16,7 +16,7 @@ from fp8npu.hdl.isa import StoreFormat
 
 from . import golden
 
-__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "reference_gemm"]
+__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm"]
 
 #: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
 BLOCK_K = 128
@@ -45,7 +45,7 @@ def _format(fmt, name):
     raise ValueError(f"{name} must be e4m3 or e5m2, not {fmt!r}")
 
 
-def _f32_bits(x, name, shape):
+def f32_bits(x, name, shape):
     """FP32 values (floats, rounded to binary32) or int32 bit patterns -> int32 bits of ``shape``."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         x = torch.tensor(float(x), dtype=torch.float64)
@@ -95,7 +95,7 @@ class GemmArgs:
             raise ValueError(f"every GEMM dimension must be at least 1, not M={m} K={k} N={n}")
         if out not in OUTPUTS:
             raise ValueError(f"out must be one of {', '.join(OUTPUTS)}, not {out!r}")
-        scale_bits = int(_f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
+        scale_bits = int(f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
         if out == "fp32" and scale_bits != 0x3F800000:
             raise ValueError("out_scale applies only to FP8 outputs (out='e4m3' or 'e5m2')")
         rs = cs = None
@@ -103,12 +103,12 @@ class GemmArgs:
             if not isinstance(block_scales, (tuple, list)) or len(block_scales) != 2:
                 raise ValueError("block_scales must be a pair (row_scales[M, KB], col_scales[KB, NB])")
             kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
-            rs = _f32_bits(block_scales[0], "row_scales", (m, kb))
-            cs = _f32_bits(block_scales[1], "col_scales", (kb, nb))
+            rs = f32_bits(block_scales[0], "row_scales", (m, kb))
+            cs = f32_bits(block_scales[1], "col_scales", (kb, nb))
         return cls(
             a, b, _format(fmt_a, "fmt_a"), _format(fmt_b, "fmt_b"), out, scale_bits, bool(saturate),
-            None if col_scale is None else _f32_bits(col_scale, "col_scale", (n,)),
-            None if bias is None else _f32_bits(bias, "bias", (n,)), rs, cs)
+            None if col_scale is None else f32_bits(col_scale, "col_scale", (n,)),
+            None if bias is None else f32_bits(bias, "bias", (n,)), rs, cs)
 
     def column_block_scales(self):
         """[KB, N] int32: the column scale of every output column, ``col_scales[kb][j // 128]``."""
