@@ -528,7 +528,238 @@ def build_parser():
     disasm.add_argument("-o", "--output", metavar="SOURCE",
                         help="assembly file to write (default: standard output)")
     disasm.set_defaults(func=cmd_disasm)
+
+    comp = sub.add_parser("compile", help="compile a torch module to an NPU model file (.npu)",
+                          description="Compile a torch module for the NPU. FILE.py:FACTORY names a function "
+                                      "in a Python file that returns (module, example_inputs); the module is "
+                                      "captured with torch.export, its linear layers and matrix products "
+                                      "become FP8 NPU programs, every other op runs on the host.")
+    comp.add_argument("factory", metavar="FILE.py:FACTORY", help="where the module comes from")
+    comp.add_argument("-o", "--output", metavar="MODEL.npu", required=True, help="model file to write")
+    comp.add_argument("--config", metavar="CFG.json", help="NPU configuration (default: 8x8)")
+    comp.add_argument("--quant", metavar="KEY=VALUE,...", default="",
+                      help="quantization: format=e4m3|e5m2, weights=channel|tensor|block, "
+                           "activations=token|tensor|tile, scales=pow2|fp32 (default: e4m3, channel, token, pow2)")
+    comp.set_defaults(func=cmd_compile)
+
+    runp = sub.add_parser("run", help="run a compiled model on the functional simulator or the RTL",
+                          description="Run a compiled model (.npu) on input tensors: the NPU segments on the "
+                                      "functional simulator (func), the Verilog under Verilator (rtl), or the "
+                                      "reference written from the numerics contract (reference); host ops in "
+                                      "torch. Prints the outputs' shapes and the launches.")
+    runp.add_argument("model", metavar="MODEL.npu", help="compiled model")
+    runp.add_argument("--inputs", metavar="X.pt|X.npy", nargs="+", required=True,
+                      help="input tensors: .pt (a tensor, or a tuple/list of tensors) or .npy, one per input")
+    runp.add_argument("--backend", choices=["func", "rtl", "reference"], default="func",
+                      help="func (default), rtl or reference")
+    runp.add_argument("--fast", action="store_true", help="rtl: simulation DRAM inside the design")
+    runp.add_argument("-o", "--output", metavar="OUT.pt|OUT.npy", help="write the outputs")
+    runp.add_argument("--json", action="store_true", help="print the launches as JSON")
+    runp.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="print where each op of a compiled model runs",
+                         description="Print the partition of a compiled model: every op, where it runs (NPU or "
+                                     "host), its FLOPs, the bytes it moves between host and NPU, its NPU "
+                                     "cycles (functional simulator estimate on the example inputs), and totals.")
+    rep.add_argument("model", metavar="MODEL.npu", help="compiled model")
+    rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rep.set_defaults(func=cmd_report)
     return parser
+
+
+def _progress(label):
+    """A progress callback ``(done, total, what)`` that redraws one line on a terminal (and says
+    nothing when stderr is not one)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total, what):
+        width = 24
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what[:40]:<40}", end=end,
+              file=sys.stderr, flush=True)
+    return show
+
+
+def _load_factory(spec):
+    """(module, example_inputs) from ``FILE.py:FACTORY``."""
+    import importlib.util
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise UsageError(f"the module must be given as FILE.py:FACTORY (a function returning (module, "
+                         f"example_inputs)), not {spec!r}")
+    _input(path, "Python file", binary=False, limit=64 << 20)
+    try:
+        loader = importlib.util.spec_from_file_location(f"fp8npu_user_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"{path} failed to import: {type(exc).__name__}: {_first_line(exc)}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{path} has no function {name!r}")
+    try:
+        made = factory()
+    except Exception as exc:
+        raise UsageError(f"{spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise UsageError(f"{spec}() must return (module, example_inputs), not {type(made).__name__}")
+    return made
+
+
+def _first_line(exc):
+    text = " ".join(str(exc).strip().splitlines()[:1])
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def cmd_compile(args):
+    from fp8npu.compiler.model import CompileError, QuantConfig, compile
+
+    out = _output(args.output, inputs=(args.factory.rpartition(":")[0], args.config))
+    cfg = load_cfg(args.config)
+    try:
+        quant = QuantConfig.parse(args.quant)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    module, example = _load_factory(args.factory)
+    try:
+        model = compile(module, example, cfg, quant, progress=_progress("compile"))
+    except (CompileError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    import io
+    buf = io.BytesIO()
+    model.save(buf)
+    _write(out, buf.getvalue())
+    from fp8npu.compiler.runtime import npu_totals
+    npu, host, share = npu_totals(model)
+    print(f"wrote {out}: {len(model.segments)} NPU segments, {len(model.host_ops)} host ops, "
+          f"{share:.1%} of FLOPs on the NPU, DRAM {model.dram_bytes:,} bytes, "
+          f"compiled in {model.info['compile_seconds']:.1f} s ({quant.describe()}; "
+          f"NPU {cfg.rows}x{cfg.cols})", file=sys.stderr)
+    return 0
+
+
+def _load_model(path):
+    from fp8npu.compiler.model import ModelFileError, load
+    data = _input(path, "model")
+    try:
+        return load(path, data)
+    except ModelFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _read_tensors(paths):
+    import numpy as np
+    import torch
+    tensors = []
+    for path in paths:
+        data = _input(path, "input")
+        import io
+        if str(path).endswith(".npy"):
+            try:
+                tensors.append(torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)))
+            except (ValueError, OSError) as exc:
+                raise UsageError(f"cannot read {path!r} as a .npy array: {_first_line(exc)}") from None
+        elif str(path).endswith(".pt"):
+            try:
+                value = torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as exc:
+                raise UsageError(f"cannot read {path!r} as a torch file: {_first_line(exc)}") from None
+            items = list(value) if isinstance(value, (tuple, list)) else [value]
+            if not all(isinstance(t, torch.Tensor) for t in items):
+                raise UsageError(f"{path!r} must hold a tensor or a tuple or list of tensors")
+            tensors.extend(items)
+        else:
+            raise UsageError(f"inputs must be .pt or .npy files, not {path!r}")
+    return tuple(tensors)
+
+
+def cmd_run(args):
+    import json
+
+    import torch
+    from fp8npu.compiler.runtime import RunError, run
+
+    out = _output(args.output, inputs=(args.model, *args.inputs))
+    if out not in (None, "-") and out.suffix not in (".pt", ".npy"):
+        raise UsageError(f"-o must name a .pt or .npy file, not {args.output!r}")
+    model = _load_model(args.model)
+    inputs = _read_tensors(args.inputs)
+    options = {"fast": args.fast} if args.backend == "rtl" else {}
+    try:
+        outputs, session = run(model, inputs, backend=args.backend, details=True,
+                               progress=_progress(args.backend), **options)
+    except RunError as exc:
+        raise UsageError(str(exc)) from None
+    items = outputs if isinstance(outputs, tuple) else (outputs,)
+    if args.json:
+        print(json.dumps({"backend": args.backend, "outputs": [list(t.shape) for t in items],
+                          "launches": session.launches}, indent=1))
+    else:
+        cycles = sum(x.get("cycles", 0) for x in session.launches)
+        print(f"{args.model}: {len(session.launches)} NPU launches on {args.backend}, "
+              f"{cycles:,} NPU cycles; outputs " + ", ".join(f"{tuple(t.shape)} {str(t.dtype)[6:]}" for t in items))
+    if out not in (None, "-"):
+        import io
+        buf = io.BytesIO()
+        if out.suffix == ".npy":
+            if len(items) != 1:
+                raise UsageError("a .npy file holds one output; use .pt for several")
+            import numpy as np
+            np.save(buf, items[0].detach().numpy())
+        else:
+            torch.save(outputs, buf)
+        _write(out, buf.getvalue())
+    return 0
+
+
+def cmd_report(args):
+    import json
+
+    from fp8npu.compiler.runtime import npu_totals
+
+    model = _load_model(args.model)
+    rows = []
+    seg_by_node = model.segments
+    order = [n.name for n in model.program.graph.nodes if n.op == "call_function"]
+    host = {h["node"]: h for h in model.host_ops}
+    for name in order:
+        if name in seg_by_node:
+            s = seg_by_node[name]
+            rows.append({"op": name, "target": s.target, "module": s.module_path, "where": "npu",
+                         "flops": s.flops, "host_to_npu_bytes": s.host_to_npu_bytes,
+                         "npu_to_host_bytes": s.npu_to_host_bytes, "npu_cycles": s.cycles,
+                         "gemm": "x".join(map(str, s.shape))})
+        elif name in host:
+            h = host[name]
+            rows.append({"op": name, "target": h["target"], "module": h["module_path"], "where": "host",
+                         "flops": h["flops"], "host_to_npu_bytes": 0, "npu_to_host_bytes": 0, "npu_cycles": 0,
+                         "gemm": ""})
+    npu, hostf, share = npu_totals(model)
+    totals = {"npu_flops": npu, "host_flops": hostf, "npu_share": share, "dram_bytes": model.dram_bytes,
+              "npu_cycles": sum(s.cycles for s in seg_by_node.values()),
+              "host_to_npu_bytes": sum(r["host_to_npu_bytes"] for r in rows),
+              "npu_to_host_bytes": sum(r["npu_to_host_bytes"] for r in rows)}
+    if args.json:
+        print(json.dumps({"config": model.cfg.to_dict(), "quant": model.quant.describe(), "ops": rows,
+                          "totals": totals}, indent=1))
+        return 0
+    print(f"{args.model}: NPU {model.cfg.rows}x{model.cfg.cols}, {model.quant.describe()}")
+    head = f"{'op':<18} {'target':<28} {'module':<22} {'where':<5} {'GEMM MxKxN':>13} {'FLOPs':>12} " \
+           f"{'to NPU B':>10} {'from NPU B':>10} {'NPU cycles':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        target = r["target"].replace("aten.", "")
+        print(f"{r['op'][:18]:<18} {target[:28]:<28} {r['module'][:22]:<22} {r['where']:<5} {r['gemm']:>13} "
+              f"{r['flops']:>12,} {r['host_to_npu_bytes']:>10,} {r['npu_to_host_bytes']:>10,} {r['npu_cycles']:>11,}")
+    print("-" * len(head))
+    print(f"NPU {npu:,} FLOPs, host {hostf:,} FLOPs (host ops count one per output element): "
+          f"{share:.1%} on the NPU; {totals['npu_cycles']:,} NPU cycles; host -> NPU "
+          f"{totals['host_to_npu_bytes']:,} bytes, NPU -> host {totals['npu_to_host_bytes']:,} bytes; "
+          f"DRAM {model.dram_bytes:,} bytes")
+    return 0
 
 
 class Terminated(KeyboardInterrupt):

@@ -481,6 +481,37 @@ class GemmOp:
         """The [M, N] output from the bytes of buffer ``c``: int32 FP32 bits or uint8 FP8 codes."""
         return torch.from_numpy(self.layouts["c"].unpack(memoryview(data)[:self.layouts["c"].nbytes]))
 
+    def to_spec(self):
+        """What a host needs to pack and unpack this GEMM's buffers, as JSON-able data."""
+        return {"shape": list(self.shape), "out": self.out, "note": self.note,
+                "layouts": {role: layout_to_dict(lay) for role, lay in self.layouts.items()}}
+
+    @classmethod
+    def from_spec(cls, cfg, spec):
+        """The host side of a GEMM (pack / unpack) from :meth:`to_spec`'s data."""
+        return cls(cfg, tuple(spec["shape"]), spec["out"], None, {},
+                   {role: layout_from_dict(d) for role, d in spec["layouts"].items()}, spec["note"])
+
+
+def layout_to_dict(layout):
+    """A TiledLayout or TileMajorLayout as JSON-able data."""
+    from dataclasses import asdict
+    kind = "tiled" if isinstance(layout, TiledLayout) else "tile_major"
+    return {"kind": kind, **{k: (list(map(list, v)) if k == "tiles" else list(v) if isinstance(v, tuple) else v)
+                             for k, v in asdict(layout).items()}}
+
+
+def layout_from_dict(d):
+    d = dict(d)
+    kind = d.pop("kind")
+    d["tiles"] = tuple(tuple(t) for t in d["tiles"])
+    if kind == "tiled":
+        d["offsets"] = tuple(d["offsets"])
+        return TiledLayout(**d)
+    if kind == "tile_major":
+        return TileMajorLayout(**d)
+    raise ValueError(f"unknown layout kind {kind!r}")
+
 
 def _pack_row_scales(bits, bus):
     """Row scales [M, KB] int32 -> the region the LOADs read: (kb * M + i) * bus bytes, value in lane 0."""

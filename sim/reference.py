@@ -4,6 +4,9 @@ benchmarks. The compiler's lowerings are checked against these, bit for bit.
 
 * :func:`reference_gemm`: ``C = A @ B`` of FP8 codes with sequential FP32 accumulation,
   optional DeepSeek-style 128-block scaling, epilogue (column scale, bias) and FP8 output.
+* :func:`gemm_scales` and :func:`reference_qmatmul`: a quantized matrix product of FP32
+  tensors (a linear layer, or a product of two activations) as docs/numerics.md section 7
+  defines it: quantize both sides (:mod:`.quant`), then the scaled FP8 GEMM.
 """
 
 import math
@@ -16,7 +19,8 @@ from fp8npu.hdl.isa import StoreFormat
 
 from . import golden
 
-__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm"]
+__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm", "gemm_scales", "quantize_operands",
+           "reference_qmatmul"]
 
 #: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
 BLOCK_K = 128
@@ -146,3 +150,51 @@ def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, sa
         return acc
     scale = torch.tensor([g.out_scale], dtype=torch.int64).to(torch.int32)   # two's complement wrap
     return golden.quantize(golden.mul_f32(acc, scale), g.out, saturate=g.saturate)
+
+
+# ---- quantized matrix products --------------------------------------------------------------
+def gemm_scales(act_scales, act_granularity, w_scales, w_granularity, m, k, n):
+    """The scaled GEMM's scale operands for quantized ``A [M, K]`` and ``W [N, K]`` (B = W^T):
+    ``row_scales [M, KB]`` (the activation scale of row i in K block kb), ``col_scales [KB, NB]``
+    (the weight scale of K block kb and 128-column block nb; 1 for per-channel weights) and
+    ``col_scale [N]`` (per-channel weight scales, else None). All float32."""
+    kb_n, nb_n = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+    a = act_scales.to(torch.float32)
+    if act_granularity == "tensor":
+        rows = a.reshape(1, 1).expand(m, kb_n)
+    elif act_granularity == "token":
+        rows = a.reshape(m, 1).expand(m, kb_n)
+    else:                                                    # tile: [M, KB]
+        rows = a.reshape(m, kb_n)
+    w = w_scales.to(torch.float32)
+    col_scale = None
+    if w_granularity == "tensor":
+        cols = w.reshape(1, 1).expand(kb_n, nb_n)
+    elif w_granularity == "channel":
+        cols = torch.ones((kb_n, nb_n), dtype=torch.float32)
+        col_scale = w.reshape(n)
+    else:                                                    # block: [NB, KB] -> [KB, NB]
+        cols = w.reshape(nb_n, kb_n).T
+    return rows.contiguous(), cols.contiguous(), col_scale
+
+
+def quantize_operands(x, w, quant):
+    """Quantize ``x [M, K]`` (activations) and ``w [N, K]`` (weights, or the transposed right
+    operand of a product of activations) by ``quant`` (fields ``format``, ``weights``,
+    ``activations``, ``scales``); returns (a_codes, b_codes [K, N], row_scales, col_scales, col_scale)."""
+    from . import quant as q
+    a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
+    w_codes, w_scales = q.quantize_weight(w, quant.format, quant.weights, quant.scales)
+    m, k = x.shape
+    rows, cols, col_scale = gemm_scales(a_scales, quant.activations, w_scales, quant.weights, m, k, w.shape[0])
+    return a_codes, w_codes.T.contiguous(), rows, cols, col_scale
+
+
+def reference_qmatmul(x, w, bias, quant):
+    """``x [M, K] @ w[N, K]^T + bias`` as the NPU computes it, written directly from the contract:
+    quantize, then :func:`reference_gemm` with 128-block scaling, column scale and bias.
+    Returns float32 [M, N]."""
+    a_codes, b_codes, rows, cols, col_scale = quantize_operands(x, w, quant)
+    bits = reference_gemm(a_codes, b_codes, quant.format, quant.format, block_scales=(rows, cols),
+                          col_scale=col_scale, bias=None if bias is None else bias.detach().to(torch.float32))
+    return golden.bits_to_f32(bits)

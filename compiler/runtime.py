@@ -1,0 +1,192 @@
+"""Run a :class:`~fp8npu.compiler.model.CompiledModel`: one runtime for every backend.
+
+:class:`Session` interprets the model's exported graph. Host ops run in torch; each NPU
+segment runs as one launch through the host driver (:class:`fp8npu.sim.host.Driver`):
+
+1. quantize the segment's runtime operands on the host (:mod:`fp8npu.sim.quant`: the
+   activations, and for ``mm`` the right operand too), pack them into their DRAM buffers;
+2. launch the segment's program and wait for the interrupt;
+3. read the FP32 output buffer back and unpack it.
+
+Backends: ``func`` (the functional simulator, default), ``rtl`` (the Verilog under
+Verilator), and ``reference``, which runs no program at all: each segment is computed by
+:func:`fp8npu.sim.reference.reference_qmatmul`, written directly from the numerics contract.
+``func`` and ``rtl`` must equal ``reference`` bit for bit.
+
+Every launch is recorded in :attr:`Session.launches` (segment, cycles, MAC utilization,
+bytes moved); :func:`run` returns the outputs (the module's output structure) and, with
+``details=True``, the session too.
+"""
+
+import time
+
+import torch
+from fp8npu.sim import golden
+from fp8npu.sim import quant as q
+from fp8npu.sim.reference import gemm_scales, reference_qmatmul
+
+from .model import CompiledModel
+
+__all__ = ["Session", "run", "RunError", "BACKENDS"]
+
+BACKENDS = ("func", "rtl", "reference")
+
+
+class RunError(ValueError):
+    """Bad inputs or a failed launch; the message says what in one sentence."""
+
+
+class Session:
+    """A compiled model loaded on one backend (see the module docstring).
+
+    ``transport_options`` go to the transport (for ``rtl``: ``fast``, ``backpressure``,
+    ``progress`` ...). ``progress(done, total, what)`` is called before each launch.
+    """
+
+    def __init__(self, model, backend="func", progress=None, **transport_options):
+        if not isinstance(model, CompiledModel):
+            raise RunError(f"run() takes a CompiledModel, not {type(model).__name__}")
+        if backend not in BACKENDS:
+            raise RunError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.model = model
+        self.backend = backend
+        self.progress = progress
+        self.launches = []
+        self.driver = None
+        if backend != "reference":
+            from fp8npu.sim.host import Driver, FuncTransport, RTLTransport
+            size = max(model.dram_bytes, 4096)
+            if backend == "func":
+                transport = FuncTransport(model.cfg, size, model.dram)
+            else:
+                transport = RTLTransport(model.cfg, size, model.dram, **transport_options)
+            self.driver = Driver(transport, model.cfg)
+            self.driver.check_config()
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _check_inputs(self, inputs):
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        inputs = tuple(inputs)
+        specs = self.model.inputs
+        if len(inputs) != len(specs):
+            raise RunError(f"the model takes {len(specs)} input(s) ({', '.join(s['name'] for s in specs)}), "
+                           f"not {len(inputs)}")
+        for x, spec in zip(inputs, specs):
+            if not isinstance(x, torch.Tensor):
+                raise RunError(f"input {spec['name']} must be a tensor, not {type(x).__name__}")
+            if list(x.shape) != list(spec["shape"]):
+                raise RunError(f"input {spec['name']} must have shape {tuple(spec['shape'])} (the shape it was "
+                               f"compiled for), not {tuple(x.shape)}")
+            if str(x.dtype).replace("torch.", "") != spec["dtype"]:
+                raise RunError(f"input {spec['name']} must be {spec['dtype']}, not "
+                               f"{str(x.dtype).replace('torch.', '')}")
+        return inputs
+
+    # ---- execution -------------------------------------------------------------------------
+    def run(self, inputs, record_cycles=False):
+        """The model's outputs for ``inputs`` (a tensor or a tuple of tensors)."""
+        inputs = self._check_inputs(inputs)
+        ep = self.model.program
+        values = {}
+        user = iter(inputs)
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind.name == "USER_INPUT":
+                values[spec.arg.name] = next(user)
+            elif spec.target in ep.state_dict:
+                values[spec.arg.name] = ep.state_dict[spec.target]
+            elif spec.target in ep.constants:
+                values[spec.arg.name] = ep.constants[spec.target]
+            else:
+                raise RunError(f"the model's input {spec.arg.name} ({spec.kind.name}) is not supported")
+        segments = self.model.segments
+        done = 0
+
+        def load(a):
+            return torch.fx.node.map_arg(a, lambda n: values[n.name])
+
+        out_node = None
+        for node in ep.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                out_node = node
+                break
+            args, kwargs = load(node.args), load(node.kwargs)
+            if node.name in segments:
+                if self.progress:
+                    self.progress(done, len(segments), node.name)
+                values[node.name] = self._segment(segments[node.name], args, record_cycles)
+                done += 1
+            else:
+                values[node.name] = node.target(*args, **kwargs)
+        outs = load(out_node.args[0])
+        user_outputs = [o for o, s in zip(outs, ep.graph_signature.output_specs) if s.kind.name == "USER_OUTPUT"]
+        return user_outputs[0] if len(user_outputs) == 1 else tuple(user_outputs)
+
+    def _segment(self, seg, args, record_cycles):
+        quant, cfg = self.model.quant, self.model.cfg
+        x = args[0].to(torch.float32)
+        m, k, n = seg.shape
+        x2 = x.reshape(m, k)
+        if seg.kind == "linear":
+            w = args[1].to(torch.float32)
+            bias = args[2].to(torch.float32) if len(args) > 2 and args[2] is not None else None
+        else:
+            w, bias = args[1].to(torch.float32).T, None
+        if self.backend == "reference":
+            y = reference_qmatmul(x2, w, bias, quant)
+            self.launches.append({"segment": seg.node, "cycles": 0})
+            return y.reshape(seg.out_shape)
+        op = seg.op(cfg)
+        a_codes, a_scales = q.quantize_activation(x2, quant.format, quant.activations, quant.scales)
+        values = {"a": a_codes}
+        if seg.kind == "linear":
+            rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
+            values["row_scales"] = rows
+        else:
+            b_codes, b_scales = q.quantize_weight(w, quant.format, quant.weights, quant.scales)
+            rows, cols, col_scale = gemm_scales(a_scales, quant.activations, b_scales, quant.weights, m, k, n)
+            values.update(b=b_codes.T.contiguous(), row_scales=rows, col_scales=cols)
+            if col_scale is not None:
+                values["col_scale"] = col_scale
+        t0 = time.perf_counter()
+        for role in seg.runtime:
+            addr, nbytes = seg.buffers[role]
+            data = op.pack(role, values[role])
+            self.driver.write(addr, bytes(data))
+        result = self.driver.launch(seg.prog_addr, seg.prog_len)
+        if not result.ok:
+            raise RunError(f"segment {seg.node} ({seg.module_path}) stopped with {result.describe()}")
+        addr, nbytes = seg.buffers["c"]
+        y = golden.bits_to_f32(op.unpack(self.driver.read(addr, nbytes)))
+        record = {"segment": seg.node, "cycles": result.cycles, "mac_ops": result.mac_ops,
+                  "utilization": result.utilization, "wall_seconds": time.perf_counter() - t0,
+                  "host_to_npu_bytes": seg.host_to_npu_bytes, "npu_to_host_bytes": seg.npu_to_host_bytes}
+        self.launches.append(record)
+        if record_cycles:
+            seg.cycles = result.cycles
+        return y.reshape(seg.out_shape)
+
+    def close(self):
+        if self.driver is not None:
+            self.driver.transport.close()
+
+
+def run(model, inputs, backend="func", details=False, record_cycles=False, progress=None, **transport_options):
+    """Run a compiled model on ``inputs``; returns its outputs (and the :class:`Session` with
+    ``details=True``). See the module docstring for the backends."""
+    session = Session(model, backend, progress=progress, **transport_options)
+    try:
+        out = session.run(inputs, record_cycles=record_cycles)
+    finally:
+        session.close()
+    return (out, session) if details else out
+
+
+def npu_totals(model):
+    """FLOPs on the NPU and on the host (estimates, see docs/compiler.md), and their NPU share."""
+    npu = sum(s.flops for s in model.segments.values())
+    host = sum(h["flops"] for h in model.host_ops)
+    return npu, host, npu / max(1, npu + host)
+
