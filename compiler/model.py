@@ -288,19 +288,28 @@ def _placeholder_values(ep):
     return values
 
 
+def _static_int(v):
+    """``int(v)``, or None for a symbolic (data-dependent or dynamic) size."""
+    try:
+        return int(v)
+    except Exception:
+        return None
+
+
 def _shape(node):
     val = node.meta.get("val")
-    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = tuple(_static_int(d) for d in val.shape)
+    return None if None in dims else dims
 
 
 def _flops_of(node):
-    """An estimate of a host op's floating-point work: the elements it produces."""
+    """An estimate of a host op's floating-point work: the elements it produces (0 when their
+    number depends on the data)."""
     val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return int(val.numel())
-    if isinstance(val, (tuple, list)):
-        return sum(int(v.numel()) for v in val if isinstance(v, torch.Tensor))
-    return 0
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return sum(_static_int(v.numel()) or 0 for v in vals if isinstance(v, torch.Tensor))
 
 
 # ---- compile -------------------------------------------------------------------------------------
