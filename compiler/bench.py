@@ -159,10 +159,7 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
 
 def npu_synth_line(cfg):
     """Synthesize the NPU of ``cfg`` for ECP5; return (result, one table line)."""
-    from fp8npu.fpga.synth import synthesize
     from fp8npu.hdl.npu import NPU
-
-    from .rtl import to_verilog
     t0 = time.perf_counter()
     r = synthesize(to_verilog(NPU(cfg), "top"), "top", "ecp5", timeout=7200)
     line = (f"  {cfg.rows}x{cfg.cols:<3} {cfg.sp_lines:>8,} {cfg.acc_lines:>9,} | {r.luts:>9,} {r.carries:>6,} "
