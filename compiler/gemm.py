@@ -156,7 +156,7 @@ from fp8npu.sim.reference import f32_bits as _f32_bits
 from .program import Command, Layout, Program, allocate
 
 __all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "GemmOp", "build_gemm",
-           "lower_gemm", "RUNTIME_OPERANDS"]
+           "lower_gemm", "fence", "RUNTIME_OPERANDS"]
 
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
@@ -536,6 +536,16 @@ def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=
     g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
     _check_formats(cfg, g)
     return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime))
+
+
+def fence(prog):
+    """Append a barrier between two lowered operations: everything before it (loads, compute,
+    stores) completes before anything after it starts, so the next operation may reuse any
+    SRAM line. Three SYNCs: the store unit gives compute a token after its last STORE, the
+    compute unit waits for it and gives the load unit one, the load unit waits for that."""
+    prog.emit(Opcode.SYNC, unit=Unit.STORE, push_prev=1)
+    prog.emit(Opcode.SYNC, unit=Unit.COMPUTE, pop_next=1, push_prev=1)
+    prog.emit(Opcode.SYNC, unit=Unit.LOAD, pop_next=1)
 
 
 def _check_formats(cfg, g):

@@ -5,9 +5,11 @@ Pipeline (docs/compiler.md):
 1. **capture** — ``torch.export.export(module, example_inputs)``, then
    ``run_decompositions`` with the default table except ``aten.linear`` (kept whole, so a
    linear layer is one node with its weight). The graph is a sequence of ``aten`` ops.
-2. **partition** — each ``aten.linear`` (weight a parameter or constant) and ``aten.mm`` node
-   with static 2-D shapes (leading dimensions flattened) becomes an NPU segment; every other op
-   stays on the host, where torch runs it (bit-reproducibly on the same machine).
+2. **partition** — each ``aten.linear`` (weight a parameter or constant), ``aten.mm`` and
+   ``aten.bmm`` node with static shapes (a linear's leading dimensions flattened) becomes an
+   NPU segment; every other op stays on the host, where torch runs it (bit-reproducibly on the
+   same machine). Attention, written by hand or with ``F.scaled_dot_product_attention``,
+   decomposes into ``bmm`` (QK^T and PV on the NPU) around a host softmax.
 3. **lower** — per segment a :class:`~fp8npu.compiler.program.Program`: one scaled FP8 GEMM
    (:func:`~fp8npu.compiler.gemm.lower_gemm`) with 128-block scaling carrying the activation
    scales, column scales and bias in the epilogue. Weights are quantized now
@@ -37,7 +39,7 @@ from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import quant as q
 
-from .gemm import GemmOp, lower_gemm
+from .gemm import GemmOp, fence, lower_gemm
 from .program import Program, VerifyError, allocate
 
 __all__ = ["QuantConfig", "CompiledModel", "Segment", "CompileError", "ModelFileError", "compile", "load",
@@ -48,7 +50,7 @@ FORMAT_VERSION = 1
 
 aten = torch.ops.aten
 #: aten ops the NPU runs, and the segment kind each becomes.
-NPU_OPS = {aten.linear.default: "linear", aten.mm.default: "mm"}
+NPU_OPS = {aten.linear.default: "linear", aten.mm.default: "mm", aten.bmm.default: "bmm"}
 
 
 class CompileError(ValueError):
@@ -105,12 +107,14 @@ class QuantConfig:
 
 @dataclass
 class Segment:
-    """One NPU launch: a scaled FP8 GEMM for graph node ``node``.
+    """One NPU launch for graph node ``node``: a scaled FP8 GEMM (``linear``, ``mm``), or
+    ``batch`` of them separated by fences (``bmm``: one per batch element).
 
     ``runtime`` names the GEMM operands the host fills before the launch (``a``,
-    ``row_scales``; for ``mm`` also ``b``, ``col_scales``, ``col_scale``); ``buffers`` maps a
-    role to (address, bytes); ``gemm`` is :meth:`GemmOp.to_spec`'s data (layouts to pack and
-    unpack). ``flops`` = 2 M K N; ``cycles`` is the functional simulator's estimate for one
+    ``row_scales``; for ``mm`` and ``bmm`` also ``b``, ``col_scales``, ``col_scale``);
+    ``buffers`` holds, per batch element, a role -> (address, bytes) map; ``gemm`` is
+    :meth:`GemmOp.to_spec`'s data (layouts to pack and unpack; the same for every element).
+    ``flops`` = 2 M K N per element; ``cycles`` is the functional simulator's estimate for one
     launch (filled by :func:`compile` when it runs the example).
     """
 
@@ -128,17 +132,18 @@ class Segment:
     gemm: dict
     flops: int
     cycles: int = 0
+    batch: int = 1
 
     def op(self, cfg):
         return GemmOp.from_spec(cfg, self.gemm)
 
     @property
     def host_to_npu_bytes(self):
-        return sum(self.buffers[r][1] for r in self.runtime)
+        return sum(b[r][1] for b in self.buffers for r in self.runtime)
 
     @property
     def npu_to_host_bytes(self):
-        return self.buffers["c"][1]
+        return sum(b["c"][1] for b in self.buffers)
 
 
 @dataclass
@@ -170,7 +175,8 @@ class CompiledModel:
             "host_ops": self.host_ops, "info": self.info,
             "segments": [dict(asdict(s), shape=list(s.shape), in_shape=list(s.in_shape),
                               out_shape=list(s.out_shape), runtime=list(s.runtime),
-                              buffers={k: list(v) for k, v in s.buffers.items()}) for s in self.segments.values()],
+                              buffers=[{k: list(v) for k, v in b.items()} for b in s.buffers])
+                         for s in self.segments.values()],
         }
         parts = [json.dumps(header).encode(), bytes(self.dram), graph.getvalue()]
         body = struct.pack("<I", FORMAT_VERSION) + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
@@ -219,7 +225,7 @@ def load(path, data=None):
     segments = {}
     for s in header["segments"]:
         s = dict(s, shape=tuple(s["shape"]), in_shape=tuple(s["in_shape"]), out_shape=tuple(s["out_shape"]),
-                 runtime=tuple(s["runtime"]), buffers={k: tuple(v) for k, v in s["buffers"].items()})
+                 runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
         segments[s["node"]] = Segment(**s)
     return CompiledModel(cfg, QuantConfig(**header["quant"]), program, segments, bytes(parts[1]), header["inputs"],
                          header["host_ops"], header.get("info", {}))
@@ -365,8 +371,10 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
         dram[addr:addr + len(code)] = code
         seg = segments[name]
         seg.prog_addr, seg.prog_len = addr, len(prog)
-        seg.buffers = {b.meta["role"]: (layout.address(b), b.nbytes) for b in prog.buffers.values()
-                       if "role" in b.meta}
+        seg.buffers = [{} for _ in range(seg.batch)]
+        for b in prog.buffers.values():
+            if "role" in b.meta:
+                seg.buffers[b.meta.get("batch", 0)][b.meta["role"]] = (layout.address(b), b.nbytes)
     inputs = [{"name": spec.arg.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
               for spec, t in zip([s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"],
                                  example_inputs)]
@@ -422,9 +430,13 @@ def _lower_node(prog, cfg, quant, node, params, path, line):
     else:
         y = args[1]
         y_shape = _shape(y)
-        if len(in_shape) != 2 or y_shape is None or len(y_shape) != 2:
-            raise CompileError(f"{where}: mm needs two 2-D operands with static shapes")
-        n = y_shape[1]
+        dims = 2 if kind == "mm" else 3
+        if len(in_shape) != dims or y_shape is None or len(y_shape) != dims:
+            raise CompileError(f"{where}: {kind} needs two {dims}-D operands with static shapes")
+        if kind == "bmm":
+            batch, m, k = in_shape
+            zeros_a = torch.zeros((max(m, 1), k), dtype=torch.uint8)
+        n = y_shape[-1]
         bias = None
         b_codes = torch.zeros((k, n), dtype=torch.uint8)
         kb_n, nb_n = -(-k // 128), -(-n // 128)
@@ -434,9 +446,17 @@ def _lower_node(prog, cfg, quant, node, params, path, line):
         runtime = ("a", "row_scales", "b", "col_scales") + (("col_scale",) if col_scale is not None else ())
     if m == 0:
         raise CompileError(f"{where}: an empty input (0 rows) cannot run on the NPU")
+    batch = in_shape[0] if kind == "bmm" else 1
+    if batch == 0:
+        raise CompileError(f"{where}: an empty batch cannot run on the NPU")
     with prog.noting(node.name):
-        op = lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), col_scale=col_scale,
-                        bias=bias, runtime=runtime, name=node.name)
+        for b in range(batch):
+            if b:
+                fence(prog)
+            op = lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), col_scale=col_scale,
+                            bias=bias, runtime=runtime, name=f"{node.name}.{b}" if kind == "bmm" else node.name)
+            for buf in op.buffers.values():
+                buf.meta["batch"] = b
     return Segment(node=node.name, kind=kind, target=str(node.target), module_path=path, shape=(m, k, n),
-                   in_shape=in_shape, out_shape=out_shape, prog_addr=0, prog_len=0, runtime=runtime, buffers={},
-                   gemm=op.to_spec(), flops=2 * m * k * n)
+                   in_shape=in_shape, out_shape=out_shape, prog_addr=0, prog_len=0, runtime=runtime, buffers=[],
+                   gemm=op.to_spec(), flops=2 * m * k * n * batch, batch=batch)

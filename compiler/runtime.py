@@ -126,47 +126,52 @@ class Session:
 
     def _segment(self, seg, args, record_cycles):
         quant, cfg = self.model.quant, self.model.cfg
-        x = args[0].to(torch.float32)
         m, k, n = seg.shape
-        x2 = x.reshape(m, k)
+        x = args[0].to(torch.float32)
         if seg.kind == "linear":
-            w = args[1].to(torch.float32)
+            xs = [x.reshape(m, k)]
+            ws = [args[1].to(torch.float32)]
             bias = args[2].to(torch.float32) if len(args) > 2 and args[2] is not None else None
-        else:
-            w, bias = args[1].to(torch.float32).T, None
+        else:                                          # mm: [M,K] x [K,N]; bmm: per batch element
+            y = args[1].to(torch.float32)
+            xs = list(x) if seg.kind == "bmm" else [x]
+            ws = [t.T for t in (list(y) if seg.kind == "bmm" else [y])]
+            bias = None
         if self.backend == "reference":
-            y = reference_qmatmul(x2, w, bias, quant)
+            outs = [reference_qmatmul(xb, wb, bias, quant) for xb, wb in zip(xs, ws)]
             self.launches.append({"segment": seg.node, "cycles": 0})
-            return y.reshape(seg.out_shape)
+            return (torch.stack(outs) if seg.kind == "bmm" else outs[0]).reshape(seg.out_shape)
         op = seg.op(cfg)
-        a_codes, a_scales = q.quantize_activation(x2, quant.format, quant.activations, quant.scales)
-        values = {"a": a_codes}
-        if seg.kind == "linear":
-            rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
-            values["row_scales"] = rows
-        else:
-            b_codes, b_scales = q.quantize_weight(w, quant.format, quant.weights, quant.scales)
-            rows, cols, col_scale = gemm_scales(a_scales, quant.activations, b_scales, quant.weights, m, k, n)
-            values.update(b=b_codes.T.contiguous(), row_scales=rows, col_scales=cols)
-            if col_scale is not None:
-                values["col_scale"] = col_scale
         t0 = time.perf_counter()
-        for role in seg.runtime:
-            addr, nbytes = seg.buffers[role]
-            data = op.pack(role, values[role])
-            self.driver.write(addr, bytes(data))
+        for b, (xb, wb) in enumerate(zip(xs, ws)):
+            a_codes, a_scales = q.quantize_activation(xb, quant.format, quant.activations, quant.scales)
+            values = {"a": a_codes}
+            if seg.kind == "linear":
+                rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
+                values["row_scales"] = rows
+            else:
+                b_codes, b_scales = q.quantize_weight(wb, quant.format, quant.weights, quant.scales)
+                rows, cols, col_scale = gemm_scales(a_scales, quant.activations, b_scales, quant.weights, m, k, n)
+                values.update(b=b_codes.T.contiguous(), row_scales=rows, col_scales=cols)
+                if col_scale is not None:
+                    values["col_scale"] = col_scale
+            for role in seg.runtime:
+                addr, _ = seg.buffers[b][role]
+                self.driver.write(addr, bytes(op.pack(role, values[role])))
         result = self.driver.launch(seg.prog_addr, seg.prog_len)
         if not result.ok:
             raise RunError(f"segment {seg.node} ({seg.module_path}) stopped with {result.describe()}")
-        addr, nbytes = seg.buffers["c"]
-        y = golden.bits_to_f32(op.unpack(self.driver.read(addr, nbytes)))
+        outs = []
+        for b in range(seg.batch):
+            addr, nbytes = seg.buffers[b]["c"]
+            outs.append(golden.bits_to_f32(op.unpack(self.driver.read(addr, nbytes))))
         record = {"segment": seg.node, "cycles": result.cycles, "mac_ops": result.mac_ops,
                   "utilization": result.utilization, "wall_seconds": time.perf_counter() - t0,
                   "host_to_npu_bytes": seg.host_to_npu_bytes, "npu_to_host_bytes": seg.npu_to_host_bytes}
         self.launches.append(record)
         if record_cycles:
             seg.cycles = result.cycles
-        return y.reshape(seg.out_shape)
+        return (torch.stack(outs) if seg.kind == "bmm" else outs[0]).reshape(seg.out_shape)
 
     def close(self):
         if self.driver is not None:

@@ -198,9 +198,9 @@ def test_partition_and_totals():
     assert npu == 2 * 12 * 40 * 72 * 2 + 2 * 6 * 40 * 6
     assert 0 < host < npu and share > 0.9
     seg = model.segments["linear"]
-    assert seg.host_to_npu_bytes == seg.buffers["a"][1] + seg.buffers["row_scales"][1]
+    assert seg.host_to_npu_bytes == seg.buffers[0]["a"][1] + seg.buffers[0]["row_scales"][1]
     # per-launch buffers share DRAM; weights and programs do not
-    spans = sorted((a, a + n) for s in model.segments.values() for r, (a, n) in s.buffers.items()
+    spans = sorted((a, a + n) for s in model.segments.values() for b in s.buffers for r, (a, n) in b.items()
                    if r not in s.runtime and r != "c")
     assert all(e1 <= a2 for (_, e1), (a2, _) in zip(spans, spans[1:]))
 
