@@ -208,3 +208,105 @@ def run_funcsim_bench(size=1024, cfg=None, check_rows=4, seed=0, echo=print):
           f"compute stall {r.stall_cycles} cycles")
     echo(f"  spot check: {check_rows * size} outputs, {bad} mismatches")
     return bad == 0
+
+
+# ---- the model compiler ----------------------------------------------------------------------
+def _llama_block(d, heads, kv_heads, ffn, seq):
+    """A Llama-style decoder block (RMSNorm, rotary embeddings, grouped-query causal attention
+    with scaled_dot_product_attention, SwiGLU MLP, residuals), randomly initialised."""
+    import torch.nn.functional as F
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    def rotate_half(x):
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hd = d // heads
+            self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
+            self.q_proj = torch.nn.Linear(d, d, bias=False)
+            self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
+            self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
+            self.o_proj = torch.nn.Linear(d, d, bias=False)
+            self.gate_proj = torch.nn.Linear(d, ffn, bias=False)
+            self.up_proj = torch.nn.Linear(d, ffn, bias=False)
+            self.down_proj = torch.nn.Linear(ffn, d, bias=False)
+            inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+            emb = torch.outer(torch.arange(seq).float(), inv).repeat(1, 2)
+            self.register_buffer("cos", emb.cos(), persistent=False)
+            self.register_buffer("sin", emb.sin(), persistent=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.attn_norm(x)
+            q = self.q_proj(h).view(b, t, heads, self.hd).transpose(1, 2)
+            k = self.k_proj(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
+            v = self.v_proj(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
+            q = q * self.cos + rotate_half(q) * self.sin
+            k = k * self.cos + rotate_half(k) * self.sin
+            k = k.repeat_interleave(heads // kv_heads, 1)
+            v = v.repeat_interleave(heads // kv_heads, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+            h = self.mlp_norm(x)
+            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    return Block().eval()
+
+
+def run_model_bench(echo=print, d_model=1024, seq=128):
+    """Compile time, NPU share, MAC utilization and end-to-end time of a transformer block on the
+    default configuration, and an accuracy table of the scaling modes on activations with
+    outlier channels."""
+    import torch.nn.functional as F
+
+    from .model import QuantConfig, compile
+    from .runtime import npu_totals, run
+
+    torch.manual_seed(0)
+    cfg = NPUConfig()
+    echo(f"Transformer block (Llama-style, GQA + RoPE + SwiGLU), default NPU {cfg.rows}x{cfg.cols}, "
+         f"functional simulator:")
+    echo(f"  {'d_model':>7} {'tokens':>6} | {'compile s':>9} {'segments':>8} {'NPU FLOPs':>9} | "
+         f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
+    for d, heads, kv, ffn, t in ((256, 8, 4, 704, 32), (d_model, 16, 8, 2816, seq)):
+        block = _llama_block(d, heads, kv, ffn, t)
+        x = torch.randn(1, t, d)
+        t0 = time.perf_counter()
+        model = compile(block, (x,), cfg, estimate=False)
+        t_compile = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        y, session = run(model, x, details=True)
+        t_run = time.perf_counter() - t0
+        cycles = sum(r["cycles"] for r in session.launches)
+        macs = sum(r["mac_ops"] for r in session.launches)
+        util = macs / max(1, cycles * cfg.rows * cfg.cols)
+        cos = F.cosine_similarity(y.flatten(), block(x).flatten(), dim=0).item()
+        share = npu_totals(model)[2]
+        echo(f"  {d:>7} {t:>6} | {t_compile:>9.2f} {len(model.segments):>8} {share:>9.1%} | {cycles:>11,} "
+             f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+
+    echo("")
+    echo("Scaling modes on activations with outlier channels (one linear 512 -> 512, 64 tokens; "
+         "4 channels x 100), against float32:")
+    echo(f"  {'weights':>8} {'activations':>11} {'scales':>6} | {'cosine':>9} {'rel. error':>10}")
+    lin = torch.nn.Linear(512, 512).eval()
+    x = torch.randn(64, 512)
+    x[:, torch.tensor([3, 100, 257, 400])] *= 100.0
+    want = lin(x)
+    for w, a in (("tensor", "tensor"), ("channel", "token"), ("block", "tile")):
+        for s in ("pow2", "fp32"):
+            got = run(compile(lin, (x,), cfg, QuantConfig(weights=w, activations=a, scales=s), estimate=False), x)
+            cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+            rel = ((got - want).norm() / want.norm()).item()
+            echo(f"  {w:>8} {a:>11} {s:>6} | {cos:>9.6f} {rel:>10.2e}")
+    return 0

