@@ -124,8 +124,6 @@ def cmd_generate(args):
 
 
 def cmd_demo(args):
-    from fp8npu.sim.demo import run_demo
-
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
@@ -133,8 +131,13 @@ def cmd_demo(args):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the folder {str(out_dir)!r}: {exc.strerror or exc}") from None
-    _output(out_dir / "mac.v", what="output")
-    return run_demo(out_dir=out_dir, vectors=args.vectors, seed=args.seed)
+    if args.what == "mac":
+        from fp8npu.sim.demo import run_demo
+        _output(out_dir / "mac.v", what="output")
+        return run_demo(out_dir=out_dir, vectors=args.vectors, seed=args.seed)
+    from fp8npu.compiler.demo import run_block_demo
+    _output(out_dir / "block.npu", what="output")
+    return run_block_demo(out_dir=out_dir, seed=args.seed)
 
 
 def cmd_bench(args):
@@ -456,14 +459,18 @@ def build_parser():
     gen.add_argument("--top", metavar="NAME", help="top module name (default: fp8npu_<unit>)")
     gen.set_defaults(func=cmd_generate)
 
-    demo = sub.add_parser("demo", help="generate the MAC, simulate it under Verilator and check it bit for bit",
-                          description="Generate the MAC's Verilog, simulate the multiplier and the MAC under "
-                                      "Verilator with cocotb on random vectors of both FP8 formats, and "
-                                      "compare every result bit for bit with the torch golden model.")
+    demo = sub.add_parser("demo", help="compile a decoder block, run it on the RTL and the simulator, compare",
+                          description="The showcase: compile a small Llama-style decoder block to FP8 NPU "
+                                      "programs, run it on the functional simulator and on the NPU's Verilog "
+                                      "under Verilator, and print whether they agree bit for bit, where the work "
+                                      "ran, MAC utilization and the accuracy against float32. 'demo mac' instead "
+                                      "simulates the FP8 MAC alone on random E4M3/E5M2 vectors.")
+    demo.add_argument("what", nargs="?", choices=["block", "mac"], default="block",
+                      help="block (default): the decoder block; mac: the MAC alone")
     demo.add_argument("--out-dir", default="fp8npu-demo", metavar="DIR",
-                      help="where to write mac.v (default: ./fp8npu-demo)")
+                      help="where to write block.npu or mac.v (default: ./fp8npu-demo)")
     demo.add_argument("--vectors", type=_positive, default=4096, metavar="N",
-                      help="random vectors per format combination (default 4096)")
+                      help="mac: random vectors per format combination (default 4096)")
     demo.add_argument("--seed", type=int, default=2026, help="random seed")
     demo.set_defaults(func=cmd_demo)
 

@@ -270,7 +270,7 @@ def test_full_disk_while_generating_verilog(tmp_path):
 def test_demo_out_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    status, _, err = run_case(["demo", "--out-dir", f], capsys, tmp_path, allowed=(2,))
+    status, _, err = run_case(["demo", "mac", "--out-dir", f], capsys, tmp_path, allowed=(2,))
     assert err == f"fp8npu: error: --out-dir '{f}' is a file, not a folder\n"
 
 
