@@ -675,7 +675,10 @@ def _read_tensors(paths):
                 raise UsageError(f"cannot read {path!r} as a .npy array: {_first_line(exc)}") from None
         elif str(path).endswith(".pt"):
             try:
-                value = torch.load(io.BytesIO(data), weights_only=True)
+                import warnings
+                with warnings.catch_warnings():          # torch warns about odd pickles; we refuse them
+                    warnings.simplefilter("ignore")
+                    value = torch.load(io.BytesIO(data), weights_only=True)
             except Exception as exc:
                 raise UsageError(f"cannot read {path!r} as a torch file: {_first_line(exc)}") from None
             items = list(value) if isinstance(value, (tuple, list)) else [value]

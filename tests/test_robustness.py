@@ -384,3 +384,92 @@ def test_signal_stops_the_simulator_and_cleans_up(tmp_path, sig, status, word):
             except OSError:
                 continue
             assert not any(cwd.startswith(str(d)) for d in run_dirs), f"process {p.name} still runs"
+
+
+# ---- the model commands: compile, run, report -----------------------------------------------
+FACTORY = """
+import torch
+
+def make():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), (torch.randn(3, 8),)
+
+def raises():
+    raise RuntimeError("the factory failed\\non two lines")
+
+def wrong():
+    return 42
+
+def not_module():
+    return "model", (torch.randn(3, 8),)
+
+def nan_weights():
+    m = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        m.weight[2, 3] = float("inf")
+    return m, (torch.randn(3, 8),)
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "f.py").write_text(FACTORY)
+    (tmp_path / "broken.py").write_text("def make(:\n")
+    (tmp_path / "cfg.json").write_text(json.dumps(SMALL))
+    return tmp_path
+
+
+def test_compile_run_report_with_hostile_inputs(model_dir, capsys):
+    w = model_dir
+    out = w / "m.npu"
+    status, _, err = run_case(["compile", f"{w / 'f.py'}:make", "-o", out, "--config", w / "cfg.json"], capsys, w,
+                              allowed=(0,), outputs=(out,))
+    import torch
+    torch.save(torch.randn(3, 8), w / "x.pt")
+    torch.save(torch.randn(4, 8), w / "wrong_shape.pt")
+    torch.save({"not": "a tensor"}, w / "dict.pt")
+    np.save(w / "x.npy", np.zeros((3, 8), np.float32))
+    np.save(w / "x64.npy", np.zeros((3, 8)))
+    (w / "garbage.npu").write_bytes(bytes(range(256)) * 4)
+    data = out.read_bytes()
+    (w / "truncated.npu").write_bytes(data[:len(data) // 3])
+    (w / "flipped.npu").write_bytes(data[:100] + bytes([data[100] ^ 0x40]) + data[101:])
+    (w / "pickle.pt").write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.")
+    cases = [
+        (["compile", f"{w / 'f.py'}:raises", "-o", w / "a.npu"], "f.py:raises() raised RuntimeError: the factory failed"),
+        (["compile", f"{w / 'f.py'}:wrong", "-o", w / "a.npu"], "must return (module, example_inputs), not int"),
+        (["compile", f"{w / 'f.py'}:not_module", "-o", w / "a.npu"], "compile() takes a torch.nn.Module, not str"),
+        (["compile", f"{w / 'f.py'}:nan_weights", "-o", w / "a.npu"], "the weight holds 1 NaN or infinite values"),
+        (["compile", f"{w / 'f.py'}:NOT_CALLABLE", "-o", w / "a.npu"], "has no function 'NOT_CALLABLE'"),
+        (["compile", f"{w / 'f.py'}:missing", "-o", w / "a.npu"], "has no function 'missing'"),
+        (["compile", f"{w / 'broken.py'}:make", "-o", w / "a.npu"], "failed to import: SyntaxError"),
+        (["compile", f"{w / 'nope.py'}:make", "-o", w / "a.npu"], "cannot read the Python file"),
+        (["compile", "f.py", "-o", w / "a.npu"], "must be given as FILE.py:FACTORY"),
+        (["compile", f"{w / 'f.py'}:make", "-o", w / "f.py"], "would overwrite the input"),
+        (["compile", f"{w / 'f.py'}:make", "-o", w / "a.npu", "--quant", "weights=rows"],
+         "quantization weights must be one of tensor, channel, block, not 'rows'"),
+        (["compile", f"{w / 'f.py'}:make", "-o", w / "a.npu", "--quant", "zzz"], "--quant takes KEY=VALUE pairs"),
+        (["run", w / "garbage.npu", "--inputs", w / "x.pt"], "is not an fp8npu model file"),
+        (["run", w / "truncated.npu", "--inputs", w / "x.pt"], "is corrupt or truncated"),
+        (["run", w / "flipped.npu", "--inputs", w / "x.pt"], "is corrupt or truncated"),
+        (["run", w / "f.py", "--inputs", w / "x.pt"], "is not an fp8npu model file"),
+        (["run", out, "--inputs", w / "wrong_shape.pt"], "input input must have shape (3, 8)"),
+        (["run", out, "--inputs", w / "x64.npy"], "must be float32, not float64"),
+        (["run", out, "--inputs", w / "dict.pt"], "must hold a tensor or a tuple or list of tensors"),
+        (["run", out, "--inputs", w / "pickle.pt"], "cannot read"),
+        (["run", out, "--inputs", w / "x.pt", w / "x.pt"], "the model takes 1 input(s)"),
+        (["run", out, "--inputs", w / "f.py"], "inputs must be .pt or .npy files"),
+        (["run", out, "--inputs", w / "x.pt", "-o", w / "y.txt"], "-o must name a .pt or .npy file"),
+        (["run", out, "--inputs", w / "x.pt", "-o", w / "x.pt"], "would overwrite the input"),
+        (["run", out, "--inputs", w / "x.pt", "--backend", "gpu"], "invalid choice: 'gpu'"),
+        (["report", w / "garbage.npu"], "is not an fp8npu model file"),
+        (["report", w / "missing.npu"], "cannot read the model"),
+    ]
+    for argv, fragment in cases:
+        status, _, err = run_case(argv, capsys, w, allowed=(2,))
+        assert fragment in err, (argv, err)
+    for argv in (["run", out, "--inputs", w / "x.pt", "-o", w / "y.pt"], ["run", out, "--inputs", w / "x.npy"],
+                 ["report", out], ["report", out, "--json"], ["run", out, "--inputs", w / "x.pt", "--json"]):
+        run_case(argv, capsys, w, allowed=(0,), outputs=(w / "y.pt",))
