@@ -156,7 +156,7 @@ from fp8npu.sim.reference import f32_bits as _f32_bits
 from .program import Command, Layout, Program, allocate
 
 __all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "GemmOp", "build_gemm",
-           "lower_gemm", "fence", "RUNTIME_OPERANDS"]
+           "lower_gemm", "fence", "weight_operands", "RUNTIME_OPERANDS"]
 
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
@@ -522,20 +522,23 @@ def _pack_row_scales(bits, bus):
 
 
 def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-               col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm"):
+               col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm", shared=None):
     """Append ``C = A @ B`` to ``prog`` (no END); return its :class:`GemmOp`.
 
     Arguments as for :func:`build_gemm`. Operands named in ``runtime`` (from
     :data:`RUNTIME_OPERANDS`) become ``input`` buffers that the host fills before a run
     (:meth:`GemmOp.pack`); the values given for them only fix their shapes. The others become
-    ``const`` buffers holding their data. Buffers are named ``<name>.<role>``.
+    ``const`` buffers holding their data. Buffers are named ``<name>.<role>``. ``shared`` maps
+    roles to buffers that exist already (for example an expert's weights, used by programs of
+    several row counts): they are used as they are (their size must match) and not added to
+    ``prog``; the values given for those roles only fix shapes.
     """
     unknown = set(runtime) - set(RUNTIME_OPERANDS)
     if unknown:
         raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
     g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
     _check_formats(cfg, g)
-    return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime))
+    return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime), shared=shared or {})
 
 
 def fence(prog):
@@ -555,9 +558,28 @@ def _check_formats(cfg, g):
                              f"{', '.join(cfg.formats)})")
 
 
-def _lower(prog, cfg, g, base_name, runtime):
-    m, k, n = g.shape
+def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=None):
+    """The packed bytes of a GEMM's weight-side operands (``b``, and ``col_scale`` or
+    ``col_scales``) as :func:`lower_gemm` lays them out for ``m`` rows, for buffers to be shared
+    by programs of other row counts (``shared=``). Raises ValueError if the GEMM does not fit the
+    A-resident schedule, whose B layout does not depend on the row count."""
+    k = b_codes.shape[0]
+    g = GemmArgs.from_args(np.zeros((m, k), np.uint8), b_codes, a_fmt, b_fmt, "fp32", 1.0, True, col_scale, None,
+                           block_scales)
     plan = _plan(cfg, g)
+    if not plan.resident:
+        raise ValueError(f"a {m}x{k}x{g.shape[2]} GEMM does not fit the A-resident schedule of this configuration")
+    op = GemmOp(cfg, g.shape, "fp32", plan, {}, _layouts(cfg, g, plan), "weights")
+    out = {"b": bytes(op.pack("b", g.b))}
+    if g.col_scale is not None:
+        out["col_scale"] = bytes(op.pack("col_scale", g.col_scale))
+    if g.blocked:
+        out["col_scales"] = bytes(op.pack("col_scales", g.col_scales))
+    return out
+
+
+def _layouts(cfg, g, plan):
+    m, k, n = g.shape
     bus = cfg.bus_bytes
     lay = {
         "c": TiledLayout.build(m, plan.n_tiles, 4 if g.out == "fp32" else 1, bus),
@@ -571,11 +593,30 @@ def _lower(prog, cfg, g, base_name, runtime):
         lay["b"] = TiledLayout.build(k, plan.n_tiles, 1, bus)
     if g.blocked:
         lay["cs"] = TiledLayout.build(g.col_scales.shape[0], plan.n_tiles, 4, bus)
+    return lay
+
+
+def _lower(prog, cfg, g, base_name, runtime, shared=None):
+    m, k, n = g.shape
+    plan = _plan(cfg, g)
+    bus = cfg.bus_bytes
+    lay = _layouts(cfg, g, plan)
     note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
     op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note)
 
+    shared = shared or {}
+    if shared.get("b") is not None and not plan.resident:
+        raise ValueError(f"{note}: a shared B operand needs the A-resident schedule (its layout must not "
+                         f"depend on M), and this GEMM does not fit it")
+
     def operand(role, values):
         data = op.pack(role, values)
+        if role in shared:
+            buf = shared[role]
+            if buf.nbytes != len(data):
+                raise ValueError(f"{note}: the shared {role} buffer has {buf.nbytes} bytes, not {len(data)}")
+            op.buffers[role] = buf
+            return buf
         kind = "input" if role in runtime else "const"
         buf = prog.buffer(base_name + role, nbytes=len(data), kind=kind, data=None if kind == "input" else data,
                           role=role)

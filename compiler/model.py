@@ -159,6 +159,7 @@ class CompiledModel:
     inputs: list                    # [{"name", "shape", "dtype"}] of the user inputs
     host_ops: list                  # [{"node", "target", "module_path", "flops"}] in graph order
     info: dict = field(default_factory=dict)
+    moe: dict = field(default_factory=dict)    # node name -> MoE layer record (see _lower_moe)
 
     @property
     def dram_bytes(self):
@@ -172,7 +173,7 @@ class CompiledModel:
             torch.export.save(self.program, graph)
         header = {
             "config": self.cfg.to_dict(), "quant": asdict(self.quant), "inputs": self.inputs,
-            "host_ops": self.host_ops, "info": self.info,
+            "host_ops": self.host_ops, "info": self.info, "moe": self.moe,
             "segments": [dict(asdict(s), shape=list(s.shape), in_shape=list(s.in_shape),
                               out_shape=list(s.out_shape), runtime=list(s.runtime),
                               buffers=[{k: list(v) for k, v in b.items()} for b in s.buffers])
@@ -228,7 +229,7 @@ def load(path, data=None):
                  runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
         segments[s["node"]] = Segment(**s)
     return CompiledModel(cfg, QuantConfig(**header["quant"]), program, segments, bytes(parts[1]), header["inputs"],
-                         header["host_ops"], header.get("info", {}))
+                         header["host_ops"], header.get("info", {}), header.get("moe", {}))
 
 
 # ---- capture ----------------------------------------------------------------------------------
@@ -333,13 +334,27 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
     if quant.format not in cfg.formats:
         raise CompileError(f"the NPU configuration does not support {quant.format} (formats: "
                            f"{', '.join(cfg.formats)})")
-    ep, example_inputs = _capture(module, example_inputs)
+    from . import moe as moe_mod
+    if not isinstance(module, torch.nn.Module):
+        raise CompileError(f"compile() takes a torch.nn.Module, not {type(module).__name__}")
+    try:
+        with moe_mod.substitute(module) as moe_specs:
+            ep, example_inputs = _capture(module, example_inputs)
+    except ValueError as exc:
+        if isinstance(exc, CompileError):
+            raise
+        raise CompileError(f"a Mixture-of-Experts layer cannot be compiled: {exc}") from None
     params = _placeholder_values(ep)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     npu_nodes = [n for n in nodes if n.target in NPU_OPS]
-    segments, programs, host_ops = {}, {}, []
+    segments, programs, host_ops, moe_records, moe_buffers = {}, {}, [], {}, []
     for node in nodes:
         path, line = _where(node)
+        if node.target is torch.ops.fp8npu.moe.default:
+            record, bufs = _lower_moe(cfg, quant, node, params, moe_specs, path)
+            moe_records[node.name] = record
+            moe_buffers.append((node.name, bufs))
+            continue
         if node not in npu_nodes:
             host_ops.append({"node": node.name, "target": str(node.target), "module_path": path,
                              "flops": _flops_of(node)})
@@ -359,6 +374,11 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
             buffers.append(b)
             if b.kind in ("input", "output", "scratch"):
                 lifetimes[b] = (i, i)
+    for j, (_, bufs) in enumerate(moe_buffers):
+        for b in bufs.values():
+            buffers.append(b)
+            if b.kind == "scratch":
+                lifetimes[b] = (len(programs) + j, len(programs) + j)
     order = sorted(buffers, key=lambda b: b.kind not in ("const", "program"))
     layout = allocate(buffers, 0, lifetimes, order=order)
     dram = layout.image(buffers)
@@ -375,16 +395,85 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
         for b in prog.buffers.values():
             if "role" in b.meta:
                 seg.buffers[b.meta.get("batch", 0)][b.meta["role"]] = (layout.address(b), b.nbytes)
+    for name, bufs in moe_buffers:
+        moe_records[name]["buffers"] = {key: [layout.address(b), b.nbytes] for key, b in bufs.items()}
     inputs = [{"name": spec.arg.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
               for spec, t in zip([s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"],
                                  example_inputs)]
     model = CompiledModel(cfg, quant, ep, segments, bytes(dram), inputs, host_ops,
-                          {"compile_seconds": round(time.perf_counter() - t0, 3), "module": type(module).__name__})
-    if estimate and segments:
+                          {"compile_seconds": round(time.perf_counter() - t0, 3), "module": type(module).__name__},
+                          moe_records)
+    if estimate and (segments or moe_records):
         from .runtime import run
         run(model, example_inputs, backend="func", record_cycles=True)
     model.info["compile_seconds"] = round(time.perf_counter() - t0, 3)
     return model
+
+
+def _next_pow2(n):
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _lower_moe(cfg, quant, node, params, moe_specs, path):
+    """An MoE layer: its experts' weights quantized and packed into const buffers (shared by the
+    programs the runtime lowers for each row count), and a scratch buffer for those programs.
+    Returns (record for the model file, {key: Buffer})."""
+    from fp8npu.sim.reference import gemm_scales
+
+    from . import moe as moe_mod
+    from .gemm import lower_gemm, weight_operands
+    from .program import Program, allocate
+
+    x, weight_nodes, spec_id = node.args
+    spec = moe_specs[spec_id][1]
+    in_shape = _shape(x)
+    if in_shape is None:
+        raise CompileError(f"the MoE layer at {path}: its input shape must be known at compile time")
+    tokens = 1
+    for d in in_shape[:-1]:
+        tokens *= d
+    m_max = _next_pow2(max(tokens, 1))
+    weights = [params[n.name] for n in weight_nodes]
+    fmt = quant.format
+    buffers = {}
+    which_list = [("gate_up", e) for e in range(spec.experts)] + [("down", e) for e in range(spec.experts)]
+    if spec.shared:
+        which_list += [("gate_up", -1), ("down", -1)]
+    scratch = 0
+    sized = set()
+    for which, e in which_list:
+        w = moe_mod.expert_weight(spec, weights, which, e)
+        if not torch.isfinite(w).all():
+            raise CompileError(f"the MoE layer at {path}: expert {e} {which} holds NaN or infinite weights")
+        n, k = w.shape
+        codes, scales = q.quantize_weight(w, fmt, quant.weights, quant.scales)
+        rows, cols, col_scale = gemm_scales(torch.ones(m_max, 1), "token", scales, quant.weights, m_max, k, n)
+        try:
+            packed = weight_operands(cfg, m_max, fmt, codes.T.contiguous(), fmt, col_scale=col_scale,
+                                     block_scales=(rows, cols))
+        except ValueError as exc:
+            raise CompileError(f"the MoE layer at {path}: expert {which} projection: {exc}") from None
+        for role, data in packed.items():
+            from .program import Buffer
+            buffers[f"{which}.{e}.{role}"] = Buffer(f"{node.name}.{which}.{e}.{role}", len(data), "const", data)
+        if (which, n, k) not in sized:            # the largest program the runtime will lower
+            sized.add((which, n, k))
+            prog = Program(cfg)
+            shared = {r: buffers[f"{which}.{e}.{r}"] for r in packed if r != "b"}
+            shared["b"] = buffers[f"{which}.{e}.b"]
+            lower_gemm(prog, cfg, torch.zeros(m_max, k, dtype=torch.uint8), codes.T.contiguous(), fmt, fmt,
+                       block_scales=(rows, cols), col_scale=col_scale, runtime=("a", "row_scales"),
+                       name="sizing", shared=shared)
+            prog.emit(Opcode.END)
+            prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
+            scratch = max(scratch, allocate(list(prog.buffers.values()), 0).end)
+    from .program import Buffer
+    buffers["scratch"] = Buffer(f"{node.name}.scratch", scratch, "scratch")
+    d, f, fs = spec.d_model, spec.d_ff, spec.d_ff_shared
+    flops = 2 * tokens * spec.top_k * 3 * d * f + (2 * tokens * 3 * d * fs if spec.shared else 0)
+    record = {"node": node.name, "module_path": moe_specs[spec_id][0], "spec": spec.to_dict(), "tokens": tokens,
+              "m_max": m_max, "flops": flops, "in_shape": list(in_shape)}
+    return record, buffers
 
 
 def _lower_node(prog, cfg, quant, node, params, path, line):

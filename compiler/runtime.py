@@ -21,6 +21,7 @@ bytes moved); :func:`run` returns the outputs (the module's output structure) an
 import time
 
 import torch
+from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import golden
 from fp8npu.sim import quant as q
 from fp8npu.sim.reference import gemm_scales, reference_qmatmul
@@ -118,6 +119,8 @@ class Session:
                     self.progress(done, len(segments), node.name)
                 values[node.name] = self._segment(segments[node.name], args, record_cycles)
                 done += 1
+            elif node.name in self.model.moe:
+                values[node.name] = self._moe(self.model.moe[node.name], args)
             else:
                 values[node.name] = node.target(*args, **kwargs)
         outs = load(out_node.args[0])
@@ -173,6 +176,84 @@ class Session:
             seg.cycles = result.cycles
         return (torch.stack(outs) if seg.kind == "bmm" else outs[0]).reshape(seg.out_shape)
 
+    # ---- Mixture of Experts -------------------------------------------------------------
+    def _moe(self, record, args):
+        from .moe import MoESpec, expert_weight, run_moe
+        spec = MoESpec(**record["spec"])
+        x, weights = args[0], list(args[1])
+        quant = self.model.quant
+
+        def qlinear(tokens, which, expert):
+            if self.backend == "reference":
+                return reference_qmatmul(tokens, expert_weight(spec, weights, which, expert), None, quant)
+            return self._expert_launch(record, spec, tokens, which, expert, weights)
+        return run_moe(spec, x, weights, qlinear)
+
+    def _expert_launch(self, record, spec, tokens, which, expert, weights):
+        """One expert projection on the NPU: a program lowered for the next power of two of the
+        token count (cached), the shared weight buffers from compile time, the scratch buffer
+        for the rest."""
+        from .gemm import lower_gemm
+        from .moe import expert_weight
+        from .program import Buffer, Layout, Program, allocate
+
+        quant, cfg = self.model.quant, self.model.cfg
+        m = tokens.shape[0]
+        m_b = min(1 << max(0, (m - 1).bit_length()), record["m_max"])
+        w = expert_weight(spec, weights, which, expert)
+        n, k = w.shape
+        key = (record["node"], which, expert, m_b)
+        cache = self.__dict__.setdefault("_programs", {})
+        entry = cache.get(key)
+        if entry is None:
+            bufs = record["buffers"]
+            shared = {}
+            for role in ("b", "col_scale", "col_scales"):
+                ref = bufs.get(f"{which}.{expert}.{role}")
+                if ref is not None:
+                    shared[role] = Buffer(f"{which}.{expert}.{role}", ref[1], "const")
+            addresses = {b: bufs[f"{which}.{expert}.{r}"][0] for r, b in shared.items()}
+            kb_n, nb_n = -(-k // 128), -(-n // 128)
+            prog = Program(cfg)
+            col_scale = torch.ones(n) if "col_scale" in shared else None
+            op = lower_gemm(prog, cfg, torch.zeros(m_b, k, dtype=torch.uint8), torch.zeros(k, n, dtype=torch.uint8),
+                            quant.format, quant.format, block_scales=(torch.ones(m_b, kb_n), torch.ones(kb_n, nb_n)),
+                            col_scale=col_scale, runtime=("a", "row_scales"),
+                            name=f"{record['node']}.{which}.{expert}", shared=shared)
+            prog.emit(Opcode.END)
+            code = prog.buffer("program", nbytes=len(prog) * 32, kind="program")
+            scratch_addr, scratch_bytes = bufs["scratch"]
+            local = allocate(list(prog.buffers.values()), scratch_addr)
+            if local.end > scratch_addr + scratch_bytes:
+                raise RunError(f"internal: the expert program for {m_b} rows needs more than the MoE scratch")
+            layout = Layout(0, {**local.addresses, **addresses}, self.model.dram_bytes)
+            program = prog.verify(layout, 0, self.driver.transport.memory_bytes)
+            consts = [(layout.address(b), b.data) for b in prog.buffers.values() if b.data is not None]
+            consts.append((layout.address(code), program))
+            io_addr = {r: (layout.address(op.buffers[r]), op.buffers[r].nbytes) for r in ("a", "row_scales", "c")}
+            entry = cache[key] = (op, consts, io_addr, layout.address(code), len(prog))
+        op, consts, io_addr, prog_addr, prog_len = entry
+        padded = torch.zeros((m_b, k), dtype=torch.float32)
+        padded[:m] = tokens
+        a_codes, a_scales = q.quantize_activation(padded, quant.format, quant.activations, quant.scales)
+        rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m_b, k, n)
+        t0 = time.perf_counter()
+        for addr, data in consts:
+            self.driver.write(addr, bytes(data))
+        self.driver.write(io_addr["a"][0], bytes(op.pack("a", a_codes)))
+        self.driver.write(io_addr["row_scales"][0], bytes(op.pack("row_scales", rows)))
+        result = self.driver.launch(prog_addr, prog_len)
+        if not result.ok:
+            raise RunError(f"expert {expert} {which} of the MoE layer {record['node']} stopped with "
+                           f"{result.describe()}")
+        y = golden.bits_to_f32(op.unpack(self.driver.read(*io_addr["c"])))[:m]
+        self.launches.append({"segment": f"{record['node']}.{which}.{expert}", "cycles": result.cycles,
+                              "mac_ops": result.mac_ops, "utilization": result.utilization,
+                              "wall_seconds": time.perf_counter() - t0,
+                              "host_to_npu_bytes": io_addr["a"][1] + io_addr["row_scales"][1],
+                              "npu_to_host_bytes": io_addr["c"][1]})
+        return y
+
     def close(self):
         if self.driver is not None:
             self.driver.transport.close()
@@ -191,7 +272,7 @@ def run(model, inputs, backend="func", details=False, record_cycles=False, progr
 
 def npu_totals(model):
     """FLOPs on the NPU and on the host (estimates, see docs/compiler.md), and their NPU share."""
-    npu = sum(s.flops for s in model.segments.values())
+    npu = sum(s.flops for s in model.segments.values()) + sum(r["flops"] for r in model.moe.values())
     host = sum(h["flops"] for h in model.host_ops)
     return npu, host, npu / max(1, npu + host)
 
