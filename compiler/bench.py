@@ -263,6 +263,42 @@ def _llama_block(d, heads, kv_heads, ffn, seq):
     return Block().eval()
 
 
+def _mixtral_moe(d, ffn, experts, top_k):
+    """A Mixtral-style MoE layer (Hugging Face's code shape), randomly initialised."""
+    import torch.nn.functional as F
+
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Linear(d, ffn, bias=False)
+            self.w2 = torch.nn.Linear(ffn, d, bias=False)
+            self.w3 = torch.nn.Linear(d, ffn, bias=False)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+    class MoE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.top_k = top_k
+            self.gate = torch.nn.Linear(d, experts, bias=False)
+            self.experts = torch.nn.ModuleList([Expert() for _ in range(experts)])
+
+        def forward(self, x):
+            shape = x.shape
+            h = x.reshape(-1, d)
+            w, sel = torch.topk(F.softmax(self.gate(h), dim=-1, dtype=torch.float), top_k, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(h)
+            for e in range(experts):
+                rows, slot = torch.where(sel == e)
+                out.index_add_(0, rows, self.experts[e](h[rows]) * w[rows, slot, None])
+            return out.reshape(shape)
+
+    return MoE().eval()
+
+
 def run_model_bench(echo=print, d_model=1024, seq=128):
     """Compile time, NPU share, MAC utilization and end-to-end time of a transformer block on the
     default configuration, and an accuracy table of the scaling modes on activations with
@@ -294,6 +330,37 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
         share = npu_totals(model)[2]
         echo(f"  {d:>7} {t:>6} | {t_compile:>9.2f} {len(model.segments):>8} {share:>9.1%} | {cycles:>11,} "
              f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+
+    echo("")
+    echo("Mixture of Experts (Mixtral style: softmax top-2, experts as a list of gated MLPs), functional "
+         "simulator:")
+    echo(f"  {'d_model':>7} {'experts':>7} {'d_ff':>5} {'tokens':>6} | {'compile s':>9} | {'launches':>8} "
+         f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
+    for d, experts, ffn, t in ((256, 8, 256, 64), (1024, 64, 512, 128)):
+        layer = _mixtral_moe(d, ffn, experts, 2)
+        x = torch.randn(1, t, d)
+        t0 = time.perf_counter()
+        model = compile(layer, (x,), cfg, estimate=False)
+        t_compile = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        y, session = run(model, x, details=True)
+        t_run = time.perf_counter() - t0
+        cycles = sum(r["cycles"] for r in session.launches)
+        macs = sum(r["mac_ops"] for r in session.launches)
+        cos = F.cosine_similarity(y.flatten(), layer(x).flatten(), dim=0).item()
+        echo(f"  {d:>7} {experts:>7} {ffn:>5} {t:>6} | {t_compile:>9.2f} | {len(session.launches):>8} {cycles:>11,} "
+             f"{macs / max(1, cycles * cfg.rows * cfg.cols):>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+    # routing after FP8 layers: the MoE input comes out of two NPU linears
+    from .moe import detect, route
+    d = 256
+    front = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.SiLU(), torch.nn.Linear(d, d)).eval()
+    layer = _mixtral_moe(d, 64, 8, 2)
+    x = torch.randn(256, d)
+    h = run(compile(front, (x,), cfg, estimate=False), x)
+    spec, weights = detect(layer)
+    a, b = route(spec, h, weights)[0].sort(dim=1).values, route(spec, front(x), weights)[0].sort(dim=1).values
+    echo(f"  routing (FP32 on the host) after two FP8 NPU layers, random init, d_model {d}, 8 experts, top-2: "
+         f"identical choice for {(a == b).all(dim=1).float().mean().item():.1%} of {len(x)} tokens")
 
     echo("")
     echo("Scaling modes on activations with outlier channels (one linear 512 -> 512, 64 tokens; "
