@@ -66,7 +66,7 @@ def load_cfg(path):
     try:
         return NPUConfig.from_json(text)
     except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        raise UsageError(f"{_shown(path, 200)}: {exc}") from None
 
 
 #: Verilog-2005 keywords a module may not be named.
@@ -125,12 +125,13 @@ def cmd_generate(args):
 
 def cmd_demo(args):
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    st = _probe(out_dir, "folder")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the folder {str(out_dir)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot create the folder {_shown(out_dir, 200)}: {exc.strerror or exc}") from None
     if args.what == "mac":
         from fp8npu.sim.demo import run_demo
         _output(out_dir / "mac.v", what="output")
@@ -174,70 +175,105 @@ def _input(path, what, binary=True, limit=MAX_INPUT_BYTES):
     path = Path(path)
     try:
         st = os.stat(path)
-    except OSError as exc:
-        raise UsageError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the {what} {_shown(path, 200)}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise UsageError(f"the {what} {str(path)!r} is {kind}; give a file")
+        raise UsageError(f"the {what} {_shown(path, 200)} is {kind}; give a file")
     if st.st_size > limit:
-        raise UsageError(f"the {what} {str(path)!r} is {st.st_size:,} bytes; at most {limit:,} are allowed")
+        raise UsageError(f"the {what} {_shown(path, 200)} is {st.st_size:,} bytes; at most {limit:,} are allowed")
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise UsageError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read the {what} {_shown(path, 200)}: {exc.strerror or exc}") from None
     if len(data) > limit:
-        raise UsageError(f"the {what} {str(path)!r} is larger than {limit:,} bytes")
+        raise UsageError(f"the {what} {_shown(path, 200)} is larger than {limit:,} bytes")
     if binary:
         return data
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"cannot read the {what} {str(path)!r}: not UTF-8 text") from None
+        raise UsageError(f"cannot read the {what} {_shown(path, 200)}: not UTF-8 text") from None
 
 
 def _same_file(a, b):
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
+def _resolved(path):
+    """An absolute path with symlinks followed as far as they go (loops and over-long names
+    do not raise)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError, RuntimeError):
+        return os.path.abspath(path)
+
+
+def _probe(path, what):
+    """``os.stat`` of a path, or None if it does not exist; a path that cannot be looked at
+    (too long, a symlink loop, ...) is a :class:`UsageError`."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UsageError(f"cannot use the {what} {_shown(path)}: {reason}") from None
+
+
 def _output(path, inputs=(), what="output"):
-    """Check an output path before any work: its folder exists, it is not a folder or a
-    special file, and it is none of the ``inputs`` (an output never replaces an input).
-    Returns the :class:`~pathlib.Path`; ``None`` and ``-`` (standard output) pass through."""
+    """Check an output path before any work: it names a file, its folder exists, it is not a
+    folder or a special file, and it is none of the ``inputs`` (an output never replaces an
+    input); a probe file shows the folder is writable. Returns the :class:`~pathlib.Path`;
+    ``None`` and ``-`` (standard output) pass through."""
     if path in (None, "-"):
         return path
+    if not str(path) or str(path).endswith(os.sep):
+        raise UsageError(f"the {what} must name a file, not {_shown(path)}")
     out = Path(path)
     parent = out.parent
-    if not parent.is_dir():
-        raise UsageError(f"{what} folder {str(parent)!r} does not exist")
-    if out.is_dir():
-        raise UsageError(f"the {what} {str(out)!r} is a folder; give a file name")
-    if out.exists() and not out.is_file():
-        raise UsageError(f"the {what} {str(out)!r} is not a regular file")
+    st_parent = _probe(parent, f"{what} folder")
+    if st_parent is None or not stat.S_ISDIR(st_parent.st_mode):
+        raise UsageError(f"{what} folder {_shown(parent, 200)} does not exist")
+    st = _probe(out, what)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"the {what} {_shown(out, 200)} is a folder; give a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"the {what} {_shown(out, 200)} is not a regular file")
+    if st is None and os.path.islink(out):
+        raise UsageError(f"the {what} {_shown(out, 200)} is a symbolic link that leads nowhere")
     for source in inputs:
-        if source is not None and (_same_file(out, source) or out.resolve() == Path(source).resolve()):
-            raise UsageError(f"the {what} {str(out)!r} would overwrite the input {str(source)!r}; "
+        if source is not None and (_same_file(out, source) or _resolved(out) == _resolved(source)):
+            raise UsageError(f"the {what} {_shown(out, 200)} would overwrite the input {_shown(source, 200)}; "
                              f"choose another with -o")
     try:       # a real probe: permissions, read-only file systems and the like (also for root)
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fp8npu-", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"cannot write to the folder {str(parent)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write to the folder {_shown(parent, 200)}: {exc.strerror or exc}") from None
     return out
 
 
 def _write(path, data):
-    """Write an output file atomically: into a temporary file beside it, then renamed over it,
+    """Write an output file atomically (``-``: to standard output): into a temporary file beside it, then renamed over it,
     so a failure (full disk, no permission) leaves no half-written file and an old file intact."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if str(path) == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data) if hasattr(sys.stdout, "buffer") else sys.stdout.write(data.decode("latin-1"))
+        return
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"output folder {str(path.parent)!r} does not exist")
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -263,11 +299,13 @@ def cmd_asm(args):
     from fp8npu.hdl.isa import COMMAND_BYTES, DecodeError
 
     source = Path(args.source)
-    out = _output(args.output if args.output else source.with_suffix(".bin"), inputs=(source,))
+    if args.output is None and (not source.name or source.name in (".", "..")):
+        raise UsageError(f"the assembly source must name a file, not {_shown(args.source)}")
+    out = _output(args.output if args.output is not None else source.with_suffix(".bin"), inputs=(source,))
     try:
         program = assemble(_input(source, "assembly source", binary=False))
     except DecodeError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        raise UsageError(f"{_shown(source, 200)}: {exc}") from None
     _write(out, program)
     print(f"wrote {out} ({len(program) // COMMAND_BYTES} commands, {len(program)} bytes)", file=sys.stderr)
     return 0
@@ -282,7 +320,7 @@ def cmd_disasm(args):
     try:
         text = disassemble(_input(program, "program"))
     except DecodeError as exc:
-        raise UsageError(f"{program}: {exc}") from None
+        raise UsageError(f"{_shown(program, 200)}: {exc}") from None
     if out in (None, "-"):
         sys.stdout.write(text)
     else:
@@ -314,14 +352,14 @@ def cmd_sim(args):
         try:
             program = assemble(raw.decode("utf-8", errors="replace"))
         except DecodeError as exc:
-            raise UsageError(f"{source}: {exc}") from None
+            raise UsageError(f"{_shown(source, 200)}: {exc}") from None
     else:
         program = raw
     if not program or len(program) % COMMAND_BYTES:
-        raise UsageError(f"{source}: a program is a non-empty whole number of {COMMAND_BYTES}-byte commands, "
+        raise UsageError(f"{_shown(source, 200)}: a program is a non-empty whole number of {COMMAND_BYTES}-byte commands, "
                          f"not {len(program)} bytes")
     if args.dram_size is not None and args.dram_size < 0:
-        raise UsageError(f"--dram-size must not be negative, not {args.dram_size}")
+        raise UsageError("--dram-size must not be negative")
     image = _input(args.dram, "DRAM image") if args.dram else b""
     prog_addr = args.prog_addr
     if prog_addr is None:
@@ -336,11 +374,11 @@ def cmd_sim(args):
     if size > ADDRESS_SPACE:
         raise UsageError(f"--dram-size {size:#x} is beyond the 32-bit address space (at most 0x100000000)")
     win_base, win_limit = 0, size
-    if args.window:
+    if args.window is not None:
         try:
             win_base, win_limit = (int(x, 0) for x in args.window.split(":"))
         except ValueError:
-            raise UsageError(f"--window must be BASE:LIMIT (for example 0:0x100000), not {args.window!r}") from None
+            raise UsageError(f"--window must be BASE:LIMIT (for example 0:0x100000), not {_shown(args.window)}") from None
     n = len(program) // COMMAND_BYTES
     problem = launch_problem(size, prog_addr, n, win_base, win_limit)
     if problem:
@@ -367,17 +405,26 @@ def cmd_sim(args):
     else:
         summary = (f"cycles {r[Register.CYCLES]:,}, MAC ops {r[Register.MAC_BUSY]:,} (utilization "
                    f"{run.utilization:.1%}), DMA bytes {r[Register.DMA_BYTES]:,}, compute stalls {r[Register.STALL]:,}")
+    print(f"{source}: {n} commands, {run.describe()}; {summary}", file=sys.stderr if out == "-" else sys.stdout)
     if out:
         _write(out, bytes(final))
-    print(f"{source}: {n} commands, {run.describe()}; {summary}")
     return 0 if run.error == ErrorCode.NONE else 1
+
+
+def _shown(text, limit=40):
+    """A user's text for an error message: quoted, control characters escaped, cut short."""
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _int0(text):
     try:
+        if len(text) > 80:
+            raise ValueError
         return int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer (decimal or 0x hex), not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be an integer (decimal or 0x hex, at most 80 characters), "
+                                         f"not {_shown(text)}") from None
 
 
 def _probability(text):
@@ -386,48 +433,55 @@ def _probability(text):
     except ValueError:
         value = -1.0
     if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, not {_shown(text)}")
     return value
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
+def _ranged(lo, hi):
+    """An argparse type: a decimal integer from ``lo`` to ``hi``."""
+    def parse(text):
+        try:
+            value = int(text) if len(text) <= 30 else None
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo:,} to {hi:,}, not {_shown(text)}")
+        return value
+    return parse
+
+
+_positive = _ranged(1, 10 ** 9)
 
 
 def _sizes(text):
-    """``128,256`` -> (128, 256)."""
+    """``128,256`` -> (128, 256), each 1..4096."""
     try:
-        sizes = tuple(int(x) for x in text.split(","))
+        sizes = tuple(int(x) for x in text.split(",")) if len(text) <= 200 else ()
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, not {text!r}")
+    if not sizes or min(sizes) <= 0 or max(sizes) > 4096:
+        raise argparse.ArgumentTypeError(f"must be integers from 1 to 4096 separated by commas, not {_shown(text)}")
     return sizes
 
 
 def _arrays(text):
     """``4x4,8x8`` -> ((4, 4), (8, 8))."""
     try:
-        arrays = tuple(tuple(int(v) for v in a.lower().split("x")) for a in text.split(","))
+        arrays = tuple(tuple(int(v) for v in a.lower().split("x")) for a in text.split(",")) \
+            if len(text) <= 200 else ((),)
     except ValueError:
         arrays = ((),)
     if any(len(a) != 2 for a in arrays):
         raise argparse.ArgumentTypeError(f"must be ROWSxCOLS sizes separated by commas (like 4x4,8x8), "
-                                         f"not {text!r}")
+                                         f"not {_shown(text)}")
     return arrays
 
 
 def _stages(text):
     try:
-        return int(text)
+        return int(text) if len(text) <= 30 else int("x")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be an integer, not {_shown(text)}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -469,9 +523,9 @@ def build_parser():
                       help="block (default): the decoder block; mac: the MAC alone")
     demo.add_argument("--out-dir", default="fp8npu-demo", metavar="DIR",
                       help="where to write block.npu or mac.v (default: ./fp8npu-demo)")
-    demo.add_argument("--vectors", type=_positive, default=4096, metavar="N",
+    demo.add_argument("--vectors", type=_ranged(1, 10 ** 7), default=4096, metavar="N",
                       help="mac: random vectors per format combination (default 4096)")
-    demo.add_argument("--seed", type=int, default=2026, help="random seed")
+    demo.add_argument("--seed", type=_ranged(0, 2 ** 32 - 1), default=2026, help="random seed (0 to 2^32-1)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure RTL simulation speed and synthesized size",
@@ -483,7 +537,7 @@ def build_parser():
                                        "'model': the model compiler on transformer blocks (compile time, "
                                        "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy.")
     bench.add_argument("target", choices=["mac", "npu", "funcsim", "model"], help="what to measure")
-    bench.add_argument("--size", type=_positive, default=1024, metavar="N",
+    bench.add_argument("--size", type=_ranged(1, 4096), default=1024, metavar="N",
                        help="funcsim: GEMM size M=K=N (default 1024)")
     bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")
     bench.add_argument("--arrays", type=_arrays, metavar="RxC,...", help="npu: array sizes (default 4x4,8x8)")
@@ -494,7 +548,7 @@ def build_parser():
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")
     bench.add_argument("--fmax", action="store_true", help="also place and route the MAC with nextpnr-ecp5 "
                                                           "and report Fmax (slower)")
-    bench.add_argument("--vectors", type=_positive, default=200_000, metavar="N",
+    bench.add_argument("--vectors", type=_ranged(1, 10 ** 8), default=200_000, metavar="N",
                        help="vectors per simulation measurement (default 200000)")
     bench.set_defaults(func=cmd_bench)
 
@@ -513,7 +567,7 @@ def build_parser():
                       help="rtl: Verilator + cocotb (default); func: the functional simulator")
     simp.add_argument("--backpressure", type=_probability, default=0.0, metavar="P",
                       help="probability of a stall on each AXI channel per cycle (rtl)")
-    simp.add_argument("--max-cycles", type=_positive, default=50_000_000, metavar="N",
+    simp.add_argument("--max-cycles", type=_ranged(1, 10 ** 12), default=50_000_000, metavar="N",
                       help="give up after N cycles (rtl)")
     simp.add_argument("--fast", action="store_true",
                       help="simulate DRAM inside the design instead of with cocotbext-axi's AxiRam: "
@@ -697,7 +751,7 @@ def cmd_run(args):
     from fp8npu.compiler.runtime import RunError, run
 
     out = _output(args.output, inputs=(args.model, *args.inputs))
-    if out not in (None, "-") and out.suffix not in (".pt", ".npy"):
+    if out == "-" or (out is not None and out.suffix not in (".pt", ".npy")):
         raise UsageError(f"-o must name a .pt or .npy file, not {args.output!r}")
     model = _load_model(args.model)
     inputs = _read_tensors(args.inputs)
@@ -787,7 +841,32 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _one_line(message):
+    """A message as one printable line: control characters escaped, at most 600 characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+class _ClosedStream:
+    """Stands in for a standard output the caller closed: writing to it is an error."""
+
+    def write(self, text):
+        raise OSError(9, "standard output is closed")
+
+    def flush(self):
+        pass
+
+
 def main(argv=None):
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, _ClosedStream() if name == "stdout" else open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")    # file names need not be valid UTF-8
+            except (ValueError, OSError):
+                pass
     parser = build_parser()
     args = parser.parse_args(argv)
     from fp8npu.fpga.synth import ToolError
@@ -798,10 +877,19 @@ def main(argv=None):
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
     except (UsageError, VerilatorError, ToolError, RTLError, CacheError, HostError) as exc:
-        print(f"fp8npu: error: {exc}", file=sys.stderr)
+        print(f"fp8npu: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (for example `| head`): nothing more to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except Terminated:
         print("fp8npu: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -811,17 +899,29 @@ def main(argv=None):
     except MemoryError:
         print("fp8npu: error: out of memory", file=sys.stderr)
         return 2
+    except OSError as exc:       # file operations are checked where they happen; this is standard output
+        print(f"fp8npu: error: cannot write the output: {_one_line(exc.strerror or exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:     # a bug: one line for the user, the traceback kept for the report
-        import traceback
-        fd, path = tempfile.mkstemp(prefix="fp8npu-crash-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            traceback.print_exc(file=f)
-        print(f"fp8npu: internal error ({type(exc).__name__}: {str(exc)[:200]}); the traceback is in {path}; "
-              f"please report it", file=sys.stderr)
+        print(_internal_error(exc), file=sys.stderr)
         return 3
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _internal_error(exc):
+    """The one line for an unexpected exception, naming the file that keeps its traceback."""
+    import traceback
+    what = _one_line(f"{type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        fd, path = tempfile.mkstemp(prefix="fp8npu-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exception(exc, file=f)
+        where = f"the traceback is in {path}"
+    except Exception as why:
+        where = f"the traceback could not be saved ({_one_line(why)[:100]})"
+    return f"fp8npu: internal error ({what}); {where}; please report it"
 
 
 def _main_thread():

@@ -210,26 +210,34 @@ def load(path, data=None):
                              f"version {FORMAT_VERSION}: compile the model again")
     if hashlib.sha256(body).digest() != digest:
         raise ModelFileError(f"the model file {name!r} is corrupt or truncated (its checksum does not match)")
-    parts, at = [], 4
-    for _ in range(3):
-        (n,) = struct.unpack_from("<Q", body, at)
-        parts.append(body[at + 8:at + 8 + n])
-        at += 8 + n
-    header = json.loads(parts[0])
-    cfg = NPUConfig.from_dict(header["config"])
+    try:
+        parts, at = [], 4
+        for _ in range(3):
+            (n,) = struct.unpack_from("<Q", body, at)
+            if at + 8 + n > len(body):
+                raise ValueError("a part runs past the end of the file")
+            parts.append(body[at + 8:at + 8 + n])
+            at += 8 + n
+        header = json.loads(parts[0])
+        cfg = NPUConfig.from_dict(header["config"])
+        quant = QuantConfig(**header["quant"])
+        segments = {}
+        for s in header["segments"]:
+            s = dict(s, shape=tuple(s["shape"]), in_shape=tuple(s["in_shape"]), out_shape=tuple(s["out_shape"]),
+                     runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
+            segments[s["node"]] = Segment(**s)
+        extra = (header["inputs"], header["host_ops"], header.get("info", {}), header.get("moe", {}))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, OverflowError) as exc:
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"no {exc} entry"
+        raise ModelFileError(f"the model file {name!r} is malformed ({reason[:200]})") from None
+    from . import moe as _moe  # noqa: F401  (registers the fp8npu::moe op the graph may use)
     try:
         with _quiet():
             program = torch.export.load(io.BytesIO(parts[2]))
     except Exception as exc:
         raise ModelFileError(f"the graph in the model file {name!r} cannot be read by this torch "
                              f"({torch.__version__}): {type(exc).__name__}") from None
-    segments = {}
-    for s in header["segments"]:
-        s = dict(s, shape=tuple(s["shape"]), in_shape=tuple(s["in_shape"]), out_shape=tuple(s["out_shape"]),
-                 runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
-        segments[s["node"]] = Segment(**s)
-    return CompiledModel(cfg, QuantConfig(**header["quant"]), program, segments, bytes(parts[1]), header["inputs"],
-                         header["host_ops"], header.get("info", {}), header.get("moe", {}))
+    return CompiledModel(cfg, quant, program, segments, bytes(parts[1]), *extra)
 
 
 # ---- capture ----------------------------------------------------------------------------------
@@ -268,16 +276,22 @@ def _capture(module, example_inputs):
 
 
 def _quiet():
-    """Silence torch's own FutureWarnings about its internals while exporting and saving."""
+    """Silence torch's own FutureWarnings and logged warnings about its internals while
+    exporting, saving and loading (our errors say what went wrong)."""
+    import logging
     import warnings
     ctx = warnings.catch_warnings()
+    logger = logging.getLogger("torch")
 
     class _Ctx:
         def __enter__(self):
             ctx.__enter__()
             warnings.simplefilter("ignore", FutureWarning)
+            self.level = logger.level
+            logger.setLevel(logging.CRITICAL)
 
         def __exit__(self, *exc):
+            logger.setLevel(self.level)
             return ctx.__exit__(*exc)
     return _Ctx()
 

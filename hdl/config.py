@@ -17,7 +17,13 @@ __all__ = ["NPUConfig", "load_config"]
 
 def _short(value):
     """``repr`` of a bad value, cut to 60 characters for an error message."""
-    text = repr(value)
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, 40, 40, 40
+    try:
+        text = r.repr(value)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -82,7 +88,7 @@ class NPUConfig:
         integer("acc_lines", 16, 65536, pow2=True)
         if self.axi_data_bits not in (32, 64, 128, 256) or type(self.axi_data_bits) is not int:
             raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {_short(self.axi_data_bits)}")
-        if self.axi_addr_bits != 32 or isinstance(self.axi_addr_bits, bool):
+        if self.axi_addr_bits != 32 or type(self.axi_addr_bits) is not int:
             raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
         integer("queue_depth", 2, 64, pow2=True)
         integer("max_burst", 1, 256, pow2=True)
@@ -150,14 +156,25 @@ class NPUConfig:
     @classmethod
     def from_json(cls, text):
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
         except RecursionError:
             raise ValueError("config is nested too deeply to be an NPU config") from None
-        except ValueError:      # an integer literal of thousands of digits
+        except ValueError as exc:
+            if "given twice" in str(exc):
+                raise ValueError(str(exc)) from None
+            # an integer literal of thousands of digits
             raise ValueError("config is not valid JSON: it holds a number with too many digits") from None
         return cls.from_dict(data)
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ValueError(f"config key {_short(k)} is given twice")
+    return dict(pairs)
 
 
 def load_config(path):

@@ -519,6 +519,15 @@ def config_mismatch(word, cfg):
             f"{describe_config_word(want)}")
 
 
+def _show_int(value):
+    """An integer for a message: hex, shortened when huge (decimal conversion of huge numbers is
+    refused by Python)."""
+    if not isinstance(value, int):
+        return type(value).__name__
+    text = hex(value)
+    return text if len(text) <= 20 else f"{text[:12]}... ({value.bit_length()} bits)"
+
+
 def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit):
     """Why the host must not start the NPU with these register values on a memory of
     ``memory_bytes`` (one sentence), or None. Every engine and host path applies this one rule:
@@ -527,11 +536,11 @@ def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit):
     for name, value in (("PROG_ADDR", prog_addr), ("PROG_LEN", prog_len), ("WIN_BASE", win_base),
                         ("WIN_LIMIT", win_limit)):
         if not isinstance(value, int) or not 0 <= value < ADDRESS_SPACE:
-            return f"{name} must be a 32-bit register value (0 to 0xffffffff), not {value!r}"
+            return f"{name} must be a 32-bit register value (0 to 0xffffffff), not {_show_int(value)}"
     if memory_bytes > ADDRESS_SPACE:
-        return f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space (at most 4 GiB)"
+        return f"a DRAM of {_show_int(memory_bytes)} bytes does not fit the 32-bit address space (at most 4 GiB)"
     if not win_base <= win_limit <= memory_bytes:
-        return (f"the DMA window [0x{win_base:x}, 0x{win_limit:x}) must lie inside the "
+        return (f"the DMA window [{_show_int(win_base)}, {_show_int(win_limit)}) must lie inside the "
                 f"{memory_bytes}-byte DRAM image")
     return None
 

@@ -45,9 +45,18 @@ def cache_root():
 
     Raises :class:`CacheError` when that path exists and is not a folder."""
     env = os.environ.get("FP8NPU_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "fp8npu"
-    if root.exists() and not root.is_dir():
-        origin = "FP8NPU_CACHE" if env else "the default cache"
+    origin = "FP8NPU_CACHE" if env else "the default cache"
+    try:
+        root = Path(env).expanduser() if env else Path.home() / ".cache" / "fp8npu"
+    except RuntimeError:         # ~user of an unknown user, or no home folder
+        raise CacheError(f"{origin} names a home folder that cannot be found ({env or '~'}); "
+                         f"set FP8NPU_CACHE to a folder fp8npu may write to") from None
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{origin} cannot be used ({getattr(exc, 'strerror', None) or exc}); "
+                         f"set FP8NPU_CACHE to a folder fp8npu may write to") from None
+    if exists and not is_dir:
         raise CacheError(f"{origin} points at {str(root)!r}, which is not a folder; "
                          f"set FP8NPU_CACHE to a folder fp8npu may write to")
     return root
@@ -136,7 +145,11 @@ def cached_model(name, key, binary_name, build, notify=_stderr):
     """
     rtl = cache_root() / "rtl"
     entry = rtl / f"{name}-{key}"
-    if entry_problem(entry, binary_name) is None:
+    try:
+        whole = entry_problem(entry, binary_name) is None
+    except OSError as exc:
+        raise CacheError(f"the model cache folder {str(rtl)!r} cannot be used: {exc.strerror or exc}") from None
+    if whole:
         return entry
     _mkdir(rtl)
     with _locked(rtl / f"{name}-{key}.lock", f"the model {name}", notify):

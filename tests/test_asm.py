@@ -269,13 +269,13 @@ def test_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.s"
     bad.write_text("END\nMATMU k=1\n")
     assert _cli_error(["asm", str(bad)], capsys) == \
-        f"fp8npu: error: {bad}: line 2: unknown opcode 'MATMU'; allowed: {ALLOWED}\n"
+        f"fp8npu: error: {str(bad)!r}: line 2: unknown opcode 'MATMU'; allowed: {ALLOWED}\n"
     assert not (tmp_path / "bad.bin").exists()
 
     odd = tmp_path / "odd.bin"
     odd.write_bytes(bytes(40))
     assert _cli_error(["disasm", str(odd)], capsys) == \
-        f"fp8npu: error: {odd}: a program is a whole number of 32-byte commands; 40 bytes is not\n"
+        f"fp8npu: error: {str(odd)!r}: a program is a whole number of 32-byte commands; 40 bytes is not\n"
 
     binary = tmp_path / "latin.s"
     binary.write_bytes(b"END # \xff\n")

@@ -55,10 +55,10 @@ def test_errors_are_one_sentence(args, message, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["generate", "fpu"], "argument unit: invalid choice: 'fpu'"),
     (["generate", "mac", "--stages", "two"], "argument --stages: must be an integer, not 'two'"),
-    (["demo", "--vectors", "0"], "argument --vectors: must be a positive integer, not '0'"),
+    (["demo", "mac", "--vectors", "0"], "argument --vectors: must be an integer from 1 to 10,000,000, not '0'"),
     (["bench", "gpu"], "argument target: invalid choice: 'gpu'"),
     (["bench", "npu", "--arrays", "4by4"], "argument --arrays: must be ROWSxCOLS sizes separated by commas"),
-    (["bench", "npu", "--sizes", "128,x"], "argument --sizes: must be positive integers separated by commas"),
+    (["bench", "npu", "--sizes", "128,x"], "argument --sizes: must be integers from 1 to 4096 separated by commas"),
     (["bench", "npu", "--synth", "40x40"], "fp8npu: error: array 40x40: rows must be an integer from 1 to 16"),
 ])
 def test_argument_errors(args, fragment):

@@ -161,7 +161,7 @@ def test_every_bad_config_is_one_sentence(tmp_path):
         except cli.UsageError as exc:
             msg = str(exc)
             assert "\n" not in msg and len(msg) < 400, (label, msg)
-            assert msg.startswith(f"{p}: "), (label, msg)
+            assert msg.startswith(f"{str(p)!r}: "), (label, msg)
             n += 1
             continue
         # accepted: it must be a real, valid configuration that round-trips
@@ -473,3 +473,121 @@ def test_compile_run_report_with_hostile_inputs(model_dir, capsys):
     for argv in (["run", out, "--inputs", w / "x.pt", "-o", w / "y.pt"], ["run", out, "--inputs", w / "x.npy"],
                  ["report", out], ["report", out, "--json"], ["run", out, "--inputs", w / "x.pt", "--json"]):
         run_case(argv, capsys, w, allowed=(0,), outputs=(w / "y.pt",))
+
+
+# ---- cases an outside review found (each a root cause; kept so they stay fixed) ----------------
+def test_paths_that_cannot_be_looked_at(tmp_path, capsys, monkeypatch):
+    w = tmp_path
+    (w / "ok.s").write_text("END\n")
+    (w / "ok.bin").write_bytes(isa.encode(isa.Opcode.END))
+    os.symlink(w / "loopb.s", w / "loopa.s")
+    os.symlink(w / "loopa.s", w / "loopb.s")
+    long = "a" * 300
+    deep = "/".join(["d"] * 2600) + "/x.bin"
+    cases = [
+        ["asm", w / "loopa.s", "-o", w / "a.bin"],
+        ["disasm", w / "ok.bin", "-o", w / "loopa.s"],
+        ["sim", w / "ok.bin", "--engine", "func", "-o", w / "loopa.s"],
+        ["generate", "--config", w / "loopa.s", "-o", w / "x.v"],
+        ["compile", f"{w / 'loopa.s'}:f", "-o", w / "m.npu"],
+        ["asm", w / "ok.s", "-o", w / long],
+        ["asm", w / "ok.s", "-o", w / deep],
+        ["disasm", w / "ok.bin", "-o", w / long / "x.s"],
+        ["asm", w / f"{long}.s"],
+        ["asm", "."],
+        ["asm", "/"],
+        ["asm", ""],
+        ["demo", "--out-dir", w / long],
+        ["asm", w / "ok.s", "-o", ""],
+        ["run", w / "m.npu", "--inputs", w / "x.pt", "-o", "-"],
+    ]
+    for argv in cases:
+        run_case(argv, capsys, w, allowed=(2,))
+    for cache in (str(w / long), "~nosuchuser_zz/cache", str(w / "ok.s" / "sub")):
+        monkeypatch.setenv("FP8NPU_CACHE", cache)
+        run_case(["sim", w / "ok.s", "--engine", "rtl"], capsys, w, allowed=(2,))
+
+
+def test_messages_stay_one_line(tmp_path, capsys):
+    w = tmp_path
+    bad = w / "bad\nname.s"
+    bad.write_text("BOGUS\n")
+    (w / "bad\nprog.bin").write_bytes(b"abc")
+    (w / "bad\ncfg.json").write_text("not json")
+    (w / "ok.bin").write_bytes(isa.encode(isa.Opcode.END))
+    for argv in (["asm", bad, "-o", w / "a.bin"], ["sim", bad, "--engine", "func"], ["disasm", w / "bad\nprog.bin"],
+                 ["generate", "--config", w / "bad\ncfg.json"], ["sim", w / "ok.bin", "--config", w / "bad\ncfg.json"]):
+        status, _, err = run_case(argv, capsys, w, allowed=(2,))
+        assert "\\n" in err
+
+
+def test_huge_numbers_never_reach_a_decimal_conversion(tmp_path, capsys):
+    (tmp_path / "ok.s").write_text("END\n")
+    h, z = "f" * 5000, "0" * 5000
+    for extra in (["--window", f"0:0x{h}"], [f"--window=0x1{z}:0"], [f"--prog-addr=-0x1{z}"], [f"--dram-size=-0x{h}"],
+                  ["--window", "0:" + "9" * 5000]):
+        run_case(["sim", tmp_path / "ok.s", "--engine", "func", *extra], capsys, tmp_path, allowed=(2,))
+    for argv in (["bench", "funcsim", "--size", "100000000"], ["bench", "funcsim", "--size", "9" * 30],
+                 ["bench", "mac", "--vectors", "9" * 30], ["bench", "npu", "--sizes", "9" * 30],
+                 ["demo", "mac", "--seed=-1"], ["demo", "--seed", str(2 ** 70)], ["demo", "mac", "--vectors", "9" * 30],
+                 ["sim", tmp_path / "ok.s", "--max-cycles", "9" * 40]):
+        run_case(argv, capsys, tmp_path, allowed=(2,))
+
+
+def test_config_corner_cases(tmp_path):
+    for text, message in (('{"rows": ' + "[" * 990 + "]" * 990 + "}", "rows must be an integer|nested too deeply"),
+                          ('{"axi_addr_bits": 32.0}', "axi_addr_bits must be 32, not 32.0"),
+                          ('{"rows": 4, "rows": 8}', "config key 'rows' is given twice")):
+        p = tmp_path / "c.json"
+        p.write_text(text)
+        with pytest.raises(cli.UsageError, match=message):
+            cli.load_cfg(str(p))
+
+
+@pytest.mark.parametrize("redirect, status, message", [
+    ("> /dev/full", 2, "fp8npu: error: cannot write the output: No space left on device"),
+    (">&-", 2, "fp8npu: error: cannot write the output: standard output is closed"),
+    ("| true", None, ""),
+])
+def test_standard_output_failures(tmp_path, redirect, status, message):
+    (tmp_path / "ok.bin").write_bytes(isa.encode(isa.Opcode.END) * 200)
+    cmd = f"{sys.executable} -m fp8npu.compiler disasm ok.bin {redirect}"
+    if redirect.startswith("|"):
+        cmd = f"{sys.executable} -m fp8npu.compiler disasm ok.bin 2>err.txt | true; cat err.txt >&2"
+    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    if status is not None:
+        assert proc.returncode == status and proc.stderr.strip() == message, proc.stderr
+
+
+def test_crash_handler_without_a_temporary_folder(monkeypatch):
+    def refuse(*a, **k):
+        raise FileNotFoundError(2, "No usable temporary directory found")
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    line = cli._internal_error(ValueError("boom\nagain"))
+    assert line.startswith("fp8npu: internal error (ValueError: boom\\nagain); the traceback could not be saved")
+    assert "\n" not in line
+
+
+def test_malformed_model_files_with_a_valid_checksum(tmp_path, capfd):
+    import hashlib
+    import struct
+
+    from fp8npu.compiler.model import MAGIC, ModelFileError, load
+
+    def file(body):
+        return MAGIC + body + hashlib.sha256(body).digest()
+
+    def parts(*ps):
+        return struct.pack("<I", 1) + b"".join(struct.pack("<Q", len(p)) + p for p in ps)
+
+    cases = [file(struct.pack("<I", 1)), file(parts(b"not json", b"", b"")), file(parts(b"[]", b"", b"")),
+             file(parts(b"{}", b"", b"")), file(parts(b'{"config": {"rows": 99}}', b"", b"")),
+             file(struct.pack("<I", 1) + struct.pack("<Q", 1 << 63)),
+             file(parts(json.dumps({"config": {}, "quant": {}, "segments": [], "inputs": [], "host_ops": []}).encode(),
+                        b"", b"PK not a zip"))]
+    for blob in cases:
+        with pytest.raises(ModelFileError):
+            load("m.npu", blob)
+    out, err = capfd.readouterr()
+    assert err == "", err
