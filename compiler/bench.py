@@ -299,6 +299,26 @@ def _mixtral_moe(d, ffn, experts, top_k):
     return MoE().eval()
 
 
+def _measure(module, x, cfg):
+    """Compile ``module`` for ``x`` and run it on the functional simulator: (model, compile s,
+    run s, NPU cycles, MAC utilization, cosine against float32, launches)."""
+    import torch.nn.functional as F
+
+    from .model import compile
+    from .runtime import run
+    t0 = time.perf_counter()
+    model = compile(module, (x,), cfg, estimate=False)
+    t_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    y, session = run(model, x, details=True)
+    t_run = time.perf_counter() - t0
+    cycles = sum(r["cycles"] for r in session.launches)
+    macs = sum(r["mac_ops"] for r in session.launches)
+    cos = F.cosine_similarity(y.flatten(), module(x).flatten(), dim=0).item()
+    return (model, t_compile, t_run, cycles, macs / max(1, cycles * cfg.rows * cfg.cols), cos,
+            len(session.launches))
+
+
 def run_model_bench(echo=print, d_model=1024, seq=128):
     """Compile time, NPU share, MAC utilization and end-to-end time of a transformer block on the
     default configuration, and an accuracy table of the scaling modes on activations with
@@ -316,17 +336,7 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
          f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
     for d, heads, kv, ffn, t in ((256, 8, 4, 704, 32), (d_model, 16, 8, 2816, seq)):
         block = _llama_block(d, heads, kv, ffn, t)
-        x = torch.randn(1, t, d)
-        t0 = time.perf_counter()
-        model = compile(block, (x,), cfg, estimate=False)
-        t_compile = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        y, session = run(model, x, details=True)
-        t_run = time.perf_counter() - t0
-        cycles = sum(r["cycles"] for r in session.launches)
-        macs = sum(r["mac_ops"] for r in session.launches)
-        util = macs / max(1, cycles * cfg.rows * cfg.cols)
-        cos = F.cosine_similarity(y.flatten(), block(x).flatten(), dim=0).item()
+        model, t_compile, t_run, cycles, util, cos, _ = _measure(block, torch.randn(1, t, d), cfg)
         share = npu_totals(model)[2]
         echo(f"  {d:>7} {t:>6} | {t_compile:>9.2f} {len(model.segments):>8} {share:>9.1%} | {cycles:>11,} "
              f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
@@ -338,18 +348,9 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
          f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
     for d, experts, ffn, t in ((256, 8, 256, 64), (1024, 64, 512, 128)):
         layer = _mixtral_moe(d, ffn, experts, 2)
-        x = torch.randn(1, t, d)
-        t0 = time.perf_counter()
-        model = compile(layer, (x,), cfg, estimate=False)
-        t_compile = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        y, session = run(model, x, details=True)
-        t_run = time.perf_counter() - t0
-        cycles = sum(r["cycles"] for r in session.launches)
-        macs = sum(r["mac_ops"] for r in session.launches)
-        cos = F.cosine_similarity(y.flatten(), layer(x).flatten(), dim=0).item()
-        echo(f"  {d:>7} {experts:>7} {ffn:>5} {t:>6} | {t_compile:>9.2f} | {len(session.launches):>8} {cycles:>11,} "
-             f"{macs / max(1, cycles * cfg.rows * cfg.cols):>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+        model, t_compile, t_run, cycles, util, cos, launches = _measure(layer, torch.randn(1, t, d), cfg)
+        echo(f"  {d:>7} {experts:>7} {ffn:>5} {t:>6} | {t_compile:>9.2f} | {launches:>8} {cycles:>11,} "
+             f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
     # routing after FP8 layers: the MoE input comes out of two NPU linears
     from .moe import detect, route
     d = 256

@@ -207,15 +207,6 @@ class Program:
         """Token balance in program order (see the module docstring); raises :class:`VerifyError`."""
         self._check(_ZeroLayout(), None, None)
 
-    def lifetimes(self):
-        """Buffer -> (first, last) command index that names it."""
-        spans = {}
-        for i, cmd in enumerate(self.commands):
-            for _, ref in cmd.refs():
-                lo, hi = spans.get(ref.buffer, (i, i))
-                spans[ref.buffer] = (min(lo, i), max(hi, i))
-        return spans
-
     def verify(self, layout, win_base=None, win_limit=None):
         """Token balance, and with the layout: every command passes :func:`isa.validate` in the
         window (default: the layout's extent) and every LOAD/STORE stays inside its buffer.

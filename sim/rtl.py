@@ -256,7 +256,7 @@ class RTLModel:
                              waves=bool(self.waves), log_file=log)
             except (SystemExit, Exception) as exc:
                 kept = cache_root() / "failed-builds" / f"{self.name}-{self.key}"
-                _remove_tree(kept)
+                shutil.rmtree(kept, ignore_errors=True)
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(folder, kept, ignore=shutil.ignore_patterns("*.o", "*.a", "*.gch"))
                 raise _failure(f"Verilator build of {self.name}", kept / "build.log", str(exc)) from None
@@ -349,7 +349,3 @@ def unpack_lanes(rows, width, lanes):
 
 def nbytes(width, lanes=1):
     return (width * lanes + 7) // 8
-
-
-def _remove_tree(path):
-    shutil.rmtree(path, ignore_errors=True)
