@@ -42,11 +42,11 @@ from fp8npu.sim import quant as q
 from .gemm import GemmOp, fence, lower_gemm
 from .program import Program, VerifyError, allocate
 
-__all__ = ["QuantConfig", "CompiledModel", "Segment", "CompileError", "ModelFileError", "compile", "load",
+__all__ = ["QuantConfig", "CompiledModel", "Graph", "Segment", "CompileError", "ModelFileError", "compile", "load",
            "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = b"FP8NPU-MODEL\0\0\0\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 aten = torch.ops.aten
 #: aten ops the NPU runs, and the segment kind each becomes.
@@ -116,7 +116,27 @@ class Segment:
     :meth:`GemmOp.to_spec`'s data (layouts to pack and unpack; the same for every element).
     ``flops`` = 2 M K N per element; ``cycles`` is the functional simulator's estimate for one
     launch (filled by :func:`compile` when it runs the example).
+
+    ``resident`` names the operands that are positions of a state buffer (a KV cache): ``"a":
+    "m"`` (rows of A are positions), ``"b": "n"`` (columns of B are, as in K^T) or ``"b": "k"``
+    (rows of B are, as in V). Their DRAM buffers live as long as the model, and the runtime
+    writes only the bytes that changed since the last launch: the new positions.
     """
+
+    @property
+    def w_scaling(self):
+        """How the right operand is scaled (:func:`fp8npu.sim.reference.quantize_operands`)."""
+        return self.resident.get("b")
+
+    @property
+    def persistent_roles(self):
+        """Runtime roles whose buffers keep their contents from launch to launch."""
+        roles = set()
+        if "a" in self.resident:
+            roles |= {"a", "row_scales"}
+        if "b" in self.resident:
+            roles |= {"b", "col_scale", "col_scales"}
+        return roles & set(self.runtime)
 
     node: str
     kind: str
@@ -133,6 +153,7 @@ class Segment:
     flops: int
     cycles: int = 0
     batch: int = 1
+    resident: dict = field(default_factory=dict)
 
     def op(self, cfg):
         return GemmOp.from_spec(cfg, self.gemm)
@@ -147,40 +168,86 @@ class Segment:
 
 
 @dataclass
+class Graph:
+    """One entry point of a compiled model, a *mode* (``prefill``, ``decode`` ...; a model
+    compiled from one set of example inputs has one, ``forward``): the exported graph whose
+    other ops run on the host, its NPU segments, its user inputs and its MoE layers."""
+
+    mode: str
+    program: object                 # torch.export.ExportedProgram (decomposed)
+    segments: dict                  # node name -> Segment
+    inputs: list                    # [{"name", "shape", "dtype"}] of the user inputs
+    host_ops: list                  # [{"node", "target", "module_path", "flops"}] in graph order
+    moe: dict = field(default_factory=dict)    # node name -> MoE layer record (see _lower_moe)
+
+    def to_header(self):
+        return {"mode": self.mode, "inputs": self.inputs, "host_ops": self.host_ops, "moe": self.moe,
+                "segments": [dict(asdict(s), shape=list(s.shape), in_shape=list(s.in_shape),
+                                  out_shape=list(s.out_shape), runtime=list(s.runtime),
+                                  buffers=[{k: list(v) for k, v in b.items()} for b in s.buffers])
+                             for s in self.segments.values()]}
+
+    @classmethod
+    def from_header(cls, h, program):
+        segments = {}
+        for s in h["segments"]:
+            s = dict(s, shape=tuple(s["shape"]), in_shape=tuple(s["in_shape"]), out_shape=tuple(s["out_shape"]),
+                     runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
+            segments[s["node"]] = Segment(**s)
+        return cls(str(h["mode"]), program, segments, h["inputs"], h["host_ops"], h.get("moe", {}))
+
+
+@dataclass
 class CompiledModel:
-    """A compiled torch module: the NPU segments, the DRAM image and the exported graph whose
-    other ops run on the host. Run it with :func:`fp8npu.compiler.runtime.run`."""
+    """A compiled torch module: one :class:`Graph` per mode, the DRAM image, and the state the
+    modes share (buffers the module updates in place, such as a KV cache). Run it with
+    :func:`fp8npu.compiler.runtime.run` or a :class:`~fp8npu.compiler.runtime.Session`.
+
+    ``program``, ``segments``, ``inputs``, ``host_ops`` and ``moe`` are those of the first mode.
+    """
 
     cfg: NPUConfig
     quant: QuantConfig
-    program: object                 # torch.export.ExportedProgram (decomposed)
-    segments: dict                  # node name -> Segment
+    graphs: dict                    # mode -> Graph, in the order the modes were given
     dram: bytes
-    inputs: list                    # [{"name", "shape", "dtype"}] of the user inputs
-    host_ops: list                  # [{"node", "target", "module_path", "flops"}] in graph order
     info: dict = field(default_factory=dict)
-    moe: dict = field(default_factory=dict)    # node name -> MoE layer record (see _lower_moe)
+    state: list = field(default_factory=list)   # [{"name", "shape", "dtype"}] of buffers updated in place
 
     @property
     def dram_bytes(self):
         return len(self.dram)
 
+    @property
+    def modes(self):
+        return list(self.graphs)
+
+    def graph(self, mode=None):
+        """The :class:`Graph` of ``mode`` (default: the first); an unknown mode is one clear error."""
+        if mode is None:
+            return next(iter(self.graphs.values()))
+        if mode not in self.graphs:
+            raise ValueError(f"the model has no mode {mode!r}; its modes are {', '.join(self.graphs)}")
+        return self.graphs[mode]
+
+    program = property(lambda self: self.graph().program)
+    segments = property(lambda self: self.graph().segments)
+    inputs = property(lambda self: self.graph().inputs)
+    host_ops = property(lambda self: self.graph().host_ops)
+    moe = property(lambda self: self.graph().moe)
+
     # ---- file format ---------------------------------------------------------------------
     def save(self, path):
         """Write the model to ``path`` (see the module docstring for the format)."""
-        graph = io.BytesIO()
-        with _quiet():
-            torch.export.save(self.program, graph)
-        header = {
-            "config": self.cfg.to_dict(), "quant": asdict(self.quant), "inputs": self.inputs,
-            "host_ops": self.host_ops, "info": self.info, "moe": self.moe,
-            "segments": [dict(asdict(s), shape=list(s.shape), in_shape=list(s.in_shape),
-                              out_shape=list(s.out_shape), runtime=list(s.runtime),
-                              buffers=[{k: list(v) for k, v in b.items()} for b in s.buffers])
-                         for s in self.segments.values()],
-        }
-        parts = [json.dumps(header).encode(), bytes(self.dram), graph.getvalue()]
-        body = struct.pack("<I", FORMAT_VERSION) + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+        graphs = []
+        for g in self.graphs.values():
+            buf = io.BytesIO()
+            with _quiet():
+                torch.export.save(g.program, buf)
+            graphs.append(buf.getvalue())
+        header = {"config": self.cfg.to_dict(), "quant": asdict(self.quant), "info": self.info,
+                  "state": self.state, "graphs": [g.to_header() for g in self.graphs.values()]}
+        parts = [json.dumps(header).encode(), bytes(self.dram), *graphs]
+        body = struct.pack("<II", FORMAT_VERSION, len(parts)) + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
         data = MAGIC + body + hashlib.sha256(body).digest()
         if hasattr(path, "write"):
             path.write(data)
@@ -202,7 +269,7 @@ def load(path, data=None):
     if not data.startswith(MAGIC):
         raise ModelFileError(f"{name!r} is not an fp8npu model file (no {MAGIC.rstrip(bytes(1)).decode()} header)")
     body, digest = data[len(MAGIC):-32], data[-32:]
-    if len(data) < len(MAGIC) + 4 + 32:
+    if len(data) < len(MAGIC) + 8 + 32:
         raise ModelFileError(f"the model file {name!r} is truncated")
     (version,) = struct.unpack_from("<I", body)
     if version != FORMAT_VERSION:
@@ -211,8 +278,9 @@ def load(path, data=None):
     if hashlib.sha256(body).digest() != digest:
         raise ModelFileError(f"the model file {name!r} is corrupt or truncated (its checksum does not match)")
     try:
-        parts, at = [], 4
-        for _ in range(3):
+        (count,) = struct.unpack_from("<I", body, 4)
+        parts, at = [], 8
+        for _ in range(count):
             (n,) = struct.unpack_from("<Q", body, at)
             if at + 8 + n > len(body):
                 raise ValueError("a part runs past the end of the file")
@@ -221,23 +289,29 @@ def load(path, data=None):
         header = json.loads(parts[0])
         cfg = NPUConfig.from_dict(header["config"])
         quant = QuantConfig(**header["quant"])
-        segments = {}
-        for s in header["segments"]:
-            s = dict(s, shape=tuple(s["shape"]), in_shape=tuple(s["in_shape"]), out_shape=tuple(s["out_shape"]),
-                     runtime=tuple(s["runtime"]), buffers=[{k: tuple(v) for k, v in b.items()} for b in s["buffers"]])
-            segments[s["node"]] = Segment(**s)
-        extra = (header["inputs"], header["host_ops"], header.get("info", {}), header.get("moe", {}))
+        graph_headers = header["graphs"]
+        if not isinstance(graph_headers, list) or not graph_headers or len(graph_headers) != count - 2:
+            raise ValueError("the number of graphs does not match the header")
+        info, state = dict(header.get("info", {})), list(header.get("state", []))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, OverflowError) as exc:
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"no {exc} entry"
         raise ModelFileError(f"the model file {name!r} is malformed ({reason[:200]})") from None
     from . import moe as _moe  # noqa: F401  (registers the fp8npu::moe op the graph may use)
-    try:
-        with _quiet():
-            program = torch.export.load(io.BytesIO(parts[2]))
-    except Exception as exc:
-        raise ModelFileError(f"the graph in the model file {name!r} cannot be read by this torch "
-                             f"({torch.__version__}): {type(exc).__name__}") from None
-    return CompiledModel(cfg, quant, program, segments, bytes(parts[1]), *extra)
+    graphs = {}
+    for h, blob in zip(graph_headers, parts[2:]):
+        try:
+            with _quiet():
+                program = torch.export.load(io.BytesIO(blob))
+        except Exception as exc:
+            raise ModelFileError(f"the graph in the model file {name!r} cannot be read by this torch "
+                                 f"({torch.__version__}): {type(exc).__name__}") from None
+        try:
+            g = Graph.from_header(h, program)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"no {exc} entry"
+            raise ModelFileError(f"the model file {name!r} is malformed ({reason[:200]})") from None
+        graphs[g.mode] = g
+    return CompiledModel(cfg, quant, graphs, bytes(parts[1]), info, state)
 
 
 # ---- capture ----------------------------------------------------------------------------------
@@ -337,6 +411,11 @@ def _flops_of(node):
 def compile(module, example_inputs, config=None, quant=None, estimate=True, progress=None):  # noqa: A001
     """Compile ``module`` for the NPU (see the module docstring); returns a :class:`CompiledModel`.
 
+    ``example_inputs`` is a tuple of tensors (one mode, ``forward``), or a dict of modes, for
+    example ``{"prefill": (x, positions), "decode": (x_one_token, position)}``: each mode is
+    captured and lowered at its own shapes, and all share the module's parameters and the
+    buffers it updates in place (a KV cache; docs/compiler.md).
+
     ``config`` is the :class:`NPUConfig` (default: the default configuration), ``quant`` a
     :class:`QuantConfig` or its text form. With ``estimate`` the example inputs are run once on
     the functional simulator to record each segment's cycles. ``progress(done, total, what)``
@@ -351,16 +430,108 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
     from . import moe as moe_mod
     if not isinstance(module, torch.nn.Module):
         raise CompileError(f"compile() takes a torch.nn.Module, not {type(module).__name__}")
+    if isinstance(example_inputs, dict):
+        if not example_inputs:
+            raise CompileError("example_inputs must name at least one mode")
+        for mode in example_inputs:
+            if not (isinstance(mode, str) and mode.isidentifier()):
+                raise CompileError(f"a mode name must be an identifier such as 'prefill' or 'decode', not {mode!r}")
+        modes = dict(example_inputs)
+    else:
+        modes = {"forward": example_inputs}
+    captured = {}
     try:
         with moe_mod.substitute(module) as moe_specs:
-            ep, example_inputs = _capture(module, example_inputs)
+            for mode, inputs in modes.items():
+                captured[mode] = _capture(module, inputs)
     except ValueError as exc:
         if isinstance(exc, CompileError):
             raise
         raise CompileError(f"a Mixture-of-Experts layer cannot be compiled: {exc}") from None
+
+    total = sum(sum(n.op == "call_function" and n.target in NPU_OPS for n in ep.graph.nodes)
+                for ep, _ in captured.values())
+    graphs, programs, moe_buffers, state = {}, [], [], {}
+    for mode, (ep, inputs) in captured.items():
+        graph, progs, moe_bufs = _lower_graph(cfg, quant, mode, ep, inputs, moe_specs, progress,
+                                              len(programs), total)
+        graphs[mode] = graph
+        programs += [(graph, name, prog) for name, prog in progs.items()]
+        moe_buffers += [(graph, name, bufs) for name, bufs in moe_bufs]
+        values = _placeholder_values(ep)
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind.name == "BUFFER" and spec.target in ep.graph_signature.buffers_to_mutate.values():
+                t = values[spec.arg.name]
+                state.setdefault(spec.target, {"name": spec.target, "shape": list(t.shape),
+                                               "dtype": str(t.dtype).replace("torch.", "")})
+
+    # one DRAM: constants and programs for the whole model, runtime buffers per launch; the
+    # operands that hold state (resident) for the whole model too
+    buffers, lifetimes = [], {}
+    for i, (graph, name, prog) in enumerate(programs):
+        keep = graph.segments[name].persistent_roles
+        for b in prog.buffers.values():
+            buffers.append(b)
+            if b.kind in ("input", "output", "scratch") and b.meta.get("role") not in keep:
+                lifetimes[b] = (i, i)
+    for j, (_, _, bufs) in enumerate(moe_buffers):
+        for b in bufs.values():
+            buffers.append(b)
+            if b.kind == "scratch":
+                lifetimes[b] = (len(programs) + j, len(programs) + j)
+    buffers, alias = _share_constants(buffers)
+    order = sorted(buffers, key=lambda b: (b.kind not in ("const", "program"), b in lifetimes))
+    layout = allocate(buffers, 0, lifetimes, order=order)
+    for b, same in alias.items():
+        layout.addresses[b] = layout.addresses[same]
+    dram = layout.image(buffers)
+    for graph, name, prog in programs:
+        try:
+            code = prog.verify(layout, 0, layout.end)
+        except VerifyError as exc:
+            raise CompileError(f"internal: the program of {name} does not verify: {exc}") from None
+        addr = layout.address(prog.buffers[f"{name}.program"])
+        dram[addr:addr + len(code)] = code
+        seg = graph.segments[name]
+        seg.prog_addr, seg.prog_len = addr, len(prog)
+        seg.buffers = [{} for _ in range(seg.batch)]
+        for b in prog.buffers.values():
+            if "role" in b.meta:
+                seg.buffers[b.meta.get("batch", 0)][b.meta["role"]] = (layout.address(b), b.nbytes)
+    for graph, name, bufs in moe_buffers:
+        graph.moe[name]["buffers"] = {key: [layout.address(b), b.nbytes] for key, b in bufs.items()}
+    model = CompiledModel(cfg, quant, graphs, bytes(dram),
+                          {"compile_seconds": 0.0, "module": type(module).__name__}, list(state.values()))
+    if estimate:
+        from .runtime import run
+        for mode, (_, inputs) in captured.items():
+            if graphs[mode].segments or graphs[mode].moe:
+                run(model, inputs, backend="func", record_cycles=True, mode=mode)
+    model.info["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    return model
+
+
+def _share_constants(buffers):
+    """Constant buffers with the same bytes (the same weights lowered for two modes, say) share
+    one copy: returns (the buffers to place, {duplicate: the buffer it shares})."""
+    seen, keep, alias = {}, [], {}
+    for b in buffers:
+        if b.kind == "const" and b.data is not None:
+            key = (b.nbytes, b.align, hashlib.sha256(bytes(b.data)).digest())
+            if key in seen:
+                alias[b] = seen[key]
+                continue
+            seen[key] = b
+        keep.append(b)
+    return keep, alias
+
+
+def _lower_graph(cfg, quant, mode, ep, example_inputs, moe_specs, progress, done, total):
+    """Partition and lower one captured graph: (Graph, {node: Program}, [(node, MoE buffers)])."""
     params = _placeholder_values(ep)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     npu_nodes = [n for n in nodes if n.target in NPU_OPS]
+    resident = _state_operands(ep, example_inputs, npu_nodes)
     segments, programs, host_ops, moe_records, moe_buffers = {}, {}, [], {}, []
     for node in nodes:
         path, line = _where(node)
@@ -374,54 +545,136 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
                              "flops": _flops_of(node)})
             continue
         if progress:
-            progress(len(segments), len(npu_nodes), node.name)
+            progress(done + len(segments), total, node.name)
         prog = Program(cfg)
-        seg = _lower_node(prog, cfg, quant, node, params, path, line)
+        seg = _lower_node(prog, cfg, quant, node, params, path, line, resident.get(node.name, {}))
         prog.emit(Opcode.END, note=node.name)
         prog.buffer(f"{node.name}.program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
         segments[node.name] = seg
         programs[node.name] = prog
-    # one DRAM: constants and programs for the whole model, runtime buffers per launch
-    buffers, lifetimes = [], {}
-    for i, prog in enumerate(programs.values()):
-        for b in prog.buffers.values():
-            buffers.append(b)
-            if b.kind in ("input", "output", "scratch"):
-                lifetimes[b] = (i, i)
-    for j, (_, bufs) in enumerate(moe_buffers):
-        for b in bufs.values():
-            buffers.append(b)
-            if b.kind == "scratch":
-                lifetimes[b] = (len(programs) + j, len(programs) + j)
-    order = sorted(buffers, key=lambda b: b.kind not in ("const", "program"))
-    layout = allocate(buffers, 0, lifetimes, order=order)
-    dram = layout.image(buffers)
-    for name, prog in programs.items():
-        try:
-            code = prog.verify(layout, 0, layout.end)
-        except VerifyError as exc:
-            raise CompileError(f"internal: the program of {name} does not verify: {exc}") from None
-        addr = layout.address(prog.buffers[f"{name}.program"])
-        dram[addr:addr + len(code)] = code
-        seg = segments[name]
-        seg.prog_addr, seg.prog_len = addr, len(prog)
-        seg.buffers = [{} for _ in range(seg.batch)]
-        for b in prog.buffers.values():
-            if "role" in b.meta:
-                seg.buffers[b.meta.get("batch", 0)][b.meta["role"]] = (layout.address(b), b.nbytes)
-    for name, bufs in moe_buffers:
-        moe_records[name]["buffers"] = {key: [layout.address(b), b.nbytes] for key, b in bufs.items()}
     inputs = [{"name": spec.arg.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
               for spec, t in zip([s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"],
                                  example_inputs)]
-    model = CompiledModel(cfg, quant, ep, segments, bytes(dram), inputs, host_ops,
-                          {"compile_seconds": round(time.perf_counter() - t0, 3), "module": type(module).__name__},
-                          moe_records)
-    if estimate and (segments or moe_records):
-        from .runtime import run
-        run(model, example_inputs, backend="func", record_cycles=True)
-    model.info["compile_seconds"] = round(time.perf_counter() - t0, 3)
-    return model
+    return Graph(mode, ep, segments, inputs, host_ops, moe_records), programs, moe_buffers
+
+
+# ---- state: buffers updated in place (KV caches) -------------------------------------------------
+def evaluate(ep, inputs, state=None, npu=None, moe=None, override=None):
+    """Interpret the exported graph ``ep`` on ``inputs``: every op in torch, except the nodes in
+    ``npu`` (name -> function of the node's arguments) and ``moe`` (likewise). ``state`` gives
+    the current value of buffers updated in place (by target); ``override`` (name -> function
+    of a node's value) changes a node's value. Returns (user outputs, {buffer target: new value},
+    {node name: value})."""
+    values, user = {}, iter(inputs)
+    consts = _placeholder_values(ep)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT":
+            values[spec.arg.name] = next(user)
+        elif state is not None and spec.target in state:
+            values[spec.arg.name] = state[spec.target]
+        elif spec.arg.name in consts:
+            values[spec.arg.name] = consts[spec.arg.name]
+        else:
+            raise ValueError(f"the model's input {spec.arg.name} ({spec.kind.name}) is not supported")
+
+    def load(a):
+        return torch.fx.node.map_arg(a, lambda n: values[n.name])
+
+    outputs = None
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            outputs = load(node.args[0])
+            break
+        args, kwargs = load(node.args), load(node.kwargs)
+        if npu and node.name in npu:
+            value = npu[node.name](args)
+        elif moe and node.name in moe:
+            value = moe[node.name](args)
+        else:
+            value = node.target(*args, **kwargs)
+        if override and node.name in override:
+            value = override[node.name](value)
+        values[node.name] = value
+    user_outputs, new_state = [], {}
+    for value, spec in zip(outputs, ep.graph_signature.output_specs):
+        if spec.kind.name == "USER_OUTPUT":
+            user_outputs.append(value)
+        elif spec.kind.name == "BUFFER_MUTATION":
+            new_state[spec.target] = value
+    return user_outputs, new_state, values
+
+
+def _position_axis(node):
+    """The axis a state update writes positions along: the dimension of the index tensor of an
+    ``index_put`` (``cache[:, :, pos] = k``) or the ``dim`` of an ``index_copy``
+    (``cache.index_copy_(2, pos, k)``, Hugging Face's static cache); None for other updates."""
+    if node.target is aten.index_put.default:
+        axes = [i for i, t in enumerate(node.args[1]) if t is not None]
+        return axes[0] if len(axes) == 1 else None
+    if node.target is aten.index_copy.default:
+        return int(node.args[1])
+    return None
+
+
+def _state_operands(ep, example_inputs, npu_nodes):
+    """Which operands of the NPU nodes are positions of a state buffer, and along which axis:
+    {node name: {"a": "m"} | {"b": "n" | "k"}} (see :class:`Segment`).
+
+    Found by running the graph in float32 twice: as is, and with position 0 of each updated
+    buffer set to NaN right after its update. An operand is resident when the NaNs land in
+    exactly one row (or one column) of each of its matrices; then that axis holds positions.
+    """
+    sig = ep.graph_signature
+    updates = [n for n in ep.graph.nodes if n.name in sig.buffers_to_mutate]
+    if not updates or not npu_nodes:
+        return {}
+    found, bad = {}, set()
+    with torch.no_grad():
+        for upd in updates:
+            axis = _position_axis(upd)
+            if axis is None:
+                continue
+
+            def poison(value, axis=axis):
+                value = value.clone()
+                if value.is_floating_point() and value.shape[axis] > 1:
+                    value.select(axis, 0).fill_(float("nan"))
+                return value
+            try:
+                _, _, values = evaluate(ep, example_inputs, override={upd.name: poison})
+            except Exception:
+                return {}
+            for node in npu_nodes:
+                for index, role in ((0, "a"), (1, "b")):
+                    arg = node.args[index]
+                    if not isinstance(arg, torch.fx.Node) or not isinstance(values.get(arg.name), torch.Tensor):
+                        continue
+                    mask = torch.isnan(values[arg.name])
+                    if not mask.any():
+                        continue
+                    mask = mask.reshape(-1, mask.shape[-1]).unsqueeze(0) if mask.dim() < 3 else mask
+                    rows, cols = mask.any(2), mask.any(1)
+                    along = None
+                    if mask.all():
+                        pass                            # everything depends on it: computed from the state
+                    elif (mask == cols.unsqueeze(1)).all() and (cols.sum(1) == 1).all() and mask.shape[1] > 1:
+                        along = "cols"
+                    elif (mask == rows.unsqueeze(2)).all() and (rows.sum(1) == 1).all() and mask.shape[2] > 1:
+                        along = "rows"
+                    kind = {("a", "rows"): "m", ("b", "rows"): "k", ("b", "cols"): "n"}.get((role, along))
+                    if role == "b" and NPU_OPS[node.target] == "linear":
+                        kind = None
+                    key = (node.name, role)
+                    if kind is None or found.get(key, kind) != kind:
+                        bad.add(key)
+                    found[key] = kind
+    result = {}
+    for (name, role), kind in found.items():
+        if (name, role) not in bad:
+            result.setdefault(name, {})[role] = kind
+    return result
 
 
 def _next_pow2(n):
@@ -490,7 +743,7 @@ def _lower_moe(cfg, quant, node, params, moe_specs, path):
     return record, buffers
 
 
-def _lower_node(prog, cfg, quant, node, params, path, line):
+def _lower_node(prog, cfg, quant, node, params, path, line, resident):
     """Lower one linear or mm node into ``prog``; a :class:`Segment` without addresses yet."""
     kind = NPU_OPS[node.target]
     where = f"{node.target} at {path}" + (f" ({line})" if line else "")
@@ -545,7 +798,9 @@ def _lower_node(prog, cfg, quant, node, params, path, line):
         kb_n, nb_n = -(-k // 128), -(-n // 128)
         rows = torch.ones((max(m, 1), kb_n))
         cols = torch.ones((kb_n, nb_n))
-        col_scale = torch.ones(n) if quant.weights == "channel" else None
+        w_scaling = resident.get("b")
+        channel = w_scaling == "n" or (w_scaling is None and quant.weights == "channel")
+        col_scale = torch.ones(n) if channel else None
         runtime = ("a", "row_scales", "b", "col_scales") + (("col_scale",) if col_scale is not None else ())
     if m == 0:
         raise CompileError(f"{where}: an empty input (0 rows) cannot run on the NPU")
@@ -562,4 +817,4 @@ def _lower_node(prog, cfg, quant, node, params, path, line):
                 buf.meta["batch"] = b
     return Segment(node=node.name, kind=kind, target=str(node.target), module_path=path, shape=(m, k, n),
                    in_shape=in_shape, out_shape=out_shape, prog_addr=0, prog_len=0, runtime=runtime, buffers=[],
-                   gemm=op.to_spec(), flops=2 * m * k * n * batch, batch=batch)
+                   gemm=op.to_spec(), flops=2 * m * k * n * batch, batch=batch, resident=dict(resident))

@@ -24,7 +24,7 @@ import torch
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import golden
 from fp8npu.sim import quant as q
-from fp8npu.sim.reference import gemm_scales, reference_qmatmul
+from fp8npu.sim.reference import gemm_scales, quantize_operands, reference_qmatmul
 
 from .model import CompiledModel
 
@@ -39,6 +39,10 @@ class RunError(ValueError):
 
 class Session:
     """A compiled model loaded on one backend (see the module docstring).
+
+    The session holds the model's state: the buffers it updates in place (a KV cache) start
+    as compiled and carry over from one :meth:`run` to the next, on the host and in the NPU's
+    DRAM, whatever the mode (``prefill`` then ``decode`` ... calls). :meth:`reset` starts over.
 
     ``transport_options`` go to the transport (for ``rtl``: ``fast``, ``backpressure``,
     ``progress`` ...). ``progress(done, total, what)`` is called before each launch.
@@ -63,69 +67,94 @@ class Session:
                 transport = RTLTransport(model.cfg, size, model.dram, **transport_options)
             self.driver = Driver(transport, model.cfg)
             self.driver.check_config()
+        self.reset()
+
+    def reset(self):
+        """Give every state buffer its compiled value again."""
+        self.state = {}
+        for graph in self.model.graphs.values():
+            ep = graph.program
+            for spec in ep.graph_signature.input_specs:
+                if spec.kind.name == "BUFFER" and spec.target in ep.graph_signature.buffers_to_mutate.values():
+                    source = ep.state_dict if spec.target in ep.state_dict else ep.constants
+                    self.state.setdefault(spec.target, source[spec.target].clone())
+        self._shadow = {}          # DRAM address -> bytes last written there (resident operands)
 
     # ---- inputs ----------------------------------------------------------------------------
-    def _check_inputs(self, inputs):
+    def _check_inputs(self, inputs, graph):
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         inputs = tuple(inputs)
-        specs = self.model.inputs
+        specs = graph.inputs
+        mode = f" in mode {graph.mode}" if len(self.model.graphs) > 1 else ""
         if len(inputs) != len(specs):
-            raise RunError(f"the model takes {len(specs)} input(s) ({', '.join(s['name'] for s in specs)}), "
+            raise RunError(f"the model{mode} takes {len(specs)} input(s) ({', '.join(s['name'] for s in specs)}), "
                            f"not {len(inputs)}")
         for x, spec in zip(inputs, specs):
             if not isinstance(x, torch.Tensor):
                 raise RunError(f"input {spec['name']} must be a tensor, not {type(x).__name__}")
             if list(x.shape) != list(spec["shape"]):
-                raise RunError(f"input {spec['name']} must have shape {tuple(spec['shape'])} (the shape it was "
-                               f"compiled for), not {tuple(x.shape)}")
+                raise RunError(f"input {spec['name']}{mode} must have shape {tuple(spec['shape'])} (the shape "
+                               f"it was compiled for), not {tuple(x.shape)}")
             if str(x.dtype).replace("torch.", "") != spec["dtype"]:
                 raise RunError(f"input {spec['name']} must be {spec['dtype']}, not "
                                f"{str(x.dtype).replace('torch.', '')}")
         return inputs
 
     # ---- execution -------------------------------------------------------------------------
-    def run(self, inputs, record_cycles=False):
-        """The model's outputs for ``inputs`` (a tensor or a tuple of tensors)."""
-        inputs = self._check_inputs(inputs)
-        ep = self.model.program
-        values = {}
-        user = iter(inputs)
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind.name == "USER_INPUT":
-                values[spec.arg.name] = next(user)
-            elif spec.target in ep.state_dict:
-                values[spec.arg.name] = ep.state_dict[spec.target]
-            elif spec.target in ep.constants:
-                values[spec.arg.name] = ep.constants[spec.target]
-            else:
-                raise RunError(f"the model's input {spec.arg.name} ({spec.kind.name}) is not supported")
-        segments = self.model.segments
-        done = 0
+    def run(self, inputs, mode=None, record_cycles=False):
+        """The outputs of ``mode`` (default: the model's first) for ``inputs`` (a tensor or a
+        tuple of tensors); the state buffers keep what the mode wrote into them."""
+        from .model import evaluate
+        try:
+            graph = self.model.graph(mode)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        inputs = self._check_inputs(inputs, graph)
+        segments = graph.segments
+        done = [0]
 
-        def load(a):
-            return torch.fx.node.map_arg(a, lambda n: values[n.name])
-
-        out_node = None
-        for node in ep.graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                out_node = node
-                break
-            args, kwargs = load(node.args), load(node.kwargs)
-            if node.name in segments:
+        def segment(seg):
+            def call(args):
                 if self.progress:
-                    self.progress(done, len(segments), node.name)
-                values[node.name] = self._segment(segments[node.name], args, record_cycles)
-                done += 1
-            elif node.name in self.model.moe:
-                values[node.name] = self._moe(self.model.moe[node.name], args)
-            else:
-                values[node.name] = node.target(*args, **kwargs)
-        outs = load(out_node.args[0])
-        user_outputs = [o for o, s in zip(outs, ep.graph_signature.output_specs) if s.kind.name == "USER_OUTPUT"]
-        return user_outputs[0] if len(user_outputs) == 1 else tuple(user_outputs)
+                    self.progress(done[0], len(segments), seg.node)
+                done[0] += 1
+                return self._segment(seg, args, record_cycles)
+            return call
+        npu = {name: segment(seg) for name, seg in segments.items()}
+        moe = {name: (lambda args, r=record: self._moe(r, args)) for name, record in graph.moe.items()}
+        try:
+            outputs, new_state, _ = evaluate(graph.program, inputs, self.state, npu, moe)
+        except ValueError as exc:
+            if isinstance(exc, RunError):
+                raise
+            raise RunError(str(exc)) from None
+        self.state.update(new_state)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _upload(self, addr, data, persistent):
+        """Write ``data`` at ``addr``; for a persistent buffer only the bytes that differ from
+        what this session last wrote there. Returns the number of bytes written."""
+        import numpy as np
+        data = bytes(data)
+        old = self._shadow.get(addr) if persistent else None
+        if persistent:
+            self._shadow[addr] = data
+        if old is None or len(old) != len(data):
+            self.driver.write(addr, data)
+            return len(data)
+        diff = np.frombuffer(old, np.uint8) != np.frombuffer(data, np.uint8)
+        changed = np.flatnonzero(diff)
+        if not len(changed):
+            return 0
+        # spans of changed bytes, merged across gaps shorter than one bus beat
+        gap = max(1, self.model.cfg.bus_bytes)
+        breaks = np.flatnonzero(np.diff(changed) > gap)
+        starts = np.concatenate(([changed[0]], changed[breaks + 1]))
+        ends = np.concatenate((changed[breaks], [changed[-1]])) + 1
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            self.driver.write(addr + a, data[a:b])
+        return int((ends - starts).sum())
 
     def _segment(self, seg, args, record_cycles):
         quant, cfg = self.model.quant, self.model.cfg
@@ -141,26 +170,26 @@ class Session:
             ws = [t.T for t in (list(y) if seg.kind == "bmm" else [y])]
             bias = None
         if self.backend == "reference":
-            outs = [reference_qmatmul(xb, wb, bias, quant) for xb, wb in zip(xs, ws)]
+            outs = [reference_qmatmul(xb, wb, bias, quant, seg.w_scaling) for xb, wb in zip(xs, ws)]
             self.launches.append({"segment": seg.node, "cycles": 0})
             return (torch.stack(outs) if seg.kind == "bmm" else outs[0]).reshape(seg.out_shape)
         op = seg.op(cfg)
         t0 = time.perf_counter()
+        keep = seg.persistent_roles
+        sent = 0
         for b, (xb, wb) in enumerate(zip(xs, ws)):
-            a_codes, a_scales = q.quantize_activation(xb, quant.format, quant.activations, quant.scales)
-            values = {"a": a_codes}
             if seg.kind == "linear":
+                a_codes, a_scales = q.quantize_activation(xb, quant.format, quant.activations, quant.scales)
                 rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
-                values["row_scales"] = rows
+                values = {"a": a_codes, "row_scales": rows}
             else:
-                b_codes, b_scales = q.quantize_weight(wb, quant.format, quant.weights, quant.scales)
-                rows, cols, col_scale = gemm_scales(a_scales, quant.activations, b_scales, quant.weights, m, k, n)
-                values.update(b=b_codes.T.contiguous(), row_scales=rows, col_scales=cols)
+                a_codes, b_codes, rows, cols, col_scale = quantize_operands(xb, wb, quant, seg.w_scaling)
+                values = {"a": a_codes, "row_scales": rows, "b": b_codes, "col_scales": cols}
                 if col_scale is not None:
                     values["col_scale"] = col_scale
             for role in seg.runtime:
                 addr, _ = seg.buffers[b][role]
-                self.driver.write(addr, bytes(op.pack(role, values[role])))
+                sent += self._upload(addr, op.pack(role, values[role]), role in keep)
         result = self.driver.launch(seg.prog_addr, seg.prog_len)
         if not result.ok:
             raise RunError(f"segment {seg.node} ({seg.module_path}) stopped with {result.describe()}")
@@ -170,7 +199,7 @@ class Session:
             outs.append(golden.bits_to_f32(op.unpack(self.driver.read(addr, nbytes))))
         record = {"segment": seg.node, "cycles": result.cycles, "mac_ops": result.mac_ops,
                   "utilization": result.utilization, "wall_seconds": time.perf_counter() - t0,
-                  "host_to_npu_bytes": seg.host_to_npu_bytes, "npu_to_host_bytes": seg.npu_to_host_bytes}
+                  "host_to_npu_bytes": sent, "npu_to_host_bytes": seg.npu_to_host_bytes}
         self.launches.append(record)
         if record_cycles:
             seg.cycles = result.cycles
@@ -259,20 +288,24 @@ class Session:
             self.driver.transport.close()
 
 
-def run(model, inputs, backend="func", details=False, record_cycles=False, progress=None, **transport_options):
-    """Run a compiled model on ``inputs``; returns its outputs (and the :class:`Session` with
-    ``details=True``). See the module docstring for the backends."""
+def run(model, inputs, backend="func", details=False, record_cycles=False, progress=None, mode=None,
+        **transport_options):
+    """Run a compiled model (its ``mode``, default the first) once on ``inputs``, from its
+    compiled state; returns its outputs (and the :class:`Session` with ``details=True``). See
+    the module docstring for the backends; a :class:`Session` runs several calls in a row."""
     session = Session(model, backend, progress=progress, **transport_options)
     try:
-        out = session.run(inputs, record_cycles=record_cycles)
+        out = session.run(inputs, mode=mode, record_cycles=record_cycles)
     finally:
         session.close()
     return (out, session) if details else out
 
 
-def npu_totals(model):
-    """FLOPs on the NPU and on the host (estimates, see docs/compiler.md), and their NPU share."""
-    npu = sum(s.flops for s in model.segments.values()) + sum(r["flops"] for r in model.moe.values())
-    host = sum(h["flops"] for h in model.host_ops)
+def npu_totals(model, mode=None):
+    """FLOPs on the NPU and on the host (estimates, see docs/compiler.md) of one call of
+    ``mode`` (default: the first), and their NPU share."""
+    graph = model.graph(mode)
+    npu = sum(s.flops for s in graph.segments.values()) + sum(r["flops"] for r in graph.moe.values())
+    host = sum(h["flops"] for h in graph.host_ops)
     return npu, host, npu / max(1, npu + host)
 

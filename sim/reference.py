@@ -178,23 +178,45 @@ def gemm_scales(act_scales, act_granularity, w_scales, w_granularity, m, k, n):
     return rows.contiguous(), cols.contiguous(), col_scale
 
 
-def quantize_operands(x, w, quant):
+#: How the right operand of a product is scaled (see :func:`quantize_operands`).
+W_SCALINGS = (None, "n", "k")
+
+
+def quantize_operands(x, w, quant, w_scaling=None):
     """Quantize ``x [M, K]`` (activations) and ``w [N, K]`` (weights, or the transposed right
     operand of a product of activations) by ``quant`` (fields ``format``, ``weights``,
-    ``activations``, ``scales``); returns (a_codes, b_codes [K, N], row_scales, col_scales, col_scale)."""
+    ``activations``, ``scales``); returns (a_codes, b_codes [K, N], row_scales, col_scales, col_scale).
+
+    ``w_scaling`` overrides ``quant.weights`` for a right operand whose rows or columns are
+    positions of a KV cache, so that an appended position never changes the codes or scales of
+    the others (docs/numerics.md section 7): ``"n"``, one scale per row of ``w`` (an output
+    column; the epilogue's column scale); ``"k"``, one scale per column of ``w`` (a K index),
+    folded into ``x`` before ``x`` is quantized: ``x'[:, j] = fp32(x[:, j] * s[j])``, exact for
+    power-of-two scales unless it leaves the FP32 range.
+    """
     from . import quant as q
-    a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
-    w_codes, w_scales = q.quantize_weight(w, quant.format, quant.weights, quant.scales)
+    if w_scaling not in W_SCALINGS:
+        raise ValueError(f"w_scaling must be one of {W_SCALINGS}, not {w_scaling!r}")
     m, k = x.shape
-    rows, cols, col_scale = gemm_scales(a_scales, quant.activations, w_scales, quant.weights, m, k, w.shape[0])
+    n = w.shape[0]
+    if w_scaling == "k":
+        b_codes, k_scales = q.quantize_weight(w.T, quant.format, "channel", quant.scales)   # [K, N], [K, 1]
+        x = x.detach().to(torch.float32) * k_scales.reshape(1, k)
+        a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
+        rows, cols, col_scale = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
+        return a_codes, b_codes.contiguous(), rows, cols, col_scale
+    granularity = "channel" if w_scaling == "n" else quant.weights
+    a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
+    w_codes, w_scales = q.quantize_weight(w, quant.format, granularity, quant.scales)
+    rows, cols, col_scale = gemm_scales(a_scales, quant.activations, w_scales, granularity, m, k, n)
     return a_codes, w_codes.T.contiguous(), rows, cols, col_scale
 
 
-def reference_qmatmul(x, w, bias, quant):
+def reference_qmatmul(x, w, bias, quant, w_scaling=None):
     """``x [M, K] @ w[N, K]^T + bias`` as the NPU computes it, written directly from the contract:
-    quantize, then :func:`reference_gemm` with 128-block scaling, column scale and bias.
-    Returns float32 [M, N]."""
-    a_codes, b_codes, rows, cols, col_scale = quantize_operands(x, w, quant)
+    quantize (:func:`quantize_operands`), then :func:`reference_gemm` with 128-block scaling,
+    column scale and bias. Returns float32 [M, N]."""
+    a_codes, b_codes, rows, cols, col_scale = quantize_operands(x, w, quant, w_scaling)
     bits = reference_gemm(a_codes, b_codes, quant.format, quant.format, block_scales=(rows, cols),
                           col_scale=col_scale, bias=None if bias is None else bias.detach().to(torch.float32))
     return golden.bits_to_f32(bits)

@@ -579,13 +579,16 @@ def test_malformed_model_files_with_a_valid_checksum(tmp_path, capfd):
         return MAGIC + body + hashlib.sha256(body).digest()
 
     def parts(*ps):
-        return struct.pack("<I", 1) + b"".join(struct.pack("<Q", len(p)) + p for p in ps)
+        return struct.pack("<II", 2, len(ps)) + b"".join(struct.pack("<Q", len(p)) + p for p in ps)
 
-    cases = [file(struct.pack("<I", 1)), file(parts(b"not json", b"", b"")), file(parts(b"[]", b"", b"")),
+    graph = {"mode": "forward", "segments": [], "inputs": [], "host_ops": []}
+    cases = [file(struct.pack("<II", 2, 3)), file(struct.pack("<II", 2, 1 << 31)),
+             file(parts(b"not json", b"", b"")), file(parts(b"[]", b"", b"")),
              file(parts(b"{}", b"", b"")), file(parts(b'{"config": {"rows": 99}}', b"", b"")),
-             file(struct.pack("<I", 1) + struct.pack("<Q", 1 << 63)),
-             file(parts(json.dumps({"config": {}, "quant": {}, "segments": [], "inputs": [], "host_ops": []}).encode(),
-                        b"", b"PK not a zip"))]
+             file(struct.pack("<II", 2, 3) + struct.pack("<Q", 1 << 63)),
+             file(parts(json.dumps({"config": {}, "quant": {}, "graphs": []}).encode(), b"")),
+             file(parts(json.dumps({"config": {}, "quant": {}, "graphs": [graph, graph]}).encode(), b"", b"x")),
+             file(parts(json.dumps({"config": {}, "quant": {}, "graphs": [graph]}).encode(), b"", b"PK not a zip"))]
     for blob in cases:
         with pytest.raises(ModelFileError):
             load("m.npu", blob)
