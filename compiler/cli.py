@@ -597,7 +597,9 @@ def build_parser():
 
     comp = sub.add_parser("compile", help="compile a torch module to an NPU model file (.npu)",
                           description="Compile a torch module for the NPU. FILE.py:FACTORY names a function "
-                                      "in a Python file that returns (module, example_inputs); the module is "
+                                      "in a Python file that returns (module, example_inputs): a tuple of "
+                                      "tensors, or a dict of modes such as {'prefill': (...), 'decode': "
+                                      "(...)} sharing the module's KV cache buffers; the module is "
                                       "captured with torch.export, its linear layers and matrix products "
                                       "become FP8 NPU programs, every other op runs on the host.")
     comp.add_argument("factory", metavar="FILE.py:FACTORY", help="where the module comes from")
@@ -614,8 +616,10 @@ def build_parser():
                                       "reference written from the numerics contract (reference); host ops in "
                                       "torch. Prints the outputs' shapes and the launches.")
     runp.add_argument("model", metavar="MODEL.npu", help="compiled model")
-    runp.add_argument("--inputs", metavar="X.pt|X.npy", nargs="+", required=True,
-                      help="input tensors: .pt (a tensor, or a tuple/list of tensors) or .npy, one per input")
+    runp.add_argument("--inputs", metavar="X.pt|X.npy|MODE=X.pt", nargs="+", required=True,
+                      help="input tensors: .pt (a tensor, or a tuple/list of tensors) or .npy, one per input; "
+                           "for a model with modes, MODE=FILE.pt per call, run in order with one state "
+                           "(prefill=p.pt decode=t1.pt decode=t2.pt)")
     runp.add_argument("--backend", choices=["func", "rtl", "reference"], default="func",
                       help="func (default), rtl or reference")
     runp.add_argument("--fast", action="store_true", help="rtl: simulation DRAM inside the design")
@@ -699,7 +703,8 @@ def cmd_compile(args):
     _write(out, buf.getvalue())
     from fp8npu.compiler.runtime import npu_totals
     npu, host, share = npu_totals(model)
-    print(f"wrote {out}: {len(model.segments)} NPU segments, {len(model.host_ops)} host ops, "
+    modes = f"modes {', '.join(model.modes)}; first: " if len(model.modes) > 1 else ""
+    print(f"wrote {out}: {modes}{len(model.segments)} NPU segments, {len(model.host_ops)} host ops, "
           f"{share:.1%} of FLOPs on the NPU, DRAM {model.dram_bytes:,} bytes, "
           f"compiled in {model.info['compile_seconds']:.1f} s ({quant.describe()}; "
           f"NPU {cfg.rows}x{cfg.cols})", file=sys.stderr)
@@ -744,30 +749,50 @@ def _read_tensors(paths):
     return tuple(tensors)
 
 
+def _calls(model, items):
+    """[(mode, inputs)] from ``--inputs``: plain files are the inputs of one call of the first
+    mode; ``MODE=FILE`` items are one call each, in order."""
+    tagged = [item.partition("=") for item in items]
+    is_call = [sep and mode in model.modes for mode, sep, _ in tagged]
+    if not any(is_call):
+        return [(None, _read_tensors(items))]
+    if not all(is_call):
+        raise UsageError(f"--inputs takes either the input files of one call or MODE=FILE items (modes: "
+                         f"{', '.join(model.modes)}), not both")
+    return [(mode, _read_tensors([path])) for mode, _, path in tagged]
+
+
 def cmd_run(args):
     import json
 
     import torch
-    from fp8npu.compiler.runtime import RunError, run
+    from fp8npu.compiler.runtime import RunError, Session
 
     out = _output(args.output, inputs=(args.model, *args.inputs))
     if out == "-" or (out is not None and out.suffix not in (".pt", ".npy")):
         raise UsageError(f"-o must name a .pt or .npy file, not {args.output!r}")
     model = _load_model(args.model)
-    inputs = _read_tensors(args.inputs)
+    calls = _calls(model, args.inputs)
     options = {"fast": args.fast} if args.backend == "rtl" else {}
+    results = []
     try:
-        outputs, session = run(model, inputs, backend=args.backend, details=True,
-                               progress=_progress(args.backend), **options)
+        session = Session(model, args.backend, progress=_progress(args.backend), **options)
+        try:
+            for mode, inputs in calls:
+                results.append(session.run(inputs, mode=mode))
+        finally:
+            session.close()
     except RunError as exc:
         raise UsageError(str(exc)) from None
-    items = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = results[0] if len(results) == 1 else results
+    items = [t for r in results for t in (r if isinstance(r, tuple) else (r,))]
     if args.json:
-        print(json.dumps({"backend": args.backend, "outputs": [list(t.shape) for t in items],
-                          "launches": session.launches}, indent=1))
+        print(json.dumps({"backend": args.backend, "calls": [m or model.modes[0] for m, _ in calls],
+                          "outputs": [list(t.shape) for t in items], "launches": session.launches}, indent=1))
     else:
         cycles = sum(x.get("cycles", 0) for x in session.launches)
-        print(f"{args.model}: {len(session.launches)} NPU launches on {args.backend}, "
+        what = f"{len(calls)} calls ({', '.join(m for m, _ in calls)}), " if len(calls) > 1 else ""
+        print(f"{args.model}: {what}{len(session.launches)} NPU launches on {args.backend}, "
               f"{cycles:,} NPU cycles; outputs " + ", ".join(f"{tuple(t.shape)} {str(t.dtype)[6:]}" for t in items))
     if out not in (None, "-"):
         import io
@@ -789,45 +814,64 @@ def cmd_report(args):
     from fp8npu.compiler.runtime import npu_totals
 
     model = _load_model(args.model)
-    rows = []
-    seg_by_node = model.segments
-    order = [n.name for n in model.program.graph.nodes if n.op == "call_function"]
-    host = {h["node"]: h for h in model.host_ops}
-    for name in order:
-        if name in seg_by_node:
-            s = seg_by_node[name]
-            rows.append({"op": name, "target": s.target, "module": s.module_path, "where": "npu",
-                         "flops": s.flops, "host_to_npu_bytes": s.host_to_npu_bytes,
-                         "npu_to_host_bytes": s.npu_to_host_bytes, "npu_cycles": s.cycles,
-                         "gemm": "x".join(map(str, s.shape))})
-        elif name in host:
-            h = host[name]
-            rows.append({"op": name, "target": h["target"], "module": h["module_path"], "where": "host",
-                         "flops": h["flops"], "host_to_npu_bytes": 0, "npu_to_host_bytes": 0, "npu_cycles": 0,
-                         "gemm": ""})
-    npu, hostf, share = npu_totals(model)
-    totals = {"npu_flops": npu, "host_flops": hostf, "npu_share": share, "dram_bytes": model.dram_bytes,
-              "npu_cycles": sum(s.cycles for s in seg_by_node.values()),
-              "host_to_npu_bytes": sum(r["host_to_npu_bytes"] for r in rows),
-              "npu_to_host_bytes": sum(r["npu_to_host_bytes"] for r in rows)}
+    modes = []
+    for graph in model.graphs.values():
+        rows = []
+        host = {h["node"]: h for h in graph.host_ops}
+        for name in [n.name for n in graph.program.graph.nodes if n.op == "call_function"]:
+            if name in graph.segments:
+                s = graph.segments[name]
+                rows.append({"op": name, "target": s.target, "module": s.module_path, "where": "npu",
+                             "flops": s.flops, "host_to_npu_bytes": s.host_to_npu_bytes,
+                             "npu_to_host_bytes": s.npu_to_host_bytes, "npu_cycles": s.cycles,
+                             "gemm": "x".join(map(str, s.shape)),
+                             "resident": sorted(s.resident)})
+            elif name in host:
+                h = host[name]
+                rows.append({"op": name, "target": h["target"], "module": h["module_path"], "where": "host",
+                             "flops": h["flops"], "host_to_npu_bytes": 0, "npu_to_host_bytes": 0, "npu_cycles": 0,
+                             "gemm": "", "resident": []})
+            elif name in graph.moe:
+                r = graph.moe[name]
+                rows.append({"op": name, "target": "fp8npu.moe", "module": r["module_path"], "where": "npu",
+                             "flops": r["flops"], "host_to_npu_bytes": 0, "npu_to_host_bytes": 0, "npu_cycles": 0,
+                             "gemm": "experts", "resident": []})
+        npu, hostf, share = npu_totals(model, graph.mode)
+        totals = {"npu_flops": npu, "host_flops": hostf, "npu_share": share,
+                  "npu_cycles": sum(s.cycles for s in graph.segments.values()),
+                  "host_to_npu_bytes": sum(r["host_to_npu_bytes"] for r in rows),
+                  "npu_to_host_bytes": sum(r["npu_to_host_bytes"] for r in rows)}
+        modes.append({"mode": graph.mode, "ops": rows, "totals": totals})
     if args.json:
-        print(json.dumps({"config": model.cfg.to_dict(), "quant": model.quant.describe(), "ops": rows,
-                          "totals": totals}, indent=1))
+        print(json.dumps({"config": model.cfg.to_dict(), "quant": model.quant.describe(),
+                          "dram_bytes": model.dram_bytes, "state": model.state, "modes": modes}, indent=1))
         return 0
-    print(f"{args.model}: NPU {model.cfg.rows}x{model.cfg.cols}, {model.quant.describe()}")
+    print(f"{args.model}: NPU {model.cfg.rows}x{model.cfg.cols}, {model.quant.describe()}; DRAM "
+          f"{model.dram_bytes:,} bytes")
+    if model.state:
+        print("state kept in DRAM between calls: " + ", ".join(f"{s['name']} {tuple(s['shape'])}" for s in model.state))
     head = f"{'op':<18} {'target':<28} {'module':<22} {'where':<5} {'GEMM MxKxN':>13} {'FLOPs':>12} " \
            f"{'to NPU B':>10} {'from NPU B':>10} {'NPU cycles':>11}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        target = r["target"].replace("aten.", "")
-        print(f"{r['op'][:18]:<18} {target[:28]:<28} {r['module'][:22]:<22} {r['where']:<5} {r['gemm']:>13} "
-              f"{r['flops']:>12,} {r['host_to_npu_bytes']:>10,} {r['npu_to_host_bytes']:>10,} {r['npu_cycles']:>11,}")
-    print("-" * len(head))
-    print(f"NPU {npu:,} FLOPs, host {hostf:,} FLOPs (host ops count one per output element): "
-          f"{share:.1%} on the NPU; {totals['npu_cycles']:,} NPU cycles; host -> NPU "
-          f"{totals['host_to_npu_bytes']:,} bytes, NPU -> host {totals['npu_to_host_bytes']:,} bytes; "
-          f"DRAM {model.dram_bytes:,} bytes")
+    for entry in modes:
+        totals = entry["totals"]
+        print("")
+        if len(modes) > 1:
+            print(f"mode {entry['mode']}:")
+        print(head)
+        print("-" * len(head))
+        for r in entry["ops"]:
+            target = r["target"].replace("aten.", "")
+            where = r["where"] + ("*" if r["resident"] else "")
+            print(f"{r['op'][:18]:<18} {target[:28]:<28} {r['module'][:22]:<22} {where:<5} {r['gemm']:>13} "
+                  f"{r['flops']:>12,} {r['host_to_npu_bytes']:>10,} {r['npu_to_host_bytes']:>10,} "
+                  f"{r['npu_cycles']:>11,}")
+        print("-" * len(head))
+        print(f"NPU {totals['npu_flops']:,} FLOPs, host {totals['host_flops']:,} FLOPs (host ops count one per "
+              f"output element): {totals['npu_share']:.1%} on the NPU; {totals['npu_cycles']:,} NPU cycles; "
+              f"host -> NPU {totals['host_to_npu_bytes']:,} bytes, NPU -> host {totals['npu_to_host_bytes']:,} bytes")
+    if any(r["resident"] for e in modes for r in e["ops"]):
+        print("* an operand holds state (KV cache positions) that stays in DRAM: the host writes only the new "
+              "positions, the bytes shown are the most a call writes")
     return 0
 
 

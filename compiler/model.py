@@ -480,6 +480,17 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
             if b.kind == "scratch":
                 lifetimes[b] = (len(programs) + j, len(programs) + j)
     buffers, alias = _share_constants(buffers)
+    # a state operand laid out the same way in two modes is one copy: what prefill wrote there,
+    # decode finds (correct either way: the host writes what differs from its last write)
+    first = {}
+    for b in list(buffers):
+        key = b.meta.get("state")
+        if key is not None:
+            if key in first:
+                alias[b] = first[key]
+                buffers.remove(b)
+            else:
+                first[key] = b
     order = sorted(buffers, key=lambda b: (b.kind not in ("const", "program"), b in lifetimes))
     layout = allocate(buffers, 0, lifetimes, order=order)
     for b, same in alias.items():
@@ -547,7 +558,13 @@ def _lower_graph(cfg, quant, mode, ep, example_inputs, moe_specs, progress, done
         if progress:
             progress(done + len(segments), total, node.name)
         prog = Program(cfg)
-        seg = _lower_node(prog, cfg, quant, node, params, path, line, resident.get(node.name, {}))
+        here = resident.get(node.name, {})
+        seg = _lower_node(prog, cfg, quant, node, params, path, line, {r: kind for r, (kind, _) in here.items()})
+        for b in prog.buffers.values():
+            operand = {"a": "a", "row_scales": "a", "b": "b", "col_scale": "b", "col_scales": "b"}.get(b.meta.get("role"))
+            if operand in here and b.meta["role"] in seg.persistent_roles:
+                layout = json.dumps(seg.gemm["layouts"].get(b.meta["role"]), sort_keys=True)
+                b.meta["state"] = (here[operand][1], b.meta["role"], b.meta.get("batch", 0), layout, b.nbytes)
         prog.emit(Opcode.END, note=node.name)
         prog.buffer(f"{node.name}.program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
         segments[node.name] = seg
@@ -619,18 +636,20 @@ def _position_axis(node):
 
 
 def _state_operands(ep, example_inputs, npu_nodes):
-    """Which operands of the NPU nodes are positions of a state buffer, and along which axis:
-    {node name: {"a": "m"} | {"b": "n" | "k"}} (see :class:`Segment`).
+    """Which operands of the NPU nodes are positions of a state buffer, along which axis, and
+    which buffer: {node name: {"a": ("m", target)} | {"b": ("n" | "k", target)}} (the axes as
+    in :class:`Segment`).
 
     Found by running the graph in float32 twice: as is, and with position 0 of each updated
-    buffer set to NaN right after its update. An operand is resident when the NaNs land in
-    exactly one row (or one column) of each of its matrices; then that axis holds positions.
+    buffer set to NaN right after its update. An operand is resident when the NaNs stay in one
+    column (or one row) of each of its matrices and spread along it; then that axis holds
+    positions.
     """
     sig = ep.graph_signature
     updates = [n for n in ep.graph.nodes if n.name in sig.buffers_to_mutate]
     if not updates or not npu_nodes:
         return {}
-    found, bad = {}, set()
+    found, bad, sources = {}, set(), {}
     with torch.no_grad():
         for upd in updates:
             axis = _position_axis(upd)
@@ -656,12 +675,13 @@ def _state_operands(ep, example_inputs, npu_nodes):
                         continue
                     mask = mask.reshape(-1, mask.shape[-1]).unsqueeze(0) if mask.dim() < 3 else mask
                     rows, cols = mask.any(2), mask.any(1)
+                    one_row, one_col = bool((rows.sum(1) <= 1).all()), bool((cols.sum(1) <= 1).all())
                     along = None
                     if mask.all():
                         pass                            # everything depends on it: computed from the state
-                    elif (mask == cols.unsqueeze(1)).all() and (cols.sum(1) == 1).all() and mask.shape[1] > 1:
+                    elif one_col and not one_row:
                         along = "cols"
-                    elif (mask == rows.unsqueeze(2)).all() and (rows.sum(1) == 1).all() and mask.shape[2] > 1:
+                    elif one_row and not one_col:
                         along = "rows"
                     kind = {("a", "rows"): "m", ("b", "rows"): "k", ("b", "cols"): "n"}.get((role, along))
                     if role == "b" and NPU_OPS[node.target] == "linear":
@@ -670,10 +690,11 @@ def _state_operands(ep, example_inputs, npu_nodes):
                     if kind is None or found.get(key, kind) != kind:
                         bad.add(key)
                     found[key] = kind
+                    sources.setdefault(key, []).append(sig.buffers_to_mutate[upd.name])
     result = {}
     for (name, role), kind in found.items():
         if (name, role) not in bad:
-            result.setdefault(name, {})[role] = kind
+            result.setdefault(name, {})[role] = (kind, "+".join(sources[name, role]))
     return result
 
 
