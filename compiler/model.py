@@ -21,6 +21,11 @@ Pipeline (docs/compiler.md):
 5. **verify** — every segment's program against the DRAM layout (tokens, ISA checks, buffer
    bounds).
 
+Example inputs given as a dict of modes (``{"prefill": ..., "decode": ...}``) are captured
+and lowered once per mode into one model: one DRAM, constants stored once, and the buffers
+the module updates in place (KV caches) as state shared by the modes. Operands computed from
+that state are found by :func:`_state_operands` and stay in DRAM (docs/compiler.md).
+
 A :class:`CompiledModel` saves to one ``.npu`` file (:meth:`CompiledModel.save`, :func:`load`):
 a magic, a format version, a JSON header (the NPUConfig, the quantization, the segments and
 where their buffers lie), the DRAM image, the exported graph, and a SHA-256 of all of it.

@@ -9,7 +9,9 @@ new positions of the cache into the NPU's DRAM.
 """
 
 import io
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +263,41 @@ def test_modes_save_load_and_errors(tmp_path):
         compile(block, {"pre fill": (x, torch.arange(8))}, CFG)
     with pytest.raises(CompileError, match="at least one mode"):
         compile(block, {}, CFG)
+
+
+def test_command_line_prefill_then_decode(tmp_path, capsys):
+    """compile a factory that returns modes, run prefill then two decode steps in one call of
+    `fp8npu run`, and report both modes; the outputs equal a Session's."""
+    from fp8npu.compiler import cli
+    factory = tmp_path / "block.py"
+    factory.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_decode import LlamaKV, _fresh, _modes\n"
+        "def make():\n"
+        "    x = torch.randn(1, 8, 32)\n"
+        "    return _fresh(LlamaKV, 18), _modes(x, 4)\n")
+    out = tmp_path / "block.npu"
+    assert cli.main(["compile", f"{factory}:make", "-o", str(out), "--config", str(_cfg_file(tmp_path))]) == 0
+    assert "modes prefill, decode" in capsys.readouterr().err
+    x = torch.randn(1, 8, 32)
+    torch.save((x[:, :4], torch.arange(4)), tmp_path / "p.pt")
+    torch.save((x[:, 4:5], torch.tensor([4])), tmp_path / "t4.pt")
+    torch.save((x[:, 5:6], torch.tensor([5])), tmp_path / "t5.pt")
+    calls = [f"prefill={tmp_path / 'p.pt'}", f"decode={tmp_path / 't4.pt'}", f"decode={tmp_path / 't5.pt'}"]
+    assert cli.main(["run", str(out), "--inputs", *calls, "-o", str(tmp_path / "y.pt")]) == 0
+    assert "3 calls (prefill, decode, decode)" in capsys.readouterr().out
+    got = torch.load(tmp_path / "y.pt")
+    want, _ = _generate(load(out), x[:, :6], 4)
+    assert _same(torch.cat(got, dim=1), want)
+    assert cli.main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mode prefill:" in text and "mode decode:" in text and "state kept in DRAM" in text
+    assert cli.main(["run", str(out), "--inputs", calls[0], str(tmp_path / "p.pt")]) == 2
+    assert "either the input files of one call or MODE=FILE items" in capsys.readouterr().err
+
+
+def _cfg_file(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(CFG.to_dict()))
+    return path
