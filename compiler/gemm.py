@@ -9,9 +9,10 @@ What is computed (docs/numerics.md, isa.SEMANTICS)
 --------------------------------------------------
 * plain: ``acc[i][j]`` = sequential FP32 sum over k = 0..K-1 in order of the exact products
   ``A[i][k] * B[k][j]``, starting from +0;
-* block scaling (``block_scales=(row_scales[M, KB], col_scales[KB, NB])``, KB = ceil(K/128),
-  NB = ceil(N/128)): for each 128-wide K block kb, ``p`` = the sequential sum over the block
-  from +0, ``s = fp32(row_scales[i][kb] * col_scales[kb][j // 128])``, and
+* block scaling (``block_scales=(row_scales[M, KB], col_scales[KB, N])``, KB = ceil(K/block_k),
+  ``block_k`` 128 by default; ``col_scales`` may also be [KB, NB], NB = ceil(N/128), one per
+  128 columns): for each K block kb of ``block_k``, ``p`` = the sequential sum over the block
+  from +0, ``s = fp32(row_scales[i][kb] * col_scales[kb][j])``, and
   ``acc = fp32(acc + fp32(p * s))`` starting from ``acc = +0``;
 * epilogue: ``acc = fp32(acc * col_scale[j])``, then ``acc = fp32(acc + bias[j])``;
 * output: FP32 bits, or ``convert(fp32(acc * out_scale), fmt, saturate)``.
@@ -131,7 +132,7 @@ B                     A-resident: tile-major (:class:`TileMajorLayout`): N tile 
                       bus aligned like A
 col_scale, bias       one FP32 row each, in N tiles (only when given)
 row scales            ``row_scales[i][kb]`` at region offset ``(kb * M + i) * bus_bytes`` (a bus word each)
-col scales            KB FP32 rows in N tiles; column j of row kb holds ``col_scales[kb][j//128]``
+col scales            KB FP32 rows in N tiles; column j of row kb holds ``col_scales[kb][j]``
 zero                  one zero scratchpad line (block scaling only)
 C                     M rows of N values (FP32 little-endian or FP8 codes) in N tiles
 program               the commands; PROG_ADDR = this address
@@ -345,7 +346,7 @@ def _m_blocks(m, m_max):
 def _plan(cfg, g):
     """Choose the schedule, tile sizes and the SRAM line map (see the module docstring)."""
     m, k, n = g.shape
-    k_tiles = _tiles(k, cfg.rows, BLOCK_K if g.blocked else None)
+    k_tiles = _tiles(k, cfg.rows, g.block_k if g.blocked else None)
     n_tiles = _tiles(n, cfg.cols)
     return _plan_resident(cfg, g, k_tiles, n_tiles) or _plan_reload(cfg, g, k_tiles, n_tiles)
 
@@ -354,7 +355,7 @@ def _plan_resident(cfg, g, k_tiles, n_tiles):
     """The A-resident plan, or None when its M blocks would be too short."""
     m, k, n = g.shape
     nt = len(k_tiles)
-    kb = math.ceil(k / BLOCK_K) if g.blocked else 0
+    kb = math.ceil(k / g.block_k) if g.blocked else 0
     vectors = (g.col_scale is not None) + (g.bias is not None)
     aux_size = kb + vectors                                   # column-scale lines, scale, bias
     zero_lines = 1 if g.blocked else 0
@@ -408,7 +409,7 @@ def _plan_reload(cfg, g, k_tiles, n_tiles):
 
 # ---- program ---------------------------------------------------------------------------------
 def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-               col_scale=None, bias=None, block_scales=None, base=0x0):
+               col_scale=None, bias=None, block_scales=None, base=0x0, block_k=BLOCK_K):
     """Build the program and DRAM image of ``C = A @ B`` (see the module docstring).
 
     ``a_codes`` [M, K] and ``b_codes`` [K, N] are uint8 FP8 codes of formats ``fmt_a`` and
@@ -418,7 +419,8 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     [ceil(K/128), ceil(N/128)]); FP32 arguments are float tensors (rounded to binary32) or int32
     bit patterns. ``base`` is the first DRAM address used (a multiple of 32).
     """
-    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
+                           block_k)
     _check_formats(cfg, g)
     if base % REGION_ALIGN or base < 0:
         raise ValueError(f"base must be a non-negative multiple of {REGION_ALIGN}, not 0x{base:x}")
@@ -456,11 +458,13 @@ class GemmOp:
     buffers: dict
     layouts: dict
     note: str
+    block_k: int = BLOCK_K
 
     def pack(self, role, values):
         """The bytes of buffer ``role`` for ``values``: ``a`` [M, K] / ``b`` [K, N] uint8 FP8
-        codes, ``row_scales`` [M, KB], ``col_scales`` [KB, NB], ``col_scale`` / ``bias`` [N]
-        (int32 FP32 bits or float tensors)."""
+        codes, ``row_scales`` [M, KB], ``col_scales`` [KB, N] (or [KB, NB], one per 128
+        columns), ``col_scale`` / ``bias`` [N] (int32 FP32 bits or float tensors); KB =
+        ceil(K / block_k)."""
         m, k, n = self.shape
         if role in ("a", "b"):
             arr = np.ascontiguousarray(np.asarray(values, dtype=np.uint8))
@@ -468,8 +472,10 @@ class GemmOp:
             if arr.shape != want:
                 raise ValueError(f"{self.note}: operand {role} must be {want[0]}x{want[1]}, not {arr.shape}")
             return self.layouts[role].pack(arr)
-        kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+        kb, nb = math.ceil(k / self.block_k), math.ceil(n / BLOCK_K)
         shapes = {"row_scales": (m, kb), "col_scales": (kb, nb), "col_scale": (n,), "bias": (n,)}
+        if role == "col_scales" and tuple(torch.as_tensor(values).shape) == (kb, n):
+            return self.layouts["cs"].pack(_f32_bits(values, role, (kb, n)).numpy())
         bits = _f32_bits(values, role, shapes[role])
         if role == "row_scales":
             return _pack_row_scales(bits, self.cfg.bus_bytes)
@@ -483,14 +489,15 @@ class GemmOp:
 
     def to_spec(self):
         """What a host needs to pack and unpack this GEMM's buffers, as JSON-able data."""
-        return {"shape": list(self.shape), "out": self.out, "note": self.note,
+        return {"shape": list(self.shape), "out": self.out, "note": self.note, "block_k": self.block_k,
                 "layouts": {role: layout_to_dict(lay) for role, lay in self.layouts.items()}}
 
     @classmethod
     def from_spec(cls, cfg, spec):
         """The host side of a GEMM (pack / unpack) from :meth:`to_spec`'s data."""
         return cls(cfg, tuple(spec["shape"]), spec["out"], None, {},
-                   {role: layout_from_dict(d) for role, d in spec["layouts"].items()}, spec["note"])
+                   {role: layout_from_dict(d) for role, d in spec["layouts"].items()}, spec["note"],
+                   int(spec.get("block_k", BLOCK_K)))
 
 
 def layout_to_dict(layout):
@@ -522,7 +529,7 @@ def _pack_row_scales(bits, bus):
 
 
 def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-               col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm", shared=None):
+               col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm", shared=None, block_k=BLOCK_K):
     """Append ``C = A @ B`` to ``prog`` (no END); return its :class:`GemmOp`.
 
     Arguments as for :func:`build_gemm`. Operands named in ``runtime`` (from
@@ -536,7 +543,8 @@ def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=
     unknown = set(runtime) - set(RUNTIME_OPERANDS)
     if unknown:
         raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
-    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
+                           block_k)
     _check_formats(cfg, g)
     return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime), shared=shared or {})
 
@@ -558,18 +566,18 @@ def _check_formats(cfg, g):
                              f"{', '.join(cfg.formats)})")
 
 
-def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=None):
+def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=None, block_k=BLOCK_K):
     """The packed bytes of a GEMM's weight-side operands (``b``, and ``col_scale`` or
     ``col_scales``) as :func:`lower_gemm` lays them out for ``m`` rows, for buffers to be shared
     by programs of other row counts (``shared=``). Raises ValueError if the GEMM does not fit the
     A-resident schedule, whose B layout does not depend on the row count."""
     k = b_codes.shape[0]
     g = GemmArgs.from_args(np.zeros((m, k), np.uint8), b_codes, a_fmt, b_fmt, "fp32", 1.0, True, col_scale, None,
-                           block_scales)
+                           block_scales, block_k)
     plan = _plan(cfg, g)
     if not plan.resident:
         raise ValueError(f"a {m}x{k}x{g.shape[2]} GEMM does not fit the A-resident schedule of this configuration")
-    op = GemmOp(cfg, g.shape, "fp32", plan, {}, _layouts(cfg, g, plan), "weights")
+    op = GemmOp(cfg, g.shape, "fp32", plan, {}, _layouts(cfg, g, plan), "weights", g.block_k)
     out = {"b": bytes(op.pack("b", g.b))}
     if g.col_scale is not None:
         out["col_scale"] = bytes(op.pack("col_scale", g.col_scale))
@@ -602,7 +610,7 @@ def _lower(prog, cfg, g, base_name, runtime, shared=None):
     bus = cfg.bus_bytes
     lay = _layouts(cfg, g, plan)
     note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
-    op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note)
+    op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note, g.block_k)
 
     shared = shared or {}
     if shared.get("b") is not None and not plan.resident:
@@ -680,7 +688,7 @@ def _commands_resident(cfg, g, plan, lay, addr):
     chunk_of = [c for c, (_, n) in enumerate(plan.a_chunks) for _ in range(n)]     # K tile -> A chunk
     block_end = {}                                 # K block -> index of its last K tile
     for ti, (k0, _) in enumerate(plan.k_tiles):
-        block_end[k0 // BLOCK_K] = ti
+        block_end[k0 // g.block_k] = ti
 
     def b_loads(s):
         """The B column tile and the auxiliary lines of step s."""
@@ -732,8 +740,8 @@ def _commands_resident(cfg, g, plan, lay, addr):
         cmds = []
         for ti, (k0, kw) in enumerate(plan.k_tiles):
             t0, n = plan.a_chunks[chunk_of[ti]]
-            kb = k0 // BLOCK_K
-            block_first = k0 % BLOCK_K == 0
+            kb = k0 // g.block_k
+            block_first = k0 % g.block_k == 0
             last_k = ti == len(plan.k_tiles) - 1
             pop = ti == 0 or (first_step and ti == t0)
             mm = dict(fmts, a_addr=m * t0 + ti - t0, a_stride=n, b_addr=buf + k0, m=m, k=kw, pop_prev=int(pop))
@@ -789,8 +797,8 @@ def _commands_reload(cfg, g, plan, lay, addr):
         for ti, (k0, kw) in enumerate(plan.k_tiles):
             buf, aux = plan.sp_buf[step % 2], plan.acc_aux[step % 2]
             last_k = ti == len(plan.k_tiles) - 1
-            kb = k0 // BLOCK_K
-            block_first, block_last = k0 % BLOCK_K == 0, last_k or (k0 + kw) % BLOCK_K == 0
+            kb = k0 // g.block_k
+            block_first, block_last = k0 % g.block_k == 0, last_k or (k0 + kw) % g.block_k == 0
             a, b = lay["a"], lay["b"]
             loads = [
                 dict(sram_addr=buf, rows=m, row_bytes=kw, dram_addr=addr["a"] + m0 * a.pitch + a.offsets[ti],

@@ -43,6 +43,7 @@ from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import quant as q
+from fp8npu.sim.reference import scale_block, weight_col_scales
 
 from .gemm import GemmOp, fence, lower_gemm
 from .program import Program, VerifyError, allocate
@@ -116,7 +117,7 @@ class Segment:
     ``batch`` of them separated by fences (``bmm``: one per batch element).
 
     ``runtime`` names the GEMM operands the host fills before the launch (``a``,
-    ``row_scales``; for ``mm`` and ``bmm`` also ``b``, ``col_scales``, ``col_scale``);
+    ``row_scales``; for ``mm`` and ``bmm`` also ``b``, ``col_scales``);
     ``buffers`` holds, per batch element, a role -> (address, bytes) map; ``gemm`` is
     :meth:`GemmOp.to_spec`'s data (layouts to pack and unpack; the same for every element).
     ``flops`` = 2 M K N per element; ``cycles`` is the functional simulator's estimate for one
@@ -140,7 +141,7 @@ class Segment:
         if "a" in self.resident:
             roles |= {"a", "row_scales"}
         if "b" in self.resident:
-            roles |= {"b", "col_scale", "col_scales"}
+            roles |= {"b", "col_scales"}
         return roles & set(self.runtime)
 
     node: str
@@ -566,7 +567,7 @@ def _lower_graph(cfg, quant, mode, ep, example_inputs, moe_specs, progress, done
         here = resident.get(node.name, {})
         seg = _lower_node(prog, cfg, quant, node, params, path, line, {r: kind for r, (kind, _) in here.items()})
         for b in prog.buffers.values():
-            operand = {"a": "a", "row_scales": "a", "b": "b", "col_scale": "b", "col_scales": "b"}.get(b.meta.get("role"))
+            operand = {"a": "a", "row_scales": "a", "b": "b", "col_scales": "b"}.get(b.meta.get("role"))
             if operand in here and b.meta["role"] in seg.persistent_roles:
                 layout = json.dumps(seg.gemm["layouts"].get(b.meta["role"]), sort_keys=True)
                 b.meta["state"] = (here[operand][1], b.meta["role"], b.meta.get("batch", 0), layout, b.nbytes)
@@ -711,8 +712,6 @@ def _lower_moe(cfg, quant, node, params, moe_specs, path):
     """An MoE layer: its experts' weights quantized and packed into const buffers (shared by the
     programs the runtime lowers for each row count), and a scratch buffer for those programs.
     Returns (record for the model file, {key: Buffer})."""
-    from fp8npu.sim.reference import gemm_scales
-
     from . import moe as moe_mod
     from .gemm import lower_gemm, weight_operands
     from .program import Program, allocate
@@ -740,10 +739,12 @@ def _lower_moe(cfg, quant, node, params, moe_specs, path):
             raise CompileError(f"the MoE layer at {path}: expert {e} {which} holds NaN or infinite weights")
         n, k = w.shape
         codes, scales = q.quantize_weight(w, fmt, quant.weights, quant.scales)
-        rows, cols, col_scale = gemm_scales(torch.ones(m_max, 1), "token", scales, quant.weights, m_max, k, n)
+        block_k = scale_block(quant.activations, quant.weights, k)
+        cols = weight_col_scales(scales, quant.weights, k, n, block_k)
+        rows = torch.ones(m_max, cols.shape[0])
         try:
-            packed = weight_operands(cfg, m_max, fmt, codes.T.contiguous(), fmt, col_scale=col_scale,
-                                     block_scales=(rows, cols))
+            packed = weight_operands(cfg, m_max, fmt, codes.T.contiguous(), fmt, block_scales=(rows, cols),
+                                     block_k=block_k)
         except ValueError as exc:
             raise CompileError(f"the MoE layer at {path}: expert {which} projection: {exc}") from None
         for role, data in packed.items():
@@ -755,7 +756,7 @@ def _lower_moe(cfg, quant, node, params, moe_specs, path):
             shared = {r: buffers[f"{which}.{e}.{r}"] for r in packed if r != "b"}
             shared["b"] = buffers[f"{which}.{e}.b"]
             lower_gemm(prog, cfg, torch.zeros(m_max, k, dtype=torch.uint8), codes.T.contiguous(), fmt, fmt,
-                       block_scales=(rows, cols), col_scale=col_scale, runtime=("a", "row_scales"),
+                       block_scales=(rows, cols), block_k=block_k, runtime=("a", "row_scales"),
                        name="sizing", shared=shared)
             prog.emit(Opcode.END)
             prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
@@ -804,9 +805,9 @@ def _lower_node(prog, cfg, quant, node, params, path, line, resident):
             if not torch.isfinite(bias).all():
                 raise CompileError(f"{where}: the bias holds NaN or infinite values")
         w_codes, w_scales = q.quantize_weight(weight, fmt, quant.weights, quant.scales)
-        from fp8npu.sim.reference import gemm_scales
-        ones_a = torch.ones((max(m, 1), 1), dtype=torch.float32)
-        rows, cols, col_scale = gemm_scales(ones_a, "token", w_scales, quant.weights, max(m, 1), k, n)
+        block_k = scale_block(quant.activations, quant.weights, k)
+        cols = weight_col_scales(w_scales, quant.weights, k, n, block_k)
+        rows = torch.ones((max(m, 1), cols.shape[0]))
         runtime = ("a", "row_scales")
         b_codes = w_codes.T.contiguous()
     else:
@@ -821,13 +822,12 @@ def _lower_node(prog, cfg, quant, node, params, path, line, resident):
         n = y_shape[-1]
         bias = None
         b_codes = torch.zeros((k, n), dtype=torch.uint8)
-        kb_n, nb_n = -(-k // 128), -(-n // 128)
+        w_granularity = {None: quant.weights, "n": "channel", "k": "tensor"}[resident.get("b")]
+        block_k = scale_block(quant.activations, w_granularity, k)
+        kb_n = -(-k // block_k)
         rows = torch.ones((max(m, 1), kb_n))
-        cols = torch.ones((kb_n, nb_n))
-        w_scaling = resident.get("b")
-        channel = w_scaling == "n" or (w_scaling is None and quant.weights == "channel")
-        col_scale = torch.ones(n) if channel else None
-        runtime = ("a", "row_scales", "b", "col_scales") + (("col_scale",) if col_scale is not None else ())
+        cols = torch.ones((kb_n, n))
+        runtime = ("a", "row_scales", "b", "col_scales")
     if m == 0:
         raise CompileError(f"{where}: an empty input (0 rows) cannot run on the NPU")
     batch = in_shape[0] if kind == "bmm" else 1
@@ -837,7 +837,7 @@ def _lower_node(prog, cfg, quant, node, params, path, line, resident):
         for b in range(batch):
             if b:
                 fence(prog)
-            op = lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), col_scale=col_scale,
+            op = lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), block_k=block_k,
                             bias=bias, runtime=runtime, name=f"{node.name}.{b}" if kind == "bmm" else node.name)
             for buf in op.buffers.values():
                 buf.meta["batch"] = b

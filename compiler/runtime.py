@@ -24,7 +24,7 @@ import torch
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import golden
 from fp8npu.sim import quant as q
-from fp8npu.sim.reference import gemm_scales, quantize_operands, reference_qmatmul
+from fp8npu.sim.reference import gemm_scales, quantize_operands, reference_qmatmul, scale_block
 
 from .model import CompiledModel
 
@@ -180,13 +180,15 @@ class Session:
         for b, (xb, wb) in enumerate(zip(xs, ws)):
             if seg.kind == "linear":
                 a_codes, a_scales = q.quantize_activation(xb, quant.format, quant.activations, quant.scales)
-                rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
+                rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n,
+                                         block_k=op.block_k)
                 values = {"a": a_codes, "row_scales": rows}
             else:
-                a_codes, b_codes, rows, cols, col_scale = quantize_operands(xb, wb, quant, seg.w_scaling)
+                a_codes, b_codes, rows, cols, block_k = quantize_operands(xb, wb, quant, seg.w_scaling)
+                if block_k != op.block_k:
+                    raise RunError(f"internal: segment {seg.node} was compiled for K blocks of {op.block_k}, "
+                                   f"not {block_k}")
                 values = {"a": a_codes, "row_scales": rows, "b": b_codes, "col_scales": cols}
-                if col_scale is not None:
-                    values["col_scale"] = col_scale
             for role in seg.runtime:
                 addr, _ = seg.buffers[b][role]
                 sent += self._upload(addr, op.pack(role, values[role]), role in keep)
@@ -237,17 +239,17 @@ class Session:
         if entry is None:
             bufs = record["buffers"]
             shared = {}
-            for role in ("b", "col_scale", "col_scales"):
+            for role in ("b", "col_scales"):
                 ref = bufs.get(f"{which}.{expert}.{role}")
                 if ref is not None:
                     shared[role] = Buffer(f"{which}.{expert}.{role}", ref[1], "const")
             addresses = {b: bufs[f"{which}.{expert}.{r}"][0] for r, b in shared.items()}
-            kb_n, nb_n = -(-k // 128), -(-n // 128)
+            block_k = scale_block(quant.activations, quant.weights, k)
+            kb_n = -(-k // block_k)
             prog = Program(cfg)
-            col_scale = torch.ones(n) if "col_scale" in shared else None
             op = lower_gemm(prog, cfg, torch.zeros(m_b, k, dtype=torch.uint8), torch.zeros(k, n, dtype=torch.uint8),
-                            quant.format, quant.format, block_scales=(torch.ones(m_b, kb_n), torch.ones(kb_n, nb_n)),
-                            col_scale=col_scale, runtime=("a", "row_scales"),
+                            quant.format, quant.format, block_scales=(torch.ones(m_b, kb_n), torch.ones(kb_n, n)),
+                            block_k=block_k, runtime=("a", "row_scales"),
                             name=f"{record['node']}.{which}.{expert}", shared=shared)
             prog.emit(Opcode.END)
             code = prog.buffer("program", nbytes=len(prog) * 32, kind="program")
@@ -265,7 +267,8 @@ class Session:
         padded = torch.zeros((m_b, k), dtype=torch.float32)
         padded[:m] = tokens
         a_codes, a_scales = q.quantize_activation(padded, quant.format, quant.activations, quant.scales)
-        rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m_b, k, n)
+        rows, _, _ = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m_b, k, n,
+                                 block_k=op.block_k)
         t0 = time.perf_counter()
         for addr, data in consts:
             self.driver.write(addr, bytes(data))

@@ -19,8 +19,8 @@ from fp8npu.hdl.isa import StoreFormat
 
 from . import golden
 
-__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm", "gemm_scales", "quantize_operands",
-           "reference_qmatmul"]
+__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm", "scale_block", "weight_col_scales", "gemm_scales",
+           "quantize_operands", "reference_qmatmul"]
 
 #: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
 BLOCK_K = 128
@@ -79,7 +79,8 @@ class GemmArgs:
     col_scale: torch.Tensor     # [N] int32 bits or None
     bias: torch.Tensor          # [N] int32 bits or None
     row_scales: torch.Tensor    # [M, KB] int32 bits or None
-    col_scales: torch.Tensor    # [KB, NB] int32 bits or None
+    col_scales: torch.Tensor    # [KB, N] int32 bits (one per column) or None
+    block_k: int = BLOCK_K      # K positions per scaling block
 
     @property
     def shape(self):
@@ -90,7 +91,8 @@ class GemmArgs:
         return self.row_scales is not None
 
     @classmethod
-    def from_args(cls, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales):
+    def from_args(cls, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
+                  block_k=BLOCK_K):
         a, b = _codes(a_codes, "a_codes"), _codes(b_codes, "b_codes")
         (m, k), (k2, n) = a.shape, b.shape
         if k != k2:
@@ -102,33 +104,37 @@ class GemmArgs:
         scale_bits = int(f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
         if out == "fp32" and scale_bits != 0x3F800000:
             raise ValueError("out_scale applies only to FP8 outputs (out='e4m3' or 'e5m2')")
+        if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1:
+            raise ValueError(f"block_k must be a positive number of K positions, not {block_k!r}")
         rs = cs = None
         if block_scales is not None:
             if not isinstance(block_scales, (tuple, list)) or len(block_scales) != 2:
-                raise ValueError("block_scales must be a pair (row_scales[M, KB], col_scales[KB, NB])")
-            kb, nb = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+                raise ValueError("block_scales must be a pair (row_scales[M, KB], col_scales[KB, NB] or [KB, N])")
+            kb, nb = math.ceil(k / block_k), math.ceil(n / BLOCK_K)
             rs = f32_bits(block_scales[0], "row_scales", (m, kb))
-            cs = f32_bits(block_scales[1], "col_scales", (kb, nb))
+            cs = torch.as_tensor(block_scales[1])
+            if tuple(cs.shape) == (kb, n):
+                cs = f32_bits(cs, "col_scales", (kb, n))
+            else:
+                cs = f32_bits(cs, "col_scales", (kb, nb))[:, torch.arange(n) // BLOCK_K]
         return cls(
             a, b, _format(fmt_a, "fmt_a"), _format(fmt_b, "fmt_b"), out, scale_bits, bool(saturate),
             None if col_scale is None else f32_bits(col_scale, "col_scale", (n,)),
-            None if bias is None else f32_bits(bias, "bias", (n,)), rs, cs)
-
-    def column_block_scales(self):
-        """[KB, N] int32: the column scale of every output column, ``col_scales[kb][j // 128]``."""
-        n = self.shape[2]
-        return self.col_scales[:, torch.arange(n) // BLOCK_K]
+            None if bias is None else f32_bits(bias, "bias", (n,)), rs, cs.contiguous() if cs is not None else None,
+            block_k)
 
 
 # ---- reference -------------------------------------------------------------------------------
 def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-                   col_scale=None, bias=None, block_scales=None):
+                   col_scale=None, bias=None, block_scales=None, block_k=BLOCK_K):
     """The expected GEMM output, written directly from the contract with golden functions.
 
     Same arguments as ``compiler.gemm.build_gemm``. Returns [M, N]: int32 FP32 bits, or uint8 FP8 codes.
-    Independent of any tiling: one sequential K loop per output (per K block when scaled).
+    Independent of any tiling: one sequential K loop per output (per K block of ``block_k``
+    when scaled).
     """
-    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales)
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
+                           block_k)
     m, k, n = g.shape
     a, b = torch.from_numpy(g.a), torch.from_numpy(g.b)
     fa, fb = g.fmt_a.value, g.fmt_b.value
@@ -136,9 +142,9 @@ def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, sa
         acc = golden.mac(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)
     else:
         acc = torch.zeros((m, n), dtype=torch.int32)                 # +0
-        col = g.column_block_scales()
+        col = g.col_scales
         for kb in range(g.row_scales.shape[1]):
-            ks = slice(kb * BLOCK_K, min(k, (kb + 1) * BLOCK_K))
+            ks = slice(kb * g.block_k, min(k, (kb + 1) * g.block_k))
             partial = golden.mac(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb)
             scale = golden.mul_f32(g.row_scales[:, kb:kb + 1], col[kb].unsqueeze(0))
             acc = golden.add(acc, golden.mul_f32(partial, scale))
@@ -153,12 +159,32 @@ def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, sa
 
 
 # ---- quantized matrix products --------------------------------------------------------------
-def gemm_scales(act_scales, act_granularity, w_scales, w_granularity, m, k, n):
+def scale_block(act_granularity, w_granularity, k):
+    """K positions per scaling block of a quantized product: 128 when a scale changes along K
+    (1 x 128 activation tiles, 128 x 128 weight blocks), else all of K (one block)."""
+    return BLOCK_K if act_granularity == "tile" or w_granularity == "block" else max(1, k)
+
+
+def weight_col_scales(w_scales, w_granularity, k, n, block_k):
+    """``col_scales [KB, N]`` float32: the weight scale of K block kb (of ``block_k``) and
+    column j, from weight scales of ``w_granularity`` (:func:`fp8npu.sim.quant.quantize_weight`)."""
+    kb_n = math.ceil(k / block_k)
+    w = w_scales.to(torch.float32)
+    if w_granularity == "tensor":
+        return w.reshape(1, 1).expand(kb_n, n).contiguous()
+    if w_granularity == "channel":
+        return w.reshape(1, n).expand(kb_n, n).contiguous()
+    nb_n = math.ceil(n / BLOCK_K)                            # block: [NB, KB] -> [KB, N]
+    return w.reshape(nb_n, kb_n).T[:, torch.arange(n) // BLOCK_K].contiguous()
+
+
+def gemm_scales(act_scales, act_granularity, w_scales, w_granularity, m, k, n, block_k=None):
     """The scaled GEMM's scale operands for quantized ``A [M, K]`` and ``W [N, K]`` (B = W^T):
-    ``row_scales [M, KB]`` (the activation scale of row i in K block kb), ``col_scales [KB, NB]``
-    (the weight scale of K block kb and 128-column block nb; 1 for per-channel weights) and
-    ``col_scale [N]`` (per-channel weight scales, else None). All float32."""
-    kb_n, nb_n = math.ceil(k / BLOCK_K), math.ceil(n / BLOCK_K)
+    ``row_scales [M, KB]`` (the activation scale of row i in K block kb), ``col_scales [KB, N]``
+    (the weight scale of K block kb and column j) and the block length ``block_k``
+    (default :func:`scale_block`; KB = ceil(K / block_k)). Float32 tensors and an int."""
+    block_k = block_k or scale_block(act_granularity, w_granularity, k)
+    kb_n = math.ceil(k / block_k)
     a = act_scales.to(torch.float32)
     if act_granularity == "tensor":
         rows = a.reshape(1, 1).expand(m, kb_n)
@@ -166,16 +192,8 @@ def gemm_scales(act_scales, act_granularity, w_scales, w_granularity, m, k, n):
         rows = a.reshape(m, 1).expand(m, kb_n)
     else:                                                    # tile: [M, KB]
         rows = a.reshape(m, kb_n)
-    w = w_scales.to(torch.float32)
-    col_scale = None
-    if w_granularity == "tensor":
-        cols = w.reshape(1, 1).expand(kb_n, nb_n)
-    elif w_granularity == "channel":
-        cols = torch.ones((kb_n, nb_n), dtype=torch.float32)
-        col_scale = w.reshape(n)
-    else:                                                    # block: [NB, KB] -> [KB, NB]
-        cols = w.reshape(nb_n, kb_n).T
-    return rows.contiguous(), cols.contiguous(), col_scale
+    cols = weight_col_scales(w_scales, w_granularity, k, n, block_k)
+    return rows.contiguous(), cols.contiguous(), block_k
 
 
 #: How the right operand of a product is scaled (see :func:`quantize_operands`).
@@ -185,14 +203,15 @@ W_SCALINGS = (None, "n", "k")
 def quantize_operands(x, w, quant, w_scaling=None):
     """Quantize ``x [M, K]`` (activations) and ``w [N, K]`` (weights, or the transposed right
     operand of a product of activations) by ``quant`` (fields ``format``, ``weights``,
-    ``activations``, ``scales``); returns (a_codes, b_codes [K, N], row_scales, col_scales, col_scale).
+    ``activations``, ``scales``); returns (a_codes, b_codes [K, N], row_scales, col_scales,
+    block_k) as :func:`gemm_scales` defines them.
 
     ``w_scaling`` overrides ``quant.weights`` for a right operand whose rows or columns are
     positions of a KV cache, so that an appended position never changes the codes or scales of
     the others (docs/numerics.md section 7): ``"n"``, one scale per row of ``w`` (an output
-    column; the epilogue's column scale); ``"k"``, one scale per column of ``w`` (a K index),
-    folded into ``x`` before ``x`` is quantized: ``x'[:, j] = fp32(x[:, j] * s[j])``, exact for
-    power-of-two scales unless it leaves the FP32 range.
+    column); ``"k"``, one scale per column of ``w`` (a K index), folded into ``x`` before ``x``
+    is quantized: ``x'[:, j] = fp32(x[:, j] * s[j])``, exact for power-of-two scales unless it
+    leaves the FP32 normal range.
     """
     from . import quant as q
     if w_scaling not in W_SCALINGS:
@@ -203,20 +222,20 @@ def quantize_operands(x, w, quant, w_scaling=None):
         b_codes, k_scales = q.quantize_weight(w.T, quant.format, "channel", quant.scales)   # [K, N], [K, 1]
         x = x.detach().to(torch.float32) * k_scales.reshape(1, k)
         a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
-        rows, cols, col_scale = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
-        return a_codes, b_codes.contiguous(), rows, cols, col_scale
+        rows, cols, block_k = gemm_scales(a_scales, quant.activations, torch.ones(1, 1), "tensor", m, k, n)
+        return a_codes, b_codes.contiguous(), rows, cols, block_k
     granularity = "channel" if w_scaling == "n" else quant.weights
     a_codes, a_scales = q.quantize_activation(x, quant.format, quant.activations, quant.scales)
     w_codes, w_scales = q.quantize_weight(w, quant.format, granularity, quant.scales)
-    rows, cols, col_scale = gemm_scales(a_scales, quant.activations, w_scales, granularity, m, k, n)
-    return a_codes, w_codes.T.contiguous(), rows, cols, col_scale
+    rows, cols, block_k = gemm_scales(a_scales, quant.activations, w_scales, granularity, m, k, n)
+    return a_codes, w_codes.T.contiguous(), rows, cols, block_k
 
 
 def reference_qmatmul(x, w, bias, quant, w_scaling=None):
     """``x [M, K] @ w[N, K]^T + bias`` as the NPU computes it, written directly from the contract:
-    quantize (:func:`quantize_operands`), then :func:`reference_gemm` with 128-block scaling,
-    column scale and bias. Returns float32 [M, N]."""
-    a_codes, b_codes, rows, cols, col_scale = quantize_operands(x, w, quant, w_scaling)
-    bits = reference_gemm(a_codes, b_codes, quant.format, quant.format, block_scales=(rows, cols),
-                          col_scale=col_scale, bias=None if bias is None else bias.detach().to(torch.float32))
+    quantize (:func:`quantize_operands`), then :func:`reference_gemm` with block scaling and
+    the bias in the epilogue. Returns float32 [M, N]."""
+    a_codes, b_codes, rows, cols, block_k = quantize_operands(x, w, quant, w_scaling)
+    bits = reference_gemm(a_codes, b_codes, quant.format, quant.format, block_scales=(rows, cols), block_k=block_k,
+                          bias=None if bias is None else bias.detach().to(torch.float32))
     return golden.bits_to_f32(bits)

@@ -220,7 +220,10 @@ class RTLModel:
         self.name = name
         self.waves = self.wave_format(waves)
         verilator = find_verilator()
-        options = [verilator.version_text, cocotb.__version__, str(self.waves), " ".join(VERILATOR_ARGS)]
+        # the model links cocotb's libraries by absolute path: a model built in another
+        # environment (a venv made again, or elsewhere) is another cache entry, not a broken one
+        libs = str(Path(cocotb.__file__).resolve().parent / "libs")
+        options = [verilator.version_text, cocotb.__version__, libs, str(self.waves), " ".join(VERILATOR_ARGS)]
         if identity is None:
             verilog = to_verilog(design() if callable(design) else design,
                                  name) + extra_verilog

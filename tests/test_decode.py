@@ -186,7 +186,7 @@ def test_state_operands_and_what_a_decode_step_writes():
     """The K^T and V operands of attention are recognised as cache positions (columns of
     K^T, rows of V) and the compressed MLA latent as rows of the kv up-projection; a decode step
     after the first writes only the bytes of the new position into those operands."""
-    block = _fresh(LlamaKV, 12)
+    block = _fresh(LlamaKV, 12, max_len=32)
     x = torch.randn(1, 8, 32)
     model = compile(block, _modes(x, 4), CFG, estimate=False)
     for graph in model.graphs.values():
