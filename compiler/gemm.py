@@ -157,7 +157,7 @@ from fp8npu.sim.reference import f32_bits as _f32_bits
 from .program import Command, Layout, Program, allocate
 
 __all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "GemmOp", "build_gemm",
-           "lower_gemm", "fence", "weight_operands", "RUNTIME_OPERANDS"]
+           "lower_gemm", "lower_gemm_batch", "fence", "weight_operands", "RUNTIME_OPERANDS"]
 
 #: Alignment of every DRAM region (a command is 32 bytes; at least the widest bus).
 REGION_ALIGN = 32
@@ -549,6 +549,24 @@ def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=
     return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime), shared=shared or {})
 
 
+def lower_gemm_batch(prog, cfg, batch, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
+                     col_scale=None, bias=None, block_scales=None, runtime=(), name="gemm", block_k=BLOCK_K):
+    """Append ``batch`` GEMMs of one shape (a ``bmm``) to ``prog``; one :class:`GemmOp` each,
+    buffers named ``<name>.<b>.<role>``. The values given fix shapes and the constants of
+    every element (each gets its own buffers). Where the A-resident schedule fits, the GEMMs
+    form one pipelined stream with no barrier between them; else they are fenced."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
+    unknown = set(runtime) - set(RUNTIME_OPERANDS)
+    if unknown:
+        raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
+    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
+                           block_k)
+    _check_formats(cfg, g)
+    return _lower_batch(prog, cfg, [g] * batch, [f"{name}.{b}." for b in range(batch)], tuple(runtime),
+                        [{} for _ in range(batch)])
+
+
 def fence(prog):
     """Append a barrier between two lowered operations: everything before it (loads, compute,
     stores) completes before anything after it starts, so the next operation may reuse any
@@ -605,47 +623,66 @@ def _layouts(cfg, g, plan):
 
 
 def _lower(prog, cfg, g, base_name, runtime, shared=None):
+    return _lower_batch(prog, cfg, [g], [base_name], runtime, [shared or {}])[0]
+
+
+def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
+    """Lower GEMMs of one shape and one set of options, one after the other; one GemmOp each.
+    With the A-resident schedule they form one pipelined command stream (the next GEMM's
+    loads overlap this one's compute); otherwise each is its own stream, fenced."""
+    g = gs[0]
     m, k, n = g.shape
     plan = _plan(cfg, g)
     bus = cfg.bus_bytes
     lay = _layouts(cfg, g, plan)
-    note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
-    op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note, g.block_k)
+    ops, addrs = [], []
+    zero = None
+    for g_b, base_name, shared_b in zip(gs, base_names, shared):
+        note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
+        op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note, g.block_k)
+        if shared_b.get("b") is not None and not plan.resident:
+            raise ValueError(f"{note}: a shared B operand needs the A-resident schedule (its layout must not "
+                             f"depend on M), and this GEMM does not fit it")
 
-    shared = shared or {}
-    if shared.get("b") is not None and not plan.resident:
-        raise ValueError(f"{note}: a shared B operand needs the A-resident schedule (its layout must not "
-                         f"depend on M), and this GEMM does not fit it")
-
-    def operand(role, values):
-        data = op.pack(role, values)
-        if role in shared:
-            buf = shared[role]
-            if buf.nbytes != len(data):
-                raise ValueError(f"{note}: the shared {role} buffer has {buf.nbytes} bytes, not {len(data)}")
+        def operand(role, values, op=op, shared_b=shared_b, base_name=base_name, note=note):
+            data = op.pack(role, values)
+            if role in shared_b:
+                buf = shared_b[role]
+                if buf.nbytes != len(data):
+                    raise ValueError(f"{note}: the shared {role} buffer has {buf.nbytes} bytes, not {len(data)}")
+                op.buffers[role] = buf
+                return buf
+            kind = "input" if role in runtime else "const"
+            buf = prog.buffer(base_name + role, nbytes=len(data), kind=kind, data=None if kind == "input" else data,
+                              role=role)
             op.buffers[role] = buf
             return buf
-        kind = "input" if role in runtime else "const"
-        buf = prog.buffer(base_name + role, nbytes=len(data), kind=kind, data=None if kind == "input" else data,
-                          role=role)
-        op.buffers[role] = buf
-        return buf
 
-    with prog.noting(note):
-        addr = {"a": operand("a", g.a), "b": operand("b", g.b)}
-        if g.col_scale is not None:
-            addr["col_scale"] = operand("col_scale", g.col_scale)
-        if g.bias is not None:
-            addr["bias"] = operand("bias", g.bias)
-        if g.blocked:
-            addr["row_scales"] = operand("row_scales", g.row_scales)
-            addr["col_scales"] = operand("col_scales", g.col_scales)
-            addr["zero"] = op.buffers["zero"] = prog.buffer(base_name + "zero", kind="const",
-                                                             data=bytes(_round_up(cfg.line_bytes, bus)), role="zero")
-        addr["c"] = op.buffers["c"] = prog.buffer(base_name + "c", nbytes=lay["c"].nbytes, kind="output", role="c")
-        emit = _commands_resident if plan.resident else _commands_reload
-        prog.extend(emit(cfg, g, plan, lay, addr))
-    return op
+        with prog.noting(note):
+            addr = {"a": operand("a", g_b.a), "b": operand("b", g_b.b)}
+            if g_b.col_scale is not None:
+                addr["col_scale"] = operand("col_scale", g_b.col_scale)
+            if g_b.bias is not None:
+                addr["bias"] = operand("bias", g_b.bias)
+            if g_b.blocked:
+                addr["row_scales"] = operand("row_scales", g_b.row_scales)
+                addr["col_scales"] = operand("col_scales", g_b.col_scales)
+                if zero is None:
+                    zero = prog.buffer(base_name + "zero", kind="const", data=bytes(_round_up(cfg.line_bytes, bus)),
+                                       role="zero")
+                addr["zero"] = op.buffers["zero"] = zero
+            addr["c"] = op.buffers["c"] = prog.buffer(base_name + "c", nbytes=lay["c"].nbytes, kind="output", role="c")
+        ops.append(op)
+        addrs.append(addr)
+    with prog.noting(ops[0].note if len(ops) == 1 else f"{ops[0].note} (x{len(ops)})"):
+        if plan.resident:
+            prog.extend(_commands_resident(cfg, g, plan, lay, addrs))
+        else:
+            for i, addr in enumerate(addrs):
+                if i:
+                    fence(prog)
+                prog.extend(_commands_reload(cfg, g, plan, lay, addr))
+    return ops
 
 
 def _cmd(op, **fields):
@@ -677,13 +714,18 @@ def _group(loads, pop, push):
     return [_cmd(Opcode.LOAD, **f) for f in loads]
 
 
-def _commands_resident(cfg, g, plan, lay, addr):
-    """The A-resident command stream (a list of encoded commands); see the module docstring."""
+def _commands_resident(cfg, g, plan, lay, addrs):
+    """The A-resident command stream (a list of encoded commands); see the module docstring.
+    ``addrs`` holds the buffers of one or more GEMMs of this shape: their M blocks follow
+    each other as if they were M blocks of one GEMM (block ``bi`` is M block ``bi % per`` of
+    GEMM ``bi // per``), so loads of the next GEMM overlap the compute of this one."""
     m_total, k_total, _ = g.shape
     fmts = {"fmt_a": g.fmt_a.value, "fmt_b": g.fmt_b.value}
-    steps = [(bi, m0, m, ni, nw) for bi, (m0, m) in enumerate(plan.m_blocks)
+    per = len(plan.m_blocks)
+    blocks = [plan.m_blocks[i % per] for i in range(per * len(addrs))]
+    steps = [(bi, m0, m, ni, nw) for bi, (m0, m) in enumerate(blocks)
              for ni, (_, nw) in enumerate(plan.n_tiles)]
-    n_steps, n_blocks, n_nt = len(steps), len(plan.m_blocks), len(plan.n_tiles)
+    n_steps, n_blocks, n_nt = len(steps), len(blocks), len(plan.n_tiles)
     line = cfg.line_bytes
     chunk_of = [c for c, (_, n) in enumerate(plan.a_chunks) for _ in range(n)]     # K tile -> A chunk
     block_end = {}                                 # K block -> index of its last K tile
@@ -692,7 +734,8 @@ def _commands_resident(cfg, g, plan, lay, addr):
 
     def b_loads(s):
         """The B column tile and the auxiliary lines of step s."""
-        _, _, _, ni, nw = steps[s]
+        bi, _, _, ni, nw = steps[s]
+        addr = addrs[bi // per]
         b, aux = lay["b"], plan.acc_aux[s % 2]
         piece = MAX_LOAD_ROW // line
         loads = [dict(sram_addr=plan.sp_b[s % 2] + k0, rows=1, row_bytes=min(piece, k_total - k0) * line,
@@ -711,7 +754,8 @@ def _commands_resident(cfg, g, plan, lay, addr):
     def a_loads(bi):
         """One list of loads per A chunk of M block bi (with the row scales of the K blocks
         that end in the chunk)."""
-        m0, m = plan.m_blocks[bi]
+        m0, m = blocks[bi]
+        addr = addrs[bi // per]
         a = lay["a"]
         groups = []
         for c, (t0, n) in enumerate(plan.a_chunks):
@@ -770,14 +814,14 @@ def _commands_resident(cfg, g, plan, lay, addr):
             out.append(_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
         return out
 
-    out = _prologue(cfg, g, plan, addr, n_steps)
+    out = _prologue(cfg, g, plan, addrs[0], n_steps)
     out += a_block(0, b_loads(0))
     for s, (bi, m0, m, ni, nw) in enumerate(steps):
         next_first = s + 1 < n_steps and steps[s + 1][3] == 0
         if s + 1 < n_steps:     # prefetch the next B tile; a block's first B shares A chunk 0's token
             out += _group(b_loads(s + 1), pop=s + 1 >= 2, push=not next_first)
         out += compute(s)
-        out.append(_store(g, lay, addr, plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
+        out.append(_store(g, lay, addrs[bi // per], plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
         if next_first:
             out += a_block(bi + 1, [])
     return out

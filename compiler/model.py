@@ -45,7 +45,7 @@ from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import quant as q
 from fp8npu.sim.reference import scale_block, weight_col_scales
 
-from .gemm import GemmOp, fence, lower_gemm
+from .gemm import GemmOp, lower_gemm, lower_gemm_batch
 from .program import Program, VerifyError, allocate
 
 __all__ = ["QuantConfig", "CompiledModel", "Graph", "Segment", "CompileError", "ModelFileError", "compile", "load",
@@ -114,7 +114,7 @@ class QuantConfig:
 @dataclass
 class Segment:
     """One NPU launch for graph node ``node``: a scaled FP8 GEMM (``linear``, ``mm``), or
-    ``batch`` of them separated by fences (``bmm``: one per batch element).
+    ``batch`` of them in one pipelined stream (``bmm``: one per batch element).
 
     ``runtime`` names the GEMM operands the host fills before the launch (``a``,
     ``row_scales``; for ``mm`` and ``bmm`` also ``b``, ``col_scales``);
@@ -834,13 +834,16 @@ def _lower_node(prog, cfg, quant, node, params, path, line, resident):
     if batch == 0:
         raise CompileError(f"{where}: an empty batch cannot run on the NPU")
     with prog.noting(node.name):
-        for b in range(batch):
-            if b:
-                fence(prog)
-            op = lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), block_k=block_k,
-                            bias=bias, runtime=runtime, name=f"{node.name}.{b}" if kind == "bmm" else node.name)
-            for buf in op.buffers.values():
-                buf.meta["batch"] = b
+        if kind == "bmm":
+            ops = lower_gemm_batch(prog, cfg, batch, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols),
+                                   block_k=block_k, runtime=runtime, name=node.name)
+        else:
+            ops = [lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), block_k=block_k,
+                              bias=bias, runtime=runtime, name=node.name)]
+        for b, op in enumerate(ops):
+            for role, buf in op.buffers.items():
+                if role != "zero":
+                    buf.meta["batch"] = b
     return Segment(node=node.name, kind=kind, target=str(node.target), module_path=path, shape=(m, k, n),
                    in_shape=in_shape, out_shape=out_shape, prog_addr=0, prog_len=0, runtime=runtime, buffers=[],
                    gemm=op.to_spec(), flops=2 * m * k * n * batch, batch=batch, resident=dict(resident))
