@@ -211,112 +211,48 @@ def run_funcsim_bench(size=1024, cfg=None, check_rows=4, seed=0, echo=print):
 
 
 # ---- the model compiler ----------------------------------------------------------------------
-def _llama_block(d, heads, kv_heads, ffn, seq):
-    """A Llama-style decoder block (RMSNorm, rotary embeddings, grouped-query causal attention
-    with scaled_dot_product_attention, SwiGLU MLP, residuals), randomly initialised."""
+def _measure(module, x, cfg, prefill=None, decode=0):
+    """Compile ``module`` and run it on the functional simulator: (model, compile s, run s, NPU
+    cycles, MAC utilization, cosine against float32, launches, decode). Without ``prefill``
+    the module takes ``x``; with it, ``(x, positions)`` in a prefill mode of ``prefill``
+    tokens, then ``decode`` single-token steps, whose figures ``decode`` holds (seconds,
+    cycles, utilization and host-to-NPU bytes per step)."""
+    import copy
+
     import torch.nn.functional as F
 
-    class RMSNorm(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(d))
-
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-    def rotate_half(x):
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat((-b, a), dim=-1)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hd = d // heads
-            self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-            self.q_proj = torch.nn.Linear(d, d, bias=False)
-            self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
-            self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
-            self.o_proj = torch.nn.Linear(d, d, bias=False)
-            self.gate_proj = torch.nn.Linear(d, ffn, bias=False)
-            self.up_proj = torch.nn.Linear(d, ffn, bias=False)
-            self.down_proj = torch.nn.Linear(ffn, d, bias=False)
-            inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
-            emb = torch.outer(torch.arange(seq).float(), inv).repeat(1, 2)
-            self.register_buffer("cos", emb.cos(), persistent=False)
-            self.register_buffer("sin", emb.sin(), persistent=False)
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            h = self.attn_norm(x)
-            q = self.q_proj(h).view(b, t, heads, self.hd).transpose(1, 2)
-            k = self.k_proj(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
-            v = self.v_proj(h).view(b, t, kv_heads, self.hd).transpose(1, 2)
-            q = q * self.cos + rotate_half(q) * self.sin
-            k = k * self.cos + rotate_half(k) * self.sin
-            k = k.repeat_interleave(heads // kv_heads, 1)
-            v = v.repeat_interleave(heads // kv_heads, 1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.o_proj(y.transpose(1, 2).reshape(b, t, d))
-            h = self.mlp_norm(x)
-            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-    return Block().eval()
-
-
-def _mixtral_moe(d, ffn, experts, top_k):
-    """A Mixtral-style MoE layer (Hugging Face's code shape), randomly initialised."""
-    import torch.nn.functional as F
-
-    class Expert(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w1 = torch.nn.Linear(d, ffn, bias=False)
-            self.w2 = torch.nn.Linear(ffn, d, bias=False)
-            self.w3 = torch.nn.Linear(d, ffn, bias=False)
-            self.act_fn = torch.nn.SiLU()
-
-        def forward(self, x):
-            return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
-
-    class MoE(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.top_k = top_k
-            self.gate = torch.nn.Linear(d, experts, bias=False)
-            self.experts = torch.nn.ModuleList([Expert() for _ in range(experts)])
-
-        def forward(self, x):
-            shape = x.shape
-            h = x.reshape(-1, d)
-            w, sel = torch.topk(F.softmax(self.gate(h), dim=-1, dtype=torch.float), top_k, dim=-1)
-            w = w / w.sum(-1, keepdim=True)
-            out = torch.zeros_like(h)
-            for e in range(experts):
-                rows, slot = torch.where(sel == e)
-                out.index_add_(0, rows, self.experts[e](h[rows]) * w[rows, slot, None])
-            return out.reshape(shape)
-
-    return MoE().eval()
-
-
-def _measure(module, x, cfg):
-    """Compile ``module`` for ``x`` and run it on the functional simulator: (model, compile s,
-    run s, NPU cycles, MAC utilization, cosine against float32, launches)."""
-    import torch.nn.functional as F
-
+    from .examples import modes
     from .model import compile
-    from .runtime import run
+    from .runtime import Session
     t0 = time.perf_counter()
-    model = compile(module, (x,), cfg, estimate=False)
+    model = compile(module, modes(x, prefill) if prefill else (x,), cfg, estimate=False)
     t_compile = time.perf_counter() - t0
+    session = Session(model)
     t0 = time.perf_counter()
-    y, session = run(model, x, details=True)
+    if prefill:
+        y = session.run((x[:, :prefill], torch.arange(prefill)), mode="prefill")
+        want = copy.deepcopy(module)(x[:, :prefill], torch.arange(prefill))
+    else:
+        y = session.run(x)
+        want = module(x)
     t_run = time.perf_counter() - t0
-    cycles = sum(r["cycles"] for r in session.launches)
-    macs = sum(r["mac_ops"] for r in session.launches)
-    cos = F.cosine_similarity(y.flatten(), module(x).flatten(), dim=0).item()
-    return (model, t_compile, t_run, cycles, macs / max(1, cycles * cfg.rows * cfg.cols), cos,
-            len(session.launches))
+    launches = list(session.launches)
+    cycles = sum(r["cycles"] for r in launches)
+    macs = sum(r["mac_ops"] for r in launches)
+    cos = F.cosine_similarity(y.flatten(), want.flatten(), dim=0).item()
+    steps = {}
+    if decode:
+        first = len(session.launches)
+        t0 = time.perf_counter()
+        for t in range(prefill, prefill + decode):
+            session.run((x[:, t:t + 1], torch.tensor([t])), mode="decode")
+        done = session.launches[first:]
+        d_cycles = sum(r["cycles"] for r in done)
+        steps = {"seconds": (time.perf_counter() - t0) / decode, "cycles": d_cycles / decode,
+                 "utilization": sum(r["mac_ops"] for r in done) / max(1, d_cycles * cfg.rows * cfg.cols),
+                 "bytes": sum(r["host_to_npu_bytes"] for r in done) / decode}
+    return (model, t_compile, t_run, cycles, macs / max(1, cycles * cfg.rows * cfg.cols), cos, len(launches),
+            steps)
 
 
 def run_model_bench(echo=print, d_model=1024, seq=128):
@@ -325,37 +261,40 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
     outlier channels."""
     import torch.nn.functional as F
 
+    from .examples import decoder_block, mixtral_moe
     from .model import QuantConfig, compile
     from .runtime import npu_totals, run
-
     torch.manual_seed(0)
     cfg = NPUConfig()
-    echo(f"Transformer block (Llama-style, GQA + RoPE + SwiGLU), default NPU {cfg.rows}x{cfg.cols}, "
-         f"functional simulator:")
+    echo(f"Transformer block (Llama-style: GQA + RoPE + SwiGLU, static KV cache), default NPU "
+         f"{cfg.rows}x{cfg.cols}, functional simulator; prefill, then 4 decode steps:")
     echo(f"  {'d_model':>7} {'tokens':>6} | {'compile s':>9} {'segments':>8} {'NPU FLOPs':>9} | "
-         f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
+         f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8} | {'decode: s':>9} {'cycles':>9} "
+         f"{'util':>6} {'to NPU B':>9}")
     for d, heads, kv, ffn, t in ((256, 8, 4, 704, 32), (d_model, 16, 8, 2816, seq)):
-        block = _llama_block(d, heads, kv, ffn, t)
-        model, t_compile, t_run, cycles, util, cos, _ = _measure(block, torch.randn(1, t, d), cfg)
-        share = npu_totals(model)[2]
+        block = decoder_block(0, d=d, heads=heads, kv_heads=kv, ffn=ffn, max_len=t + 4)
+        model, t_compile, t_run, cycles, util, cos, _, step = _measure(block, torch.randn(1, t + 4, d), cfg,
+                                                                       prefill=t, decode=4)
+        share = npu_totals(model, "prefill")[2]
         echo(f"  {d:>7} {t:>6} | {t_compile:>9.2f} {len(model.segments):>8} {share:>9.1%} | {cycles:>11,} "
-             f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+             f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f} | {step['seconds']:>9.2f} {step['cycles']:>9,.0f} "
+             f"{step['utilization']:>6.1%} {step['bytes']:>9,.0f}")
 
     echo("")
     echo("Mixture of Experts (Mixtral style: softmax top-2, experts as a list of gated MLPs), functional "
          "simulator:")
-    echo(f"  {'d_model':>7} {'experts':>7} {'d_ff':>5} {'tokens':>6} | {'compile s':>9} | {'launches':>8} "
-         f"{'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
+    echo(f"  {'d_model':>7} {'experts':>7} {'d_ff':>5} {'tokens':>6} {'per expert':>10} | {'compile s':>9} | "
+         f"{'launches':>8} {'NPU cycles':>11} {'MAC util':>8} | {'run s':>6} {'cosine':>8}")
     for d, experts, ffn, t in ((256, 8, 256, 64), (1024, 64, 512, 128)):
-        layer = _mixtral_moe(d, ffn, experts, 2)
-        model, t_compile, t_run, cycles, util, cos, launches = _measure(layer, torch.randn(1, t, d), cfg)
-        echo(f"  {d:>7} {experts:>7} {ffn:>5} {t:>6} | {t_compile:>9.2f} | {launches:>8} {cycles:>11,} "
-             f"{util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
+        layer = mixtral_moe(d, ffn, experts, 2)
+        model, t_compile, t_run, cycles, util, cos, launches, _ = _measure(layer, torch.randn(1, t, d), cfg)
+        echo(f"  {d:>7} {experts:>7} {ffn:>5} {t:>6} {2 * t / experts:>10.0f} | {t_compile:>9.2f} | {launches:>8} "
+             f"{cycles:>11,} {util:>8.1%} | {t_run:>6.1f} {cos:>8.5f}")
     # routing after FP8 layers: the MoE input comes out of two NPU linears
     from .moe import detect, route
     d = 256
     front = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.SiLU(), torch.nn.Linear(d, d)).eval()
-    layer = _mixtral_moe(d, 64, 8, 2)
+    layer = mixtral_moe(d, 64, 8, 2)
     x = torch.randn(256, d)
     h = run(compile(front, (x,), cfg, estimate=False), x)
     spec, weights = detect(layer)
@@ -365,11 +304,12 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
 
     echo("")
     echo("Scaling modes on activations with outlier channels (one linear 512 -> 512, 64 tokens; "
-         "4 channels x 100), against float32:")
+         "channels 5, 17, 70, 101 x 100, all in the first 128-tile, as outliers cluster in few channels), "
+         "against float32:")
     echo(f"  {'weights':>8} {'activations':>11} {'scales':>6} | {'cosine':>9} {'rel. error':>10}")
     lin = torch.nn.Linear(512, 512).eval()
     x = torch.randn(64, 512)
-    x[:, torch.tensor([3, 100, 257, 400])] *= 100.0
+    x[:, torch.tensor([5, 17, 70, 101])] *= 100.0
     want = lin(x)
     for w, a in (("tensor", "tensor"), ("channel", "token"), ("block", "tile")):
         for s in ("pow2", "fp32"):

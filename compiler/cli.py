@@ -395,10 +395,13 @@ def cmd_sim(args):
 
         transport = RTLTransport(cfg, size, image, fast=args.fast, waves=wave_format, waves_to=waves,
                                  backpressure=args.backpressure, progress=progress if not args.quiet else None)
-    run = Driver(transport, cfg).run(program, prog_addr, win_base, win_limit, max_cycles=args.max_cycles)
+    try:
+        run = Driver(transport, cfg).run(program, prog_addr, win_base, win_limit, max_cycles=args.max_cycles)
+        final = transport.read(0, size) if not run.hung else b""
+    finally:
+        transport.close()
     if run.hung:
         raise UsageError(f"the NPU was still busy after {args.max_cycles:,} cycles (raise --max-cycles)")
-    final = transport.read(0, size)
     r = run.registers
     if args.engine == "func":
         summary = f"estimated cycles {run.cycles:,}"

@@ -21,10 +21,10 @@ of every command), :class:`RTLTransport` (the generated Verilog under Verilator 
 board's serial link is a third transport of the same shape. Every transport gives the same
 :class:`RunResult` for the same program and DRAM.
 
-:class:`RTLTransport` runs one simulation per launch: the DRAM image goes in, the register
-writes since the last launch are applied in order inside the simulation, the simulation runs
-to the interrupt, and the final DRAM and registers come back. DRAM carries over from launch
-to launch; SRAM does not (docs/isa.md: programs must not rely on SRAM contents at start).
+:class:`RTLTransport` keeps one simulation running for its whole life: DRAM writes and reads
+go into the simulated memory, register writes are applied by the testbench's AXI4-Lite
+master at the launch, and the simulation runs to the interrupt. Programs must not rely on
+SRAM contents at start (docs/isa.md), whatever a transport keeps.
 """
 
 from dataclasses import dataclass, field
@@ -196,36 +196,56 @@ class FuncTransport(_Memory):
         return True
 
 
-class RTLTransport(_Memory):
-    """The NPU's Verilog under Verilator + cocotb (:class:`~fp8npu.sim.npu_rtl.NPUSimulation`).
+class RTLTransport:
+    """The NPU's Verilog under Verilator + cocotb: one long-lived simulation
+    (:class:`~fp8npu.sim.npu_rtl.RTLSession`) that this transport's requests drive, so DRAM,
+    registers and the design's state carry over from launch to launch as on hardware, and
+    nothing starts again per launch.
 
     ``fast`` puts the DRAM inside the simulated design (no Python per bus beat); otherwise it
-    is cocotbext-axi's AxiSlave. ``waves`` ("vcd" or "fst") dumps waveforms of every launch
-    (``waves_to``: where to copy the last one). Other ``options`` go to
-    :meth:`NPUSimulation.run_many` (``backpressure``, ``seed``, ``progress``, ``mapped_bytes`` ...).
+    is cocotbext-axi's AxiSlave. ``waves`` ("vcd" or "fst") dumps the waveform of the whole
+    session (``waves_to``: where to copy it at :meth:`close`). Other ``options`` go to the
+    session (``backpressure``, ``seed``, ``progress``, ``mapped_bytes`` ...).
     """
 
     def __init__(self, cfg=None, memory_bytes=1 << 20, image=b"", fast=True, waves=False, **options):
-        super().__init__(cfg or NPUConfig(), memory_bytes, image)
+        if memory_bytes > isa.ADDRESS_SPACE:
+            raise HostError(f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space")
         from .npu_rtl import NPUSimulation
+        self.cfg = cfg or NPUConfig()
+        self.memory_bytes = memory_bytes
+        image = bytes(image)[:memory_bytes]
         self.sim = NPUSimulation(self.cfg, waves=waves, fast_dram_bytes=memory_bytes if fast else None)
-        self.options = dict(options, waves=bool(waves))
+        self.session = self.sim.open(image + bytes(memory_bytes - len(image)), waves=bool(waves), **options)
         self._writes = []
-        self._started = False
+        self.regs = {Register.CONFIG: self.session.read_reg(Register.CONFIG)}
+        self.last_extra = {}
+
+    def write(self, addr, data):
+        self.session.write(addr, data)
+
+    def read(self, addr, n):
+        return self.session.read(addr, n)
 
     def write_reg(self, reg, value):
+        self._writes.append((Register(reg), value & 0xFFFFFFFF))
+
+    def read_reg(self, reg):
         reg = Register(reg)
-        self._writes.append((reg, value & 0xFFFFFFFF))
-        if reg == Register.CTRL and value & 1:
-            self._started = True
+        if reg not in self.regs:
+            self.regs[reg] = self.session.read_reg(reg)
+        return self.regs[reg]
 
     def wait(self, max_cycles):
-        if not self._started:
+        started = any(r == Register.CTRL and v & 1 for r, v in self._writes)
+        if not started:
             return True
-        writes, self._writes, self._started = self._writes, [], False
-        run = self.sim.run_many(bytes(self.memory), [writes], max_cycles=max_cycles, **self.options)[0]
-        self.memory[:] = run.dram
+        writes, self._writes = self._writes, []
+        run = self.session.launch(writes, max_cycles=max_cycles)
         for name, value in run.registers.items():
             self.regs[Register[name]] = value
         self.last_extra = {"rtl": run}
         return not run.hung
+
+    def close(self):
+        self.session.close()

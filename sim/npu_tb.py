@@ -29,23 +29,51 @@ from fp8npu.hdl.isa import Register
 
 class _SimDRAM:
     """The simulation DRAM inside the design (fp8npu.sim.simdram): loaded from a file by the
-    simulator before time 0, written back to a file on a pulse of ``dram_dump``."""
+    simulator before time 0; words dumped to a file on a pulse of ``dram_dump`` and loaded
+    from one on a pulse of ``dram_load``."""
 
     def __init__(self, dut, job):
         self.dut = dut
         self.job = job
+        self.bus = job["bus_bytes"]
 
     def write(self, address, data):
         pass            # loaded by $readmemh from the job's hex file
 
-    async def dump(self):
+    async def _pulse(self, port):
+        port.value = 1
+        await RisingEdge(self.dut.clk)
+        await RisingEdge(self.dut.clk)
+        port.value = 0
+        await RisingEdge(self.dut.clk)
+
+    async def words(self, first, last):
+        """The bytes of words ``first`` .. ``last``."""
         from fp8npu.sim.simdram import read_hex
-        self.dut.dram_dump.value = 1
-        await RisingEdge(self.dut.clk)
-        await RisingEdge(self.dut.clk)
-        self.dut.dram_dump.value = 0
-        await RisingEdge(self.dut.clk)
-        return read_hex(self.job["dram_hex_out"], self.job["bus_bytes"], self.job["dram_size"])
+        self.dut.dram_first.value = first
+        self.dut.dram_last.value = last
+        await self._pulse(self.dut.dram_dump)
+        return read_hex(self.job["dram_hex_out"], self.bus, (last - first + 1) * self.bus)
+
+    async def dump(self):
+        return (await self.words(0, -(-self.job["dram_size"] // self.bus) - 1))[:self.job["dram_size"]]
+
+    async def get(self, address, length):
+        first, last = address // self.bus, (address + length - 1) // self.bus
+        data = await self.words(first, last)
+        return data[address - first * self.bus:][:length]
+
+    async def put(self, address, data):
+        """Write bytes at any address: the words they cover, edges merged with what is there."""
+        from fp8npu.sim.simdram import write_hex_at
+        first, last = address // self.bus, (address + len(data) - 1) // self.bus
+        head, tail = address - first * self.bus, (last + 1) * self.bus - address - len(data)
+        if head:
+            data = (await self.words(first, first))[:head] + data
+        if tail:
+            data = data + (await self.words(last, last))[self.bus - tail:]
+        write_hex_at(self.job["dram_hex_load"], first, data, self.bus)
+        await self._pulse(self.dut.dram_load)
 
 
 CLOCK_NS = 10
@@ -72,6 +100,12 @@ class _MappedDRAM:
         data = bytes(self.region[address:min(address + length, self.mapped)])
         return data + bytes(length - len(data))
 
+    async def get(self, address, length):
+        return self.read(address, length)
+
+    async def put(self, address, data):
+        self.write(address, data)
+
 
 def _pauses(rng, probability):
     while True:
@@ -92,6 +126,7 @@ async def run_program(dut):
         dut.stall_threshold.value = int(job.get("backpressure", 0) * 256) if job.get("backpressure") else 0
         dut.dram_limit.value = mapped
         dut.dram_dump.value = 0
+        dut.dram_load.value = 0
     else:
         ram = _MappedDRAM(dut, mapped)
     if job.get("backpressure") and not fast:
@@ -113,6 +148,9 @@ async def run_program(dut):
     async def rd(reg):
         return await host.read_dword(int(reg))
 
+    if job.get("serve"):
+        await _serve(dut, job, ram, wr, rd)
+        return
     # one or more launches on the same DRAM; each start resets the core. The register writes
     # come from the host driver (fp8npu.sim.host, isa.launch_writes): this bench only applies them.
     launches = job["launches"]
@@ -159,3 +197,47 @@ async def _launch(dut, job, launch, wr, rd):
     elapsed = time.perf_counter() - start
     regs = {r.name: await rd(r) for r in Register if r != Register.CTRL}
     return {"registers": regs, "hung": bool(status & 1), "wall_seconds": elapsed, "waited_cycles": waited}
+
+
+async def _serve(dut, job, ram, wr, rd):
+    """Serve a host over the Unix socket named by the job: one JSON request a line, one JSON
+    answer a line. Requests: ``write`` (addr, hex data), ``read`` (addr, n), ``read_reg`` (reg),
+    ``launch`` (the register writes ending with the CTRL start, as in a job's launches),
+    ``close``. The simulation stands still while it waits for the host."""
+    import socket
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(job["serve"])
+    stream = conn.makefile("rwb")
+    try:
+        while True:
+            line = stream.readline()
+            if not line:
+                return                      # the host went away
+            req = json.loads(line)
+            op = req.get("op")
+            try:
+                if op == "write":
+                    data = bytes.fromhex(req["data"])
+                    if data:
+                        await ram.put(req["addr"], data)
+                    answer = {}
+                elif op == "read":
+                    answer = {"data": (await ram.get(req["addr"], req["n"])).hex() if req["n"] else ""}
+                elif op == "read_reg":
+                    answer = {"value": await rd(req["reg"])}
+                elif op == "launch":
+                    job["max_cycles"] = req.get("max_cycles", job["max_cycles"])
+                    answer = await _launch(dut, job, req, wr, rd)
+                elif op == "close":
+                    stream.write(b"{}\n")
+                    stream.flush()
+                    return
+                else:
+                    answer = {"error": f"unknown request {op!r}"}
+            except Exception as exc:        # answered, not ignored: the host raises it
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            stream.write(json.dumps(answer).encode() + b"\n")
+            stream.flush()
+    finally:
+        stream.close()
+        conn.close()

@@ -115,10 +115,12 @@ def _design_fingerprint():
     return h.hexdigest()
 
 
-def _runner():
+def _runner(processes=None):
     """cocotb's Verilator runner whose commands run in their own process group, so that an
     interrupt (Ctrl-C, SIGTERM turned into :class:`KeyboardInterrupt` by the CLI) stops the
-    whole build or simulation, compilers included, before the exception goes on."""
+    whole build or simulation, compilers included, before the exception goes on. The live
+    child is kept in ``processes`` (a list), if given, for a caller in another thread to stop
+    (:func:`kill_group`)."""
     import subprocess
 
     from cocotb_tools.runner import get_runner
@@ -130,11 +132,16 @@ def _runner():
             stderr = None if stdout is None else subprocess.STDOUT
             proc = subprocess.Popen(cmd, cwd=cwd, env=runner.env, stdout=stdout, stderr=stderr,
                                     start_new_session=True)
+            if processes is not None:
+                processes.append(proc)
             try:
                 code = proc.wait()
             except BaseException:
-                _kill_group(proc)
+                kill_group(proc)
                 raise
+            finally:
+                if processes is not None:
+                    processes.remove(proc)
             if code != 0:
                 raise RuntimeError(f"{Path(str(cmd[0])).name} exited with status {code}")
 
@@ -142,7 +149,7 @@ def _runner():
     return runner
 
 
-def _kill_group(proc):
+def kill_group(proc):
     """Terminate a child's process group, then kill what is left after a grace period."""
     import signal
     import subprocess
@@ -283,12 +290,13 @@ class RTLModel:
         """Name of the waveform file a run with waves writes in its run directory."""
         return f"dump.{self.waves}" if self.waves else None
 
-    def run(self, test_module, extra_env, run_dir, waves=False, plusargs=()):
-        """Run a cocotb test module against the built model in ``run_dir``."""
+    def run(self, test_module, extra_env, run_dir, waves=False, plusargs=(), processes=None):
+        """Run a cocotb test module against the built model in ``run_dir`` (the simulator
+        process is kept in the list ``processes`` while it runs, if given)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "sim.log"
-        runner = self._runner
+        runner = self._runner if processes is None else _runner(processes)
         env = verilator_env()
         env["COCOTB_LOG_LEVEL"] = env.get("COCOTB_LOG_LEVEL", "WARNING")
         with _environment(env):

@@ -35,7 +35,10 @@ module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter A
     input wire [AW-1:0] waddr,
     input wire [WIDTH/8-1:0] wen,
     input wire [WIDTH-1:0] wdata,
-    input wire dump
+    input wire dump,
+    input wire load,
+    input wire [31:0] first,
+    input wire [31:0] last
 );
     reg [WIDTH-1:0] words [0:WORDS-1];
     assign rdata = words[raddr];
@@ -45,18 +48,21 @@ module fp8npu_simmem #(parameter WORDS = 1024, parameter WIDTH = 64, parameter A
             if (wen[i]) words[waddr][i*8 +: 8] <= wdata[i*8 +: 8];
     end
     // Bulk load and dump by file (hex, one word per line), named by plusargs, so that a
-    // testbench moves megabytes without touching each word from Python.
-    reg [8*4096-1:0] file_in, file_out;
-    integer count;
+    // testbench moves megabytes without touching each word from Python: the image at time 0,
+    // words [first, last] on a rising ``dump``, and a file of "@address" runs on a rising
+    // ``load`` (a host writing part of the memory between launches).
+    reg [8*4096-1:0] file_in, file_out, file_load;
     initial begin
         if ($value$plusargs("fp8npu_dram_in=%s", file_in)) $readmemh(file_in, words);
     end
-    reg dump_q = 0;
+    reg dump_q = 0, load_q = 0;
     always @(posedge clk) begin
         dump_q <= dump;
-        if (dump && !dump_q && $value$plusargs("fp8npu_dram_out=%s", file_out)
-                && $value$plusargs("fp8npu_dram_words=%d", count))
-            $writememh(file_out, words, 0, count - 1);
+        load_q <= load;
+        if (dump && !dump_q && $value$plusargs("fp8npu_dram_out=%s", file_out))
+            $writememh(file_out, words, first, last);
+        if (load && !load_q && $value$plusargs("fp8npu_dram_load=%s", file_load))
+            $readmemh(file_load, words);
     end
 endmodule
 """
@@ -72,7 +78,8 @@ class SimDRAM(wiring.Component):
     Only bytes below ``limit`` (and below the memory's size) exist: a read beat from at or
     above it returns zero with SLVERR, a write beat there is dropped and its burst answered
     SLVERR. Addresses never wrap around. A rising ``dump`` writes the memory to the file named
-    by the ``fp8npu_dram_out`` plusarg (see :data:`SIM_MEMORY_VERILOG`).
+    by the ``fp8npu_dram_out`` plusarg, words ``dump_first`` to ``dump_last``; a rising
+    ``load`` reads the file named by ``fp8npu_dram_load`` (see :data:`SIM_MEMORY_VERILOG`).
     """
 
     def __init__(self, data_bits, words):
@@ -82,6 +89,9 @@ class SimDRAM(wiring.Component):
         members["stall_threshold"] = In(8)
         members["limit"] = In(32)
         members["dump"] = In(1)
+        members["load"] = In(1)
+        members["dump_first"] = In(32)
+        members["dump_last"] = In(32)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -96,7 +106,7 @@ class SimDRAM(wiring.Component):
         m.submodules.store = Instance(
             "fp8npu_simmem", p_WORDS=self.words, p_WIDTH=D, p_AW=addr_bits, i_clk=ClockSignal(),
             i_raddr=rport_addr, o_rdata=rport_data, i_waddr=wport_addr, i_wen=wport_en, i_wdata=wport_data,
-            i_dump=self.dump)
+            i_dump=self.dump, i_load=self.load, i_first=self.dump_first, i_last=self.dump_last)
         size = self.words * B
         limit = Signal(33)
         m.d.comb += limit.eq(Mux(self.limit < size, self.limit, size))
@@ -168,8 +178,9 @@ class SimDRAM(wiring.Component):
 
 class NPUWithDRAM(wiring.Component):
     """The NPU with a :class:`SimDRAM` of ``dram_bytes`` on its AXI4 port; the AXI4-Lite
-    port, ``stall_threshold``, ``dram_limit`` (bytes that exist) and ``dram_dump`` are the
-    only inputs, ``irq`` the NPU's interrupt (simulation only)."""
+    port, ``stall_threshold``, ``dram_limit`` (bytes that exist), ``dram_dump``,
+    ``dram_load``, ``dram_first`` and ``dram_last`` (the words a dump writes) are the only
+    inputs, ``irq`` the NPU's interrupt (simulation only)."""
 
     def __init__(self, cfg, dram_bytes):
         self.cfg = cfg
@@ -178,6 +189,9 @@ class NPUWithDRAM(wiring.Component):
         members["stall_threshold"] = In(8)
         members["dram_limit"] = In(32)
         members["dram_dump"] = In(1)
+        members["dram_load"] = In(1)
+        members["dram_first"] = In(32)
+        members["dram_last"] = In(32)
         members["irq"] = Out(1)
         super().__init__(members)
 
@@ -186,7 +200,8 @@ class NPUWithDRAM(wiring.Component):
         m.submodules.npu = npu = NPU(self.cfg)
         m.submodules.dram = dram = SimDRAM(self.cfg.axi_data_bits, self.words)
         m.d.comb += [dram.stall_threshold.eq(self.stall_threshold), dram.limit.eq(self.dram_limit),
-                     dram.dump.eq(self.dram_dump), self.irq.eq(npu.irq)]
+                     dram.dump.eq(self.dram_dump), dram.load.eq(self.dram_load),
+                     dram.dump_first.eq(self.dram_first), dram.dump_last.eq(self.dram_last), self.irq.eq(npu.irq)]
         for name, member in npu.signature.members.items():
             if name.startswith("m_axi_"):
                 other = getattr(dram, "s_" + name[len("m_axi_"):])
@@ -211,6 +226,19 @@ def write_hex(path, data, bus_bytes):
     text = np.ascontiguousarray(words).tobytes().hex().encode()
     lines = np.frombuffer(text, dtype=f"S{2 * bus_bytes}")
     with open(path, "wb") as f:
+        f.write(b"\n".join(lines.tolist()) + b"\n")
+
+
+def write_hex_at(path, first_word, data, bus_bytes):
+    """Write ``data`` (a whole number of words) as ``$readmemh`` text placed at word
+    ``first_word`` (an ``@`` address line, then one word a line)."""
+    with open(path, "wb") as f:
+        f.write(f"@{first_word:x}\n".encode())
+    import numpy as np
+    words = np.frombuffer(bytes(data), np.uint8).reshape(-1, bus_bytes)[:, ::-1]
+    text = np.ascontiguousarray(words).tobytes().hex().encode()
+    lines = np.frombuffer(text, dtype=f"S{2 * bus_bytes}")
+    with open(path, "ab") as f:
         f.write(b"\n".join(lines.tolist()) + b"\n")
 
 

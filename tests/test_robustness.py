@@ -364,11 +364,11 @@ def test_signal_stops_the_simulator_and_cleans_up(tmp_path, sig, status, word):
     # wait until the simulator runs (its progress file appears), then signal fp8npu alone
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(tmpdir.glob("fp8npu-run-*/progress.jsonl")):
+        if any(tmpdir.glob("fp8npu-rtl-*/progress.jsonl")):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    run_dirs = list(tmpdir.glob("fp8npu-run-*"))
+    run_dirs = list(tmpdir.glob("fp8npu-rtl-*"))
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == status, err
