@@ -517,10 +517,12 @@ def build_parser():
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="compile a decoder block, run it on the RTL and the simulator, compare",
-                          description="The showcase: compile a small Llama-style decoder block to FP8 NPU "
-                                      "programs, run it on the functional simulator and on the NPU's Verilog "
-                                      "under Verilator, and print whether they agree bit for bit, where the work "
-                                      "ran, MAC utilization and the accuracy against float32. 'demo mac' instead "
+                          description="The showcase: compile a small decoder block (grouped-query attention "
+                                      "with a KV cache, a Mixture-of-Experts FFN) to FP8 NPU programs, prefill "
+                                      "a prompt and decode tokens on the functional simulator and on the NPU's "
+                                      "Verilog under Verilator, and print whether they agree bit for bit, where "
+                                      "the work ran, MAC utilization and the accuracy against float32. 'demo mac' "
+                                      "instead "
                                       "simulates the FP8 MAC alone on random E4M3/E5M2 vectors.")
     demo.add_argument("what", nargs="?", choices=["block", "mac"], default="block",
                       help="block (default): the decoder block; mac: the MAC alone")

@@ -36,7 +36,7 @@ def _calls(model, x, prefill, backend, **options):
     return torch.cat(outs, dim=1), per_call
 
 
-def run_block_demo(out_dir, seed=2026, echo=print, d_model=64, prefill=16, decode=3, experts=4):
+def run_block_demo(out_dir, seed=2026, echo=print, d_model=128, prefill=64, decode=4, experts=4):
     """Compile, run on both engines, print the report; returns 0 when the bits agree."""
     tokens = prefill + decode
     block = decoder_block(seed, d=d_model, heads=4, kv_heads=2, ffn=d_model, max_len=tokens, experts=experts)

@@ -57,9 +57,10 @@ and an end time ``start + duration``; the tokens it pushes become available at i
   room (the command ``queue_depth`` places ahead in the same unit has started);
 * LOAD: ``DMA_LATENCY`` + per row its beats plus one cycle per burst (``max_burst`` beats);
 * STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row;
-* MATMUL: the unit is busy ``m`` cycles (one A row per cycle; the next MATMUL's weights load
-  meanwhile, so consecutive MATMULs stream back to back); its results, and the tokens it
-  pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row;
+* MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle;
+  the next MATMUL's k weight lines load meanwhile, so consecutive MATMULs stream back to back
+  unless they are shorter than their weight load, as in decoding one token); its results,
+  and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row;
 * EPILOGUE (2 cycles a row), BLOCKSCALE (4 a row), plus ``VECTOR_FILL``; they start after the
   array has drained. SYNC, and commands that move no data: 1.
 
@@ -86,7 +87,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "VECTOR_FILL"]
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "WEIGHT_LOAD_EXTRA",
+           "VECTOR_FILL"]
 
 #: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
 DMA_LATENCY = 8
@@ -94,6 +96,8 @@ DMA_LATENCY = 8
 STORE_ROW_OVERHEAD = 3
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
+#: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
+WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (2 and 4).
 VECTOR_FILL = 4
 
@@ -264,9 +268,11 @@ class _Datapath:
         start = torch.from_numpy(out) if f["accumulate"] else None
         out[...] = _canonical_nan(golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start)).numpy()
         self.mac_ops += m * k * cols
-        # the unit streams one row a cycle and takes the next command at once; results (and the
-        # tokens the command pushes) are ready when the last row leaves the array
-        return m, m + self.cfg.rows + MATMUL_FILL
+        # the unit streams one row a cycle and takes the next command at once, once the weight
+        # loader has filled its weights (k lines, overlapped with the previous command's rows);
+        # results (and the tokens the command pushes) are ready when the last row leaves the array
+        busy = max(m, k + WEIGHT_LOAD_EXTRA)
+        return busy, busy + self.cfg.rows + MATMUL_FILL
 
     def _lines(self, first, rows):
         """A copy of accumulator lines [first, first + rows), lanes < cols, as an int32 tensor."""

@@ -251,7 +251,7 @@ class RTLSession:
             while self._conn is None:
                 try:
                     self._conn, _ = self._listener.accept()
-                except socket.timeout:
+                except TimeoutError:
                     if not self._thread.is_alive():
                         self._cleanup()
                         raise self._failure or RuntimeError("the simulation ended before it connected") from None

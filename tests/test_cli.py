@@ -73,9 +73,9 @@ def test_demo_block_showcase(tmp_path, capsys):
     assert cli.main(["demo", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "block.npu").exists()
-    assert ("PASS: RTL and functional simulator outputs identical bit for bit (1,216 FP32 values over prefill "
-            "and 3 decode steps)") in out
-    assert "moe.gate_up." in out and "decode 3" in out
+    assert ("PASS: RTL and functional simulator outputs identical bit for bit (8,704 FP32 values over prefill "
+            "and 4 decode steps)") in out
+    assert "moe.gate_up." in out and "decode 4" in out
     assert "accuracy against the float32 block (same prefill and decode steps): cosine 0.99" in out
 
 
