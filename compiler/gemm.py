@@ -687,7 +687,7 @@ def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
 
 def _cmd(op, **fields):
     """A command of the GEMM lowering (appended to the program by :func:`build_gemm`)."""
-    return Command(Opcode(op), fields)
+    return Command(op if type(op) is Opcode else Opcode(op), fields)
 
 
 def _prologue(cfg, g, plan, addr, n_steps):
@@ -814,13 +814,19 @@ def _commands_resident(cfg, g, plan, lay, addrs):
             out.append(_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
         return out
 
+    # compute commands address SRAM only, so steps alike share them: (rows, first step of a
+    # block, buffer, returns its B buffer, frees the A block)
+    computed = {}
     out = _prologue(cfg, g, plan, addrs[0], n_steps)
     out += a_block(0, b_loads(0))
     for s, (bi, m0, m, ni, nw) in enumerate(steps):
         next_first = s + 1 < n_steps and steps[s + 1][3] == 0
         if s + 1 < n_steps:     # prefetch the next B tile; a block's first B shares A chunk 0's token
             out += _group(b_loads(s + 1), pop=s + 1 >= 2, push=not next_first)
-        out += compute(s)
+        key = (m, ni == 0, s % 2, s + 2 < n_steps, ni == n_nt - 1 and bi + 1 < n_blocks)
+        if key not in computed:
+            computed[key] = compute(s)
+        out += computed[key]
         out.append(_store(g, lay, addrs[bi // per], plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
         if next_first:
             out += a_block(bi + 1, [])
