@@ -261,7 +261,7 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
     outlier channels."""
     import torch.nn.functional as F
 
-    from .examples import decoder_block, mixtral_moe
+    from .examples import decoder_block, mixtral_moe, modes
     from .model import QuantConfig, compile
     from .runtime import npu_totals, run
     torch.manual_seed(0)
@@ -301,6 +301,29 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
     a, b = route(spec, h, weights)[0].sort(dim=1).values, route(spec, front(x), weights)[0].sort(dim=1).values
     echo(f"  routing (FP32 on the host) after two FP8 NPU layers, random init, d_model {d}, 8 experts, top-2: "
          f"identical choice for {(a == b).all(dim=1).float().mean().item():.1%} of {len(x)} tokens")
+
+    echo("")
+    echo("RTL (Verilator) against the functional simulator, bit for bit, default NPU: a d_model 256 decoder "
+         "block with an MoE FFN (8 experts, top-2), 64 prompt tokens, then 4 decode steps:")
+    from .runtime import Session
+    block = decoder_block(1, d=256, heads=8, kv_heads=4, ffn=256, max_len=68, experts=8)
+    x = torch.randn(1, 68, 256)
+    model = compile(block, modes(x, 64), cfg, estimate=False)
+    results = {}
+    for backend in ("func", "rtl"):
+        session = Session(model, backend, **({"fast": True} if backend == "rtl" else {}))
+        t0 = time.perf_counter()
+        try:
+            outs = [session.run((x[:, :64], torch.arange(64)), mode="prefill")]
+            outs += [session.run((x[:, t:t + 1], torch.tensor([t])), mode="decode") for t in range(64, 68)]
+        finally:
+            session.close()
+        results[backend] = (torch.cat(outs, dim=1), time.perf_counter() - t0, session.launches)
+    (y_f, t_f, _), (y_r, t_r, launches) = results["func"], results["rtl"]
+    same = torch.equal(y_f.view(torch.int32), y_r.view(torch.int32))
+    echo(f"  {len(launches)} launches, {sum(r['cycles'] for r in launches):,} RTL cycles; functional simulator "
+         f"{t_f:.1f} s, RTL {t_r:.1f} s; outputs {'identical bit for bit' if same else 'DIFFER'} "
+         f"({y_r.numel():,} FP32 values)")
 
     echo("")
     echo("Scaling modes on activations with outlier channels (one linear 512 -> 512, 64 tokens; "

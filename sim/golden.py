@@ -26,8 +26,11 @@ from fp8npu.hdl.formats import E4M3, E5M2, FP8_FORMATS, FP32, Format
 
 __all__ = [
     "bits_to_f32", "f32_to_bits", "decode_fp8", "fp8_is_nan", "f32_is_nan",
-    "mul", "add", "mul_f32", "mac", "quantize", "mismatches", "sign_bits",
+    "mul", "add", "mul_f32", "mac", "block_sum", "mac_blocks", "quantize", "mismatches", "sign_bits",
 ]
+
+#: Canonical NaN of the accumulator (docs/numerics.md section 5).
+CANONICAL_NAN = 0x7FC00000
 
 
 
@@ -153,6 +156,83 @@ def mac(a_codes, b_codes, fmt_a, fmt_b, acc=None, valid=None, first=None, trace=
     if trace:
         return f32_to_bits(torch.stack(steps)) if steps else torch.empty((0, *prod.shape[1:]), dtype=torch.int32)
     return f32_to_bits(state)
+
+
+def block_sum(a_codes, b_codes, fmt_a, fmt_b):
+    """The exact sum of FP8 products along dimension 0, rounded once to binary32 (bits).
+
+    Block accumulation (docs/numerics.md section 3): ``round32(sum over k of a[k] * b[k])``,
+    the sum computed without any rounding, one round-to-nearest-even at the end. Every product
+    is a multiple of 2^-32 below 2^32 in magnitude, so the sum is held exactly as two integer
+    limbs in units of 2^-32 (whole part and fraction); a block of up to 2^24 products cannot
+    overflow them. Rules: a NaN product (a NaN operand, or inf x 0), or infinite products of
+    both signs, give the canonical NaN; otherwise an infinite product gives that infinity;
+    an exact zero sum is -0 when every product is -0, else +0. The rounded sum is never
+    subnormal (it is 0 or at least 2^-32). Arguments broadcast like :func:`mac`'s.
+    """
+    a_codes = _as_tensor(a_codes, torch.uint8)
+    b_codes = _as_tensor(b_codes, torch.uint8)
+    prod = (_decode_any(a_codes, fmt_a) * _decode_any(b_codes, fmt_b)).to(torch.float64)   # exact
+    finite = torch.isfinite(prod)
+    p = torch.where(finite, prod, torch.zeros_like(prod))
+    whole = torch.trunc(p)                                      # |whole| < 2^32: exact in int64
+    frac = ((p - whole) * 2.0 ** 32).to(torch.int64)            # a multiple of 2^-32, exact
+    hi = whole.to(torch.int64).sum(0)                           # integer sums: exact
+    lo = frac.sum(0)
+    carry = torch.div(lo, 1 << 32, rounding_mode="floor")
+    hi, lo = hi + carry, lo - (carry << 32)                     # total = hi * 2^32 + lo, 0 <= lo < 2^32
+    negative = hi < 0
+    # magnitude as (H, L), 0 <= L < 2^32
+    borrow = (negative & (lo != 0)).to(torch.int64)
+    big = torch.where(negative, -hi - borrow, hi)
+    small = torch.where(negative & (lo != 0), (1 << 32) - lo, lo)
+    msb_big = torch.frexp(big.to(torch.float64))[1].to(torch.int64) - 1       # exact: big < 2^53
+    msb_small = torch.frexp(small.to(torch.float64))[1].to(torch.int64) - 1
+    top = torch.where(big != 0, msb_big + 32, msb_small)       # index of the leading bit
+    sh = top - 24                                               # bits below 24 + 1 (round) bits
+    s_hi = (sh - 32).clamp(0, 62)
+    s_mid = sh.clamp(0, 31)
+    q_hi = big >> s_hi
+    one = torch.ones_like(big)
+    sticky_hi = ((big & ((one << s_hi) - 1)) != 0) | (small != 0)
+    q_mid = (big << (32 - s_mid)) | (small >> s_mid)
+    sticky_mid = (small & ((one << s_mid) - 1)) != 0
+    q_lo = small << (-sh).clamp(0, 62)
+    q = torch.where(sh >= 32, q_hi, torch.where(sh >= 0, q_mid, q_lo))
+    sticky = torch.where(sh >= 32, sticky_hi, torch.where(sh >= 0, sticky_mid, torch.zeros_like(sticky_mid)))
+    mant = q >> 1
+    up = ((q & 1) == 1) & (sticky | ((mant & 1) == 1))
+    mant = mant + up.to(torch.int64)
+    over = mant >> 24 != 0                                      # rounded up to the next power of two
+    mant = torch.where(over, mant >> 1, mant)
+    exponent = top - 32 + 127 + over.to(torch.int64)
+    bits = (negative.to(torch.int64) << 31) | (exponent << 23) | (mant & 0x7FFFFF)
+    zero = (big == 0) & (small == 0)
+    all_neg_zero = ((prod == 0) & (torch.signbit(prod))).all(0)
+    bits = torch.where(zero, torch.where(all_neg_zero, 1 << 31, 0), bits)
+    pos_inf = (prod == float("inf")).any(0)
+    neg_inf = (prod == float("-inf")).any(0)
+    nan = torch.isnan(prod).any(0) | (pos_inf & neg_inf)
+    bits = torch.where(pos_inf, 0x7F800000, torch.where(neg_inf, 0xFF800000, bits))
+    bits = torch.where(nan, CANONICAL_NAN, bits)
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+
+
+def mac_blocks(a_codes, b_codes, fmt_a, fmt_b, acc_block, acc=None):
+    """Block accumulation of FP8 products, k along dimension 0: for each block of
+    ``acc_block`` consecutive k (fixed positions from k = 0, the last may be shorter),
+    ``acc = fp32(acc + block_sum(block))`` in k order, from ``acc`` (bits) or +0."""
+    a_codes = _as_tensor(a_codes, torch.uint8)
+    b_codes = _as_tensor(b_codes, torch.uint8)
+    k = a_codes.shape[0]
+    state = None if acc is None else _as_tensor(acc, torch.int32)
+    for k0 in range(0, k, acc_block):
+        part = block_sum(a_codes[k0:k0 + acc_block], b_codes[k0:k0 + acc_block], fmt_a, fmt_b)
+        state = add(torch.zeros_like(part) if state is None else state, part)
+    if state is None:
+        shape = torch.broadcast_shapes(a_codes.shape[1:], b_codes.shape[1:])
+        state = torch.zeros(shape, dtype=torch.int32)
+    return state
 
 
 def _decode_any(codes, fmt):

@@ -112,3 +112,63 @@ def quantize(x_bits, fmt, saturate):
     sign = x_bits >> 31
     overflow = "saturate" if saturate else ("inf" if fmt == "e5m2" else "nan")
     return encode(x, sign, *spec, overflow=overflow)
+
+
+# ---- block accumulation (docs/numerics.md section 3) -------------------------------------------
+#: Every FP8 x FP8 product is a multiple of 2^-32 (E5M2's smallest subnormal is 2^-16).
+UNITS = 32
+
+
+def product_units(code_a, code_b, fmt_a, fmt_b):
+    """An exact product as an integer number of 2^-32 units, or "nan", "+inf", "-inf", or
+    "-0" for a negative zero product (a positive zero is the integer 0)."""
+    a = decode(code_a, *(E4M3 if fmt_a == "e4m3" else E5M2))
+    b = decode(code_b, *(E4M3 if fmt_b == "e4m3" else E5M2))
+    if a is None or b is None:
+        return "nan"
+    negative = (code_a >> 7) ^ (code_b >> 7)
+    if isinstance(a, float) or isinstance(b, float):
+        if a == 0 or b == 0:
+            return "nan"
+        return "-inf" if negative else "+inf"
+    p = a * b * (1 << UNITS)
+    assert p.denominator == 1
+    if p == 0 and negative:
+        return "-0"
+    return int(p)
+
+
+def round_units_fp32(total):
+    """binary32 bits of ``total`` 2^-32 units, rounded to nearest even (integer arithmetic;
+    cross-checked against :func:`encode` by the tests)."""
+    if total == 0:
+        return 0
+    sign = 0x80000000 if total < 0 else 0
+    mag = abs(total)
+    top = mag.bit_length() - 1
+    drop = top - 23
+    if drop > 0:
+        q, rem = mag >> drop, mag & ((1 << drop) - 1)
+        half = 1 << (drop - 1)
+        if rem > half or (rem == half and q & 1):
+            q += 1
+            if q >> 24:
+                q >>= 1
+                top += 1
+    else:
+        q = mag << -drop
+    return sign | (top - UNITS + 127) << 23 | (q & 0x7FFFFF)
+
+
+def block_sum_fp32(products):
+    """The contract's block sum of exact products (:func:`product_units` values): binary32
+    bits, or None for NaN."""
+    infs = {p for p in products if p in ("+inf", "-inf")}
+    if "nan" in products or len(infs) == 2:
+        return None
+    if infs:
+        return 0x7F800000 if "+inf" in infs else 0xFF800000
+    total = sum(p for p in products if p != "-0")
+    if total == 0:
+        return 0x80000000 if all(p == "-0" for p in products) else 0
+    return round_units_fp32(total)
