@@ -347,3 +347,62 @@ def run_model_bench(echo=print, d_model=1024, seq=128):
                 rel = ((got - want).norm() / want.norm()).item()
                 echo(f"  {factor:>6.0f} {w:>8} {a:>11} {s:>6} | {cos:>9.6f} {rel:>10.2e}")
     return 0
+
+
+def _h800_accumulate(prod, bits=14, promote=128):
+    """An emulation of limited-precision accumulation as DeepSeek-V3 describes H800 tensor
+    cores (about ``bits`` significant bits kept): each addition's result rounded to nearest
+    (ties to even) at ``bits`` significant bits, the partial sum of every ``promote`` products
+    then added to an FP32 accumulator. ``prod`` [K, ...] float64 (exact products); returns
+    float64. (The real hardware's rounding is not documented; truncation would be worse.)"""
+    def trunc(x):
+        m, e = torch.frexp(x)
+        return torch.ldexp(torch.round(m * 2.0 ** bits) / 2.0 ** bits, e)
+    acc = torch.zeros(prod.shape[1:], dtype=torch.float32)
+    for k0 in range(0, prod.shape[0], promote):
+        part = torch.zeros(prod.shape[1:], dtype=torch.float64)
+        for k in range(k0, min(k0 + promote, prod.shape[0])):
+            part = trunc(part + prod[k])
+        acc = acc + part.to(torch.float32)
+    return acc.to(torch.float64)
+
+
+def run_accumulation_bench(echo=print, k=4096, outputs=64, seed=0):
+    """Accuracy of accumulation schemes for dot products of ``k`` E4M3 values against the exact
+    result: sequential FP32 (the NPU today), block accumulation with acc_block 32 and 128
+    (exact block sums rounded once, golden.mac_blocks), and an H800-style emulation."""
+    from fp8npu.hdl.formats import E4M3
+    torch.manual_seed(seed)
+    echo(f"Accumulation accuracy: {outputs}x{outputs} dot products of K = {k} E4M3 values (N(0, 1) quantized), "
+         f"against the exact sum (float64 is exact for E4M3 products), relative to the outputs' RMS:")
+    echo(f"  {'data':<18} {'scheme':<42} | {'rel. error':>10} {'max |err|':>10} {'exact':>7}")
+    for data in ("random", "outlier channels"):
+        a = torch.randn(k, outputs)
+        b = torch.randn(k, outputs)
+        if data == "outlier channels":
+            a[torch.tensor([7, 1000, 2222, 4000])] *= 100.0        # four channels, as LLM activations have
+        a_codes = a.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        b_codes = b.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        pa = golden.decode_fp8(a_codes, E4M3).to(torch.float64)
+        pb = golden.decode_fp8(b_codes, E4M3).to(torch.float64)
+        prod = pa.unsqueeze(2) * pb.unsqueeze(1)                     # [K, M, N], exact
+        exact = prod.sum(0)                                          # exact: K * 2^36 < 2^53
+        rms = exact.pow(2).mean().sqrt()
+        schemes = [
+            ("sequential FP32 (one rounding per product)",
+             golden.bits_to_f32(golden.mac(a_codes.unsqueeze(2), b_codes.unsqueeze(1), E4M3, E4M3))),
+            ("block, acc_block 32", golden.bits_to_f32(golden.mac_blocks(
+                a_codes.unsqueeze(2), b_codes.unsqueeze(1), E4M3, E4M3, 32))),
+            ("block, acc_block 128", golden.bits_to_f32(golden.mac_blocks(
+                a_codes.unsqueeze(2), b_codes.unsqueeze(1), E4M3, E4M3, 128))),
+            ("H800-style: 14 bits, FP32 every 128", _h800_accumulate(prod)),
+            ("H800-style: 14 bits, never promoted", _h800_accumulate(prod, promote=k)),
+        ]
+        for name, got in schemes:
+            err = got.to(torch.float64) - exact
+            rel = (err.norm() / exact.norm()).item()
+            worst = (err.abs().max() / rms).item()
+            same = (got.to(torch.float64) == exact.to(torch.float32).to(torch.float64)).float().mean().item()
+            echo(f"  {data:<18} {name:<42} | {rel:>10.2e} {worst:>10.2e} {same:>7.1%}")
+    echo("  (exact: share of outputs equal to the exact sum rounded once to binary32)")
+    return 0

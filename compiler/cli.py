@@ -149,6 +149,9 @@ def cmd_bench(args):
     if args.target == "model":
         from fp8npu.compiler.bench import run_model_bench
         return run_model_bench()
+    if args.target == "accumulation":
+        from fp8npu.compiler.bench import run_accumulation_bench
+        return run_accumulation_bench()
     if args.target == "npu":
         from fp8npu.compiler.bench import run_npu_synth
         from fp8npu.hdl.config import NPUConfig
@@ -540,8 +543,10 @@ def build_parser():
                                        "counters, simulation speed, and the functional simulator's speed. "
                                        "'funcsim': the functional simulator's speed on one large GEMM. "
                                        "'model': the model compiler on transformer blocks (compile time, "
-                                       "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy.")
-    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model"], help="what to measure")
+                                       "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy. "
+                                       "'accumulation': accuracy of sequential FP32, exact block and "
+                                       "H800-style accumulation on K = 4096 dot products.")
+    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model", "accumulation"], help="what to measure")
     bench.add_argument("--size", type=_ranged(1, 4096), default=1024, metavar="N",
                        help="funcsim: GEMM size M=K=N (default 1024)")
     bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")

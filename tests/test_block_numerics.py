@@ -206,3 +206,16 @@ def test_mac_blocks_adds_rounded_block_sums_in_k_order():
              for j in range(20)]
     whole = (golden.mac_blocks(a, b, E4M3, E4M3, 512).to(torch.int64) & 0xFFFFFFFF).tolist()
     assert whole == [0 if e == 0x80000000 else e for e in exact]
+
+
+def test_accumulation_benchmark_table():
+    """`fp8npu bench accumulation` at a small size: every scheme's row, and limited-precision
+    accumulation far less accurate than the exact block sums."""
+    from fp8npu.compiler.bench import run_accumulation_bench
+    lines = []
+    assert run_accumulation_bench(echo=lines.append, k=512, outputs=8) == 0
+    rows = [ln for ln in lines if "|" in ln and "scheme" not in ln]
+    assert len(rows) == 10
+    err = {(r.split("|")[0][:20].strip(), r.split("|")[0][20:].strip()): float(r.split("|")[1].split()[0]) for r in rows}
+    for data in ("random", "outlier channels"):
+        assert err[data, "H800-style: 14 bits, FP32 every 128"] > 10 * err[data, "block, acc_block 128"]
