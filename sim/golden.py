@@ -26,7 +26,7 @@ from fp8npu.hdl.formats import E4M3, E5M2, FP8_FORMATS, FP32, Format
 
 __all__ = [
     "bits_to_f32", "f32_to_bits", "decode_fp8", "fp8_is_nan", "f32_is_nan",
-    "mul", "add", "mul_f32", "mac", "block_sum", "mac_blocks", "quantize", "mismatches", "sign_bits",
+    "mul", "add", "mul_f32", "mac", "block_partial", "block_round", "block_sum", "mac_blocks", "quantize", "mismatches", "sign_bits",
 ]
 
 #: Canonical NaN of the accumulator (docs/numerics.md section 5).
@@ -158,17 +158,14 @@ def mac(a_codes, b_codes, fmt_a, fmt_b, acc=None, valid=None, first=None, trace=
     return f32_to_bits(state)
 
 
-def block_sum(a_codes, b_codes, fmt_a, fmt_b):
-    """The exact sum of FP8 products along dimension 0, rounded once to binary32 (bits).
+def block_partial(a_codes, b_codes, fmt_a, fmt_b, state=None):
+    """Add the exact FP8 products along dimension 0 to a block's exact partial sum.
 
-    Block accumulation (docs/numerics.md section 3): ``round32(sum over k of a[k] * b[k])``,
-    the sum computed without any rounding, one round-to-nearest-even at the end. Every product
-    is a multiple of 2^-32 below 2^32 in magnitude, so the sum is held exactly as two integer
-    limbs in units of 2^-32 (whole part and fraction); a block of up to 2^24 products cannot
-    overflow them. Rules: a NaN product (a NaN operand, or inf x 0), or infinite products of
-    both signs, give the canonical NaN; otherwise an infinite product gives that infinity;
-    an exact zero sum is -0 when every product is -0, else +0. The rounded sum is never
-    subnormal (it is 0 or at least 2^-32). Arguments broadcast like :func:`mac`'s.
+    ``state`` is the partial so far (None: a new block). A partial is a dict of tensors: ``hi``
+    and ``lo`` (int64; the sum is ``hi * 2^32 + lo`` units of 2^-32, exactly, every product
+    being a multiple of 2^-32 below 2^32), and the flags ``nan`` (a NaN product), ``pos_inf``,
+    ``neg_inf`` (an infinite product of that sign) and ``neg_zero`` (every product so far is
+    -0). :func:`block_round` rounds it. Arguments broadcast like :func:`mac`'s.
     """
     a_codes = _as_tensor(a_codes, torch.uint8)
     b_codes = _as_tensor(b_codes, torch.uint8)
@@ -177,12 +174,29 @@ def block_sum(a_codes, b_codes, fmt_a, fmt_b):
     p = torch.where(finite, prod, torch.zeros_like(prod))
     whole = torch.trunc(p)                                      # |whole| < 2^32: exact in int64
     frac = ((p - whole) * 2.0 ** 32).to(torch.int64)            # a multiple of 2^-32, exact
-    hi = whole.to(torch.int64).sum(0)                           # integer sums: exact
-    lo = frac.sum(0)
+    new = {"hi": whole.to(torch.int64).sum(0), "lo": frac.sum(0), "nan": torch.isnan(prod).any(0),
+           "pos_inf": (prod == float("inf")).any(0), "neg_inf": (prod == float("-inf")).any(0),
+           "neg_zero": ((prod == 0) & torch.signbit(prod)).all(0)}
+    if state is None:
+        return new
+    return {"hi": state["hi"] + new["hi"], "lo": state["lo"] + new["lo"], "nan": state["nan"] | new["nan"],
+            "pos_inf": state["pos_inf"] | new["pos_inf"], "neg_inf": state["neg_inf"] | new["neg_inf"],
+            "neg_zero": state["neg_zero"] & new["neg_zero"]}
+
+
+def block_round(state):
+    """A block's exact partial sum (:func:`block_partial`) rounded once to binary32 bits.
+
+    Round to nearest, ties to even (integer arithmetic on the limbs). A NaN product, or
+    infinite products of both signs, give the canonical NaN; otherwise an infinite product
+    gives that infinity; an exact zero sum is -0 when every product is -0, else +0. The
+    result is never subnormal (it is 0 or at least 2^-32).
+    """
+    hi, lo = state["hi"], state["lo"]
     carry = torch.div(lo, 1 << 32, rounding_mode="floor")
     hi, lo = hi + carry, lo - (carry << 32)                     # total = hi * 2^32 + lo, 0 <= lo < 2^32
     negative = hi < 0
-    # magnitude as (H, L), 0 <= L < 2^32
+    # magnitude as (big, small), 0 <= small < 2^32
     borrow = (negative & (lo != 0)).to(torch.int64)
     big = torch.where(negative, -hi - borrow, hi)
     small = torch.where(negative & (lo != 0), (1 << 32) - lo, lo)
@@ -192,8 +206,8 @@ def block_sum(a_codes, b_codes, fmt_a, fmt_b):
     sh = top - 24                                               # bits below 24 + 1 (round) bits
     s_hi = (sh - 32).clamp(0, 62)
     s_mid = sh.clamp(0, 31)
-    q_hi = big >> s_hi
     one = torch.ones_like(big)
+    q_hi = big >> s_hi
     sticky_hi = ((big & ((one << s_hi) - 1)) != 0) | (small != 0)
     q_mid = (big << (32 - s_mid)) | (small >> s_mid)
     sticky_mid = (small & ((one << s_mid) - 1)) != 0
@@ -208,14 +222,17 @@ def block_sum(a_codes, b_codes, fmt_a, fmt_b):
     exponent = top - 32 + 127 + over.to(torch.int64)
     bits = (negative.to(torch.int64) << 31) | (exponent << 23) | (mant & 0x7FFFFF)
     zero = (big == 0) & (small == 0)
-    all_neg_zero = ((prod == 0) & (torch.signbit(prod))).all(0)
-    bits = torch.where(zero, torch.where(all_neg_zero, 1 << 31, 0), bits)
-    pos_inf = (prod == float("inf")).any(0)
-    neg_inf = (prod == float("-inf")).any(0)
-    nan = torch.isnan(prod).any(0) | (pos_inf & neg_inf)
+    bits = torch.where(zero, torch.where(state["neg_zero"], 1 << 31, 0), bits)
+    pos_inf, neg_inf = state["pos_inf"], state["neg_inf"]
     bits = torch.where(pos_inf, 0x7F800000, torch.where(neg_inf, 0xFF800000, bits))
-    bits = torch.where(nan, CANONICAL_NAN, bits)
+    bits = torch.where(state["nan"] | (pos_inf & neg_inf), CANONICAL_NAN, bits)
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+
+
+def block_sum(a_codes, b_codes, fmt_a, fmt_b):
+    """The exact sum of FP8 products along dimension 0, rounded once to binary32 (bits):
+    ``block_round(block_partial(...))`` (docs/numerics.md section 3, block accumulation)."""
+    return block_round(block_partial(a_codes, b_codes, fmt_a, fmt_b))
 
 
 def mac_blocks(a_codes, b_codes, fmt_a, fmt_b, acc_block, acc=None):
