@@ -319,7 +319,8 @@ def format_command(chunk):
     if cmd.fields["_reserved"]:
         return _raw_line(chunk, f"{opcode.name} with reserved bits set")
     parts = [opcode.name]
-    parts += [f"{f.name}={_format_value(opcode, f, cmd.fields[f.name])}" for f in isa.FIELDS[opcode]]
+    parts += [f"{f.name}={_format_value(opcode, f, cmd.fields[f.name])}" for f in isa.FIELDS[opcode]
+              if f.name not in isa.BLOCK_FIELDS or cmd.fields[f.name]]      # block-mode fields only when set
     parts += [flag for flag in FLAGS if getattr(cmd, flag)]
     return " ".join(parts)
 

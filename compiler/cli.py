@@ -102,7 +102,11 @@ def cmd_generate(args):
             raise UsageError("--stages does not apply to the npu; set mac_stages in the config")
         from fp8npu.hdl.npu import NPU
         cfg = load_cfg(args.config)
-        text = to_verilog(NPU(cfg), top)
+        try:
+            npu = NPU(cfg)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        text = to_verilog(npu, top)
         if out in (None, "-"):
             sys.stdout.write(text)
         else:

@@ -175,10 +175,38 @@ def _round_up(x, m):
 # ---- layouts ---------------------------------------------------------------------------------
 def _tiles(n, width, block=None):
     """Cut [0, n) into (start, length) tiles of at most ``width`` that never cross a multiple of
-    ``block``."""
-    block = block or n
-    return tuple((s, min(width, n - s, (s // block + 1) * block - s))
-                 for b0 in range(0, n, block) for s in range(b0, min(n, b0 + block), width))
+    ``block`` (an int, or a tuple of them: a multiple of any)."""
+    blocks = [b for b in (block if isinstance(block, tuple) else (block,)) if b]
+    out, s = [], 0
+    while s < n:
+        end = min([n, s + width] + [(s // b + 1) * b for b in blocks])
+        out.append((s, end - s))
+        s = end
+    return tuple(out)
+
+
+def _acc_flags(cfg, g, k0, kw):
+    """The accumulation flags of the MATMUL of K tile ``[k0, k0 + kw)`` into its target (the
+    output, or with block scaling the scaling block's partial): sequential mode, ``accumulate``
+    unless the tile starts the target's chain; block mode (docs/numerics.md section 3), exact
+    blocks start at multiples of ``acc_block`` and at the chain's start, ``commit`` at their
+    end, ``fresh`` on the chain's first commit."""
+    k_total = g.shape[1]
+    first = (k0 // g.block_k) * g.block_k if g.blocked else 0
+    if cfg.accumulation != "block":
+        return {"accumulate": int(k0 != first)}
+    ab = cfg.acc_block
+    last = min(k_total, first + g.block_k) if g.blocked else k_total
+    end = k0 + kw
+    commit = end % ab == 0 or end == last
+    first_end = min(last, (first // ab + 1) * ab)
+    return {"accumulate": int(k0 % ab != 0 and k0 != first), "commit": int(commit),
+            "fresh": int(commit and end == first_end)}
+
+
+def _zero_flags(cfg):
+    """Flags of the MATMUL that writes +0 over an output region (k = 1 from the zero line)."""
+    return {"accumulate": 0, **({"commit": 1, "fresh": 1} if cfg.accumulation == "block" else {})}
 
 
 @dataclass(frozen=True)
@@ -346,7 +374,8 @@ def _m_blocks(m, m_max):
 def _plan(cfg, g):
     """Choose the schedule, tile sizes and the SRAM line map (see the module docstring)."""
     m, k, n = g.shape
-    k_tiles = _tiles(k, cfg.rows, g.block_k if g.blocked else None)
+    k_tiles = _tiles(k, cfg.rows, (g.block_k if g.blocked else None,
+                                   cfg.acc_block if cfg.accumulation == "block" else None))
     n_tiles = _tiles(n, cfg.cols)
     return _plan_resident(cfg, g, k_tiles, n_tiles) or _plan_reload(cfg, g, k_tiles, n_tiles)
 
@@ -785,22 +814,21 @@ def _commands_resident(cfg, g, plan, lay, addrs):
         for ti, (k0, kw) in enumerate(plan.k_tiles):
             t0, n = plan.a_chunks[chunk_of[ti]]
             kb = k0 // g.block_k
-            block_first = k0 % g.block_k == 0
             last_k = ti == len(plan.k_tiles) - 1
             pop = ti == 0 or (first_step and ti == t0)
             mm = dict(fmts, a_addr=m * t0 + ti - t0, a_stride=n, b_addr=buf + k0, m=m, k=kw, pop_prev=int(pop))
             if g.blocked:
-                cmds.append((Opcode.MATMUL, dict(mm, accumulate=int(not block_first), acc_addr=plan.acc_temp)))
+                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw), acc_addr=plan.acc_temp)))
                 if ti == 0:   # after the first pop, so the zero line is loaded
                     cmds.append((Opcode.MATMUL, dict(
-                        fmts, accumulate=0, a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
+                        fmts, **_zero_flags(cfg), a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
                         acc_addr=acc_out, m=m, k=1, pop_next=1)))
                 if block_end[kb] == ti:
                     cmds.append((Opcode.BLOCKSCALE, dict(
                         src=plan.acc_temp, dst=acc_out, rows=m, row_scale=plan.acc_rs + kb * m,
                         col_scale=aux + plan.aux_col + kb)))
             else:
-                cmds.append((Opcode.MATMUL, dict(mm, accumulate=int(ti > 0), acc_addr=acc_out,
+                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw), acc_addr=acc_out,
                                                  pop_next=int(ti == 0))))
             if last_k and (g.col_scale is not None or g.bias is not None):
                 cmds.append((Opcode.EPILOGUE, dict(
@@ -848,7 +876,7 @@ def _commands_reload(cfg, g, plan, lay, addr):
             buf, aux = plan.sp_buf[step % 2], plan.acc_aux[step % 2]
             last_k = ti == len(plan.k_tiles) - 1
             kb = k0 // g.block_k
-            block_first, block_last = k0 % g.block_k == 0, last_k or (k0 + kw) % g.block_k == 0
+            block_last = last_k or (k0 + kw) % g.block_k == 0
             a, b = lay["a"], lay["b"]
             loads = [
                 dict(sram_addr=buf, rows=m, row_bytes=kw, dram_addr=addr["a"] + m0 * a.pitch + a.offsets[ti],
@@ -859,11 +887,11 @@ def _commands_reload(cfg, g, plan, lay, addr):
             compute = []
             if g.blocked:
                 compute.append((Opcode.MATMUL, dict(
-                    fmts, accumulate=int(not block_first), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
+                    fmts, **_acc_flags(cfg, g, k0, kw), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
                     acc_addr=plan.acc_temp, m=m, k=kw)))
                 if ti == 0:   # after the first pop, so the zero line is loaded
                     compute.append((Opcode.MATMUL, dict(
-                        fmts, accumulate=0, a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
+                        fmts, **_zero_flags(cfg), a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
                         acc_addr=acc_out, m=m, k=1, pop_next=1)))
                 if block_last:
                     loads.append(dict(sram_addr=aux, rows=m, row_bytes=4, dst=1,
@@ -877,7 +905,7 @@ def _commands_reload(cfg, g, plan, lay, addr):
                         src=plan.acc_temp, dst=acc_out, rows=m, row_scale=aux, col_scale=aux + plan.aux_col)))
             else:
                 compute.append((Opcode.MATMUL, dict(
-                    fmts, accumulate=int(ti > 0), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
+                    fmts, **_acc_flags(cfg, g, k0, kw), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
                     acc_addr=acc_out, m=m, k=kw, pop_next=int(ti == 0))))
             if last_k and (g.col_scale is not None or g.bias is not None):
                 for name, line in (("col_scale", plan.aux_scale), ("bias", plan.aux_bias)):

@@ -170,7 +170,8 @@ class Session:
             ws = [t.T for t in (list(y) if seg.kind == "bmm" else [y])]
             bias = None
         if self.backend == "reference":
-            outs = [reference_qmatmul(xb, wb, bias, quant, seg.w_scaling) for xb, wb in zip(xs, ws)]
+            outs = [reference_qmatmul(xb, wb, bias, quant, seg.w_scaling, cfg.accumulation, cfg.acc_block)
+                    for xb, wb in zip(xs, ws)]
             self.launches.append({"segment": seg.node, "cycles": 0})
             return (torch.stack(outs) if seg.kind == "bmm" else outs[0]).reshape(seg.out_shape)
         op = seg.op(cfg)
@@ -216,7 +217,9 @@ class Session:
 
         def qlinear(tokens, which, expert):
             if self.backend == "reference":
-                return reference_qmatmul(tokens, expert_weight(spec, weights, which, expert), None, quant)
+                cfg = self.model.cfg
+                return reference_qmatmul(tokens, expert_weight(spec, weights, which, expert), None, quant,
+                                         accumulation=cfg.accumulation, acc_block=cfg.acc_block)
             return self._expert_launch(record, spec, tokens, which, expert, weights)
         return run_moe(spec, x, weights, qlinear)
 

@@ -12,7 +12,7 @@ Every invalid value raises ``ValueError`` with one sentence naming the field and
 import json
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["NPUConfig", "load_config"]
+__all__ = ["NPUConfig", "load_config", "ACCUMULATIONS"]
 
 
 def _short(value):
@@ -32,6 +32,10 @@ def _pow2(n):
     while p < n:
         p *= 2
     return p
+
+
+#: Accumulation modes (docs/numerics.md section 3).
+ACCUMULATIONS = ("sequential", "block")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,13 @@ class NPUConfig:
         Longest AXI4 INCR burst the DMA issues, in beats (1..256, a power of two).
     mac_stages : int
         Pipeline registers of the FP8 multipliers in the array (0 or 1).
+    accumulation : str
+        ``"sequential"``: one FP32 addition per product, in K order. ``"block"``: the products
+        of each block of ``acc_block`` K positions summed exactly, rounded once, added in FP32
+        (docs/numerics.md section 3). The generated hardware builds the sequential mode; the
+        functional simulator, the compiler and the golden model both.
+    acc_block : int
+        K positions per exact block in block mode (a power of two, 1..128).
     """
 
     rows: int = 8
@@ -71,6 +82,8 @@ class NPUConfig:
     queue_depth: int = 8
     max_burst: int = 16
     mac_stages: int = 0
+    accumulation: str = "sequential"
+    acc_block: int = 128
 
     def __post_init__(self):
         def integer(name, lo, hi, pow2=False):
@@ -94,6 +107,9 @@ class NPUConfig:
         integer("max_burst", 1, 256, pow2=True)
         if self.mac_stages not in (0, 1) or type(self.mac_stages) is not int:
             raise ValueError(f"mac_stages must be one of 0, 1, not {_short(self.mac_stages)}")
+        if self.accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation must be one of {', '.join(ACCUMULATIONS)}, not {_short(self.accumulation)}")
+        integer("acc_block", 1, 128, pow2=True)
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))

@@ -27,7 +27,7 @@ __all__ = [
     "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "Token", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
-    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "config_word", "describe_config_word", "config_mismatch",
+    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "describe_config_word", "config_mismatch",
     "DecodeError", "ERROR_TEXT",
 ]
 
@@ -158,7 +158,9 @@ FIELDS = {
     Opcode.MATMUL: (
         Field("fmt_a", 12, 1, "format of A: 0 E4M3, 1 E5M2"),
         Field("fmt_b", 13, 1, "format of B: 0 E4M3, 1 E5M2"),
-        Field("accumulate", 14, 1, "1: start from the accumulator, 0: start from +0"),
+        Field("accumulate", 14, 1, "1: start from the accumulator (block mode: the block's partial), 0: from +0"),
+        Field("commit", 15, 1, "block mode: round the block's exact partial once and add it to the accumulator"),
+        Field("fresh", 16, 1, "block mode, with commit: add the rounded partial to +0 instead of the accumulator"),
         Field("a_addr", 32, 16, "scratchpad line of A row 0"),
         Field("a_stride", 48, 16, "scratchpad lines from one A row to the next"),
         Field("b_addr", 64, 16, "scratchpad line of B row 0 (k = 0)"),
@@ -188,6 +190,10 @@ FIELDS = {
     Opcode.END: (),
 }
 
+#: MATMUL fields that only block accumulation uses (0 in a sequential configuration; the
+#: disassembler shows them only when set).
+BLOCK_FIELDS = frozenset({"commit", "fresh"})
+
 OPCODE_UNIT = {
     Opcode.LOAD: Unit.LOAD,
     Opcode.STORE: Unit.STORE,
@@ -213,7 +219,12 @@ SEMANTICS = {
         "line `a_addr + i*a_stride`: for every row i < m and column j < cols, "
         "`acc = (accumulate ? ACC[acc_addr+i][j] : +0)`, then for kk = 0..k-1 in order "
         "`acc = fp32(acc + A[i][kk] * W[kk][j])` (exact products), then "
-        "`ACC[acc_addr+i][j] = acc`."),
+        "`ACC[acc_addr+i][j] = acc`. Block accumulation (a block-mode configuration): "
+        "`P = (accumulate ? PART[acc_addr+i][j] : exact 0) + sum of the k exact products`, "
+        "`PART[acc_addr+i][j] = P` (an exact partial sum beside each accumulator value); with "
+        "`commit`, `s = round32(P)` and `ACC[acc_addr+i][j] = fp32((fresh ? +0 : ACC[acc_addr+i][j]) + s)`. "
+        "`commit` and `fresh` are refused (BAD_FIELD) in a sequential configuration, `fresh` "
+        "without `commit` always."),
     Opcode.EPILOGUE: (
         "For i < rows, j < cols: `x = ACC[src+i][j]`; if use_scale `x = fp32(x * ACC[scale_addr][j])`; "
         "if use_bias `x = fp32(x + ACC[bias_addr][j])`; `ACC[dst+i][j] = x`. Two roundings, no FMA. "
@@ -367,6 +378,9 @@ def validate(cmd, cfg, win_base, win_limit):
     if op == Opcode.STORE and (f["fmt"] > 2 or not 1 <= f["cols"] <= cfg.cols):
         return ErrorCode.BAD_FIELD
     if op == Opcode.MATMUL and not 1 <= f["k"] <= cfg.rows:
+        return ErrorCode.BAD_FIELD
+    if op == Opcode.MATMUL and ((f["fresh"] and not f["commit"])
+                                or (cfg.accumulation != "block" and (f["commit"] or f["fresh"]))):
         return ErrorCode.BAD_FIELD
     # formats
     if op == Opcode.MATMUL:

@@ -75,6 +75,13 @@ def common(cmd, name):
     return cmd[f.lsb:f.lsb + f.width]
 
 
+def _check_buildable(cfg):
+    """Refuse, in one sentence, a configuration this hardware does not build."""
+    if cfg.accumulation != "sequential":
+        raise ValueError(f"the NPU hardware is built with sequential accumulation only; "
+                         f"accumulation={cfg.accumulation!r} runs on the functional simulator")
+
+
 def _reserved_mask(opcode):
     used = 0
     for f in isa.COMMON_FIELDS + isa.FIELDS[opcode]:
@@ -103,6 +110,7 @@ class NPUCore(wiring.Component):
 
     def __init__(self, cfg=None):
         self.cfg = cfg = cfg or NPUConfig()
+        _check_buildable(cfg)
         members = axi4_master_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits)
         members.update({
             "start": In(1), "prog_addr": In(32), "prog_len": In(32), "win_base": In(32), "win_limit": In(32),
@@ -412,7 +420,8 @@ class NPUCore(wiring.Component):
                 dram_check(Op.STORE, Mux(fmt == 0, cols << 2, cols))
             with m.Case(Op.MATMUL):
                 k, mm = f(Op.MATMUL, "k"), f(Op.MATMUL, "m")
-                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows))
+                # the hardware builds sequential accumulation: block-mode flags are refused
+                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows) | f(Op.MATMUL, "commit") | f(Op.MATMUL, "fresh"))
                 m.d.comb += bad_format.eq(~fmt_ok[f(Op.MATMUL, "fmt_a")] | ~fmt_ok[f(Op.MATMUL, "fmt_b")])
                 last_a = Signal(40)
                 m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + (mm - 1) * f(Op.MATMUL, "a_stride"))
@@ -927,6 +936,7 @@ class NPU(wiring.Component):
 
     def __init__(self, cfg=None):
         self.cfg = cfg or NPUConfig()
+        _check_buildable(self.cfg)
         from .axi import axil_slave_members
         members = axi4_master_members("m_axi", self.cfg.axi_data_bits, self.cfg.axi_addr_bits)
         members.update(axil_slave_members("s_axil"))

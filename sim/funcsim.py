@@ -182,6 +182,7 @@ class _Datapath:
         self.mem = mem
         self.sp = np.zeros((cfg.sp_lines, cfg.line_bytes), np.uint8)
         self.acc = np.zeros((cfg.acc_lines, cfg.acc_line_values), np.int32)
+        self.part = {}       # block mode: accumulator line -> its exact partial sums (golden.block_partial)
         self.mac_ops = 0
         self.dma_bytes = 0
         self.execute = {
@@ -265,14 +266,37 @@ class _Datapath:
         a = torch.from_numpy(a_rows).T.unsqueeze(2)                                     # [k, m, 1]
         w = torch.from_numpy(self.sp[f["b_addr"]:f["b_addr"] + k, :cols]).unsqueeze(1)  # [k, 1, cols]
         out = self.acc[f["acc_addr"]:f["acc_addr"] + m, :cols]
-        start = torch.from_numpy(out) if f["accumulate"] else None
-        out[...] = _canonical_nan(golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start)).numpy()
+        if self.cfg.accumulation == "block":
+            self._matmul_block(f, a, w, out)
+        else:
+            start = torch.from_numpy(out) if f["accumulate"] else None
+            out[...] = _canonical_nan(golden.mac(a, w, f["fmt_a"], f["fmt_b"], acc=start)).numpy()
         self.mac_ops += m * k * cols
         # the unit streams one row a cycle and takes the next command at once, once the weight
         # loader has filled its weights (k lines, overlapped with the previous command's rows);
         # results (and the tokens the command pushes) are ready when the last row leaves the array
         busy = max(m, k + WEIGHT_LOAD_EXTRA)
         return busy, busy + self.cfg.rows + MATMUL_FILL
+
+    def _matmul_block(self, f, a, w, out):
+        """Block accumulation: add the tile's exact products to each output's exact partial
+        (kept per accumulator line); with ``commit`` round it once into the accumulator."""
+        lines = range(f["acc_addr"], f["acc_addr"] + f["m"])
+        prev = None
+        if f["accumulate"]:
+            parts = [self.part.get(i) for i in lines]
+            if any(p is None for p in parts):      # never written: an exact zero of +0 products
+                zero = golden.block_partial(torch.zeros((1, 1, out.shape[1]), dtype=torch.uint8),
+                                            torch.zeros((1, 1, out.shape[1]), dtype=torch.uint8), 0, 0)
+                zero = {key: v[0] for key, v in zero.items()}
+                parts = [zero if p is None else p for p in parts]
+            prev = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+        new = golden.block_partial(a, w, f["fmt_a"], f["fmt_b"], prev)
+        for n, i in enumerate(lines):
+            self.part[i] = {key: v[n].clone() for key, v in new.items()}
+        if f["commit"]:
+            start = torch.zeros(out.shape, dtype=torch.int32) if f["fresh"] else torch.from_numpy(out.copy())
+            out[...] = _canonical_nan(golden.add(start, golden.block_round(new))).numpy()
 
     def _lines(self, first, rows):
         """A copy of accumulator lines [first, first + rows), lanes < cols, as an int32 tensor."""

@@ -75,6 +75,10 @@ class NPUSimulation:
         """With ``fast_dram_bytes`` the DRAM is simulated inside the design
         (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiSlave (over an AddressSpace)."""
         self.cfg = cfg or NPUConfig()
+        if self.cfg.accumulation != "sequential":
+            from .rtl import RTLError
+            raise RTLError(f"the NPU hardware is built with sequential accumulation only; a model or program "
+                           f"for accumulation={self.cfg.accumulation!r} runs on the functional simulator")
         waves = RTLModel.wave_format(waves)
         self.fast_dram_bytes = fast_dram_bytes
         key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))

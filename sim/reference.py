@@ -126,26 +126,37 @@ class GemmArgs:
 
 # ---- reference -------------------------------------------------------------------------------
 def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
-                   col_scale=None, bias=None, block_scales=None, block_k=BLOCK_K):
+                   col_scale=None, bias=None, block_scales=None, block_k=BLOCK_K, accumulation="sequential",
+                   acc_block=128):
     """The expected GEMM output, written directly from the contract with golden functions.
 
     Same arguments as ``compiler.gemm.build_gemm``. Returns [M, N]: int32 FP32 bits, or uint8 FP8 codes.
-    Independent of any tiling: one sequential K loop per output (per K block of ``block_k``
-    when scaled).
+    Independent of any tiling: one K loop per output (per K block of ``block_k`` when scaled):
+    sequential FP32, or with ``accumulation="block"`` exact sums of ``acc_block`` positions
+    rounded once (docs/numerics.md section 3; a scaling block's partial starts a new exact
+    block, so exact blocks are cut at scaling-block boundaries too).
     """
+    if accumulation not in ("sequential", "block"):
+        raise ValueError(f"accumulation must be sequential or block, not {accumulation!r}")
+
+    def dot(a_part, b_part, fa, fb):
+        if accumulation == "block":
+            return golden.mac_blocks(a_part, b_part, fa, fb, acc_block)
+        return golden.mac(a_part, b_part, fa, fb)
+
     g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
                            block_k)
     m, k, n = g.shape
     a, b = torch.from_numpy(g.a), torch.from_numpy(g.b)
     fa, fb = g.fmt_a.value, g.fmt_b.value
     if not g.blocked:
-        acc = golden.mac(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)
+        acc = dot(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)
     else:
         acc = torch.zeros((m, n), dtype=torch.int32)                 # +0
         col = g.col_scales
         for kb in range(g.row_scales.shape[1]):
             ks = slice(kb * g.block_k, min(k, (kb + 1) * g.block_k))
-            partial = golden.mac(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb)
+            partial = dot(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb)
             scale = golden.mul_f32(g.row_scales[:, kb:kb + 1], col[kb].unsqueeze(0))
             acc = golden.add(acc, golden.mul_f32(partial, scale))
     if g.col_scale is not None:
@@ -231,11 +242,12 @@ def quantize_operands(x, w, quant, w_scaling=None):
     return a_codes, w_codes.T.contiguous(), rows, cols, block_k
 
 
-def reference_qmatmul(x, w, bias, quant, w_scaling=None):
+def reference_qmatmul(x, w, bias, quant, w_scaling=None, accumulation="sequential", acc_block=128):
     """``x [M, K] @ w[N, K]^T + bias`` as the NPU computes it, written directly from the contract:
     quantize (:func:`quantize_operands`), then :func:`reference_gemm` with block scaling and
-    the bias in the epilogue. Returns float32 [M, N]."""
+    the bias in the epilogue, in the NPU's accumulation mode. Returns float32 [M, N]."""
     a_codes, b_codes, rows, cols, block_k = quantize_operands(x, w, quant, w_scaling)
     bits = reference_gemm(a_codes, b_codes, quant.format, quant.format, block_scales=(rows, cols), block_k=block_k,
-                          bias=None if bias is None else bias.detach().to(torch.float32))
+                          bias=None if bias is None else bias.detach().to(torch.float32),
+                          accumulation=accumulation, acc_block=acc_block)
     return golden.bits_to_f32(bits)

@@ -166,8 +166,8 @@ def test_raw_commands():
 @pytest.mark.parametrize("source, message", [
     ("MATMU k=1", f"line 1: unknown opcode 'MATMU'; allowed: {ALLOWED}"),
     ("END\n# comment\n\nMATMUL kk=1",
-     "line 4: MATMUL has no field 'kk'; fields: fmt_a, fmt_b, accumulate, a_addr, a_stride, b_addr, "
-     "acc_addr, m, k"),
+     "line 4: MATMUL has no field 'kk'; fields: fmt_a, fmt_b, accumulate, commit, fresh, a_addr, a_stride, "
+     "b_addr, acc_addr, m, k"),
     ("END x=1", "line 1: END has no field 'x'; fields: none"),
     ("LOAD opcode=1", "line 1: LOAD has no field 'opcode'; fields: dst, sram_addr, rows, row_bytes, "
                       "dram_addr, dram_stride"),

@@ -472,3 +472,67 @@ def test_batched_gemms_are_faster_than_fenced_ones():
     for _ in range(4):
         separate += _run_batch(cfg, 1, (32, 64, 32), True, 64, gen)[3].cycles
     assert one.cycles < 0.95 * separate, (one.cycles, separate)
+
+
+# ---- block accumulation (docs/numerics.md section 3) ----------------------------------------------
+@pytest.mark.parametrize("cfg_name, shape, acc_block, scaled, block_k", [
+    ("8x8", (20, 300, 24), 128, False, 128),
+    ("8x8", (20, 300, 24), 32, True, 128),
+    ("8x8", (20, 300, 24), 128, True, 300),        # scaling block = all of K, exact blocks of 128 inside
+    ("4x8", (13, 100, 37), 4, True, 64),
+    ("5x12-small", (70, 21, 30), 8, False, 128),   # rows 5: tiles cut at exact-block ends
+    ("16x16", (9, 200, 20), 64, True, 128),
+])
+def test_block_accumulation_gemms(cfg_name, shape, acc_block, scaled, block_k):
+    """GEMMs in block mode on the functional simulator equal reference_gemm's block contract
+    bit for bit (every code, NaN and infinities included, with block scaling and an epilogue)."""
+    cfg = NPUConfig(**dict(CONFIGS[cfg_name].to_dict(), accumulation="block", acc_block=acc_block))
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"block {cfg_name} {shape} {acc_block}".encode()))
+    for kind in ("normal", "any"):
+        a, b = codes((m, k), "e4m3", kind, gen), codes((k, n), "e5m2", kind, gen)
+        kw = dict(bias=f32_values(n, gen, specials=False), block_k=block_k)
+        if scaled:
+            kb = math.ceil(k / block_k)
+            kw["block_scales"] = (pow2_scales((m, kb), gen), pow2_scales((kb, n), gen))
+        g = build_gemm(cfg, a, b, "e4m3", "e5m2", **kw)
+        r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+        assert r.ok, f"{r.error.name} at 0x{r.error_addr:x}"
+        got = g.read_output(r.dram)
+        want = reference_gemm(a, b, "e4m3", "e5m2", accumulation="block", acc_block=acc_block, **kw)
+        nan = golden.f32_is_nan(want)
+        assert torch.equal(golden.f32_is_nan(got), nan) and torch.equal(got[~nan], want[~nan])
+
+
+def test_block_accumulation_does_not_depend_on_the_array():
+    """Block boundaries are fixed positions in K: 4x4, 8x8, 16x16 and 5x12 arrays give the same bits."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = codes((17, 260), "e4m3", "any", gen), codes((260, 19), "e4m3", "normal", gen)
+    outs = []
+    for rows, cols in ((4, 4), (8, 8), (16, 16), (5, 12)):
+        cfg = NPUConfig(rows=rows, cols=cols, accumulation="block", acc_block=64)
+        g = build_gemm(cfg, a, b, "e4m3", "e4m3")
+        r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+        outs.append(g.read_output(r.dram))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(outs[0], reference_gemm(a, b, "e4m3", "e4m3", accumulation="block", acc_block=64))
+
+
+def test_block_flags_are_refused_where_not_built():
+    """commit/fresh on a sequential configuration, fresh without commit anywhere: BAD_FIELD;
+    the hardware generator refuses a block-mode configuration in one sentence."""
+    from fp8npu.hdl.isa import ErrorCode, validate
+    from fp8npu.hdl.npu import NPU
+    seq, blk = NPUConfig(), NPUConfig(accumulation="block", acc_block=32)
+    mm = dict(a_addr=0, a_stride=1, b_addr=0, acc_addr=0, m=1, k=1)
+    for cfg, fields, want in ((seq, dict(commit=1), ErrorCode.BAD_FIELD), (seq, dict(commit=1, fresh=1), ErrorCode.BAD_FIELD),
+                              (blk, dict(fresh=1), ErrorCode.BAD_FIELD), (blk, dict(commit=1, fresh=1), ErrorCode.NONE),
+                              (blk, dict(commit=1), ErrorCode.NONE)):
+        cmd = isa.decode(isa.encode(Opcode.MATMUL, **mm, **fields))
+        assert validate(cmd, cfg, 0, 1 << 20) == want, (cfg.accumulation, fields)
+    with pytest.raises(ValueError, match="sequential accumulation only"):
+        NPU(blk)
+    with pytest.raises(ValueError, match="acc_block must be a power of two from 1 to 128, not 96"):
+        NPUConfig(accumulation="block", acc_block=96)
+    with pytest.raises(ValueError, match="accumulation must be one of sequential, block, not 'kahan'"):
+        NPUConfig(accumulation="kahan")
