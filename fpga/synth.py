@@ -90,10 +90,11 @@ def _run(cmd, cwd, what, timeout):
     return proc
 
 
-def synthesize(verilog_text, top, family, json_out=None, timeout=1800):
+def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options=""):
     """Synthesize Verilog for ``family`` (``ecp5`` or ``ice40``); return cell counts.
 
-    With ``json_out`` the netlist is kept there for place and route.
+    With ``json_out`` the netlist is kept there for place and route; ``options`` go to the
+    synthesis command (for example ``-nodsp``).
     """
     if family not in FAMILIES:
         raise ToolError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
@@ -101,7 +102,7 @@ def synthesize(verilog_text, top, family, json_out=None, timeout=1800):
     with tempfile.TemporaryDirectory(prefix="fp8npu-synth-") as tmp:
         # YoWASP tools see the working directory: keep every path relative to it.
         Path(tmp, "design.v").write_text(verilog_text)
-        script = (f"read_verilog design.v; {FAMILIES[family]} -top {top} -json netlist.json; "
+        script = (f"read_verilog design.v; {FAMILIES[family]} -top {top} {options} -json netlist.json; "
                   f"tee -q -o stat.json stat -json")
         _run(yosys + ["-q", "-p", script], tmp, f"yosys {FAMILIES[family]} of {top}", timeout)
         stats = json.loads(Path(tmp, "stat.json").read_text())

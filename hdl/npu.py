@@ -75,9 +75,11 @@ def common(cmd, name):
     return cmd[f.lsb:f.lsb + f.width]
 
 
-def _check_buildable(cfg):
-    """Refuse, in one sentence, a configuration this hardware does not build."""
+def _check_buildable(cfg, component):
+    """Refuse, in one sentence, a configuration this hardware does not build (the refused
+    ``component`` is marked used, so Amaranth does not warn about it)."""
     if cfg.accumulation != "sequential":
+        component._MustUse__used = True
         raise ValueError(f"the NPU hardware is built with sequential accumulation only; "
                          f"accumulation={cfg.accumulation!r} runs on the functional simulator")
 
@@ -110,7 +112,7 @@ class NPUCore(wiring.Component):
 
     def __init__(self, cfg=None):
         self.cfg = cfg = cfg or NPUConfig()
-        _check_buildable(cfg)
+        _check_buildable(cfg, self)
         members = axi4_master_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits)
         members.update({
             "start": In(1), "prog_addr": In(32), "prog_len": In(32), "win_base": In(32), "win_limit": In(32),
@@ -936,7 +938,7 @@ class NPU(wiring.Component):
 
     def __init__(self, cfg=None):
         self.cfg = cfg or NPUConfig()
-        _check_buildable(self.cfg)
+        _check_buildable(self.cfg, self)
         from .axi import axil_slave_members
         members = axi4_master_members("m_axi", self.cfg.axi_data_bits, self.cfg.axi_addr_bits)
         members.update(axil_slave_members("s_axil"))

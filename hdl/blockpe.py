@@ -1,0 +1,105 @@
+"""The processing element of block accumulation (docs/numerics.md section 3), E4M3 operands.
+
+An E4M3 value is an 18-bit unsigned fixed-point integer in units of 2^-9 plus a sign: a
+normal code ``(e, m)`` is ``(8 + m) << (e - 1)``, a subnormal ``m``; the largest, 448, is
+``0x38000``. So the product of two values is an exact 36-bit integer in units of 2^-18 (one
+MULT18X18D on ECP5), and the sum of a column's products is an exact integer too: no
+floating-point adder, no rounding inside the array. Normalisation, the one rounding and the
+FP32 accumulation happen once per column, below the array.
+
+* :class:`E4M3Decode` — code -> (sign, 18-bit magnitude, NaN), combinational. Weights are
+  stationary, so a weight is decoded once when it is loaded; an activation once where it
+  enters its row, and passed along the row already decoded.
+* :class:`BlockPE` — one processing element: a stationary decoded weight, and
+  ``psum_out = psum_in + (-1)^sign * a * w`` with a NaN flag passed down the column.
+
+BlockPE ports
+-------------
+==============  ====  ==================================================================
+``w_load``      in    load the stationary weight from ``w_sign``/``w_mag``/``w_nan``
+``a_sign/mag``  in    the activation (decoded), ``a_nan`` its NaN flag, ``a_valid``
+``a_*_out``     out   the same, one cycle later (to the next column of the row)
+``psum_in``     in    the column's partial sum from the PE above (``width`` bits, two's
+                      complement, units of 2^-18), ``nan_in`` its NaN flag
+``psum_out``    out   ``psum_in + product``, ``nan_out``
+==============  ====  ==================================================================
+
+Latency 2 cycles (product register, sum register; ``psum_in`` is registered with the
+product so that it meets it), throughput one activation per cycle. ``width`` = 36 + log2 of
+the column height + 1 holds any column sum exactly.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["E4M3Decode", "BlockPE", "MAG_BITS", "column_width"]
+
+#: Bits of an E4M3 magnitude in units of 2^-9 (448 = 0x38000).
+MAG_BITS = 18
+
+
+def column_width(rows):
+    """Bits of a column's exact partial sum: 36-bit products, ``rows`` of them, and a sign."""
+    return 2 * MAG_BITS + max(1, (rows - 1).bit_length()) + 1
+
+
+class E4M3Decode(wiring.Component):
+    """An E4M3 code as sign, 18-bit magnitude (units of 2^-9) and NaN flag (combinational)."""
+
+    code: In(8)
+    sign: Out(1)
+    mag: Out(MAG_BITS)
+    nan: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        e = self.code[3:7]
+        man = self.code[0:3]
+        m.d.comb += [
+            self.sign.eq(self.code[7]),
+            self.nan.eq((e == 0xF) & (man == 0x7)),
+            self.mag.eq(Mux(e == 0, man, (man | 0x8) << (e - 1)[0:4])),
+        ]
+        return m
+
+
+class BlockPE(wiring.Component):
+    """One processing element of the block-accumulation array (see the module docstring)."""
+
+    def __init__(self, width=None):
+        self.width = width = width or column_width(16)
+        super().__init__({
+            "w_load": In(1), "w_sign": In(1), "w_mag": In(MAG_BITS), "w_nan": In(1),
+            "a_valid": In(1), "a_sign": In(1), "a_mag": In(MAG_BITS), "a_nan": In(1),
+            "a_valid_out": Out(1), "a_sign_out": Out(1), "a_mag_out": Out(MAG_BITS), "a_nan_out": Out(1),
+            "psum_in": In(signed(width)), "nan_in": In(1),
+            "psum_out": Out(signed(width)), "nan_out": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        w_sign, w_mag, w_nan = Signal(), Signal(MAG_BITS), Signal()
+        with m.If(self.w_load):
+            m.d.sync += [w_sign.eq(self.w_sign), w_mag.eq(self.w_mag), w_nan.eq(self.w_nan)]
+        # pass the activation along the row
+        m.d.sync += [self.a_valid_out.eq(self.a_valid), self.a_sign_out.eq(self.a_sign),
+                     self.a_mag_out.eq(self.a_mag), self.a_nan_out.eq(self.a_nan)]
+        # stage 1: the exact product (a MULT18X18D with its output register) and psum_in
+        product = Signal(2 * MAG_BITS)
+        negative = Signal()
+        nan = Signal()
+        psum = Signal(signed(self.width))
+        nan_above = Signal()
+        m.d.sync += [
+            product.eq(Mux(self.a_valid, self.a_mag * w_mag, 0)),
+            negative.eq(self.a_sign ^ w_sign),
+            nan.eq(self.a_valid & (self.a_nan | w_nan)),
+            psum.eq(self.psum_in), nan_above.eq(self.nan_in),
+        ]
+        # stage 2: add or subtract into the column's exact partial sum
+        m.d.sync += [
+            self.psum_out.eq(Mux(negative, psum - product, psum + product)),
+            self.nan_out.eq(nan_above | nan),
+        ]
+        return m
