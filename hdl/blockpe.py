@@ -20,8 +20,11 @@ BlockPE ports
 ``a_sign/mag``  in    the activation (decoded), ``a_nan`` its NaN flag, ``a_valid``
 ``a_*_out``     out   the same, one cycle later (to the next column of the row)
 ``psum_in``     in    the column's partial sum from the PE above (``width`` bits, two's
-                      complement, units of 2^-18), ``nan_in`` its NaN flag
-``psum_out``    out   ``psum_in + product``, ``nan_out``
+                      complement, units of 2^-18), ``negs_in`` its count of negative
+                      products, ``nan_in`` its NaN flag
+``psum_out``    out   ``psum_in + product`` (a negative product as its one's complement:
+                      the column's exact sum is ``psum_out + negs_out`` at the bottom),
+                      ``negs_out``, ``nan_out``
 ==============  ====  ==================================================================
 
 Latency 2 cycles (product register, sum register; ``psum_in`` is registered with the
@@ -33,10 +36,12 @@ from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["E4M3Decode", "BlockPE", "MAG_BITS", "column_width"]
+__all__ = ["E4M3Decode", "BlockPE", "MAG_BITS", "NEG_BITS", "column_width"]
 
 #: Bits of an E4M3 magnitude in units of 2^-9 (448 = 0x38000).
 MAG_BITS = 18
+#: Bits of the count of negative products passed down a column (up to 16 rows).
+NEG_BITS = 5
 
 
 def column_width(rows):
@@ -73,8 +78,8 @@ class BlockPE(wiring.Component):
             "w_load": In(1), "w_sign": In(1), "w_mag": In(MAG_BITS), "w_nan": In(1),
             "a_valid": In(1), "a_sign": In(1), "a_mag": In(MAG_BITS), "a_nan": In(1),
             "a_valid_out": Out(1), "a_sign_out": Out(1), "a_mag_out": Out(MAG_BITS), "a_nan_out": Out(1),
-            "psum_in": In(signed(width)), "nan_in": In(1),
-            "psum_out": Out(signed(width)), "nan_out": Out(1),
+            "psum_in": In(signed(width)), "negs_in": In(NEG_BITS), "nan_in": In(1),
+            "psum_out": Out(signed(width)), "negs_out": Out(NEG_BITS), "nan_out": Out(1),
         })
 
     def elaborate(self, platform):
@@ -90,16 +95,21 @@ class BlockPE(wiring.Component):
         negative = Signal()
         nan = Signal()
         psum = Signal(signed(self.width))
+        negs = Signal(NEG_BITS)
         nan_above = Signal()
         m.d.sync += [
             product.eq(Mux(self.a_valid, self.a_mag * w_mag, 0)),
-            negative.eq(self.a_sign ^ w_sign),
+            negative.eq(self.a_valid & (self.a_sign ^ w_sign)),
             nan.eq(self.a_valid & (self.a_nan | w_nan)),
-            psum.eq(self.psum_in), nan_above.eq(self.nan_in),
+            psum.eq(self.psum_in), negs.eq(self.negs_in), nan_above.eq(self.nan_in),
         ]
-        # stage 2: add or subtract into the column's exact partial sum
+        # stage 2: one adder. A negative product is added as its one's complement (~p = -p - 1);
+        # the missing +1s are counted down the column in ``negs`` and added once below the array.
+        wide = Signal(signed(self.width))
+        m.d.comb += wide.eq(product)
         m.d.sync += [
-            self.psum_out.eq(Mux(negative, psum - product, psum + product)),
+            self.psum_out.eq(psum + Mux(negative, ~wide, wide)),
+            self.negs_out.eq(negs + negative),
             self.nan_out.eq(nan_above | nan),
         ]
         return m

@@ -48,7 +48,8 @@ def test_a_column_of_pes_sums_exactly():
         m.d.comb += [pe.w_sign.eq(dw.sign), pe.w_mag.eq(dw.mag), pe.w_nan.eq(dw.nan),
                      pe.a_sign.eq(da.sign), pe.a_mag.eq(da.mag), pe.a_nan.eq(da.nan)]
         if i:
-            m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.nan_in.eq(pes[i - 1].nan_out)]
+            m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.negs_in.eq(pes[i - 1].negs_out),
+                         pe.nan_in.eq(pes[i - 1].nan_out)]
     gen = torch.Generator().manual_seed(11)
     w = torch.randint(0, 256, (rows,), generator=gen, dtype=torch.uint8)
     a = torch.randint(0, 256, (n, rows), generator=gen, dtype=torch.uint8)
@@ -70,7 +71,7 @@ def test_a_column_of_pes_sums_exactly():
             await ctx.tick()
             s = t - 2 * (rows - 1) - 1
             if 0 <= s < n:
-                got.append((ctx.get(pes[-1].psum_out), ctx.get(pes[-1].nan_out)))
+                got.append((ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out), ctx.get(pes[-1].nan_out)))
 
     sim = Simulator(m)
     sim.add_clock(1e-6)
