@@ -450,6 +450,11 @@ def run_pe_bench(echo=print, fmax=True):
             synthesize(to_verilog(Registered(width), "top"), "top", "ecp5", json_out=netlist, options=options)
             line += f" {ecp5_fmax(netlist):>10.1f} MHz"
         echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
-    echo("  (the PE alone: its weight and activation registers and the column-sum register; the per-column "
-         "normalisation and FP32 accumulation are not in it)")
+    from fp8npu.hdl.blockpe import BlockRound
+    t0 = time.perf_counter()
+    size = synthesize(to_verilog(BlockRound(width + 3), "top"), "top", "ecp5")
+    echo(f"  per column, once: BlockRound (exact block sum of {width + 3} bits -> binary32, combinational): "
+         f"{size.luts:,} LUT4 ({size.carries} CCU2C)   ({time.perf_counter() - t0:.0f} s)")
+    echo("  (the PE: its weight and activation registers and the column-sum register; the FP32 "
+         "accumulation of the rounded block sums also comes once per column)")
     return 0

@@ -24,7 +24,8 @@ BlockPE ports
                       products, ``nan_in`` its NaN flag
 ``psum_out``    out   ``psum_in + product`` (a negative product as its one's complement:
                       the column's exact sum is ``psum_out + negs_out`` at the bottom),
-                      ``negs_out``, ``nan_out``
+                      ``negs_out``, ``nan_out``, ``neg_zero_out`` (every product so far is
+                      -0; the top of a column feeds 1, an idle slot keeps it)
 ==============  ====  ==================================================================
 
 Latency 2 cycles (product register, sum register; ``psum_in`` is registered with the
@@ -36,7 +37,7 @@ from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["E4M3Decode", "BlockPE", "MAG_BITS", "NEG_BITS", "column_width"]
+__all__ = ["E4M3Decode", "BlockPE", "BlockRound", "MAG_BITS", "NEG_BITS", "column_width"]
 
 #: Bits of an E4M3 magnitude in units of 2^-9 (448 = 0x38000).
 MAG_BITS = 18
@@ -50,12 +51,13 @@ def column_width(rows):
 
 
 class E4M3Decode(wiring.Component):
-    """An E4M3 code as sign, 18-bit magnitude (units of 2^-9) and NaN flag (combinational)."""
+    """An E4M3 code as sign, 18-bit magnitude (units of 2^-9), NaN and zero flags (combinational)."""
 
     code: In(8)
     sign: Out(1)
     mag: Out(MAG_BITS)
     nan: Out(1)
+    zero: Out(1)
 
     def elaborate(self, platform):
         m = Module()
@@ -63,6 +65,7 @@ class E4M3Decode(wiring.Component):
         man = self.code[0:3]
         m.d.comb += [
             self.sign.eq(self.code[7]),
+            self.zero.eq(self.code[0:7] == 0),
             self.nan.eq((e == 0xF) & (man == 0x7)),
             self.mag.eq(Mux(e == 0, man, (man | 0x8) << (e - 1)[0:4])),
         ]
@@ -75,21 +78,22 @@ class BlockPE(wiring.Component):
     def __init__(self, width=None):
         self.width = width = width or column_width(16)
         super().__init__({
-            "w_load": In(1), "w_sign": In(1), "w_mag": In(MAG_BITS), "w_nan": In(1),
-            "a_valid": In(1), "a_sign": In(1), "a_mag": In(MAG_BITS), "a_nan": In(1),
+            "w_load": In(1), "w_sign": In(1), "w_mag": In(MAG_BITS), "w_nan": In(1), "w_zero": In(1),
+            "a_valid": In(1), "a_sign": In(1), "a_mag": In(MAG_BITS), "a_nan": In(1), "a_zero": In(1),
             "a_valid_out": Out(1), "a_sign_out": Out(1), "a_mag_out": Out(MAG_BITS), "a_nan_out": Out(1),
-            "psum_in": In(signed(width)), "negs_in": In(NEG_BITS), "nan_in": In(1),
-            "psum_out": Out(signed(width)), "negs_out": Out(NEG_BITS), "nan_out": Out(1),
+            "a_zero_out": Out(1),
+            "psum_in": In(signed(width)), "negs_in": In(NEG_BITS), "nan_in": In(1), "neg_zero_in": In(1),
+            "psum_out": Out(signed(width)), "negs_out": Out(NEG_BITS), "nan_out": Out(1), "neg_zero_out": Out(1),
         })
 
     def elaborate(self, platform):
         m = Module()
-        w_sign, w_mag, w_nan = Signal(), Signal(MAG_BITS), Signal()
+        w_sign, w_mag, w_nan, w_zero = Signal(), Signal(MAG_BITS), Signal(), Signal()
         with m.If(self.w_load):
-            m.d.sync += [w_sign.eq(self.w_sign), w_mag.eq(self.w_mag), w_nan.eq(self.w_nan)]
+            m.d.sync += [w_sign.eq(self.w_sign), w_mag.eq(self.w_mag), w_nan.eq(self.w_nan), w_zero.eq(self.w_zero)]
         # pass the activation along the row
         m.d.sync += [self.a_valid_out.eq(self.a_valid), self.a_sign_out.eq(self.a_sign),
-                     self.a_mag_out.eq(self.a_mag), self.a_nan_out.eq(self.a_nan)]
+                     self.a_mag_out.eq(self.a_mag), self.a_nan_out.eq(self.a_nan), self.a_zero_out.eq(self.a_zero)]
         # stage 1: the exact product (a MULT18X18D with its output register) and psum_in
         product = Signal(2 * MAG_BITS)
         negative = Signal()
@@ -97,11 +101,15 @@ class BlockPE(wiring.Component):
         psum = Signal(signed(self.width))
         negs = Signal(NEG_BITS)
         nan_above = Signal()
+        neg_zero = Signal()              # this slot keeps "every product -0" (idle slots too)
+        neg_zero_above = Signal()
         m.d.sync += [
             product.eq(Mux(self.a_valid, self.a_mag * w_mag, 0)),
             negative.eq(self.a_valid & (self.a_sign ^ w_sign)),
             nan.eq(self.a_valid & (self.a_nan | w_nan)),
+            neg_zero.eq(~self.a_valid | ((self.a_zero | w_zero) & (self.a_sign ^ w_sign))),
             psum.eq(self.psum_in), negs.eq(self.negs_in), nan_above.eq(self.nan_in),
+            neg_zero_above.eq(self.neg_zero_in),
         ]
         # stage 2: one adder. A negative product is added as its one's complement (~p = -p - 1);
         # the missing +1s are counted down the column in ``negs`` and added once below the array.
@@ -111,5 +119,53 @@ class BlockPE(wiring.Component):
             self.psum_out.eq(psum + Mux(negative, ~wide, wide)),
             self.negs_out.eq(negs + negative),
             self.nan_out.eq(nan_above | nan),
+            self.neg_zero_out.eq(neg_zero_above & neg_zero),
         ]
+        return m
+
+
+class BlockRound(wiring.Component):
+    """Below a column: an exact E4M3 block sum rounded once to binary32 (docs/numerics.md
+    section 3, block accumulation). Combinational.
+
+    ``total`` is the block's exact sum in units of 2^-18 (``width`` bits, two's complement: the
+    column's ``psum_out + negs_out``, summed over the block's K tiles), ``nan`` a NaN product
+    in the block, ``neg_zero`` every product -0. ``result`` is the binary32 bits: round to
+    nearest, ties to even (a leading-zero count, a normalising shift, one increment); an
+    exact zero is -0 only with ``neg_zero``; NaN is the canonical 0x7FC00000. The sum is never
+    subnormal: it is 0 or at least 2^-18.
+    """
+
+    def __init__(self, width):
+        if width < 26:
+            raise ValueError(f"width must be at least 26 bits, not {width}")
+        self.width = width
+        super().__init__({"total": In(signed(width)), "nan": In(1), "neg_zero": In(1), "result": Out(32)})
+
+    def elaborate(self, platform):
+        from .arith import leading_zeros
+        m = Module()
+        w = self.width
+        t = self.total
+        negative = Signal()
+        mag = Signal(w)
+        m.d.comb += [negative.eq(t < 0), mag.eq(Mux(t < 0, -t, t))]
+        lz = leading_zeros(m, mag, "round_lz")
+        norm = Signal(w)
+        m.d.comb += norm.eq(mag << lz)
+        mant = norm[w - 24:w]
+        round_bit = norm[w - 25]
+        sticky = norm[0:w - 25].any()
+        rounded = Signal(25)
+        m.d.comb += rounded.eq(mant + (round_bit & (sticky | mant[0])))
+        over = rounded[24]
+        exponent = Signal(10)
+        m.d.comb += exponent.eq(w - 1 - lz - 18 + 127 + over)
+        frac = Mux(over, rounded[1:24], rounded[0:23])
+        with m.If(self.nan):
+            m.d.comb += self.result.eq(0x7FC00000)
+        with m.Elif(mag == 0):
+            m.d.comb += self.result.eq(self.neg_zero << 31)
+        with m.Else():
+            m.d.comb += self.result.eq(frac | (exponent[0:8] << 23) | (negative << 31))
         return m

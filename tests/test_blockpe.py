@@ -5,7 +5,7 @@ products against the golden model's exact block partial (golden.block_partial)."
 import torch
 from amaranth.hdl import Module
 from amaranth.sim import Simulator
-from fp8npu.hdl.blockpe import MAG_BITS, BlockPE, E4M3Decode, column_width
+from fp8npu.hdl.blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width
 from fp8npu.hdl.formats import E4M3
 from fp8npu.sim import golden
 
@@ -32,9 +32,10 @@ def test_decoder_on_every_code():
 
 
 def test_a_column_of_pes_sums_exactly():
-    """R PEs in a column, weights loaded, activations skewed one cycle per row: the column's
-    output is the exact sum of the R products (and NaN when one is NaN), for 400 rows of
-    random E4M3 codes, NaNs included, every magnitude."""
+    """R PEs in a column, weights loaded, activations skewed two cycles per row, BlockRound
+    below: the column's sum is the exact sum of the R products (NaN when one is NaN) and its
+    rounding golden.block_round's bits (-0 when every product is -0), for 400 rows of random
+    E4M3 codes, NaNs and zeros of both signs included, every magnitude."""
     rows, n = 8, 400
     width = column_width(rows)
     m = Module()
@@ -45,14 +46,22 @@ def test_a_column_of_pes_sums_exactly():
         m.submodules[f"pe{i}"] = pe
         m.submodules[f"dw{i}"] = dw
         m.submodules[f"da{i}"] = da
-        m.d.comb += [pe.w_sign.eq(dw.sign), pe.w_mag.eq(dw.mag), pe.w_nan.eq(dw.nan),
-                     pe.a_sign.eq(da.sign), pe.a_mag.eq(da.mag), pe.a_nan.eq(da.nan)]
+        m.d.comb += [pe.w_sign.eq(dw.sign), pe.w_mag.eq(dw.mag), pe.w_nan.eq(dw.nan), pe.w_zero.eq(dw.zero),
+                     pe.a_sign.eq(da.sign), pe.a_mag.eq(da.mag), pe.a_nan.eq(da.nan), pe.a_zero.eq(da.zero)]
         if i:
             m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.negs_in.eq(pes[i - 1].negs_out),
-                         pe.nan_in.eq(pes[i - 1].nan_out)]
+                         pe.nan_in.eq(pes[i - 1].nan_out), pe.neg_zero_in.eq(pes[i - 1].neg_zero_out)]
+        else:
+            m.d.comb += pe.neg_zero_in.eq(1)
+    m.submodules.round = rnd = BlockRound(width + 1)
+    m.d.comb += [rnd.total.eq(pes[-1].psum_out + pes[-1].negs_out), rnd.nan.eq(pes[-1].nan_out),
+                 rnd.neg_zero.eq(pes[-1].neg_zero_out)]
     gen = torch.Generator().manual_seed(11)
     w = torch.randint(0, 256, (rows,), generator=gen, dtype=torch.uint8)
+    w[:3] = torch.tensor([0x00, 0x80, 0x41], dtype=torch.uint8)         # zeros of both signs
     a = torch.randint(0, 256, (n, rows), generator=gen, dtype=torch.uint8)
+    a[:100, 2:] = 0x00                                                   # rows of zero products
+    a[:50] = torch.where(w >= 0x80, 0x00, 0x80).to(torch.uint8)         # zeros signed against w: all -0
     got = []
 
     async def bench(ctx):
@@ -71,7 +80,8 @@ def test_a_column_of_pes_sums_exactly():
             await ctx.tick()
             s = t - 2 * (rows - 1) - 1
             if 0 <= s < n:
-                got.append((ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out), ctx.get(pes[-1].nan_out)))
+                got.append((ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out), ctx.get(pes[-1].nan_out),
+                            ctx.get(rnd.result)))
 
     sim = Simulator(m)
     sim.add_clock(1e-6)
@@ -79,8 +89,67 @@ def test_a_column_of_pes_sums_exactly():
     sim.run()
     part = golden.block_partial(a.T, w.unsqueeze(1).expand(rows, n), E4M3, E4M3)
     exact = (part["hi"] * (1 << 32) + part["lo"]).tolist()             # units of 2^-32
-    for s, (psum, nan) in enumerate(got):
+    rounded = (golden.block_round(part).to(torch.int64) & 0xFFFFFFFF).tolist()
+    for s, (psum, nan, result) in enumerate(got):
         assert nan == bool(part["nan"][s]), s
         if not nan:
             assert psum * (1 << 14) == exact[s], (s, psum, exact[s])    # PE units are 2^-18
+        assert result == rounded[s], (s, hex(result), hex(rounded[s]))   # the column's rounded block sum
     assert len(got) == n
+    assert sum(r == 0x80000000 for r in rounded) > 10 and sum(r == 0 for r in rounded) > 10
+
+
+def test_block_round_against_the_golden_rounding():
+    """BlockRound on exact sums of every size: sums of random E4M3 blocks (NaN, zeros and
+    cancellation included) and crafted integers (ties, just off ties, carries into the next
+    binade, single units), against golden.block_round bit for bit."""
+    width = 48
+    gen = torch.Generator().manual_seed(12)
+    totals, nans, negzeros, want = [], [], [], []
+    # sums of real blocks of up to 128 products
+    for length in (1, 2, 16, 128):
+        a = torch.randint(0, 256, (length, 300), generator=gen, dtype=torch.uint8)
+        b = torch.randint(0, 256, (length, 300), generator=gen, dtype=torch.uint8)
+        b[:, :40] = 0x80                                      # -0 products where a is positive
+        a[:, :40] &= 0x7F
+        a[:, 40:60] = a[:, 40:60] ^ 0x80 * (torch.arange(length) % 2 == 1).to(torch.uint8)[:, None]
+        part = golden.block_partial(a, b, E4M3, E4M3)
+        exact = part["hi"] * (1 << 32) + part["lo"]           # units of 2^-32
+        totals += (exact >> 14).tolist()                      # E4M3 products: multiples of 2^-18
+        nans += part["nan"].tolist()
+        negzeros += part["neg_zero"].tolist()
+        want += golden.block_round(part).tolist()
+    # crafted: ties at every binade, one unit off, all-ones carries, single units
+    crafted = []
+    for top in range(25, 47):
+        base = 1 << top
+        half = 1 << (top - 24)
+        crafted += [base + half, base + 3 * half, base + half + 1, base + half - 1, (1 << (top + 1)) - 1]
+    crafted += [1, 2, 3, (1 << 24) - 1, 1 << 24, (1 << 24) + 1]
+    crafted += [-c for c in crafted]
+    for c in crafted:
+        v = torch.tensor([c << 14], dtype=torch.int64)        # back to units of 2^-32
+        state = {"hi": v >> 32, "lo": v & 0xFFFFFFFF, "nan": torch.tensor([False]),
+                 "pos_inf": torch.tensor([False]), "neg_inf": torch.tensor([False]),
+                 "neg_zero": torch.tensor([False])}
+        totals.append(c)
+        nans.append(False)
+        negzeros.append(False)
+        want += golden.block_round(state).tolist()
+    dut = BlockRound(width)
+    got = []
+
+    async def bench(ctx):
+        for t, nan, nz in zip(totals, nans, negzeros):
+            ctx.set(dut.total, int(t))
+            ctx.set(dut.nan, int(nan))
+            ctx.set(dut.neg_zero, int(nz))
+            await ctx.delay(1e-6)
+            got.append(ctx.get(dut.result))
+
+    sim = Simulator(dut)
+    sim.add_testbench(bench)
+    sim.run()
+    bad = [(t, hex(g), hex(w & 0xFFFFFFFF)) for t, g, w in zip(totals, got, want) if g != w & 0xFFFFFFFF]
+    assert not bad, bad[:5]
+    assert len(got) > 1300
