@@ -419,21 +419,22 @@ def run_pe_bench(echo=print, fmax=True):
     from fp8npu.hdl.blockpe import BlockPE, column_width
 
     class Registered(wiring.Component):
-        """The PE with registered inputs, so that every timing path runs register to register."""
+        """A component with registered inputs and outputs, so that every timing path runs
+        register to register."""
 
-        def __init__(self, width):
-            self.pe = BlockPE(width)
+        def __init__(self, inner):
+            self.inner = inner
             super().__init__({name: (wiring.In(m.shape) if m.flow == wiring.In else wiring.Out(m.shape))
-                              for name, m in self.pe.signature.members.items()})
+                              for name, m in inner.signature.members.items()})
 
         def elaborate(self, platform):
             m = Module()
-            m.submodules.pe = pe = self.pe
-            for name, member in pe.signature.members.items():
+            m.submodules.inner = inner = self.inner
+            for name, member in inner.signature.members.items():
                 if member.flow == wiring.In:
-                    m.d.sync += getattr(pe, name).eq(getattr(self, name))
+                    m.d.sync += getattr(inner, name).eq(getattr(self, name))
                 else:
-                    m.d.comb += getattr(self, name).eq(getattr(pe, name))
+                    m.d.sync += getattr(self, name).eq(getattr(inner, name))
             return m
 
     echo("Block-accumulation processing element (E4M3 operands, exact 36-bit products, column sum of "
@@ -447,14 +448,21 @@ def run_pe_bench(echo=print, fmax=True):
         line = f"  {name:<12} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
         if fmax:
             netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
-            synthesize(to_verilog(Registered(width), "top"), "top", "ecp5", json_out=netlist, options=options)
+            synthesize(to_verilog(Registered(BlockPE(width)), "top"), "top", "ecp5", json_out=netlist,
+                       options=options)
             line += f" {ecp5_fmax(netlist):>10.1f} MHz"
         echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
     from fp8npu.hdl.blockpe import BlockRound
-    t0 = time.perf_counter()
-    size = synthesize(to_verilog(BlockRound(width + 3), "top"), "top", "ecp5")
-    echo(f"  per column, once: BlockRound (exact block sum of {width + 3} bits -> binary32, combinational): "
-         f"{size.luts:,} LUT4 ({size.carries} CCU2C)   ({time.perf_counter() - t0:.0f} s)")
+    echo(f"  per column, once: BlockRound (an exact block sum of {width + 3} bits rounded to binary32):")
+    for stages in (0, 2, 3):
+        t0 = time.perf_counter()
+        size = synthesize(to_verilog(BlockRound(width + 3, stages), "top"), "top", "ecp5")
+        line = (f"    {stages} pipeline stages: {size.luts:,} LUT4 ({size.carries} CCU2C), {size.ffs} FF")
+        if fmax:
+            netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+            synthesize(to_verilog(Registered(BlockRound(width + 3, stages)), "top"), "top", "ecp5", json_out=netlist)
+            line += f", {ecp5_fmax(netlist):.1f} MHz"
+        echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
     echo("  (the PE: its weight and activation registers and the column-sum register; the FP32 "
          "accumulation of the rounded block sums also comes once per column)")
     return 0

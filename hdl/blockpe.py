@@ -126,7 +126,7 @@ class BlockPE(wiring.Component):
 
 class BlockRound(wiring.Component):
     """Below a column: an exact E4M3 block sum rounded once to binary32 (docs/numerics.md
-    section 3, block accumulation). Combinational.
+    section 3, block accumulation).
 
     ``total`` is the block's exact sum in units of 2^-18 (``width`` bits, two's complement: the
     column's ``psum_out + negs_out``, summed over the block's K tiles), ``nan`` a NaN product
@@ -134,25 +134,50 @@ class BlockRound(wiring.Component):
     nearest, ties to even (a leading-zero count, a normalising shift, one increment); an
     exact zero is -0 only with ``neg_zero``; NaN is the canonical 0x7FC00000. The sum is never
     subnormal: it is 0 or at least 2^-18.
+
+    ``stages`` (0..3) pipeline registers: after the magnitude and its leading-zero count (1),
+    after the normalising shift (2), and after the two's complement magnitude (3). Latency
+    ``stages`` cycles, throughput one sum per cycle.
     """
 
-    def __init__(self, width):
+    def __init__(self, width, stages=0):
         if width < 26:
             raise ValueError(f"width must be at least 26 bits, not {width}")
-        self.width = width
+        if stages not in (0, 1, 2, 3):
+            raise ValueError(f"stages must be 0, 1, 2 or 3, not {stages!r}")
+        self.width, self.stages = width, stages
         super().__init__({"total": In(signed(width)), "nan": In(1), "neg_zero": In(1), "result": Out(32)})
 
     def elaborate(self, platform):
-        from .arith import leading_zeros
+        from .arith import leading_zeros, pipe
         m = Module()
         w = self.width
         t = self.total
-        negative = Signal()
-        mag = Signal(w)
-        m.d.comb += [negative.eq(t < 0), mag.eq(Mux(t < 0, -t, t))]
-        lz = leading_zeros(m, mag, "round_lz")
-        norm = Signal(w)
-        m.d.comb += norm.eq(mag << lz)
+        # section 1: sign, magnitude, leading zeros
+        mag_c = Signal(w)
+        m.d.comb += mag_c.eq(Mux(t < 0, -t, t))
+        r0 = self.stages >= 3
+        mag0 = pipe(m, mag_c, r0, "round_mag0")
+        negative = pipe(m, t < 0, r0, "round_neg0")
+        nan = pipe(m, self.nan, r0, "round_nan0")
+        neg_zero = pipe(m, self.neg_zero, r0, "round_nz0")
+        lz0 = leading_zeros(m, mag0, "round_lz")
+        r1 = self.stages >= 1
+        negative = pipe(m, negative, r1, "round_neg1")
+        mag = pipe(m, mag0, r1, "round_mag1")
+        lz = pipe(m, lz0, r1, "round_lz1")
+        nan = pipe(m, nan, r1, "round_nan1")
+        neg_zero = pipe(m, neg_zero, r1, "round_nz1")
+        # section 2: normalise
+        norm0 = Signal(w)
+        m.d.comb += norm0.eq(mag << lz)
+        r2 = self.stages >= 2
+        norm = pipe(m, norm0, r2, "round_norm2")
+        lz = pipe(m, lz, r2, "round_lz2")
+        negative = pipe(m, negative, r2, "round_neg2")
+        nan = pipe(m, nan, r2, "round_nan2")
+        neg_zero = pipe(m, neg_zero, r2, "round_nz2")
+        # section 3: round to nearest even and pack
         mant = norm[w - 24:w]
         round_bit = norm[w - 25]
         sticky = norm[0:w - 25].any()
@@ -162,10 +187,10 @@ class BlockRound(wiring.Component):
         exponent = Signal(10)
         m.d.comb += exponent.eq(w - 1 - lz - 18 + 127 + over)
         frac = Mux(over, rounded[1:24], rounded[0:23])
-        with m.If(self.nan):
+        with m.If(nan):
             m.d.comb += self.result.eq(0x7FC00000)
-        with m.Elif(mag == 0):
-            m.d.comb += self.result.eq(self.neg_zero << 31)
+        with m.Elif(norm[w - 1] == 0):                 # zero (a normalised non-zero has its top bit set)
+            m.d.comb += self.result.eq(neg_zero << 31)
         with m.Else():
             m.d.comb += self.result.eq(frac | (exponent[0:8] << 23) | (negative << 31))
         return m

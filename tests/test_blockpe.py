@@ -100,7 +100,7 @@ def test_a_column_of_pes_sums_exactly():
 
 
 def test_block_round_against_the_golden_rounding():
-    """BlockRound on exact sums of every size: sums of random E4M3 blocks (NaN, zeros and
+    """BlockRound (combinational, and with 1 to 3 pipeline stages) on exact sums of every size: sums of random E4M3 blocks (NaN, zeros and
     cancellation included) and crafted integers (ties, just off ties, carries into the next
     binade, single units), against golden.block_round bit for bit."""
     width = 48
@@ -136,20 +136,29 @@ def test_block_round_against_the_golden_rounding():
         nans.append(False)
         negzeros.append(False)
         want += golden.block_round(state).tolist()
-    dut = BlockRound(width)
-    got = []
+    for stages in (0, 1, 2, 3):
+        dut = BlockRound(width, stages)
+        got = []
 
-    async def bench(ctx):
-        for t, nan, nz in zip(totals, nans, negzeros):
-            ctx.set(dut.total, int(t))
-            ctx.set(dut.nan, int(nan))
-            ctx.set(dut.neg_zero, int(nz))
-            await ctx.delay(1e-6)
-            got.append(ctx.get(dut.result))
+        async def bench(ctx, dut=dut, got=got, stages=stages):
+            lag = max(stages - 1, 0)        # after the tick that ends cycle i, result holds input i - lag
+            for i in range(len(totals) + lag):
+                if i < len(totals):
+                    ctx.set(dut.total, int(totals[i]))
+                    ctx.set(dut.nan, int(nans[i]))
+                    ctx.set(dut.neg_zero, int(negzeros[i]))
+                if stages:
+                    await ctx.tick()
+                else:
+                    await ctx.delay(1e-6)
+                if i >= lag:
+                    got.append(ctx.get(dut.result))
 
-    sim = Simulator(dut)
-    sim.add_testbench(bench)
-    sim.run()
-    bad = [(t, hex(g), hex(w & 0xFFFFFFFF)) for t, g, w in zip(totals, got, want) if g != w & 0xFFFFFFFF]
-    assert not bad, bad[:5]
-    assert len(got) > 1300
+        sim = Simulator(dut)
+        if stages:
+            sim.add_clock(1e-6)
+        sim.add_testbench(bench)
+        sim.run()
+        bad = [(t, hex(g), hex(w & 0xFFFFFFFF)) for t, g, w in zip(totals, got, want) if g != w & 0xFFFFFFFF]
+        assert not bad, (stages, bad[:5])
+        assert len(got) == len(totals) > 1300
