@@ -7,21 +7,23 @@ MULT18X18D on ECP5), and the sum of a column's products is an exact integer too:
 floating-point adder, no rounding inside the array. Normalisation, the one rounding and the
 FP32 accumulation happen once per column, below the array.
 
-* :class:`E4M3Decode` — code -> (sign, 18-bit magnitude, NaN), combinational. Weights are
+* :class:`E4M3Decode` — code -> (sign, 18-bit magnitude, NaN, zero), combinational. Weights are
   stationary, so a weight is decoded once when it is loaded; an activation once where it
   enters its row, and passed along the row already decoded.
 * :class:`BlockPE` — one processing element: a stationary decoded weight, and
-  ``psum_out = psum_in + (-1)^sign * a * w`` with a NaN flag passed down the column.
+  ``psum_out = psum_in + (-1)^sign * a * w`` with NaN and negative-zero flags passed down
+  the column.
+* :class:`BlockRound` — below a column: the exact block sum rounded once to binary32.
 
 BlockPE ports
 -------------
 ==============  ====  ==================================================================
-``w_load``      in    load the stationary weight from ``w_sign``/``w_mag``/``w_nan``
-``a_sign/mag``  in    the activation (decoded), ``a_nan`` its NaN flag, ``a_valid``
+``w_load``      in    load the stationary weight from ``w_sign``/``w_mag``/``w_nan``/``w_zero``
+``a_sign/mag``  in    the activation (decoded), ``a_nan``/``a_zero`` its flags, ``a_valid``
 ``a_*_out``     out   the same, one cycle later (to the next column of the row)
 ``psum_in``     in    the column's partial sum from the PE above (``width`` bits, two's
                       complement, units of 2^-18), ``negs_in`` its count of negative
-                      products, ``nan_in`` its NaN flag
+                      products, ``nan_in`` and ``neg_zero_in`` its flags
 ``psum_out``    out   ``psum_in + product`` (a negative product as its one's complement:
                       the column's exact sum is ``psum_out + negs_out`` at the bottom),
                       ``negs_out``, ``nan_out``, ``neg_zero_out`` (every product so far is
