@@ -14,7 +14,8 @@ model gets.
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RMSNorm", "SwiGLU", "MixtralMoE", "DecoderBlock", "decoder_block", "mixtral_moe", "modes"]
+__all__ = ["RMSNorm", "rotate_half", "rope_tables", "SwiGLU", "MixtralExpert", "MixtralMoE", "Attention",
+           "DecoderBlock", "decoder_block", "mixtral_moe", "modes"]
 
 
 class RMSNorm(torch.nn.Module):
@@ -30,6 +31,13 @@ class RMSNorm(torch.nn.Module):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(dim, max_len):
+    """Rotary embedding tables (cos, sin) [max_len, dim], as Llama computes them."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    emb = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
+    return emb.cos(), emb.sin()
 
 
 class SwiGLU(torch.nn.Module):
@@ -78,19 +86,19 @@ class MixtralMoE(torch.nn.Module):
 
 class Attention(torch.nn.Module):
     """Grouped-query attention with rotary embeddings, a causal mask from the positions, and a
-    static KV cache of ``max_len`` positions."""
+    static KV cache of ``max_len`` positions; ``sdpa`` picks F.scaled_dot_product_attention or
+    the same written by hand (QK^T, masked softmax, PV)."""
 
-    def __init__(self, d, heads, kv_heads, max_len):
+    def __init__(self, d, heads, kv_heads, max_len, sdpa=True):
         super().__init__()
-        self.h, self.kvh, self.hd, self.max_len = heads, kv_heads, d // heads, max_len
+        self.h, self.kvh, self.hd, self.max_len, self.sdpa = heads, kv_heads, d // heads, max_len, sdpa
         self.q_proj = torch.nn.Linear(d, d, bias=False)
         self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
         self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
         self.o_proj = torch.nn.Linear(d, d, bias=False)
-        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
-        emb = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(self.hd, max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.hd))
         self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, self.hd))
 
@@ -106,17 +114,21 @@ class Attention(torch.nn.Module):
         keys = self.k_cache.repeat_interleave(self.h // self.kvh, dim=1)
         values = self.v_cache.repeat_interleave(self.h // self.kvh, dim=1)
         mask = torch.arange(self.max_len)[None, :] <= pos[:, None]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            s = q @ keys.transpose(-1, -2) / self.hd ** 0.5
+            y = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ values
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class DecoderBlock(torch.nn.Module):
     """A Llama-style decoder block; the FFN is SwiGLU, or a Mixtral MoE with ``experts`` > 0."""
 
-    def __init__(self, d=64, heads=4, kv_heads=2, ffn=128, max_len=32, experts=0, top_k=2):
+    def __init__(self, d=64, heads=4, kv_heads=2, ffn=128, max_len=32, experts=0, top_k=2, sdpa=True):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
-        self.self_attn = Attention(d, heads, kv_heads, max_len)
+        self.self_attn = Attention(d, heads, kv_heads, max_len, sdpa)
         self.mlp = MixtralMoE(d, ffn, experts, top_k) if experts else SwiGLU(d, ffn)
 
     def forward(self, x, pos):

@@ -569,13 +569,19 @@ def lower_gemm(prog, cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=
     several row counts): they are used as they are (their size must match) and not added to
     ``prog``; the values given for those roles only fix shapes.
     """
+    g = _checked_args(cfg, runtime, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias,
+                      block_scales, block_k)
+    return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime), shared=shared or {})
+
+
+def _checked_args(cfg, runtime, *args):
+    """The :class:`GemmArgs` of a lowering, its runtime roles and formats checked."""
     unknown = set(runtime) - set(RUNTIME_OPERANDS)
     if unknown:
         raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
-    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
-                           block_k)
+    g = GemmArgs.from_args(*args)
     _check_formats(cfg, g)
-    return _lower(prog, cfg, g, base_name=f"{name}.", runtime=tuple(runtime), shared=shared or {})
+    return g
 
 
 def lower_gemm_batch(prog, cfg, batch, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, saturate=True,
@@ -586,12 +592,8 @@ def lower_gemm_batch(prog, cfg, batch, a_codes, b_codes, fmt_a, fmt_b, out="fp32
     form one pipelined stream with no barrier between them; else they are fenced."""
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}")
-    unknown = set(runtime) - set(RUNTIME_OPERANDS)
-    if unknown:
-        raise ValueError(f"runtime operands must be among {', '.join(RUNTIME_OPERANDS)}, not {sorted(unknown)}")
-    g = GemmArgs.from_args(a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
-                           block_k)
-    _check_formats(cfg, g)
+    g = _checked_args(cfg, runtime, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias,
+                      block_scales, block_k)
     return _lower_batch(prog, cfg, [g] * batch, [f"{name}.{b}." for b in range(batch)], tuple(runtime),
                         [{} for _ in range(batch)])
 

@@ -158,27 +158,16 @@ class BlockRound(wiring.Component):
         # section 1: sign, magnitude, leading zeros
         mag_c = Signal(w)
         m.d.comb += mag_c.eq(Mux(t < 0, -t, t))
-        r0 = self.stages >= 3
-        mag0 = pipe(m, mag_c, r0, "round_mag0")
-        negative = pipe(m, t < 0, r0, "round_neg0")
-        nan = pipe(m, self.nan, r0, "round_nan0")
-        neg_zero = pipe(m, self.neg_zero, r0, "round_nz0")
-        lz0 = leading_zeros(m, mag0, "round_lz")
-        r1 = self.stages >= 1
-        negative = pipe(m, negative, r1, "round_neg1")
-        mag = pipe(m, mag0, r1, "round_mag1")
-        lz = pipe(m, lz0, r1, "round_lz1")
-        nan = pipe(m, nan, r1, "round_nan1")
-        neg_zero = pipe(m, neg_zero, r1, "round_nz1")
+        def stage(values, registered, n):
+            return {k: pipe(m, v, registered, f"round_{k}{n}") for k, v in values.items()}
+
+        v = stage({"mag": mag_c, "neg": t < 0, "nan": self.nan, "nz": self.neg_zero}, self.stages >= 3, 0)
+        v = stage(dict(v, lz=leading_zeros(m, v["mag"], "round_lz")), self.stages >= 1, 1)
         # section 2: normalise
         norm0 = Signal(w)
-        m.d.comb += norm0.eq(mag << lz)
-        r2 = self.stages >= 2
-        norm = pipe(m, norm0, r2, "round_norm2")
-        lz = pipe(m, lz, r2, "round_lz2")
-        negative = pipe(m, negative, r2, "round_neg2")
-        nan = pipe(m, nan, r2, "round_nan2")
-        neg_zero = pipe(m, neg_zero, r2, "round_nz2")
+        m.d.comb += norm0.eq(v.pop("mag") << v["lz"])
+        v = stage(dict(v, norm=norm0), self.stages >= 2, 2)
+        norm, lz, negative, nan, neg_zero = v["norm"], v["lz"], v["neg"], v["nan"], v["nz"]
         # section 3: round to nearest even and pack
         mant = norm[w - 24:w]
         round_bit = norm[w - 25]

@@ -93,6 +93,23 @@ class NPUSimulation:
             self.model = RTLModel(lambda: NPU(self.cfg), f"npu_{key}", waves=waves,
                                   identity=f"NPU {self.cfg.to_json()}")
 
+    def _job(self, d, dram, launches=(), **settings):
+        """The testbench job for folder ``d`` with the image ``dram`` written there (a hex file
+        the simulator loads, or a binary the AxiSlave model reads), and the plusargs to run it."""
+        plusargs = []
+        if self.fast_dram_bytes:
+            from .simdram import write_hex
+            write_hex(d / "dram_in.hex", dram, self.cfg.bus_bytes)
+            plusargs = [f"+fp8npu_dram_in={d / 'dram_in.hex'}", f"+fp8npu_dram_out={d / 'dram_out.hex'}",
+                        f"+fp8npu_dram_load={d / 'dram_load.hex'}"]
+        else:
+            (d / "dram_in.bin").write_bytes(bytes(dram))
+        job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
+               "result": str(d / "result.json"), "dram_size": len(dram), "launches": list(launches),
+               "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
+               "dram_hex_out": str(d / "dram_out.hex"), "dram_hex_load": str(d / "dram_load.hex"), **settings}
+        return job, plusargs
+
     def open(self, dram, **options):
         """A long-lived :class:`RTLSession` on the DRAM image ``dram`` (options as for
         :meth:`run_many`, except ``launches``)."""
@@ -144,20 +161,8 @@ class NPUSimulation:
                 raise ValueError(problem)
             checked.append({"writes": [[int(r), int(v)] for r, v in writes]})
         with run_folder(run_dir, "fp8npu-run-") as d:
-            plusargs = []
-            if self.fast_dram_bytes:
-                from .simdram import write_hex
-                write_hex(d / "dram_in.hex", dram, self.cfg.bus_bytes)
-                plusargs = [f"+fp8npu_dram_in={d / 'dram_in.hex'}", f"+fp8npu_dram_out={d / 'dram_out.hex'}",
-                            f"+fp8npu_dram_load={d / 'dram_load.hex'}"]
-            else:
-                (d / "dram_in.bin").write_bytes(dram)
-            job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
-                   "result": str(d / "result.json"), "dram_size": len(dram), "launches": checked,
-                   "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
-                   "fast": bool(self.fast_dram_bytes), "bus_bytes": self.cfg.bus_bytes,
-                   "dram_hex_out": str(d / "dram_out.hex"), "dram_hex_load": str(d / "dram_load.hex"),
-                   "mapped_bytes": mapped_bytes}
+            job, plusargs = self._job(d, dram, backpressure=backpressure, seed=seed, max_cycles=max_cycles,
+                                      mapped_bytes=mapped_bytes, launches=checked)
             if progress:
                 job["progress"] = str(d / "progress.jsonl")
                 job["poll"] = progress_cycles
@@ -215,22 +220,10 @@ class RTLSession:
         self.dir = Path(tempfile.mkdtemp(prefix="fp8npu-rtl-")) if run_dir is None else Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         d = self.dir
-        plusargs = []
-        if sim.fast_dram_bytes:
-            from .simdram import write_hex
-            write_hex(d / "dram_in.hex", dram, sim.cfg.bus_bytes)
-            plusargs = [f"+fp8npu_dram_in={d / 'dram_in.hex'}", f"+fp8npu_dram_out={d / 'dram_out.hex'}",
-                        f"+fp8npu_dram_load={d / 'dram_load.hex'}"]
-        else:
-            (d / "dram_in.bin").write_bytes(bytes(dram))
         sock_path = Path(tempfile.mkdtemp(prefix="fp8npu-sock-")) / "npu.sock"    # short: socket paths are limited
         self._sock_dir = sock_path.parent
-        job = {"dram_in": str(d / "dram_in.bin"), "dram_out": str(d / "dram_out.bin"),
-               "result": str(d / "result.json"), "dram_size": len(dram), "launches": [],
-               "backpressure": backpressure, "seed": seed, "max_cycles": max_cycles,
-               "fast": bool(sim.fast_dram_bytes), "bus_bytes": sim.cfg.bus_bytes,
-               "dram_hex_out": str(d / "dram_out.hex"), "dram_hex_load": str(d / "dram_load.hex"),
-               "mapped_bytes": mapped_bytes, "serve": str(sock_path)}
+        job, plusargs = sim._job(d, dram, backpressure=backpressure, seed=seed, max_cycles=max_cycles,
+                                 mapped_bytes=mapped_bytes, serve=str(sock_path))
         if progress:
             job["progress"] = str(d / "progress.jsonl")
             job["poll"] = progress_cycles

@@ -10,12 +10,12 @@ new positions of the cache into the NPU's DRAM.
 
 import io
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8npu.compiler.examples import DecoderBlock, RMSNorm, rope_tables, rotate_half
+from fp8npu.compiler.examples import modes as _modes
 from fp8npu.compiler.model import CompileError, compile, load
 from fp8npu.compiler.runtime import RunError, Session, run
 from fp8npu.hdl.config import NPUConfig
@@ -31,70 +31,10 @@ def _same(a, b):
     return torch.equal(_bits(a), _bits(b))
 
 
-class RMSNorm(torch.nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
-        self.eps = eps
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_tables(dim, max_len):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
-    emb = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
-    return emb.cos(), emb.sin()
-
-
-class LlamaKV(torch.nn.Module):
-    """A Llama decoder block with a static KV cache: forward(x [1, T, D], positions [T])."""
-
-    def __init__(self, d=32, heads=4, kv_heads=2, ffn=48, max_len=8, sdpa=True):
-        super().__init__()
-        self.h, self.kvh, self.hd, self.sdpa, self.max_len = heads, kv_heads, d // heads, sdpa, max_len
-        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
-        self.q_proj = torch.nn.Linear(d, d, bias=False)
-        self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
-        self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=False)
-        self.o_proj = torch.nn.Linear(d, d, bias=False)
-        self.gate_proj = torch.nn.Linear(d, ffn, bias=False)
-        self.up_proj = torch.nn.Linear(d, ffn, bias=False)
-        self.down_proj = torch.nn.Linear(ffn, d, bias=False)
-        cos, sin = rope_tables(self.hd, max_len)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.hd))
-        self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, self.hd))
-
-    def attention(self, x, pos):
-        b, t, d = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kvh, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kvh, self.hd).transpose(1, 2)
-        cos, sin = self.cos[pos], self.sin[pos]
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
-        keys = self.k_cache.repeat_interleave(self.h // self.kvh, dim=1)
-        values = self.v_cache.repeat_interleave(self.h // self.kvh, dim=1)
-        mask = torch.arange(self.max_len)[None, :] <= pos[:, None]
-        if self.sdpa:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        else:
-            s = q @ keys.transpose(-1, -2) / math.sqrt(self.hd)
-            y = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ values
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
-
-    def forward(self, x, pos):
-        x = x + self.attention(self.attn_norm(x), pos)
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+def LlamaKV(d=32, heads=4, kv_heads=2, ffn=48, max_len=8, sdpa=True):
+    """A Llama decoder block with a static KV cache (compiler/examples.py, the showcase's block
+    with a SwiGLU MLP): forward(x [1, T, D], positions [T])."""
+    return DecoderBlock(d, heads, kv_heads, ffn, max_len, sdpa=sdpa)
 
 
 class MLA(torch.nn.Module):
@@ -135,10 +75,6 @@ class MLA(torch.nn.Module):
         mask = torch.arange(self.max_len)[None, :] <= pos[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.h * self.v_dim))
-
-
-def _modes(x, prefill):
-    return {"prefill": (x[:, :prefill], torch.arange(prefill)), "decode": (x[:, :1], torch.tensor([prefill]))}
 
 
 def _generate(model, x, prefill, backend="func", **options):
@@ -271,12 +207,11 @@ def test_command_line_prefill_then_decode(tmp_path, capsys):
     from fp8npu.compiler import cli
     factory = tmp_path / "block.py"
     factory.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_decode import LlamaKV, _fresh, _modes\n"
+        "import torch\n"
+        "from fp8npu.compiler.examples import decoder_block, modes\n"
         "def make():\n"
         "    x = torch.randn(1, 8, 32)\n"
-        "    return _fresh(LlamaKV, 18), _modes(x, 4)\n")
+        "    return decoder_block(18, d=32, heads=4, kv_heads=2, ffn=48, max_len=8), modes(x, 4)\n")
     out = tmp_path / "block.npu"
     assert cli.main(["compile", f"{factory}:make", "-o", str(out), "--config", str(_cfg_file(tmp_path))]) == 0
     assert "modes prefill, decode" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fp8npu.compiler import model as cm
+from fp8npu.compiler.examples import RMSNorm, rotate_half
 from fp8npu.compiler.model import CompileError, ModelFileError, QuantConfig, compile, load
 from fp8npu.compiler.runtime import RunError, Session, npu_totals, run
 from fp8npu.hdl.config import NPUConfig
@@ -212,21 +213,6 @@ def test_lazy_package_exports():
 
 
 # ---- a transformer block, written the way open models write it ---------------------------------
-class RMSNorm(torch.nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Llama(torch.nn.Module):
     """RMSNorm, grouped-query attention with rotary embeddings and a causal mask, SwiGLU MLP,
     residuals. ``sdpa`` picks F.scaled_dot_product_attention or the same by hand."""

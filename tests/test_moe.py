@@ -6,23 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fp8npu.compiler import moe
+from fp8npu.compiler.examples import MixtralExpert
 from fp8npu.compiler.model import compile
 from fp8npu.compiler.runtime import npu_totals, run
 from fp8npu.hdl.config import NPUConfig
 
 CFG = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256)
-
-
-class MixtralExpert(torch.nn.Module):
-    def __init__(self, d, f):
-        super().__init__()
-        self.w1 = torch.nn.Linear(d, f, bias=False)
-        self.w2 = torch.nn.Linear(f, d, bias=False)
-        self.w3 = torch.nn.Linear(d, f, bias=False)
-        self.act_fn = torch.nn.SiLU()
-
-    def forward(self, x):
-        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
 
 
 class MixtralMoE(torch.nn.Module):
