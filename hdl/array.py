@@ -30,14 +30,15 @@ w_we : In(1), w_row : In(range(R)), w_data : In(8 * C)
 out_valid : Out(1), out_addr : Out(16), out_acc : Out(32 * C)
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .fpadd import fp32_add
+from .blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width
+from .fpadd import _STAGE_REGS, fp32_add
 from .fpmul import FP8Multiplier
 
-__all__ = ["MACArray"]
+__all__ = ["MACArray", "BlockArray", "partial_width"]
 
 
 class MACArray(wiring.Component):
@@ -99,4 +100,173 @@ class MACArray(wiring.Component):
         m.d.comb += [self.out_valid.eq(valid), self.out_addr.eq(addr)]
         for j in range(C):
             m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(psum[j])
+        return m
+
+
+def partial_width(rows, acc_block):
+    """Bits of one column's exact block partial in units of 2^-18 (two's complement): a block
+    has at most ``acc_block`` E4M3 products, a K tile at most ``rows``."""
+    return max(column_width(rows), 2 * MAG_BITS + max(1, (acc_block - 1).bit_length()) + 1)
+
+
+class BlockArray(wiring.Component):
+    """The MAC array in block accumulation (docs/numerics.md section 3), E4M3 operands.
+
+    Same dataflow and weight double-buffering as :class:`MACArray`: an R x C weight tile is
+    stationary, one A row enters per cycle, ``a[kk]`` meets its row at stage ``kk``, partial
+    sums move down the columns. But the processing elements (:class:`~.blockpe.BlockPE`) add
+    *exact* products into a fixed-point column sum; there is no floating-point adder in the
+    array. Below each column:
+
+    1. ``P = (accumulate ? PART : exact 0) + column sum``, exactly (the one's-complement
+       corrections the PEs counted are added here). ``P`` is written back to the line's partial
+       (``out_part``) whatever the flags.
+    2. With ``commit``: ``s = round32(P)`` (:class:`~.blockpe.BlockRound`, ``round_stages``
+       registers), then ``ACC = fp32((fresh ? +0 : ACC) + s)`` (one binary32 RNE addition,
+       ``add_stages`` registers) and ``out_commit`` asks for the accumulator line to be written.
+
+    The array reads the two lines it needs itself, when the row reaches them, through
+    ``part_rd_*`` (one cycle before the sum needs it) and ``acc_rd_*`` (one cycle before the
+    addition): both are synchronous-read memory ports, the data coming back on ``part_data`` /
+    ``acc_data`` the next cycle. A row that reads a line must not enter while an earlier row
+    that writes it is inside the array (the compute unit checks that at issue).
+
+    Weights are decoded once when written to the shadow tile (``w_we``) and copied into the
+    PEs of stage ``kk`` by the swapping row ``kk`` cycles after it entered, as in
+    :class:`MACArray`; shadow row ``kk`` may be rewritten from ``kk + 1`` cycles after the
+    swapping row entered.
+
+    A partial line holds, per column, ``pw`` = :func:`partial_width` bits of ``P`` then its
+    NaN flag and its negative-zero flag (every product -0); an all-zero line is the exact +0
+    of an empty block.
+
+    Latency :attr:`latency` = R + 3 + ``round_stages`` + ``add_stages`` cycles from
+    ``in_valid`` to ``out_valid``; throughput one row (R x C MACs) per cycle.
+
+    Members
+    -------
+    in_valid, in_swap : In(1)
+    in_a : In(8 * R), in_k : In(range(R + 1)), in_addr : In(16)
+    in_accum, in_commit, in_fresh : In(1)       the MATMUL's accumulate, commit, fresh
+    w_we : In(1), w_row : In(range(R)), w_data : In(8 * C)
+    part_rd_en : Out(1), part_rd_addr : Out(16), part_data : In(C * (pw + 2))
+    acc_rd_en : Out(1), acc_rd_addr : Out(16), acc_data : In(32 * C)
+    out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * (pw + 2))
+    """
+
+    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=3):
+        if add_stages not in (1, 2, 3):
+            raise ValueError(f"add_stages must be 1, 2 or 3, not {add_stages!r}")
+        self.rows, self.cols = rows, cols
+        self.pw = pw = partial_width(rows, acc_block)
+        self.round_stages, self.add_stages = round_stages, add_stages
+        self.latency = rows + 3 + round_stages + add_stages
+        super().__init__({
+            "in_valid": In(1), "in_a": In(8 * rows), "in_k": In(range(rows + 1)), "in_addr": In(16),
+            "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
+            "w_we": In(1), "w_row": In(range(max(rows, 2))), "w_data": In(8 * cols),
+            "part_rd_en": Out(1), "part_rd_addr": Out(16), "part_data": In(cols * (pw + 2)),
+            "acc_rd_en": Out(1), "acc_rd_addr": Out(16), "acc_data": In(32 * cols),
+            "out_valid": Out(1), "out_commit": Out(1), "out_addr": Out(16), "out_acc": Out(32 * cols),
+            "out_part": Out(cols * (pw + 2)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        R, C, pw = self.rows, self.cols, self.pw
+        dw = 1 + MAG_BITS + 2                    # a decoded code: sign, magnitude, NaN, zero
+
+        def decode(code, name):
+            m.submodules[name] = dec = E4M3Decode()
+            m.d.comb += dec.code.eq(code)
+            return Cat(dec.sign, dec.mag, dec.nan, dec.zero)
+
+        # shadow tile, decoded as it is written
+        w_dec = [decode(self.w_data[8 * j:8 * j + 8], f"wdec{j}") for j in range(C)]
+        shadow = [Signal(dw * C, name=f"shadow{kk}") for kk in range(R)]
+        with m.If(self.w_we):
+            for kk in range(R):
+                with m.If(self.w_row == kk):
+                    m.d.sync += shadow[kk].eq(Cat(*w_dec))
+
+        # control pipeline: stage s holds the row that entered s cycles ago
+        names = ("valid", "swap", "k", "addr", "accum", "commit", "fresh")
+        ctrl = [{"valid": self.in_valid, "swap": self.in_swap, "k": self.in_k, "addr": self.in_addr,
+                 "accum": self.in_accum, "commit": self.in_commit, "fresh": self.in_fresh}]
+        for s in range(self.latency):
+            regs = {n: Signal.like(ctrl[-1][n], name=f"c{s + 1}_{n}") for n in names}
+            m.d.sync += [regs[n].eq(ctrl[-1][n]) for n in names]
+            ctrl.append(regs)
+
+        # activations: a[kk] reaches stage kk's PEs kk + 1 cycles after entry, decoded, and is
+        # broadcast along its row; stage kk's PEs load the shadow row kk cycles after entry
+        width = column_width(R)
+        above = None
+        for kk in range(R):
+            v = self.in_a[8 * kk:8 * kk + 8]
+            for d in range(kk + 1):
+                r = Signal(8, name=f"a{kk}_d{d + 1}")
+                m.d.sync += r.eq(v)
+                v = r
+            a = decode(v, f"adec{kk}")
+            at = ctrl[kk + 1]
+            load = ctrl[kk]["valid"] & ctrl[kk]["swap"]
+            row = []
+            for j in range(C):
+                pe = BlockPE(width)
+                m.submodules[f"pe_{kk}_{j}"] = pe
+                w = shadow[kk][dw * j:dw * (j + 1)]
+                m.d.comb += [
+                    pe.w_load.eq(load), pe.w_sign.eq(w[0]), pe.w_mag.eq(w[1:1 + MAG_BITS]),
+                    pe.w_nan.eq(w[1 + MAG_BITS]), pe.w_zero.eq(w[2 + MAG_BITS]),
+                    pe.a_valid.eq(at["valid"] & (at["k"] > kk)), pe.a_sign.eq(a[0]),
+                    pe.a_mag.eq(a[1:1 + MAG_BITS]), pe.a_nan.eq(a[1 + MAG_BITS]), pe.a_zero.eq(a[2 + MAG_BITS]),
+                ]
+                if above is None:
+                    m.d.comb += pe.neg_zero_in.eq(1)
+                else:
+                    up = above[j]
+                    m.d.comb += [pe.psum_in.eq(up.psum_out), pe.negs_in.eq(up.negs_out), pe.nan_in.eq(up.nan_out),
+                                 pe.neg_zero_in.eq(up.neg_zero_out)]
+                row.append(pe)
+            above = row
+
+        # below the columns. Stage R + 2: the column sums; the partial line read a cycle before.
+        bottom = R + 2
+        m.d.comb += [self.part_rd_en.eq(ctrl[bottom - 1]["valid"] & ctrl[bottom - 1]["accum"]),
+                     self.part_rd_addr.eq(ctrl[bottom - 1]["addr"])]
+        at = ctrl[bottom]
+        rs, ad = self.round_stages, self.add_stages
+        sum_at = bottom + 1 + rs                 # stage of the binary32 addition's inputs
+        m.d.comb += [self.acc_rd_en.eq(ctrl[sum_at - 1]["valid"] & ctrl[sum_at - 1]["commit"]
+                                       & ~ctrl[sum_at - 1]["fresh"]),
+                     self.acc_rd_addr.eq(ctrl[sum_at - 1]["addr"])]
+        out = ctrl[self.latency]
+        m.d.comb += [self.out_valid.eq(out["valid"]), self.out_commit.eq(out["valid"] & out["commit"]),
+                     self.out_addr.eq(out["addr"])]
+        for j in range(C):
+            pe = above[j]
+            old = self.part_data[(pw + 2) * j:(pw + 2) * (j + 1)]
+            old_total = Signal(signed(pw), name=f"part_in{j}")
+            m.d.comb += old_total.eq(old[0:pw])
+            total = Signal(signed(pw), name=f"part{j}")
+            nan = Signal(name=f"part_nan{j}")
+            neg_zero = Signal(name=f"part_nz{j}")
+            m.d.sync += [
+                total.eq(pe.psum_out + pe.negs_out + Mux(at["accum"], old_total, 0)),
+                nan.eq(pe.nan_out | (at["accum"] & old[pw])),
+                neg_zero.eq(pe.neg_zero_out & (~at["accum"] | old[pw + 1])),
+            ]
+            # stage bottom + 1: the new partial, kept to the output
+            part = Cat(total, nan, neg_zero)
+            for s in range(bottom + 1, self.latency):
+                r = Signal(pw + 2, name=f"part{j}_s{s + 1}")
+                m.d.sync += r.eq(part)
+                part = r
+            m.d.comb += self.out_part[(pw + 2) * j:(pw + 2) * (j + 1)].eq(part)
+            m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs)
+            m.d.comb += [rnd.total.eq(total), rnd.nan.eq(nan), rnd.neg_zero.eq(neg_zero)]
+            start = Mux(ctrl[sum_at]["fresh"], 0, self.acc_data[32 * j:32 * j + 32])
+            s = fp32_add(m, start, rnd.result, _STAGE_REGS[ad], prefix=f"col{j}_")
+            m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)
         return m

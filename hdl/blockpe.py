@@ -30,9 +30,12 @@ BlockPE ports
                       -0; the top of a column feeds 1, an idle slot keeps it)
 ==============  ====  ==================================================================
 
-Latency 2 cycles (product register, sum register; ``psum_in`` is registered with the
-product so that it meets it), throughput one activation per cycle. ``width`` = 36 + log2 of
-the column height + 1 holds any column sum exactly.
+Latency 2 cycles from the activation (product register, sum register) and 1 cycle from
+``psum_in``: the PE below takes its activation one cycle later, so a column is skewed one
+cycle per row, like the sequential array. Throughput one activation per cycle. ``width`` =
+36 + log2 of the column height + 1 holds any column sum exactly. The weight loaded with
+``w_load`` is used by activations from the next cycle on (an activation in the same cycle
+still meets the previous weight).
 """
 
 from amaranth.hdl import Module, Mux, Signal, signed
@@ -96,32 +99,26 @@ class BlockPE(wiring.Component):
         # pass the activation along the row
         m.d.sync += [self.a_valid_out.eq(self.a_valid), self.a_sign_out.eq(self.a_sign),
                      self.a_mag_out.eq(self.a_mag), self.a_nan_out.eq(self.a_nan), self.a_zero_out.eq(self.a_zero)]
-        # stage 1: the exact product (a MULT18X18D with its output register) and psum_in
+        # stage 1: the exact product (a MULT18X18D with its output register)
         product = Signal(2 * MAG_BITS)
         negative = Signal()
         nan = Signal()
-        psum = Signal(signed(self.width))
-        negs = Signal(NEG_BITS)
-        nan_above = Signal()
         neg_zero = Signal()              # this slot keeps "every product -0" (idle slots too)
-        neg_zero_above = Signal()
         m.d.sync += [
             product.eq(Mux(self.a_valid, self.a_mag * w_mag, 0)),
             negative.eq(self.a_valid & (self.a_sign ^ w_sign)),
             nan.eq(self.a_valid & (self.a_nan | w_nan)),
             neg_zero.eq(~self.a_valid | ((self.a_zero | w_zero) & (self.a_sign ^ w_sign))),
-            psum.eq(self.psum_in), negs.eq(self.negs_in), nan_above.eq(self.nan_in),
-            neg_zero_above.eq(self.neg_zero_in),
         ]
-        # stage 2: one adder. A negative product is added as its one's complement (~p = -p - 1);
+        # stage 2: one adder, psum_in from the PE above. A negative product is added as its one's complement (~p = -p - 1);
         # the missing +1s are counted down the column in ``negs`` and added once below the array.
         wide = Signal(signed(self.width))
         m.d.comb += wide.eq(product)
         m.d.sync += [
-            self.psum_out.eq(psum + Mux(negative, ~wide, wide)),
-            self.negs_out.eq(negs + negative),
-            self.nan_out.eq(nan_above | nan),
-            self.neg_zero_out.eq(neg_zero_above & neg_zero),
+            self.psum_out.eq(self.psum_in + Mux(negative, ~wide, wide)),
+            self.negs_out.eq(self.negs_in + negative),
+            self.nan_out.eq(self.nan_in | nan),
+            self.neg_zero_out.eq(self.neg_zero_in & neg_zero),
         ]
         return m
 

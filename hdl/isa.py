@@ -27,7 +27,7 @@ __all__ = [
     "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "Token", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
-    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "describe_config_word", "config_mismatch",
+    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
     "DecodeError", "ERROR_TEXT",
 ]
 
@@ -484,8 +484,7 @@ REGISTER_DOC = {
     Register.MAC_BUSY: "R: MAC operations performed (each streamed A row adds k x cols); utilization = MAC_BUSY / (CYCLES x rows x cols)",
     Register.DMA_BYTES: "R: bytes moved by the DMA engine, program fetch included",
     Register.STALL: "R: cycles the compute unit waited for a token or for input",
-    Register.CONFIG: "R: the configuration built: rows in [7:0], cols in [15:8], log2(bus bytes) in [19:16], "
-                     "log2(scratchpad lines) in [24:20], log2(accumulator lines) in [29:25], E4M3 in [30], E5M2 in [31]",
+    Register.CONFIG: None,     # from CONFIG_FIELDS below
     Register.COMMANDS: "R: commands dispatched in the last run",
 }
 
@@ -501,10 +500,14 @@ def launch_writes(prog_addr, prog_len, win_base, win_limit):
 
 #: Fields of the CONFIG register: (name, lsb, width, what it holds).
 CONFIG_FIELDS = (
-    ("rows", 0, 8, "rows"), ("cols", 8, 8, "cols"), ("bus", 16, 4, "log2 bus bytes"),
-    ("sp", 20, 5, "log2 scratchpad lines"), ("acc", 25, 5, "log2 accumulator lines"),
-    ("e4m3", 30, 1, "E4M3 supported"), ("e5m2", 31, 1, "E5M2 supported"),
+    ("rows", 0, 5, "rows"), ("cols", 5, 5, "cols"), ("bus", 10, 3, "log2 bus bytes"),
+    ("sp", 13, 5, "log2 scratchpad lines"), ("acc", 18, 5, "log2 accumulator lines"),
+    ("e4m3", 23, 1, "E4M3 supported"), ("e5m2", 24, 1, "E5M2 supported"),
+    ("block", 25, 1, "block accumulation"), ("acc_block", 26, 3, "log2 acc_block (block accumulation)"),
 )
+REGISTER_DOC[Register.CONFIG] = "R: the configuration built: " + ", ".join(
+    f"{what} in [{lsb + width - 1}:{lsb}]" if width > 1 else f"{what} in [{lsb}]"
+    for _, lsb, width, what in CONFIG_FIELDS)
 
 
 def config_word(cfg):
@@ -512,16 +515,24 @@ def config_word(cfg):
     compiled for that configuration needs the hardware to be."""
     values = {"rows": cfg.rows, "cols": cfg.cols, "bus": cfg.bus_bytes.bit_length() - 1,
               "sp": cfg.sp_lines.bit_length() - 1, "acc": cfg.acc_lines.bit_length() - 1,
-              "e4m3": int(cfg.supports("e4m3")), "e5m2": int(cfg.supports("e5m2"))}
+              "e4m3": int(cfg.supports("e4m3")), "e5m2": int(cfg.supports("e5m2")),
+              "block": int(cfg.accumulation == "block"),
+              "acc_block": cfg.acc_block.bit_length() - 1 if cfg.accumulation == "block" else 0}
     return sum(values[name] << lsb for name, lsb, _, _ in CONFIG_FIELDS)
+
+
+def config_fields(word):
+    """A CONFIG value's fields by name (:data:`CONFIG_FIELDS`)."""
+    return {name: (word >> lsb) & ((1 << width) - 1) for name, lsb, width, _ in CONFIG_FIELDS}
 
 
 def describe_config_word(word):
     """A short description of a CONFIG value (``8x8, 64-bit bus, ...``)."""
-    v = {name: (word >> lsb) & ((1 << width) - 1) for name, lsb, width, _ in CONFIG_FIELDS}
+    v = config_fields(word)
     formats = "+".join(f for f in ("e4m3", "e5m2") if v[f]) or "no formats"
+    accumulation = f"block accumulation of {1 << v['acc_block']}" if v["block"] else "sequential accumulation"
     return (f"{v['rows']}x{v['cols']} array, {8 << v['bus']}-bit bus, {1 << v['sp']} scratchpad lines, "
-            f"{1 << v['acc']} accumulator lines, {formats}")
+            f"{1 << v['acc']} accumulator lines, {formats}, {accumulation}")
 
 
 def config_mismatch(word, cfg):

@@ -49,14 +49,14 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from . import isa
-from .array import MACArray
+from .array import BlockArray, MACArray
 from .axi import AxiLiteRegs, axi4_master_members
 from .config import NPUConfig
 from .fpadd import fp32_add
 from .fpconv import FP32ToFP8
 from .fpmul32 import fp32_mul
 
-__all__ = ["NPU", "NPUCore"]
+__all__ = ["NPU", "NPUCore", "hardware_problem"]
 
 CMD = isa.COMMAND_BITS
 _COMMON = {f.name: f for f in isa.COMMON_FIELDS}
@@ -75,13 +75,22 @@ def common(cmd, name):
     return cmd[f.lsb:f.lsb + f.width]
 
 
+def hardware_problem(cfg):
+    """None if the hardware can be built for ``cfg``, else one sentence saying why not and
+    what is allowed (the functional simulator runs every configuration)."""
+    if cfg.accumulation == "block" and cfg.formats != ("e4m3",):
+        return (f"block accumulation hardware takes E4M3 operands only: set formats to [\"e4m3\"], not "
+                f"{list(cfg.formats)} (E5M2 in block mode runs on the functional simulator)")
+    return None
+
+
 def _check_buildable(cfg, component):
     """Refuse, in one sentence, a configuration this hardware does not build (the refused
     ``component`` is marked used, so Amaranth does not warn about it)."""
-    if cfg.accumulation != "sequential":
+    problem = hardware_problem(cfg)
+    if problem:
         component._MustUse__used = True
-        raise ValueError(f"the NPU hardware is built with sequential accumulation only; "
-                         f"accumulation={cfg.accumulation!r} runs on the functional simulator")
+        raise ValueError(problem)
 
 
 def _reserved_mask(opcode):
@@ -422,8 +431,10 @@ class NPUCore(wiring.Component):
                 dram_check(Op.STORE, Mux(fmt == 0, cols << 2, cols))
             with m.Case(Op.MATMUL):
                 k, mm = f(Op.MATMUL, "k"), f(Op.MATMUL, "m")
-                # the hardware builds sequential accumulation: block-mode flags are refused
-                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows) | f(Op.MATMUL, "commit") | f(Op.MATMUL, "fresh"))
+                commit, fresh = f(Op.MATMUL, "commit"), f(Op.MATMUL, "fresh")
+                block_ok = Const(int(cfg.accumulation == "block"), 1)
+                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows) | (fresh & ~commit)
+                                         | (~block_ok & (commit | fresh)))
                 m.d.comb += bad_format.eq(~fmt_ok[f(Op.MATMUL, "fmt_a")] | ~fmt_ok[f(Op.MATMUL, "fmt_b")])
                 last_a = Signal(40)
                 m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + (mm - 1) * f(Op.MATMUL, "a_stride"))
@@ -637,7 +648,18 @@ class NPUCore(wiring.Component):
         R, C = cfg.rows, cfg.cols
         AV = cfg.acc_line_values
         Op = isa.Opcode
-        m.submodules.array = arr = MACArray(R, C)
+        block = cfg.accumulation == "block"
+        if block:
+            # exact partial sums beside the accumulator lines; the array reads and writes them
+            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block)
+            m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
+            part_w, part_r = part.write_port(), part.read_port()
+            m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
+                         part_w.en.eq(arr.out_valid), part_w.addr.eq(arr.out_addr), part_w.data.eq(arr.out_part)]
+            with m.If(arr.acc_rd_en):
+                m.d.comb += acc_r.addr.eq(arr.acc_rd_addr)
+        else:
+            m.submodules.array = arr = MACArray(R, C)
 
         # ---- stage 1: weight loader (takes commands from the queue, pops tokens) ----
         wl_cmd = Signal(CMD, name="wl_cmd")
@@ -681,10 +703,10 @@ class NPUCore(wiring.Component):
         st_i = Signal(16, name="st_i")
         st_is_mm = st_cmd[0:8] == Op.MATMUL
         mm = {n: fld(st_cmd, Op.MATMUL, n) for n in ("m", "k", "a_addr", "a_stride", "acc_addr", "accumulate",
-                                                      "fmt_a", "fmt_b")}
+                                                      "fmt_a", "fmt_b", "commit", "fresh")}
         a_line = Signal(16, name="st_a_line")
-        # in-flight accumulator writes: issue stage + R array stages + the write cycle
-        depth = R + 2
+        # in-flight accumulator writes: issue stage + the array + the write cycle
+        depth = arr.latency + 2
         fl_valid = [Signal(name=f"fl_v{i}") for i in range(depth)]
         fl_addr = [Signal(16, name=f"fl_a{i}") for i in range(depth)]
         issue = Signal(name="st_issue")
@@ -694,7 +716,11 @@ class NPUCore(wiring.Component):
             m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
         hazard = Signal(name="st_hazard")
         m.d.comb += hazard.eq(0)
-        for i in range(depth - 1):
+        # A row that reads a line waits while a row that writes it is in flight: until the write
+        # (sequential: the line is read at issue), or until the write is visible where the
+        # block array reads the line, at its partial read stage R + 1.
+        window = depth - 1 if not block else arr.latency - (R + 1)
+        for i in range(window):
             with m.If(fl_valid[i] & (fl_addr[i] == issue_addr)):
                 m.d.comb += hazard.eq(1)
         array_empty = Signal(name="array_empty")
@@ -712,9 +738,12 @@ class NPUCore(wiring.Component):
         # MATMUL rows: read A line and accumulator line now, enter the array next cycle
         row_go = st_busy & st_is_mm & (st_i < mm["m"]) & active
         m.d.comb += issue_addr.eq(mm["acc_addr"] + st_i)
-        row_ok = row_go & ~(hazard & mm["accumulate"])
+        reads = mm["accumulate"] | (mm["commit"] & ~mm["fresh"]) if block else mm["accumulate"]
+        row_ok = row_go & ~(hazard & reads)
         with m.If(row_ok):
-            m.d.comb += [issue.eq(1), sp_ra.addr.eq(a_line), acc_r.addr.eq(issue_addr)]
+            m.d.comb += [issue.eq(1), sp_ra.addr.eq(a_line)]
+            if not block:
+                m.d.comb += acc_r.addr.eq(issue_addr)
             m.d.sync += [st_i.eq(st_i + 1), a_line.eq(a_line + mm["a_stride"])]
             with m.If(st_i == 0):
                 m.d.sync += shadow_full.eq(0)
@@ -729,11 +758,15 @@ class NPUCore(wiring.Component):
         in_addr = Signal(16, name="arr_in_addr")
         m.d.sync += [in_valid.eq(row_ok), in_first.eq(st_i == 0), in_accum.eq(mm["accumulate"]), in_k.eq(mm["k"]),
                      in_fa.eq(mm["fmt_a"]), in_fb.eq(mm["fmt_b"]), in_addr.eq(issue_addr)]
-        m.d.comb += [
-            arr.in_valid.eq(in_valid), arr.in_swap.eq(in_first), arr.in_k.eq(in_k), arr.in_fmt_a.eq(in_fa),
-            arr.in_fmt_b.eq(in_fb), arr.in_addr.eq(in_addr), arr.in_a.eq(sp_ra.data[0:8 * R]),
-            arr.in_acc.eq(Mux(in_accum, acc_r.data[0:32 * C], 0)),
-        ]
+        m.d.comb += [arr.in_valid.eq(in_valid), arr.in_swap.eq(in_first), arr.in_k.eq(in_k),
+                     arr.in_addr.eq(in_addr), arr.in_a.eq(sp_ra.data[0:8 * R])]
+        if block:
+            in_commit, in_fresh = Signal(name="arr_in_commit"), Signal(name="arr_in_fresh")
+            m.d.sync += [in_commit.eq(mm["commit"]), in_fresh.eq(mm["fresh"])]
+            m.d.comb += [arr.in_accum.eq(in_accum), arr.in_commit.eq(in_commit), arr.in_fresh.eq(in_fresh)]
+        else:
+            m.d.comb += [arr.in_fmt_a.eq(in_fa), arr.in_fmt_b.eq(in_fb),
+                         arr.in_acc.eq(Mux(in_accum, acc_r.data[0:32 * C], 0))]
         with m.If(in_valid):
             m.d.sync += self.mac_ops.eq(self.mac_ops + in_k * C)
         # A MATMUL finishes in the cycle its last row issues (or at once when m = 0: the loaded
@@ -813,7 +846,7 @@ class NPUCore(wiring.Component):
             m.d.comb += ep_out[lane].eq(Mux(is_ep & ~e["use_bias"], p_sel, total))
 
         # accumulator write port: array results, epilogue rows, else the load unit
-        arr_wr = arr.out_valid
+        arr_wr = arr.out_commit if block else arr.out_valid
         with m.If(arr_wr):
             m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
         with m.Elif(other & (ep_state == 6)):

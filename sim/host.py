@@ -70,7 +70,8 @@ class RunResult:
     @property
     def utilization(self):
         word = self.registers[Register.CONFIG]
-        rows, cols = word & 0xFF, (word >> 8) & 0xFF
+        fields = isa.config_fields(word)
+        rows, cols = fields["rows"], fields["cols"]
         return self.mac_ops / max(1, self.cycles * rows * cols)
 
     def describe(self):

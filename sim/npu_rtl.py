@@ -5,8 +5,8 @@ import threading
 from dataclasses import dataclass
 
 from fp8npu.hdl.config import NPUConfig
-from fp8npu.hdl.isa import ErrorCode, Register, launch_problem, launch_writes
-from fp8npu.hdl.npu import NPU
+from fp8npu.hdl.isa import ErrorCode, Register, config_fields, launch_problem, launch_writes
+from fp8npu.hdl.npu import NPU, hardware_problem
 
 from .rtl import RTLModel, run_folder
 
@@ -39,7 +39,8 @@ class RTLRun:
     @property
     def utilization(self):
         cfg_word = self.registers["CONFIG"]
-        rows, cols = cfg_word & 0xFF, (cfg_word >> 8) & 0xFF
+        fields = config_fields(cfg_word)
+        rows, cols = fields["rows"], fields["cols"]
         return self.registers["MAC_BUSY"] / max(1, self.cycles * rows * cols)
 
 
@@ -75,10 +76,10 @@ class NPUSimulation:
         """With ``fast_dram_bytes`` the DRAM is simulated inside the design
         (:class:`~fp8npu.sim.simdram.NPUWithDRAM`, for speed); otherwise by cocotbext-axi's AxiSlave (over an AddressSpace)."""
         self.cfg = cfg or NPUConfig()
-        if self.cfg.accumulation != "sequential":
+        problem = hardware_problem(self.cfg)
+        if problem:
             from .rtl import RTLError
-            raise RTLError(f"the NPU hardware is built with sequential accumulation only; a model or program "
-                           f"for accumulation={self.cfg.accumulation!r} runs on the functional simulator")
+            raise RTLError(problem)
         waves = RTLModel.wave_format(waves)
         self.fast_dram_bytes = fast_dram_bytes
         key = "x".join(str(v) for v in (self.cfg.rows, self.cfg.cols, self.cfg.axi_data_bits))

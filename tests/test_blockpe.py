@@ -32,7 +32,7 @@ def test_decoder_on_every_code():
 
 
 def test_a_column_of_pes_sums_exactly():
-    """R PEs in a column, weights loaded, activations skewed two cycles per row, BlockRound
+    """R PEs in a column, weights loaded, activations skewed one cycle per row, BlockRound
     below: the column's sum is the exact sum of the R products (NaN when one is NaN) and its
     rounding golden.block_round's bits (-0 when every product is -0), for 400 rows of random
     E4M3 codes, NaNs and zeros of both signs included, every magnitude."""
@@ -71,14 +71,14 @@ def test_a_column_of_pes_sums_exactly():
         await ctx.tick()
         for i in range(rows):
             ctx.set(pes[i].w_load, 0)
-        # row i of the column sees activation t at cycle t + 2 i (its PE above is 2 cycles ahead)
-        for t in range(n + 2 * rows + 2):
+        # row i of the column sees activation t at cycle t + i (its PE above is a cycle ahead)
+        for t in range(n + rows + 2):
             for i in range(rows):
-                s = t - 2 * i
+                s = t - i
                 ctx.set(pes[i].a_valid, int(0 <= s < n))
                 ctx.set(decs_a[i].code, int(a[s, i]) if 0 <= s < n else 0)
             await ctx.tick()
-            s = t - 2 * (rows - 1) - 1
+            s = t - (rows - 1) - 1
             if 0 <= s < n:
                 got.append((ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out), ctx.get(pes[-1].nan_out),
                             ctx.get(rnd.result)))

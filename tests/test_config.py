@@ -54,3 +54,27 @@ def test_npu_generates(rows, cols):
     cfg = NPUConfig(rows=rows, cols=cols, sp_lines=64, acc_lines=64)
     text = to_verilog(NPU(cfg), "npu")
     assert "module npu" in text and "m_axi_araddr" in text and "s_axil_wdata" in text
+
+
+@pytest.mark.parametrize("cfg", [
+    NPUConfig(), NPUConfig(rows=16, cols=16, axi_data_bits=256, sp_lines=65536, acc_lines=65536),
+    NPUConfig(rows=1, cols=1, axi_data_bits=32, sp_lines=16, acc_lines=16, formats=("e5m2",)),
+    NPUConfig(rows=5, cols=12, accumulation="block", acc_block=128, formats=("e4m3",)),
+    NPUConfig(accumulation="block", acc_block=1),
+])
+def test_config_register_holds_the_whole_configuration(cfg):
+    """CONFIG's fields give back every value a program depends on, and configurations that
+    differ in any of them (accumulation mode and block length included) differ in CONFIG."""
+    from fp8npu.hdl import isa
+    word = isa.config_word(cfg)
+    assert 0 <= word < 1 << 32
+    f = isa.config_fields(word)
+    assert (f["rows"], f["cols"], 8 << f["bus"], 1 << f["sp"], 1 << f["acc"]) == (
+        cfg.rows, cfg.cols, cfg.axi_data_bits, cfg.sp_lines, cfg.acc_lines)
+    assert (f["e4m3"], f["e5m2"], f["block"]) == (cfg.supports("e4m3"), cfg.supports("e5m2"), cfg.accumulation == "block")
+    if cfg.accumulation == "block":
+        assert 1 << f["acc_block"] == cfg.acc_block
+    other = NPUConfig(**dict(cfg.to_dict(), accumulation="sequential" if cfg.accumulation == "block" else "block"))
+    assert isa.config_mismatch(word, other) is not None
+    assert isa.config_mismatch(word, cfg) is None
+    assert f"{cfg.rows}x{cfg.cols} array" in isa.describe_config_word(word)

@@ -427,7 +427,8 @@ def test_timing_estimate_of_a_small_program():
     assert r.dma_bytes == 2 * 32 + 48 and r.commands == 2 and r.mac_ops == 0
     regs = r.registers()
     assert regs[Register.STATUS] == 2 and regs[Register.CYCLES] == r.cycles
-    assert regs[Register.CONFIG] & 0xFFFFF == 4 | 4 << 8 | 3 << 16
+    fields = isa.config_fields(regs[Register.CONFIG])
+    assert (fields["rows"], fields["cols"], fields["bus"], fields["block"]) == (4, 4, 3, 0)
     assert regs[Register.PROG_ADDR] == PROG and regs[Register.PROG_LEN] == 2
 
 

@@ -56,8 +56,9 @@ def test_program_for_another_configuration_is_refused():
     other = NPUConfig(rows=4, cols=4)
     t = FuncTransport(other, 4096)
     with pytest.raises(HostError, match=r"^the NPU is a 4x4 array, 64-bit bus, 16384 scratchpad lines, 1024 "
-                                        r"accumulator lines, e4m3\+e5m2, but the program was built for a 2x2 array, "
-                                        r"64-bit bus, 64 scratchpad lines, 16 accumulator lines, e4m3\+e5m2$"):
+                                        r"accumulator lines, e4m3\+e5m2, sequential accumulation, but the program was "
+                                        r"built for a 2x2 array, 64-bit bus, 64 scratchpad lines, 16 accumulator lines, "
+                                        r"e4m3\+e5m2, sequential accumulation$"):
         Driver(t, CFG).run(isa.encode(Opcode.END), 0)
 
 

@@ -7,6 +7,7 @@ simulation DRAM (the fast path) on the default 8x8 configuration.
 """
 
 import functools
+import zlib
 
 import numpy as np
 import pytest
@@ -63,6 +64,7 @@ def check_gemm(g, want, kind, cfg=CFG, backpressure=0.0, fast=None):
     assert rtl.dram[:g.win_limit] == fs.dram[:g.win_limit], "RTL and functional simulator DRAM differ"
     assert rtl.registers["MAC_BUSY"] == fs.mac_ops
     assert rtl.registers["COMMANDS"] == fs.commands
+    assert rtl.utilization == fs.mac_ops / (rtl.cycles * cfg.rows * cfg.cols)
     return rtl, fs
 
 
@@ -356,3 +358,67 @@ def test_npu_benchmark_runs_small():
     assert run_npu_bench(sizes=(24,), arrays=((8, 8),), funcsim_size=32, echo=lines.append) == 0
     text = "\n".join(lines)
     assert "8x8" in text and "DRAM == funcsim: yes" in text and "M MAC/s" in text
+
+
+# ---- block accumulation (docs/numerics.md section 3) ----------------------------------------------
+BLOCK = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4, accumulation="block", acc_block=8,
+                  formats=("e4m3",))
+BLOCK_5x3 = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2,
+                      accumulation="block", acc_block=4, formats=("e4m3",))
+
+
+def _spread_codes(rng, shape):
+    """E4M3 codes at both ends of the range, random signs: 448 and 416 beside the subnormals
+    2^-9 .. 7 x 2^-9, so products span 2^-18 .. 2^17.6 in one block."""
+    big = rng.choice(np.array([0x7E, 0x7D, 0x7C, 0x77], dtype=np.uint8), shape)
+    tiny = rng.choice(np.array([0x01, 0x02, 0x03, 0x07, 0x08], dtype=np.uint8), shape)
+    c = np.where(rng.random(shape) < 0.5, big, tiny)
+    return (c | (rng.integers(0, 2, shape, dtype=np.uint8) << 7)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["specials, block scaling, bias", "two rows, back to back, backpressure",
+                                  "extreme exponent spread, 75 blocks", "5x3, bus 32, FP8 out"])
+def test_block_accumulation_gemms(name):
+    """Block-mode RTL (exact column sums, partial lines, one rounding per block, one FP32
+    addition) equals the functional simulator and the contract bit for bit: every E4M3 code
+    (NaN, zeros of both signs), rows that read a partial line right after the row before wrote
+    it, chains of many blocks mixing 448 x 448 with 2^-9 x 2^-9, tiles cut at block ends."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    cfg, kw, backpressure = BLOCK, {}, 0.0
+    if name.startswith("specials"):
+        m, k, n = 13, 70, 9
+        a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n), specials=True)
+        kw = dict(block_scales=(torch.tensor(2.0 ** rng.integers(-4, 4, (m, 2)), dtype=torch.float32),
+                                torch.tensor(2.0 ** rng.integers(-4, 4, (2, 1)), dtype=torch.float32)),
+                  block_k=64, bias=torch.tensor(rng.normal(size=n), dtype=torch.float32))
+    elif name.startswith("two rows"):
+        m, k, n = 2, 200, 6
+        a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n))
+        backpressure = 0.3
+    elif name.startswith("extreme"):
+        m, k, n = 6, 600, 5
+        a, b = _spread_codes(rng, (m, k)), _spread_codes(rng, (k, n))
+    else:
+        cfg, (m, k, n) = BLOCK_5x3, (11, 37, 7)
+        a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n))
+        kw = dict(out="e4m3", out_scale=2.0 ** -10)
+    g = build_gemm(cfg, a, b, "e4m3", "e4m3", **kw)
+    want = reference_gemm(a, b, "e4m3", "e4m3", accumulation="block", acc_block=cfg.acc_block, **kw)
+    check_gemm(g, _i64(want), golden.E4M3 if kw.get("out") == "e4m3" else "fp32", cfg=cfg,
+               backpressure=backpressure)
+    if name.startswith("extreme"):
+        seq = reference_gemm(a, b, "e4m3", "e4m3")
+        assert int(golden.mismatches(_i64(want), _i64(seq), "fp32").sum()) > 0   # the modes differ here
+
+
+def test_block_flags_on_the_hardware():
+    """The RTL's checker takes commit/fresh in block mode only, and fresh never without commit."""
+    program = [_cmd(Opcode.MATMUL, m=1, k=1, commit=1), _cmd(Opcode.END)]
+    for cfg, prog, code in ((CFG, program, ErrorCode.BAD_FIELD), (BLOCK, program, ErrorCode.NONE),
+                            (BLOCK, [_cmd(Opcode.MATMUL, m=1, k=1, fresh=1), _cmd(Opcode.END)], ErrorCode.BAD_FIELD)):
+        prog = b"".join(prog)
+        dram = bytearray(0x8000)
+        dram[0x1000:0x1000 + len(prog)] = prog
+        fs = funcsim.run(None, dram, cfg, 0x1000, 0, len(dram), prog_len=2)
+        rtl = npu(cfg).run(dram, 0x1000, 2, 0, len(dram), max_cycles=100_000)
+        assert fs.error == rtl.error == code, (cfg.accumulation, prog[:4].hex())
