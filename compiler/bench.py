@@ -12,6 +12,7 @@ Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the 
 * with ``--fmax``, the MAC's Fmax after nextpnr-ecp5 place and route on an LFE5U-85F.
 """
 
+import itertools
 import time
 
 import numpy as np
@@ -93,10 +94,11 @@ def run_mac_bench(synth=True, sim=True, fmax=False, vectors=200_000, echo=print)
     return 0 if ok else 1
 
 
-def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1024, echo=print):
+def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1024, echo=print,
+                  modes=("sequential", "block")):
     """GEMMs on the NPU RTL (simulation DRAM inside the design) and the functional simulator.
 
-    Prints, per array and size: RTL cycles and MAC utilization from the hardware counters
+    Prints, per array, accumulation mode (block: blocks of 128, E4M3-only hardware) and size: RTL cycles and MAC utilization from the hardware counters
     (MAC_BUSY / (CYCLES x rows x cols)), the functional simulator's cycle estimate and its
     ratio to the RTL, whether the final DRAM images are identical, and the RTL simulation
     speed; then the functional simulator's GEMM throughput on a ``funcsim_size``^3 GEMM.
@@ -104,7 +106,7 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
     from fp8npu.sim.npu_rtl import NPUSimulation
 
     echo("NPU GEMM (E4M3 x E4M3 -> FP32), RTL under Verilator with the simulation DRAM:")
-    echo(f"  {'array':>5} {'M=K=N':>6} | {'RTL cycles':>11} {'MAC util':>8} | {'funcsim est':>11} {'est/RTL':>7} "
+    echo(f"  {'array':>5} {'mode':>10} {'M=K=N':>6} | {'RTL cycles':>11} {'MAC util':>8} | {'funcsim est':>11} {'est/RTL':>7} "
          f"| {'DRAM ==':>7} | {'RTL cycles/s':>12} {'wall s':>7}")
     def run_gemm(cfg, n, fast):
         """An n^3 E4M3 GEMM on the RTL and the functional simulator: (rtl run, funcsim, same, wall s)."""
@@ -123,12 +125,12 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
         return r, fs, same, wall
 
     ok = True
-    for rows, cols in arrays:
-        cfg = NPUConfig(rows=rows, cols=cols)
+    for (rows, cols), mode in itertools.product(arrays, modes):
+        cfg = NPUConfig(rows=rows, cols=cols, **(dict(accumulation="block", formats=("e4m3",)) if mode == "block" else {}))
         for n in sizes:
             r, fs, same, wall = run_gemm(cfg, n, fast=True)
             ok &= same
-            echo(f"  {rows}x{cols:<3} {n:>6} | {r.cycles:>11,} {r.utilization:>8.1%} | {fs.cycles:>11,} "
+            echo(f"  {rows}x{cols:<3} {mode:>10} {n:>6} | {r.cycles:>11,} {r.utilization:>8.1%} | {fs.cycles:>11,} "
                  f"{fs.cycles / max(r.cycles, 1):>7.2f} | {'yes' if same else 'NO':>7} | "
                  f"{r.cycles / r.wall_seconds:>12,.0f} {wall:>7.1f}")
     # the smallest GEMM on the largest array again, with cocotbext-axi's AxiSlave as DRAM

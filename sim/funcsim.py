@@ -60,7 +60,9 @@ and an end time ``start + duration``; the tokens it pushes become available at i
 * MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle;
   the next MATMUL's k weight lines load meanwhile, so consecutive MATMULs stream back to back
   unless they are shorter than their weight load, as in decoding one token); its results,
-  and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row;
+  and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row
+  (``+ BLOCK_FILL`` in block accumulation: the column sum, rounding and FP32 addition below
+  the array);
 * EPILOGUE (2 cycles a row), BLOCKSCALE (4 a row), plus ``VECTOR_FILL``; they start after the
   array has drained. SYNC, and commands that move no data: 1.
 
@@ -87,8 +89,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "WEIGHT_LOAD_EXTRA",
-           "VECTOR_FILL"]
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "BLOCK_FILL",
+           "WEIGHT_LOAD_EXTRA", "VECTOR_FILL"]
 
 #: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
 DMA_LATENCY = 8
@@ -96,6 +98,8 @@ DMA_LATENCY = 8
 STORE_ROW_OVERHEAD = 3
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
+#: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
+BLOCK_FILL = 9
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (2 and 4).
@@ -276,7 +280,7 @@ class _Datapath:
         # loader has filled its weights (k lines, overlapped with the previous command's rows);
         # results (and the tokens the command pushes) are ready when the last row leaves the array
         busy = max(m, k + WEIGHT_LOAD_EXTRA)
-        return busy, busy + self.cfg.rows + MATMUL_FILL
+        return busy, busy + self.cfg.rows + MATMUL_FILL + (BLOCK_FILL if self.cfg.accumulation == "block" else 0)
 
     def _matmul_block(self, f, a, w, out):
         """Block accumulation: add the tile's exact products to each output's exact partial

@@ -358,6 +358,7 @@ def test_npu_benchmark_runs_small():
     assert run_npu_bench(sizes=(24,), arrays=((8, 8),), funcsim_size=32, echo=lines.append) == 0
     text = "\n".join(lines)
     assert "8x8" in text and "DRAM == funcsim: yes" in text and "M MAC/s" in text
+    assert " block " in text and " NO " not in text
 
 
 # ---- block accumulation (docs/numerics.md section 3) ----------------------------------------------
@@ -409,6 +410,12 @@ def test_block_accumulation_gemms(name):
     if name.startswith("extreme"):
         seq = reference_gemm(a, b, "e4m3", "e4m3")
         assert int(golden.mismatches(_i64(want), _i64(seq), "fp32").sum()) > 0   # the modes differ here
+
+
+def test_block_array_latency_is_the_functional_simulators():
+    from fp8npu.hdl.array import BlockArray
+    for rows, cols in ((4, 4), (5, 3), (16, 16)):
+        assert BlockArray(rows, cols).latency == rows + funcsim.BLOCK_FILL
 
 
 def test_block_flags_on_the_hardware():
