@@ -35,7 +35,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width
-from .fpadd import _STAGE_REGS, fp32_add
+from .fpadd import STAGE_REGS, fp32_add
 from .fpmul import FP8Multiplier
 
 __all__ = ["MACArray", "BlockArray", "partial_width"]
@@ -267,6 +267,6 @@ class BlockArray(wiring.Component):
             m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs)
             m.d.comb += [rnd.total.eq(total), rnd.nan.eq(nan), rnd.neg_zero.eq(neg_zero)]
             start = Mux(ctrl[sum_at]["fresh"], 0, self.acc_data[32 * j:32 * j + 32])
-            s = fp32_add(m, start, rnd.result, _STAGE_REGS[ad], prefix=f"col{j}_")
+            s = fp32_add(m, start, rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
             m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)
         return m

@@ -10,7 +10,7 @@ from .formats import FP32, FP32Layout
 __all__ = ["FP32Adder", "fp32_add"]
 
 # Registers after the align / add-normalise / round sections, for each ``stages`` setting.
-_STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True),
+STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True),
                3: (True, True, True)}
 
 
@@ -136,11 +136,11 @@ class FP32Adder(wiring.Component):
     result: Out(32)
 
     def __init__(self, stages=1):
-        self.stages = check_stages(stages, tuple(_STAGE_REGS), "adder", self)
+        self.stages = check_stages(stages, tuple(STAGE_REGS), "adder", self)
         self.latency = stages
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.result.eq(fp32_add(m, self.a, self.b, _STAGE_REGS[self.stages]))
+        m.d.comb += self.result.eq(fp32_add(m, self.a, self.b, STAGE_REGS[self.stages]))
         return m

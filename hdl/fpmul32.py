@@ -11,8 +11,17 @@ from .formats import FP32, FP32Layout
 __all__ = ["FP32Multiplier", "fp32_mul"]
 
 
-def fp32_mul(m, a, b, prefix=""):
-    """Add the logic of one binary32 product ``a * b`` (combinational); return the result signal.
+#: Registers after the operand normalisation / significand product / round sections, for each
+#: ``stages`` setting.
+STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
+
+
+def fp32_mul(m, a, b, prefix="", regs=(False, False, False)):
+    """Add the logic of one binary32 product ``a * b``; return the result signal.
+
+    ``regs`` says which of the three sections is followed by a register: ``s0`` classify and
+    normalise the operands, ``s1`` the 24 x 24-bit significand product, ``s2`` normalise,
+    underflow and round (the last register is the output's).
 
     Subnormal operands are normalised first (leading-zero shift), the 24 x 24-bit significand
     product is normalised to a leading one at bit 47, results below the normal range are
@@ -42,15 +51,26 @@ def fp32_mul(m, a, b, prefix=""):
 
     sa, ea = normalised(av, "a")
     sb, eb = normalised(bv, "b")
-    prod = Signal(48, name=f"{p}prod")
-    m.d.comb += prod.eq(sa * sb)
+    flags = {"sign": sign, "nan": a_nan | b_nan | (a_inf & b_zero) | (a_zero & b_inf), "inf": a_inf | b_inf,
+             "zero": a_zero | b_zero}
+
+    def stage(values, registered, n):
+        return {k: pipe(m, v, registered, f"{p}{k}_q{n}") for k, v in values.items()}
+
+    v = stage(dict(flags, sa=sa, ea=ea, sb=sb, eb=eb), regs[0], 0)
+    prod0 = Signal(48, name=f"{p}prod")
+    e_sum = Signal(signed(12), name=f"{p}e_sum")
+    m.d.comb += [prod0.eq(v["sa"] * v["sb"]), e_sum.eq(v["ea"] + v["eb"] - 127)]
+    v = stage({"sign": v["sign"], "nan": v["nan"], "inf": v["inf"], "zero": v["zero"], "prod": prod0,
+               "e_sum": e_sum}, regs[1], 1)
+    prod, sign = v["prod"], v["sign"]
     # value = prod / 2^46 * 2^(ea + eb - 254); align the leading one to bit 47
     top = prod[47]
     norm = Signal(48, name=f"{p}norm")
     exp = Signal(signed(12), name=f"{p}exp")          # biased exponent of the result
     m.d.comb += [
         norm.eq(Mux(top, prod, prod << 1)),
-        exp.eq(ea + eb - 127 + top),
+        exp.eq(v["e_sum"] + top),
     ]
     # gradual underflow: shift right by 1 - exp (capped) with a sticky bit
     under = Signal(range(64), name=f"{p}under")
@@ -70,21 +90,21 @@ def fp32_mul(m, a, b, prefix=""):
     frac = Mux(carry, rounded[1:24], rounded[0:23])
 
     result = Signal(32, name=f"{p}result")
-    with m.If(a_nan | b_nan | (a_inf & b_zero) | (a_zero & b_inf)):
+    with m.If(v["nan"]):
         m.d.comb += result.eq(FP32.nan_code)
-    with m.Elif(a_inf | b_inf | (field >= 0xFF)):
+    with m.Elif(v["inf"] | (field >= 0xFF)):
         m.d.comb += result.eq(Cat(Const(0, 23), Const(0xFF, 8), sign))
-    with m.Elif(a_zero | b_zero):
+    with m.Elif(v["zero"]):
         m.d.comb += result.eq(Cat(Const(0, 31), sign))
     with m.Else():
         m.d.comb += result.eq(Cat(frac, field[0:8], sign))
-    return result
+    return pipe(m, result, regs[2], f"{p}result_q")
 
 
 class FP32Multiplier(wiring.Component):
     """IEEE 754 binary32 multiplier, round to nearest even, subnormals kept (see :func:`fp32_mul`).
 
-    Latency ``stages`` cycles (0 or 1); throughput one product per cycle.
+    Latency ``stages`` cycles (0 to 3, see :data:`STAGE_REGS`); throughput one product per cycle.
 
     Members
     -------
@@ -99,11 +119,11 @@ class FP32Multiplier(wiring.Component):
     result: Out(32)
 
     def __init__(self, stages=0):
-        self.stages = check_stages(stages, (0, 1), "fp32 multiplier", self)
+        self.stages = check_stages(stages, tuple(STAGE_REGS), "fp32 multiplier", self)
         self.latency = stages
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.result.eq(pipe(m, fp32_mul(m, self.a, self.b), self.stages >= 1, "result_q"))
+        m.d.comb += self.result.eq(fp32_mul(m, self.a, self.b, regs=STAGE_REGS[self.stages]))
         return m

@@ -52,9 +52,9 @@ from . import isa
 from .array import BlockArray, MACArray
 from .axi import AxiLiteRegs, axi4_master_members
 from .config import NPUConfig
-from .fpadd import fp32_add
 from .fpconv import FP32ToFP8
 from .fpmul32 import fp32_mul
+from .units import VectorUnit
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -646,7 +646,6 @@ class NPUCore(wiring.Component):
         """MATMUL through the array; EPILOGUE and BLOCKSCALE on accumulator lines."""
         cfg = self.cfg
         R, C = cfg.rows, cfg.cols
-        AV = cfg.acc_line_values
         Op = isa.Opcode
         block = cfg.accumulation == "block"
         if block:
@@ -784,74 +783,32 @@ class NPUCore(wiring.Component):
             m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
                          a_line.eq(fld(st_next, Op.MATMUL, "a_addr"))]
 
-        # ---- epilogue engine (EPILOGUE, BLOCKSCALE) and compute-side SYNC ----
-        ep_state = Signal(3, name="ep_state")
-        ep_i = Signal(16, name="ep_i")
-        is_ep = st_cmd[0:8] == Op.EPILOGUE
-        is_bs = st_cmd[0:8] == Op.BLOCKSCALE
-        e = {n: fld(st_cmd, Op.EPILOGUE, n) for n in ("src", "dst", "rows", "scale_addr", "bias_addr",
-                                                      "use_scale", "use_bias")}
-        b = {n: fld(st_cmd, Op.BLOCKSCALE, n) for n in ("src", "dst", "rows", "row_scale", "col_scale")}
-        line_a = Signal(32 * AV, name="ep_line_a")   # column scales (EPILOGUE scale / BLOCKSCALE col scale)
-        line_b = Signal(32 * AV, name="ep_line_b")   # bias (EPILOGUE)
-        rs = Signal(32, name="ep_row_scale")
-        src_v = Signal(32 * AV, name="ep_src")
+        # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
+        m.submodules.vector = vu = VectorUnit(C)
         other = st_busy & ~st_is_mm
-        rows_n = Mux(is_ep, e["rows"], b["rows"])
-        src0 = Mux(is_ep, e["src"], b["src"])
-        dst0 = Mux(is_ep, e["dst"], b["dst"])
-        with m.If(other & active & array_empty):
-            with m.Switch(ep_state):
-                with m.Case(0):       # read the scale line
-                    m.d.comb += acc_r.addr.eq(Mux(is_ep, e["scale_addr"], b["col_scale"]))
-                    m.d.sync += [ep_state.eq(Mux(is_ep | is_bs, 1, 7)), ep_i.eq(0)]
-                with m.Case(1):       # scale line arrives; read bias line
-                    m.d.comb += acc_r.addr.eq(e["bias_addr"])
-                    m.d.sync += [line_a.eq(acc_r.data), ep_state.eq(2)]
-                with m.Case(2):       # bias arrives
-                    m.d.sync += [line_b.eq(acc_r.data), ep_state.eq(3)]
-                with m.Case(3):       # next row: EPILOGUE reads src; BLOCKSCALE reads row scale
-                    with m.If(ep_i == rows_n):
-                        m.d.sync += ep_state.eq(7)
-                    with m.Else():
-                        m.d.comb += acc_r.addr.eq(Mux(is_ep, src0 + ep_i, b["row_scale"] + ep_i))
-                        m.d.sync += ep_state.eq(Mux(is_ep, 6, 4))
-                with m.Case(4):       # row scale arrives; read src
-                    m.d.comb += acc_r.addr.eq(src0 + ep_i)
-                    m.d.sync += [rs.eq(acc_r.data[0:32]), ep_state.eq(5)]
-                with m.Case(5):       # src arrives; read dst
-                    m.d.comb += acc_r.addr.eq(dst0 + ep_i)
-                    m.d.sync += [src_v.eq(acc_r.data), ep_state.eq(6)]
-                with m.Case(6):       # last operand arrives: compute and write
-                    m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(dst0 + ep_i)]
-                    m.d.sync += [ep_i.eq(ep_i + 1), ep_state.eq(3)]
-                with m.Case(7):
-                    m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
-                    m.d.sync += [ep_state.eq(0), st_busy.eq(0)]
-        # per-lane arithmetic (combinational; used in state 6)
-        ep_out = Signal(32 * AV, name="ep_out")
-        for j in range(C):
-            lane = slice(32 * j, 32 * j + 32)
-            cur_v = acc_r.data[lane]                 # EPILOGUE: src; BLOCKSCALE: dst
-            x = Mux(is_ep, cur_v, src_v[lane])
-            s = fp32_mul(m, Mux(is_ep, line_a[lane], rs), Mux(is_ep, Const(0x3F800000, 32), line_a[lane]),
-                         prefix=f"ep{j}_s_")
-            # EPILOGUE: p = x * scale (if use_scale); BLOCKSCALE: p = src * fp32(rs * cs)
-            scale = Mux(is_ep, line_a[lane], s)
-            p = fp32_mul(m, x, scale, prefix=f"ep{j}_p_")
-            p_sel = Mux(is_ep & ~e["use_scale"], x, p)
-            add_a = Mux(is_ep, p_sel, cur_v)
-            add_b = Mux(is_ep, line_b[lane], p)
-            total = fp32_add(m, add_a, add_b, prefix=f"ep{j}_a_")
-            m.d.comb += ep_out[lane].eq(Mux(is_ep & ~e["use_bias"], p_sel, total))
+        is_vector = (st_cmd[0:8] == Op.EPILOGUE) | (st_cmd[0:8] == Op.BLOCKSCALE)
+        vu_started = Signal(name="vu_started")
+        m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
+        with m.If(vu.rd_en):
+            m.d.comb += acc_r.addr.eq(vu.rd_addr)
+        with m.If(other & active & array_empty & ~vu_started):
+            with m.If(is_vector):
+                m.d.comb += vu.start.eq(1)
+                m.d.sync += vu_started.eq(1)
+            with m.Else():                                  # SYNC
+                m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
+                m.d.sync += st_busy.eq(0)
+        with m.If(vu.done):
+            m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
+            m.d.sync += [st_busy.eq(0), vu_started.eq(0)]
 
-        # accumulator write port: array results, epilogue rows, else the load unit
+        # accumulator write port: array results, vector unit rows, else the load unit
         arr_wr = arr.out_commit if block else arr.out_valid
         with m.If(arr_wr):
             m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
-        with m.Elif(other & (ep_state == 6)):
-            m.d.comb += acc_w.data.eq(ep_out)
-        compute_writing = arr_wr | (other & (ep_state == 6))
+        with m.Elif(vu.wr_en):
+            m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data)]
+        compute_writing = arr_wr | vu.wr_en
 
         c_idle = ~wl_busy & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending
         c_wait = wl_busy & wl_wait & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending

@@ -63,7 +63,7 @@ and an end time ``start + duration``; the tokens it pushes become available at i
   and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row
   (``+ BLOCK_FILL`` in block accumulation: the column sum, rounding and FP32 addition below
   the array);
-* EPILOGUE (2 cycles a row), BLOCKSCALE (4 a row), plus ``VECTOR_FILL``; they start after the
+* EPILOGUE (1 cycle a row), BLOCKSCALE (3 a row), plus ``VECTOR_FILL``; they start after the
   array has drained. SYNC, and commands that move no data: 1.
 
 The three units overlap; load and store do not contend for the bus. CYCLES is the end of the
@@ -102,8 +102,8 @@ MATMUL_FILL = 3
 BLOCK_FILL = 9
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
-#: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (2 and 4).
-VECTOR_FILL = 4
+#: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (1 and 3): scale and bias reads, the vector unit's pipeline (hdl.units.VectorUnit).
+VECTOR_FILL = 13
 
 
 Token = isa.Token
@@ -326,7 +326,7 @@ class _Datapath:
             return x
 
         self._rowwise(f["src"], f["dst"], rows, (f["src"],), lambda first, n: apply(self._lines(first, n)))
-        return 2 * rows + VECTOR_FILL
+        return rows + VECTOR_FILL
 
     def blockscale(self, f):
         """BLOCKSCALE: ACC[dst+i] = fp32(ACC[dst+i] + fp32(ACC[src+i] * fp32(row_scale[i] * col_scale))).
@@ -347,7 +347,7 @@ class _Datapath:
             return golden.add(self._lines(dst + i0, n), partial)
 
         self._rowwise(dst, dst, rows, (src, rs), compute)
-        return 4 * rows + VECTOR_FILL
+        return 3 * rows + VECTOR_FILL
 
     def _rowwise(self, src_first, dst, rows, read_firsts, compute):
         """Write ``compute(first, n)`` to lines ``dst..dst+rows`` as if row by row in order.

@@ -1,0 +1,188 @@
+"""NPU units as Components of their own, and the command payloads they take.
+
+:func:`command_layout` gives an opcode's command as a ``data.FlexibleLayout`` built from the
+ISA tables (:data:`fp8npu.hdl.isa.FIELDS`): a unit reads ``cmd.rows``, ``cmd.src``, ... from a
+``data.View`` of the 256-bit command, never a hand-written bit slice.
+
+:class:`VectorUnit` runs EPILOGUE and BLOCKSCALE on accumulator lines.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import isa
+from .fpadd import STAGE_REGS as ADD_REGS
+from .fpadd import fp32_add
+from .fpmul32 import STAGE_REGS as MUL_REGS
+from .fpmul32 import fp32_mul
+
+__all__ = ["command_layout", "VectorUnit"]
+
+
+def command_layout(opcode):
+    """The command of ``opcode`` as a layout over its :data:`~fp8npu.hdl.isa.COMMAND_BITS` bits:
+    the common fields and the opcode's own, at their ISA positions."""
+    fields = isa.COMMON_FIELDS + isa.FIELDS[isa.Opcode(opcode)]
+    return data.FlexibleLayout(isa.COMMAND_BITS, {f.name: data.Field(unsigned(f.width), f.lsb) for f in fields})
+
+
+_ONE = 0x3F800000
+_NAN = 0x7FC00000
+
+
+class VectorUnit(wiring.Component):
+    """EPILOGUE and BLOCKSCALE on accumulator lines (docs/isa.md), pipelined, one read port.
+
+    ``start`` (one cycle, with ``cmd`` held unchanged until ``done``) begins a command. The unit
+    first reads the scale line (EPILOGUE: ``scale_addr``, BLOCKSCALE: ``col_scale``) and the bias
+    line, then issues the reads of each row in order: EPILOGUE one (``src + i``), BLOCKSCALE
+    three (``row_scale + i``, ``src + i``, ``dst + i``). When a row's last operand arrives it
+    enters the lane pipeline (per lane: binary32 product, product, sum: EPILOGUE
+    ``x * scale`` then ``+ bias``, BLOCKSCALE ``row scale * col scale``, ``src * that``, then
+    ``dst +``), and leaves it :attr:`latency` cycles later as a write of line ``dst + i``. A read
+    waits while a row that writes its line is in the pipeline, so rows behave as if done one
+    after the other in increasing order, each read before it is written. NaN results are
+    written as the canonical NaN. ``done`` pulses once the last row is written.
+
+    ``en`` low freezes the sequencer (a stopped core); the pipeline drains.
+
+    Throughput: EPILOGUE one row per cycle, BLOCKSCALE one row per 3 cycles; plus 3 cycles to
+    read the scale and bias lines and :attr:`latency` + 1 to drain.
+
+    Members
+    -------
+    start, en : In(1)
+    cmd : In(COMMAND_BITS)                           the EPILOGUE or BLOCKSCALE command
+    busy, done : Out(1)
+    rd_en : Out(1), rd_addr : Out(16), rd_data : In(32 * lanes)     synchronous read port
+    wr_en : Out(1), wr_addr : Out(16), wr_data : Out(32 * lanes)
+    """
+
+    def __init__(self, lanes, mul_stages=3, add_stages=3):
+        self.lanes = lanes
+        self.mul_stages, self.add_stages = mul_stages, add_stages
+        self.latency = 2 * mul_stages + add_stages
+        if self.latency < 1:
+            raise ValueError("the vector unit needs at least one pipeline register")
+        super().__init__({
+            "start": In(1), "en": In(1), "cmd": In(isa.COMMAND_BITS), "busy": Out(1), "done": Out(1),
+            "rd_en": Out(1), "rd_addr": Out(16), "rd_data": In(32 * lanes),
+            "wr_en": Out(1), "wr_addr": Out(16), "wr_data": Out(32 * lanes),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        L, P = self.lanes, self.latency
+        ep = data.View(command_layout(isa.Opcode.EPILOGUE), self.cmd)
+        bs = data.View(command_layout(isa.Opcode.BLOCKSCALE), self.cmd)
+        is_ep = ep.opcode == isa.Opcode.EPILOGUE
+        rows = ep.rows                        # the same field in both commands
+        src0, dst0 = ep.src, ep.dst
+
+        # ---- write pipeline: the row fired now (stage 0) and the P stages after it ----
+        fire = Signal()
+        fire_addr = Signal(16)
+        valid = [fire] + [Signal(name=f"vu_v{k}") for k in range(1, P + 1)]
+        addr = [fire_addr] + [Signal(16, name=f"vu_a{k}") for k in range(1, P + 1)]
+        for k in range(1, P + 1):
+            m.d.sync += [valid[k].eq(valid[k - 1]), addr[k].eq(addr[k - 1])]
+        in_flight = Cat(*valid).any()
+
+        def writes_pending(line):
+            return Cat(*[v & (a == line) for v, a in zip(valid, addr)]).any()
+
+        # ---- sequencer ----
+        i = Signal(16)
+        step = Signal(2)                      # BLOCKSCALE: 0 row scale, 1 src, 2 dst
+        line_a = Signal(32 * L)               # column scales
+        line_b = Signal(32 * L)               # biases
+        rs = Signal(32)                       # this row's row scale
+        src_v = Signal(32 * L)                # this row's src line (BLOCKSCALE)
+        got = Signal(2)                       # what the read issued last cycle returns now
+        got_addr = Signal(16)
+        GOT_NONE, GOT_RS, GOT_SRC, GOT_LAST = 0, 1, 2, 3
+        m.d.sync += got.eq(GOT_NONE)
+        read_line = Signal(16)
+        m.d.comb += self.rd_addr.eq(read_line)
+
+        with m.FSM(name="vu_state") as fsm:
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += i.eq(0)
+                    m.next = "READ_SCALE"
+            with m.State("READ_SCALE"):
+                with m.If(self.en):
+                    m.d.comb += [self.rd_en.eq(1), read_line.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))]
+                    m.next = "READ_BIAS"
+            with m.State("READ_BIAS"):        # the scale line arrives
+                m.d.comb += [self.rd_en.eq(1), read_line.eq(ep.bias_addr)]
+                m.d.sync += line_a.eq(self.rd_data)
+                m.next = "BIAS"
+            with m.State("BIAS"):             # the bias line arrives
+                m.d.sync += [line_b.eq(self.rd_data), step.eq(0)]
+                m.next = "ROWS"
+            with m.State("ROWS"):
+                with m.If(i == rows):
+                    m.next = "DRAIN"
+                with m.Elif(self.en):
+                    line = Signal(16)
+                    kind = Signal(2)
+                    with m.If(is_ep):
+                        m.d.comb += [line.eq(src0 + i), kind.eq(GOT_LAST)]
+                    with m.Else():
+                        with m.Switch(step):
+                            with m.Case(0):
+                                m.d.comb += [line.eq(bs.row_scale + i), kind.eq(GOT_RS)]
+                            with m.Case(1):
+                                m.d.comb += [line.eq(src0 + i), kind.eq(GOT_SRC)]
+                            with m.Default():
+                                m.d.comb += [line.eq(dst0 + i), kind.eq(GOT_LAST)]
+                    with m.If(~writes_pending(line)):
+                        m.d.comb += [self.rd_en.eq(1), read_line.eq(line)]
+                        m.d.sync += [got.eq(kind), got_addr.eq(dst0 + i)]
+                        with m.If(kind == GOT_LAST):
+                            m.d.sync += [i.eq(i + 1), step.eq(0)]
+                        with m.Else():
+                            m.d.sync += step.eq(step + 1)
+            with m.State("DRAIN"):
+                with m.If(~in_flight & (got == GOT_NONE)):
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
+
+        with m.If(got == GOT_RS):
+            m.d.sync += rs.eq(self.rd_data[0:32])
+        with m.If(got == GOT_SRC):
+            m.d.sync += src_v.eq(self.rd_data)
+        m.d.comb += [fire.eq(got == GOT_LAST), fire_addr.eq(got_addr)]
+
+        # ---- lanes ----
+        def delay(value, n, name):
+            for k in range(n):
+                r = Signal(len(value), name=f"{name}_d{k + 1}")
+                m.d.sync += r.eq(value)
+                value = r
+            return value
+
+        mul_regs, add_regs, lm, la = MUL_REGS[self.mul_stages], ADD_REGS[self.add_stages], self.mul_stages, \
+            self.add_stages
+        for j in range(L):
+            lane = slice(32 * j, 32 * j + 32)
+            last = self.rd_data[lane]         # EPILOGUE: x; BLOCKSCALE: dst
+            # product 1 -- EPILOGUE: x * scale; BLOCKSCALE: row scale * column scale
+            m1 = fp32_mul(m, Mux(is_ep, last, rs), line_a[lane], f"vu{j}_m1_", mul_regs)
+            x1 = delay(last, lm, f"vu{j}_x")
+            src1 = delay(src_v[lane], lm, f"vu{j}_src")
+            # product 2 -- BLOCKSCALE: src * (row scale * column scale); EPILOGUE: x or x * scale, delayed
+            m2 = fp32_mul(m, src1, m1, f"vu{j}_m2_", mul_regs)
+            p_ep = delay(Mux(ep.use_scale, m1, x1), lm, f"vu{j}_p")
+            dst2 = delay(x1, lm, f"vu{j}_dst")
+            # sum -- EPILOGUE: p + bias; BLOCKSCALE: dst + product 2
+            total = fp32_add(m, Mux(is_ep, p_ep, dst2), Mux(is_ep, line_b[lane], m2), add_regs, f"vu{j}_a_")
+            p_out = delay(p_ep, la, f"vu{j}_pout")
+            y = Mux(is_ep & ~ep.use_bias, p_out, total)
+            is_nan = (y[23:31] == 0xFF) & (y[0:23] != 0)
+            m.d.comb += self.wr_data[lane].eq(Mux(is_nan, Const(_NAN, 32), y))
+        m.d.comb += [self.wr_en.eq(valid[P]), self.wr_addr.eq(addr[P])]
+        return m
