@@ -31,8 +31,10 @@ Block diagram::
   several bursts in flight), zero-padding the last line of each row.
 * **Compute unit**: a weight loader fills the array's shadow weights for the next MATMUL
   while the row streamer feeds the current one, one A row per cycle; rows that read an
-  accumulator line still being computed wait. EPILOGUE and BLOCKSCALE run after the array
-  has drained, one line per 2 or 4 cycles.
+  accumulator line still being computed wait. In block accumulation the array is a
+  :class:`~.array.BlockArray` with a partial line beside each accumulator line. EPILOGUE and
+  BLOCKSCALE run in the :class:`~.units.VectorUnit` after the array has drained, one line per
+  1 or 3 cycles.
 * **Store unit** reads accumulator lines, converts them (FP32, or FP8 through
   ``fp32(x * scale)`` and the converter) and writes them with AXI bursts and byte strobes.
 * **Tokens**: four counters (load->compute, compute->load, compute->store, store->compute).
