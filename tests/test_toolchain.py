@@ -76,5 +76,27 @@ def test_npu_srams_synthesize_to_block_ram():
     from fp8npu.hdl.config import NPUConfig
     r, line = npu_synth_line(NPUConfig(rows=1, cols=1, sp_lines=2048, acc_lines=512))
     print("\n" + npu_synth_header() + "\n" + line)
-    assert f"{r.luts:>9,}" in line
-    assert r.count("DP16KD") >= 4      # scratchpad and accumulator, each with two read ports
+    assert f"{r['luts']:>9,}" in line
+    assert r["brams"] >= 4      # scratchpad and accumulator, each with two read ports
+
+
+@pytest.mark.parametrize("device", ["LFE5U-25F", "iCE40UP5K"])
+def test_place_and_route_reports_fmax_utilization_and_path(device, tmp_path):
+    """nextpnr's report is read: an FP8 multiplier behind two pins has a clock, cells in use and
+    a critical path."""
+    from fp8npu.hdl.arith import SerialPorts
+    from fp8npu.hdl.fpmul import FP8Multiplier
+    from fp8npu.sim.rtl import to_verilog
+    family = synth.DEVICES[device][0]
+    netlist = tmp_path / "netlist.json"
+    synth.synthesize(to_verilog(SerialPorts(FP8Multiplier(stages=0)), "top"), "top", family, json_out=netlist)
+    r = synth.place_and_route(netlist, device)
+    assert 5 < r.fmax < 1000
+    assert 0 < r.logic_share < 0.5
+    assert r.critical_path and sum(d for _, d, _ in r.critical_path) > 0
+    assert "ns" in r.path_summary()
+
+
+def test_place_and_route_refuses_an_unknown_device(tmp_path):
+    with pytest.raises(synth.ToolError, match=r"^device must be one of LFE5U-85F, .*iCE40UP5K, not 'XC7'$"):
+        synth.place_and_route(tmp_path / "n.json", "XC7")
