@@ -56,7 +56,7 @@ and an end time ``start + duration``; the tokens it pushes become available at i
   next command once the previous one is queued; a command is queued when its queue has
   room (the command ``queue_depth`` places ahead in the same unit has started);
 * LOAD: ``DMA_LATENCY`` + per row its beats plus one cycle per burst (``max_burst`` beats);
-* STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row;
+* STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row (and ``STORE_CONVERT`` more to FP8);
 * MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle;
   the next MATMUL's k weight lines load meanwhile, so consecutive MATMULs stream back to back
   unless they are shorter than their weight load, as in decoding one token); its results,
@@ -89,13 +89,15 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "BLOCK_FILL",
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "BLOCK_FILL", "STORE_CONVERT",
            "WEIGHT_LOAD_EXTRA", "VECTOR_FILL"]
 
 #: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
 DMA_LATENCY = 8
 #: Cycles a STORE spends per row besides its data beats (accumulator read, conversion, address).
 STORE_ROW_OVERHEAD = 3
+#: Extra cycles per row of a STORE to FP8: scaling and conversion (hdl.npu.NPUCore.STORE_CONVERT).
+STORE_CONVERT = 4
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
@@ -255,7 +257,8 @@ class _Datapath:
         self._write_rows(f["dram_addr"], f["dram_stride"], data)
         self.dma_bytes += data.size
         beats = self._beats(data.shape[1])
-        return DMA_LATENCY + rows * (STORE_ROW_OVERHEAD + beats + -(-beats // self.cfg.max_burst))
+        overhead = STORE_ROW_OVERHEAD + (STORE_CONVERT if fmt != StoreFormat.FP32 else 0)
+        return DMA_LATENCY + rows * (overhead + beats + -(-beats // self.cfg.max_burst))
 
     def matmul(self, f):
         """MATMUL: sequential FP32 accumulation in kk order, vectorized over rows and columns."""

@@ -418,6 +418,13 @@ def test_block_array_latency_is_the_functional_simulators():
         assert BlockArray(rows, cols).latency == rows + funcsim.BLOCK_FILL
 
 
+def test_store_conversion_time_is_the_functional_simulators():
+    """The store unit's FP8 conversion pipeline (it checks its own depth when elaborated) takes
+    the cycles per row the functional simulator charges."""
+    from fp8npu.hdl.npu import NPUCore
+    assert NPUCore.STORE_CONVERT == funcsim.STORE_CONVERT
+
+
 def test_block_flags_on_the_hardware():
     """The RTL's checker takes commit/fresh in block mode only, and fresh never without commit."""
     program = [_cmd(Opcode.MATMUL, m=1, k=1, commit=1), _cmd(Opcode.END)]
