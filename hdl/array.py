@@ -34,7 +34,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width
+from .blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width, decoded_fields
 from .fpadd import STAGE_REGS, fp32_add
 from .fpmul import FP8Multiplier
 
@@ -140,8 +140,12 @@ class BlockArray(wiring.Component):
     NaN flag and its negative-zero flag (every product -0); an all-zero line is the exact +0
     of an empty block.
 
-    Latency :attr:`latency` = R + 3 + ``round_stages`` + ``add_stages`` cycles from
-    ``in_valid`` to ``out_valid``; throughput one row (R x C MACs) per cycle.
+    ``product`` chooses how the PEs form their products (:data:`~.blockpe.PRODUCTS`: on
+    multipliers or in LUTs).
+
+    Latency :attr:`latency` = R + 1 + :attr:`~.blockpe.BlockPE.LATENCY` + ``round_stages`` +
+    ``add_stages`` cycles from ``in_valid`` to ``out_valid``; throughput one row (R x C MACs)
+    per cycle.
 
     Members
     -------
@@ -154,13 +158,14 @@ class BlockArray(wiring.Component):
     out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * (pw + 2))
     """
 
-    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=3):
+    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=3, product="dsp"):
         if add_stages not in (1, 2, 3):
             raise ValueError(f"add_stages must be 1, 2 or 3, not {add_stages!r}")
         self.rows, self.cols = rows, cols
         self.pw = pw = partial_width(rows, acc_block)
         self.round_stages, self.add_stages = round_stages, add_stages
-        self.latency = rows + 3 + round_stages + add_stages
+        self.product = product
+        self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages
         super().__init__({
             "in_valid": In(1), "in_a": In(8 * rows), "in_k": In(range(rows + 1)), "in_addr": In(16),
             "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
@@ -174,12 +179,20 @@ class BlockArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C, pw = self.rows, self.cols, self.pw
-        dw = 1 + MAG_BITS + 2                    # a decoded code: sign, magnitude, NaN, zero
+        fields = decoded_fields(self.product)
+        dw = sum(bits for _, bits in fields)         # a decoded code, the fields a PE takes
 
         def decode(code, name):
             m.submodules[name] = dec = E4M3Decode()
             m.d.comb += dec.code.eq(code)
-            return Cat(dec.sign, dec.mag, dec.nan, dec.zero)
+            return Cat(*(getattr(dec, field) for field, _ in fields))
+
+        def connect(pe, prefix, value):
+            """Drive a PE's ``prefix``-fields from a decoded code."""
+            at = 0
+            for field, bits in fields:
+                m.d.comb += getattr(pe, f"{prefix}_{field}").eq(value[at:at + bits])
+                at += bits
 
         # shadow tile, decoded as it is written
         w_dec = [decode(self.w_data[8 * j:8 * j + 8], f"wdec{j}") for j in range(C)]
@@ -198,30 +211,28 @@ class BlockArray(wiring.Component):
             m.d.sync += [regs[n].eq(ctrl[-1][n]) for n in names]
             ctrl.append(regs)
 
-        # activations: a[kk] reaches stage kk's PEs kk + 1 cycles after entry, decoded, and is
-        # broadcast along its row; stage kk's PEs load the shadow row kk cycles after entry
+        # activations: a[kk] reaches stage kk's PEs kk + 1 cycles after entry, decoded (the
+        # last of those registers holds it decoded), and is broadcast along its row; stage kk's
+        # PEs load the shadow row kk cycles after entry
         width = column_width(R)
         above = None
         for kk in range(R):
             v = self.in_a[8 * kk:8 * kk + 8]
-            for d in range(kk + 1):
+            for d in range(kk):
                 r = Signal(8, name=f"a{kk}_d{d + 1}")
                 m.d.sync += r.eq(v)
                 v = r
-            a = decode(v, f"adec{kk}")
+            a = Signal(dw, name=f"a{kk}_dec")
+            m.d.sync += a.eq(decode(v, f"adec{kk}"))
             at = ctrl[kk + 1]
             load = ctrl[kk]["valid"] & ctrl[kk]["swap"]
             row = []
             for j in range(C):
-                pe = BlockPE(width)
+                pe = BlockPE(width, self.product)
                 m.submodules[f"pe_{kk}_{j}"] = pe
-                w = shadow[kk][dw * j:dw * (j + 1)]
-                m.d.comb += [
-                    pe.w_load.eq(load), pe.w_sign.eq(w[0]), pe.w_mag.eq(w[1:1 + MAG_BITS]),
-                    pe.w_nan.eq(w[1 + MAG_BITS]), pe.w_zero.eq(w[2 + MAG_BITS]),
-                    pe.a_valid.eq(at["valid"] & (at["k"] > kk)), pe.a_sign.eq(a[0]),
-                    pe.a_mag.eq(a[1:1 + MAG_BITS]), pe.a_nan.eq(a[1 + MAG_BITS]), pe.a_zero.eq(a[2 + MAG_BITS]),
-                ]
+                connect(pe, "w", shadow[kk][dw * j:dw * (j + 1)])
+                connect(pe, "a", a)
+                m.d.comb += [pe.w_load.eq(load), pe.a_valid.eq(at["valid"] & (at["k"] > kk))]
                 if above is None:
                     m.d.comb += pe.neg_zero_in.eq(1)
                 else:
@@ -231,8 +242,8 @@ class BlockArray(wiring.Component):
                 row.append(pe)
             above = row
 
-        # below the columns. Stage R + 2: the column sums; the partial line read a cycle before.
-        bottom = R + 2
+        # below the columns. Stage R + PE latency: the column sums; the partial line read a cycle before.
+        bottom = R + BlockPE.LATENCY
         m.d.comb += [self.part_rd_en.eq(ctrl[bottom - 1]["valid"] & ctrl[bottom - 1]["accum"]),
                      self.part_rd_addr.eq(ctrl[bottom - 1]["addr"])]
         at = ctrl[bottom]

@@ -7,19 +7,25 @@ MULT18X18D on ECP5), and the sum of a column's products is an exact integer too:
 floating-point adder, no rounding inside the array. Normalisation, the one rounding and the
 FP32 accumulation happen once per column, below the array.
 
-* :class:`E4M3Decode` — code -> (sign, 18-bit magnitude, NaN, zero), combinational. Weights are
-  stationary, so a weight is decoded once when it is loaded; an activation once where it
-  enters its row, and passed along the row already decoded.
+* :class:`E4M3Decode` — code -> (sign, 18-bit magnitude, NaN, zero; and the magnitude as a
+  4-bit significand and a shift), combinational. Weights are stationary, so a weight is
+  decoded once when it is loaded; an activation once where it enters its row, and passed along
+  the row already decoded.
 * :class:`BlockPE` — one processing element: a stationary decoded weight, and
   ``psum_out = psum_in + (-1)^sign * a * w`` with NaN and negative-zero flags passed down
-  the column.
+  the column. Two ways to form the exact product (``product``): ``"dsp"`` multiplies the
+  18-bit magnitudes (one MULT18X18D on ECP5); ``"lut"`` multiplies the 4-bit significands
+  (8-bit product) and shifts it into place by the sum of the two shifts, in LUTs, for arrays
+  larger than the FPGA's multiplier count.
 * :class:`BlockRound` — below a column: the exact block sum rounded once to binary32.
 
 BlockPE ports
 -------------
 ==============  ====  ==================================================================
 ``w_load``      in    load the stationary weight from ``w_sign``/``w_mag``/``w_nan``/``w_zero``
+                      (``product="lut"``: ``w_man``/``w_exp`` instead of ``w_mag``)
 ``a_sign/mag``  in    the activation (decoded), ``a_nan``/``a_zero`` its flags, ``a_valid``
+                      (``product="lut"``: ``a_man``/``a_exp`` instead of ``a_mag``)
 ``a_*_out``     out   the same, one cycle later (to the next column of the row)
 ``psum_in``     in    the column's partial sum from the PE above (``width`` bits, two's
                       complement, units of 2^-18), ``negs_in`` its count of negative
@@ -30,22 +36,25 @@ BlockPE ports
                       -0; the top of a column feeds 1, an idle slot keeps it)
 ==============  ====  ==================================================================
 
-Latency 2 cycles from the activation (product register, sum register) and 1 cycle from
-``psum_in``: the PE below takes its activation one cycle later, so a column is skewed one
-cycle per row, like the sequential array. Throughput one activation per cycle. ``width`` =
+Latency :attr:`BlockPE.LATENCY` = 3 cycles from the activation (the product or its parts, the
+product, the sum) and 1 cycle from ``psum_in``: the PE below takes its activation one cycle
+later, so a column is skewed one cycle per row, like the sequential array. Throughput one activation per cycle. ``width`` =
 36 + log2 of the column height + 1 holds any column sum exactly. The weight loaded with
 ``w_load`` is used by activations from the next cycle on (an activation in the same cycle
 still meets the previous weight).
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["E4M3Decode", "BlockPE", "BlockRound", "MAG_BITS", "NEG_BITS", "column_width"]
+__all__ = ["E4M3Decode", "BlockPE", "BlockRound", "MAG_BITS", "NEG_BITS", "PRODUCTS", "column_width",
+           "decoded_fields"]
 
 #: Bits of an E4M3 magnitude in units of 2^-9 (448 = 0x38000).
 MAG_BITS = 18
+#: Ways a BlockPE forms its product: on a hardware multiplier or in LUTs.
+PRODUCTS = ("dsp", "lut")
 #: Bits of the count of negative products passed down a column (up to 16 rows).
 NEG_BITS = 5
 
@@ -55,24 +64,38 @@ def column_width(rows):
     return 2 * MAG_BITS + max(1, (rows - 1).bit_length()) + 1
 
 
+def decoded_fields(product):
+    """The fields of a decoded E4M3 code a BlockPE of ``product`` takes, in order, with widths."""
+    magnitude = (("mag", MAG_BITS),) if product == "dsp" else (("man", 4), ("exp", 4))
+    return (("sign", 1),) + magnitude + (("nan", 1), ("zero", 1))
+
+
 class E4M3Decode(wiring.Component):
-    """An E4M3 code as sign, 18-bit magnitude (units of 2^-9), NaN and zero flags (combinational)."""
+    """An E4M3 code as sign, 18-bit magnitude (units of 2^-9), NaN and zero flags (combinational).
+
+    The magnitude is also given as ``man << exp``: ``man`` the 4-bit significand (the hidden
+    bit included for normal codes), ``exp`` the shift (``e - 1`` for normal codes, 0 for
+    subnormal ones)."""
 
     code: In(8)
     sign: Out(1)
     mag: Out(MAG_BITS)
+    man: Out(4)
+    exp: Out(4)
     nan: Out(1)
     zero: Out(1)
 
     def elaborate(self, platform):
         m = Module()
         e = self.code[3:7]
-        man = self.code[0:3]
+        normal = e != 0
         m.d.comb += [
             self.sign.eq(self.code[7]),
             self.zero.eq(self.code[0:7] == 0),
-            self.nan.eq((e == 0xF) & (man == 0x7)),
-            self.mag.eq(Mux(e == 0, man, (man | 0x8) << (e - 1)[0:4])),
+            self.nan.eq((e == 0xF) & (self.code[0:3] == 0x7)),
+            self.man.eq(Cat(self.code[0:3], normal)),
+            self.exp.eq(Mux(normal, e - 1, 0)),
+            self.mag.eq(self.man << self.exp),
         ]
         return m
 
@@ -80,42 +103,61 @@ class E4M3Decode(wiring.Component):
 class BlockPE(wiring.Component):
     """One processing element of the block-accumulation array (see the module docstring)."""
 
-    def __init__(self, width=None):
+    #: Cycles from an activation to its product in ``psum_out``.
+    LATENCY = 3
+
+    def __init__(self, width=None, product="dsp"):
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, not {product!r}")
         self.width = width = width or column_width(16)
-        super().__init__({
-            "w_load": In(1), "w_sign": In(1), "w_mag": In(MAG_BITS), "w_nan": In(1), "w_zero": In(1),
-            "a_valid": In(1), "a_sign": In(1), "a_mag": In(MAG_BITS), "a_nan": In(1), "a_zero": In(1),
-            "a_valid_out": Out(1), "a_sign_out": Out(1), "a_mag_out": Out(MAG_BITS), "a_nan_out": Out(1),
-            "a_zero_out": Out(1),
+        self.product = product
+        members = {"w_load": In(1), "a_valid": In(1), "a_valid_out": Out(1)}
+        for name, bits in decoded_fields(product):
+            members.update({f"w_{name}": In(bits), f"a_{name}": In(bits), f"a_{name}_out": Out(bits)})
+        members.update({
             "psum_in": In(signed(width)), "negs_in": In(NEG_BITS), "nan_in": In(1), "neg_zero_in": In(1),
             "psum_out": Out(signed(width)), "negs_out": Out(NEG_BITS), "nan_out": Out(1), "neg_zero_out": Out(1),
         })
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
-        w_sign, w_mag, w_nan, w_zero = Signal(), Signal(MAG_BITS), Signal(), Signal()
+        fields = [name for name, _ in decoded_fields(self.product)]
+        w = {name: Signal.like(getattr(self, f"w_{name}"), name=f"w_{name}_q") for name in fields}
         with m.If(self.w_load):
-            m.d.sync += [w_sign.eq(self.w_sign), w_mag.eq(self.w_mag), w_nan.eq(self.w_nan), w_zero.eq(self.w_zero)]
+            m.d.sync += [w[name].eq(getattr(self, f"w_{name}")) for name in fields]
         # pass the activation along the row
-        m.d.sync += [self.a_valid_out.eq(self.a_valid), self.a_sign_out.eq(self.a_sign),
-                     self.a_mag_out.eq(self.a_mag), self.a_nan_out.eq(self.a_nan), self.a_zero_out.eq(self.a_zero)]
-        # stage 1: the exact product (a MULT18X18D with its output register)
-        product = Signal(2 * MAG_BITS)
-        negative = Signal()
-        nan = Signal()
-        neg_zero = Signal()              # this slot keeps "every product -0" (idle slots too)
+        m.d.sync += [self.a_valid_out.eq(self.a_valid)]
+        m.d.sync += [getattr(self, f"a_{name}_out").eq(getattr(self, f"a_{name}")) for name in fields]
+        # stage 1: the product (or its parts), registered; stage 2: the product, registered
+        flags = [Signal(name=n) for n in ("negative1", "nan1", "neg_zero1", "negative", "nan", "neg_zero")]
+        negative1, nan1, neg_zero1, negative, nan, neg_zero = flags
         m.d.sync += [
-            product.eq(Mux(self.a_valid, self.a_mag * w_mag, 0)),
-            negative.eq(self.a_valid & (self.a_sign ^ w_sign)),
-            nan.eq(self.a_valid & (self.a_nan | w_nan)),
-            neg_zero.eq(~self.a_valid | ((self.a_zero | w_zero) & (self.a_sign ^ w_sign))),
+            negative1.eq(self.a_valid & (self.a_sign ^ w["sign"])),
+            nan1.eq(self.a_valid & (self.a_nan | w["nan"])),
+            # this slot keeps "every product -0" (idle slots too)
+            neg_zero1.eq(~self.a_valid | ((self.a_zero | w["zero"]) & (self.a_sign ^ w["sign"]))),
+            negative.eq(negative1), nan.eq(nan1), neg_zero.eq(neg_zero1),
         ]
-        # stage 2: one adder, psum_in from the PE above. A negative product is added as its one's complement (~p = -p - 1);
-        # the missing +1s are counted down the column in ``negs`` and added once below the array.
-        wide = Signal(signed(self.width))
+        product = Signal(2 * MAG_BITS)
+        if self.product == "dsp":
+            raw = Signal(2 * MAG_BITS)                   # a MULT18X18D, then two registers
+            m.d.sync += [raw.eq(Mux(self.a_valid, self.a_mag * w["mag"], 0)), product.eq(raw)]
+        else:
+            # the 4x4 significand product and the sum of the shifts, then the shift into place
+            sig = Signal(8)
+            shift = Signal(5)
+            partial = [Mux(w["man"][i], self.a_man << i, 0) for i in range(4)]   # in LUTs, not on a multiplier
+            m.d.sync += [sig.eq(Mux(self.a_valid, partial[0] + partial[1] + partial[2] + partial[3], 0)),
+                         shift.eq(self.a_exp + w["exp"]), product.eq(sig << shift)]
+        # stage 3: one adder, psum_in from the PE above. A negative product is added as its one's
+        # complement (~p = -p - 1); the missing +1s are counted down the column in ``negs`` and
+        # added once below the array.
+        wide = Signal(signed(2 * MAG_BITS + 1))
         m.d.comb += wide.eq(product)
+        addend = Mux(negative, ~wide, wide)
         m.d.sync += [
-            self.psum_out.eq(self.psum_in + Mux(negative, ~wide, wide)),
+            self.psum_out.eq(self.psum_in + addend),
             self.negs_out.eq(self.negs_in + negative),
             self.nan_out.eq(self.nan_in | nan),
             self.neg_zero_out.eq(self.neg_zero_in & neg_zero),

@@ -12,7 +12,7 @@ Every invalid value raises ``ValueError`` with one sentence naming the field and
 import json
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["NPUConfig", "load_config", "ACCUMULATIONS"]
+__all__ = ["NPUConfig", "load_config", "ACCUMULATIONS", "MULTIPLIERS"]
 
 
 def _short(value):
@@ -36,6 +36,8 @@ def _pow2(n):
 
 #: Accumulation modes (docs/numerics.md section 3).
 ACCUMULATIONS = ("sequential", "block")
+#: Ways block-mode processing elements form products (hdl.blockpe.PRODUCTS).
+MULTIPLIERS = ("dsp", "lut")
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,18 @@ class NPUConfig:
         Depth of each unit's command queue (load, compute, store).
     max_burst : int
         Longest AXI4 INCR burst the DMA issues, in beats (1..256, a power of two).
-    mac_stages : int
-        Pipeline registers of the FP8 multipliers in the array (0 or 1).
     accumulation : str
         ``"sequential"``: one FP32 addition per product, in K order. ``"block"``: the products
         of each block of ``acc_block`` K positions summed exactly, rounded once, added in FP32
-        (docs/numerics.md section 3). The generated hardware builds the sequential mode; the
-        functional simulator, the compiler and the golden model both.
+        (docs/numerics.md section 3). The hardware builds block mode for E4M3 only; the
+        functional simulator, the compiler and the golden model run both modes with both formats.
     acc_block : int
         K positions per exact block in block mode (a power of two, 1..128).
+    multipliers : str
+        How block-mode processing elements form their exact products: ``"dsp"`` on the FPGA's
+        hardware multipliers (one per PE), ``"lut"`` in logic (a 4x4 significand product and a
+        shift), for arrays larger than the FPGA's multiplier count. Results are the same.
+        Sequential mode takes ``"dsp"`` only.
     """
 
     rows: int = 8
@@ -81,9 +86,9 @@ class NPUConfig:
     axi_addr_bits: int = 32
     queue_depth: int = 8
     max_burst: int = 16
-    mac_stages: int = 0
     accumulation: str = "sequential"
     acc_block: int = 128
+    multipliers: str = "dsp"
 
     def __post_init__(self):
         def integer(name, lo, hi, pow2=False):
@@ -105,11 +110,14 @@ class NPUConfig:
             raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
         integer("queue_depth", 2, 64, pow2=True)
         integer("max_burst", 1, 256, pow2=True)
-        if self.mac_stages not in (0, 1) or type(self.mac_stages) is not int:
-            raise ValueError(f"mac_stages must be one of 0, 1, not {_short(self.mac_stages)}")
         if self.accumulation not in ACCUMULATIONS:
             raise ValueError(f"accumulation must be one of {', '.join(ACCUMULATIONS)}, not {_short(self.accumulation)}")
         integer("acc_block", 1, 128, pow2=True)
+        if self.multipliers not in MULTIPLIERS:
+            raise ValueError(f"multipliers must be one of {', '.join(MULTIPLIERS)}, not {_short(self.multipliers)}")
+        if self.multipliers != "dsp" and self.accumulation != "block":
+            raise ValueError(f"multipliers {self.multipliers!r} needs accumulation 'block'; sequential mode "
+                             f"takes 'dsp'")
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))

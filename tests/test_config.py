@@ -29,7 +29,8 @@ def test_json_round_trip(tmp_path):
     ({"axi_data_bits": 48}, r"^axi_data_bits must be one of 32, 64, 128, 256, not 48$"),
     ({"formats": ("e4m3", "fp4")}, r"^formats must be a non-empty list of distinct names from e4m3, e5m2, "
                                    r"not \('e4m3', 'fp4'\)$"),
-    ({"mac_stages": 2}, r"^mac_stages must be one of 0, 1, not 2$"),
+    ({"multipliers": "bram"}, r"^multipliers must be one of dsp, lut, not 'bram'$"),
+    ({"multipliers": "lut"}, r"^multipliers 'lut' needs accumulation 'block'; sequential mode takes 'dsp'$"),
 ])
 def test_invalid_values_are_one_sentence(kwargs, message):
     with pytest.raises(ValueError, match=message):
