@@ -232,7 +232,9 @@ class NPUCore(wiring.Component):
         # ---------------- fetch ------------------------------------------------------------
         # entries: command, its address, and whether the bus refused any of its beats (that is
         # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 33, depth=4)
+        # Fetched commands pass the checks (VALIDATE_STAGES cycles) on their way into the queue;
+        # an entry holds the command, its verdict, its address and whether the bus refused a beat.
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 8 + 33, depth=4)
         beats_per_cmd = max(CMD // D, 1)
         f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
@@ -255,7 +257,8 @@ class NPUCore(wiring.Component):
         with m.If(f_ar_valid & f_ar_ready):
             m.d.sync += f_issued.eq(f_issued + 1)
         m.d.sync += f_inflight.eq(f_inflight + (f_ar_valid & f_ar_ready) - f_got)
-        # assemble beats into commands
+        # assemble beats into commands (v_in: one is complete)
+        v_in, v_cmd, v_info = Signal(), Signal(CMD), Signal(33)
         f_buf = Signal(CMD)
         f_beat = Signal(range(beats_per_cmd + 1))
         f_recv = Signal(32)          # commands fetched so far
@@ -264,19 +267,25 @@ class NPUCore(wiring.Component):
         m.d.comb += f_r_ready.eq(1)
         with m.If(r_fetch & ~stopped):
             if beats_per_cmd == 1:
-                m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(ax("rdata")[0:CMD], f_addr, r_refused)),
-                             f_got.eq(1)]
+                m.d.comb += [v_in.eq(1), v_cmd.eq(ax("rdata")[0:CMD]), v_info.eq(Cat(f_addr, r_refused))]
                 m.d.sync += f_recv.eq(f_recv + 1)
             else:
                 new = Signal(CMD)
                 m.d.comb += new.eq(Cat(f_buf[D:], ax("rdata")))
                 m.d.sync += [f_buf.eq(new), f_beat.eq(f_beat + 1)]
                 with m.If(f_beat == beats_per_cmd - 1):
-                    m.d.comb += [fq.w_en.eq(1), fq.w_data.eq(Cat(new, f_addr, f_bad | r_refused)),
-                                 f_got.eq(1)]
+                    m.d.comb += [v_in.eq(1), v_cmd.eq(new), v_info.eq(Cat(f_addr, f_bad | r_refused))]
                     m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1), f_bad.eq(0)]
                 with m.Else():
                     m.d.sync += f_bad.eq(f_bad | r_refused)
+
+        verdict, v_out_cmd = self._validate(m, v_cmd)
+        v_valid, v_carry = v_in, v_info
+        for stage in range(self.VALIDATE_STAGES):
+            valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
+            m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]
+            v_valid, v_carry = valid_q, carry_q
+        m.d.comb += [fq.w_en.eq(v_valid & ~stopped), fq.w_data.eq(Cat(v_out_cmd, verdict, v_carry)), f_got.eq(v_valid)]
 
         # ---------------- unit queues ---------------------------------------------------------
         queues = []
@@ -289,9 +298,9 @@ class NPUCore(wiring.Component):
 
         # ---------------- dispatcher --------------------------------------------------------
         cmd = fq.r_data[0:CMD]
-        cmd_addr = fq.r_data[CMD:CMD + 32]
-        fetch_refused = fq.r_data[CMD + 32]
-        verdict = self._validate(m, cmd)
+        verdict = fq.r_data[CMD:CMD + 8]
+        cmd_addr = fq.r_data[CMD + 8:CMD + 40]
+        fetch_refused = fq.r_data[CMD + 40]
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
         target = Signal(2)
@@ -383,16 +392,38 @@ class NPUCore(wiring.Component):
         return m
 
     # ------------------------------------------------------------------------------------
-    def _validate(self, m, cmd):
-        """Combinational mirror of :func:`fp8npu.hdl.isa.validate` (same rules, same order)."""
+    #: Cycles from a fetched command to its verdict (:meth:`_validate`).
+    VALIDATE_STAGES = 2
+
+    def _validate(self, m, cmd0):
+        """Pipelined mirror of :func:`fp8npu.hdl.isa.validate` (same rules, same order): the
+        multiplications of the range checks in the first cycle, the comparisons in the second.
+        Returns (verdict, command) for the command that entered :attr:`VALIDATE_STAGES` cycles
+        before; one command per cycle."""
         cfg = self.cfg
         Op, E = isa.Opcode, isa.ErrorCode
+        # stage A: the command and the products of its range checks
+        for name in ("rows", "dram_addr", "dram_stride"):
+            assert fld(cmd0, Op.LOAD, name).start == fld(cmd0, Op.STORE, name).start, name
+        cmd = Signal(CMD, name="v_cmd")
+        m.d.sync += cmd.eq(cmd0)
+        dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
+        load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
+        a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
+        rb0 = fld(cmd0, Op.LOAD, "row_bytes")
+        lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), _ceil_div_pow2(rb0, cfg.acc_line_bytes),
+                     _ceil_div_pow2(rb0, cfg.line_bytes))
+        m.d.sync += [
+            dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
+            load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
+            a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1) * fld(cmd0, Op.MATMUL, "a_stride")),
+        ]
+        # stage B: the checks, registered
         op = cmd[0:8]
         pp, pn, up, un = (common(cmd, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next"))
         code = Signal(8, name="verdict")
         known = Signal()
         reserved = Signal()
-        m.d.comb += known.eq(0)
         with m.Switch(op):
             for o in Op:
                 with m.Case(o):
@@ -413,7 +444,7 @@ class NPUCore(wiring.Component):
         def dram_check(o, row_bytes):
             rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
             end = Signal(64, name=f"end_{o.name.lower()}")
-            m.d.comb += end.eq(addr + (rows - 1) * stride + row_bytes)
+            m.d.comb += end.eq(addr + dram_span + row_bytes)     # rows >= 1: no wrap in dram_span
             m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)
             m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | (end > wl)))
 
@@ -423,10 +454,8 @@ class NPUCore(wiring.Component):
             with m.Case(Op.LOAD):
                 dst, rows, rb, sa = f(Op.LOAD, "dst"), f(Op.LOAD, "rows"), f(Op.LOAD, "row_bytes"), f(Op.LOAD, "sram_addr")
                 m.d.comb += bad_field.eq(pp | up | (dst & (rb[0:2] != 0)))
-                lines = Signal(17)
-                m.d.comb += lines.eq(Mux(dst, _ceil_div_pow2(rb, cfg.acc_line_bytes), _ceil_div_pow2(rb, cfg.line_bytes)))
                 span = Signal(40)
-                m.d.comb += span.eq(sa + rows * lines)
+                m.d.comb += span.eq(sa + load_lines)
                 m.d.comb += sram.eq((rows != 0) & (rb != 0) & (span > Mux(dst, cfg.acc_lines, cfg.sp_lines)))
                 dram_check(Op.LOAD, rb)
             with m.Case(Op.STORE):
@@ -443,7 +472,7 @@ class NPUCore(wiring.Component):
                                          | (~block_ok & (commit | fresh)))
                 m.d.comb += bad_format.eq(~fmt_ok[f(Op.MATMUL, "fmt_a")] | ~fmt_ok[f(Op.MATMUL, "fmt_b")])
                 last_a = Signal(40)
-                m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + (mm - 1) * f(Op.MATMUL, "a_stride"))
+                m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + a_span)     # m >= 1: no wrap in a_span
                 m.d.comb += sram.eq((f(Op.MATMUL, "b_addr") + k > cfg.sp_lines)
                                     | ((mm != 0) & ((last_a >= cfg.sp_lines)
                                                     | (f(Op.MATMUL, "acc_addr") + mm > cfg.acc_lines))))
@@ -462,21 +491,28 @@ class NPUCore(wiring.Component):
             with m.Case(Op.SYNC):
                 u = f(Op.SYNC, "unit")
                 m.d.comb += bad_field.eq((u == 3) | ((u == 0) & (pp | up)) | ((u == 2) & (pn | un)))
-        with m.If(~known):
+        # output: the first failed check, in isa.validate's order, from the registered checks
+        checks = (~known, reserved | bad_field, bad_format, sram, misaligned, window)
+        failed = [Signal(name=f"v_fail_{e.name.lower()}") for e in (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT,
+                                                                     E.SRAM_RANGE, E.MISALIGNED, E.DRAM_WINDOW)]
+        m.d.sync += [q.eq(c) for q, c in zip(failed, checks)]
+        cmd_out = Signal(CMD, name="v_cmd_out")
+        m.d.sync += cmd_out.eq(cmd)
+        with m.If(failed[0]):
             m.d.comb += code.eq(E.BAD_OPCODE)
-        with m.Elif(reserved | bad_field):
+        with m.Elif(failed[1]):
             m.d.comb += code.eq(E.BAD_FIELD)
-        with m.Elif(bad_format):
+        with m.Elif(failed[2]):
             m.d.comb += code.eq(E.BAD_FORMAT)
-        with m.Elif(sram):
+        with m.Elif(failed[3]):
             m.d.comb += code.eq(E.SRAM_RANGE)
-        with m.Elif(misaligned):
+        with m.Elif(failed[4]):
             m.d.comb += code.eq(E.MISALIGNED)
-        with m.Elif(window):
+        with m.Elif(failed[5]):
             m.d.comb += code.eq(E.DRAM_WINDOW)
         with m.Else():
             m.d.comb += code.eq(E.NONE)
-        return code
+        return code, cmd_out
 
     @staticmethod
     def _token_deltas(m, cmd, target):
