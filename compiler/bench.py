@@ -210,6 +210,37 @@ def npu_synth_line(cfg, pnr=None, progress=None):
     return row, line
 
 
+#: Where the NPU's logic goes: (group, module path prefixes), the first match wins.
+NPU_PARTS = (
+    ("processing elements (block mode)", ("top.core.array.pe_",)),
+    ("array: sequential MACs; block decoders, column sums, rounding, FP32 add", ("top.core.array",)),
+    ("vector unit (EPILOGUE, BLOCKSCALE)", ("top.core.vector",)),
+    ("requantizer (STORE to FP8)", ("top.core.requantizer",)),
+    ("command queues", ("top.core.fetch_q", "top.core.load_q", "top.core.compute_q", "top.core.store_q")),
+    ("register block (AXI4-Lite)", ("top.regs",)),
+    ("fetch, checks, dispatch, DMA, tokens, control", ("top",)),
+)
+
+
+def npu_breakdown(cfg, family="ecp5"):
+    """Synthesize the NPU of ``cfg`` without flattening; return [(part, LUTs, FFs, DSPs, block
+    RAMs)] in :data:`NPU_PARTS` order (parts the configuration lacks left out)."""
+    from fp8npu.fpga.synth import SynthResult
+    from fp8npu.hdl.npu import NPU
+    r = synthesize(to_verilog(NPU(cfg), "top"), "top", family, timeout=7200, hierarchy=True)
+    totals = {name: {} for name, _ in NPU_PARTS}
+    for path, cells in r.modules.items():
+        part = next(name for name, prefixes in NPU_PARTS if any(path.startswith(p) for p in prefixes))
+        for cell, n in cells.items():
+            totals[part][cell] = totals[part].get(cell, 0) + n
+    out = []
+    for name, _ in NPU_PARTS:
+        c = SynthResult(family, totals[name])
+        if totals[name]:
+            out.append((name, c.luts, c.ffs, c.dsps, c.brams))
+    return out
+
+
 def npu_synth_header(pnr=None):
     if pnr and pnr.startswith("iCE40"):
         head = f"  {'array':>5} {'mode':>10} | {'SB_LUT4':>9} {'CARRY':>6} {'FF':>6} {'RAM':>6} {'MAC16':>6} "
@@ -221,12 +252,13 @@ def npu_synth_header(pnr=None):
     return head
 
 
-def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False, echo=print):
+def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False, breakdown=False, echo=print):
     """Synthesize the whole NPU (default configuration apart from the array size; E4M3-only in
     block mode) for ECP5 and print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block
     RAMs, multipliers; with ``pnr`` (a device of fpga.synth.DEVICES) also place and route it and
     print the share of the device's LUTs, Fmax, GOPS = 2 x MACs x Fmax, tool times and the
-    critical path. ``as_json`` prints the figures as one JSON list instead of a table."""
+    critical path. ``breakdown`` adds where the LUTs go (a second synthesis, not flattened).
+    ``as_json`` prints the figures as one JSON list instead of a table."""
     def progress(text):
         print(f"  ... {text}", file=sys.stderr, flush=True)
 
@@ -239,10 +271,20 @@ def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False
                                                           f"in the figures)" if pnr else "") + ":")
         echo(npu_synth_header(pnr))
     for (rows, cols), mode in itertools.product(arrays, modes):
-        row, line = npu_synth_line(mode_config(rows, cols, mode), pnr=pnr, progress=progress)
+        cfg = mode_config(rows, cols, mode)
+        row, line = npu_synth_line(cfg, pnr=pnr, progress=progress)
         rows_out.append(row)
         if not as_json:
             echo(line)
+        if breakdown:
+            progress(f"{rows}x{cols} {mode}: yosys, not flattened, for the breakdown")
+            parts = npu_breakdown(cfg)
+            row["breakdown"] = [dict(zip(("part", "luts", "ff", "dsps", "brams"), p)) for p in parts]
+            total = sum(p[1] for p in parts)
+            if not as_json:
+                for name, luts, ffs, dsps, brams in parts:
+                    echo(f"        {name:<72} {luts:>7,} LUT4 {luts / total:>6.1%} {ffs:>7,} FF {dsps:>4} DSP "
+                         f"{brams:>4} BRAM")
     if as_json:
         echo(json.dumps(rows_out, indent=1))
     return 0

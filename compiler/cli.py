@@ -172,9 +172,9 @@ def cmd_bench(args):
                 raise UsageError(f"array {rows}x{cols}: {exc}") from None
         modes = tuple(args.modes or ("sequential", "block"))
         if args.synth:
-            return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json)
-        if args.pnr or args.json:
-            raise UsageError("--pnr and --json go with --synth (bench npu --synth RxC,... --pnr DEVICE)")
+            return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json, breakdown=args.breakdown)
+        if args.pnr or args.json or args.breakdown:
+            raise UsageError("--pnr, --breakdown and --json go with --synth (bench npu --synth RxC,... --pnr DEVICE)")
         return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)),
                              modes=modes)
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
@@ -583,6 +583,8 @@ def build_parser():
     bench.add_argument("--pnr", choices=sorted(DEVICES), metavar="DEVICE",
                        help="npu --synth: also place and route with nextpnr on DEVICE "
                             f"({', '.join(DEVICES)}) and print Fmax, GOPS and the critical path (slow)")
+    bench.add_argument("--breakdown", action="store_true",
+                       help="npu --synth: also show where the LUTs go (PEs, array, vector unit, queues, control)")
     bench.add_argument("--json", action="store_true", help="npu --synth: print the figures as JSON")
     bench.add_argument("--no-synth", action="store_true", help="skip synthesis")
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")

@@ -54,7 +54,8 @@ def find_tool(name):
 @dataclass
 class SynthResult:
     family: str
-    cells: dict  # cell type -> count
+    cells: dict          # cell type -> count
+    modules: dict = None  # with hierarchy=True: module path -> its own cells (type -> count)
 
     def count(self, *types):
         return sum(self.cells.get(t, 0) for t in types)
@@ -99,11 +100,13 @@ def _run(cmd, cwd, what, timeout):
     return proc
 
 
-def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options=""):
+def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options="", hierarchy=False):
     """Synthesize Verilog for ``family`` (``ecp5`` or ``ice40``); return cell counts.
 
     With ``json_out`` the netlist is kept there for place and route; ``options`` go to the
-    synthesis command (for example ``-nodsp``).
+    synthesis command (for example ``-nodsp``). With ``hierarchy`` the design is not flattened
+    and the result also holds each module's own cells (:attr:`SynthResult.modules`, keyed by
+    the module's path such as ``top.core.vector``; Amaranth names a module by its path).
     """
     if family not in FAMILIES:
         raise ToolError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
@@ -111,15 +114,25 @@ def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options="
     with tempfile.TemporaryDirectory(prefix="fp8npu-synth-") as tmp:
         # YoWASP tools see the working directory: keep every path relative to it.
         Path(tmp, "design.v").write_text(verilog_text)
-        script = (f"read_verilog design.v; {FAMILIES[family]} -top {top} {options} -json netlist.json; "
+        flatten = " -noflatten" if hierarchy else ""
+        script = (f"read_verilog design.v; {FAMILIES[family]} -top {top}{flatten} {options} -json netlist.json; "
                   f"tee -q -o stat.json stat -json")
         _run(yosys + ["-q", "-p", script], tmp, f"yosys {FAMILIES[family]} of {top}", timeout)
         stats = json.loads(Path(tmp, "stat.json").read_text())
         if json_out is not None:
             shutil.copy(Path(tmp, "netlist.json"), json_out)
+    submodules = {name.lstrip("\\") for name in stats.get("modules", {})}
+
+    def primitives(counts):       # leave out instances of the design's own modules
+        return {k: v for k, v in counts.items() if not k.startswith("$scopeinfo") and k not in submodules}
+
     design = stats.get("design", {})
-    cells = {k: v for k, v in design.get("num_cells_by_type", {}).items() if not k.startswith("$scopeinfo")}
-    return SynthResult(family, cells)
+    cells = primitives(design.get("num_cells_by_type", {}))
+    modules = None
+    if hierarchy:
+        modules = {name.lstrip("\\"): primitives(mod.get("num_cells_by_type", {}))
+                   for name, mod in stats.get("modules", {}).items()}
+    return SynthResult(family, cells, modules)
 
 
 #: Devices :func:`place_and_route` knows: family, nextpnr device option, package, LUT budget.

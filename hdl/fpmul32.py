@@ -11,17 +11,22 @@ from .formats import FP32, FP32Layout
 __all__ = ["FP32Multiplier", "fp32_mul"]
 
 
-#: Registers after the operand normalisation / significand product / round sections, for each
-#: ``stages`` setting.
-STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
+#: Registers after the operand / product / normalise / underflow shift / round sections, for
+#: each ``stages`` setting.
+STAGE_REGS = {
+    0: (False, False, False, False, False), 1: (False, False, False, False, True),
+    2: (False, True, False, False, True), 3: (True, True, False, False, True),
+    4: (True, True, True, False, True), 5: (True, True, True, True, True),
+}
 
 
-def fp32_mul(m, a, b, prefix="", regs=(False, False, False)):
+def fp32_mul(m, a, b, prefix="", regs=STAGE_REGS[0]):
     """Add the logic of one binary32 product ``a * b``; return the result signal.
 
-    ``regs`` says which of the three sections is followed by a register: ``s0`` classify and
-    normalise the operands, ``s1`` the 24 x 24-bit significand product, ``s2`` normalise,
-    underflow and round (the last register is the output's).
+    ``regs`` says which of the five sections is followed by a register: ``s0`` classify and
+    normalise the operands, ``s1`` the 24 x 24-bit significand product, ``s2`` normalise the
+    product and find how far it underflows and its trailing zeros, ``s3`` the underflow shift
+    and the round and sticky bits, ``s4`` round and pack (the last register is the output's).
 
     Subnormal operands are normalised first (leading-zero shift), the 24 x 24-bit significand
     product is normalised to a leading one at bit 47, results below the normal range are
@@ -63,26 +68,28 @@ def fp32_mul(m, a, b, prefix="", regs=(False, False, False)):
     m.d.comb += [prod0.eq(v["sa"] * v["sb"]), e_sum.eq(v["ea"] + v["eb"] - 127)]
     v = stage({"sign": v["sign"], "nan": v["nan"], "inf": v["inf"], "zero": v["zero"], "prod": prod0,
                "e_sum": e_sum}, regs[1], 1)
-    prod, sign = v["prod"], v["sign"]
     # value = prod / 2^46 * 2^(ea + eb - 254); align the leading one to bit 47
+    prod = v["prod"]
     top = prod[47]
     norm = Signal(48, name=f"{p}norm")
     exp = Signal(signed(12), name=f"{p}exp")          # biased exponent of the result
-    m.d.comb += [
-        norm.eq(Mux(top, prod, prod << 1)),
-        exp.eq(v["e_sum"] + top),
-    ]
-    # gradual underflow: shift right by 1 - exp (capped) with a sticky bit
+    m.d.comb += [norm.eq(Mux(top, prod, prod << 1)), exp.eq(v["e_sum"] + top)]
+    # gradual underflow: shift right by 1 - exp (capped); every bit below the round bit then
+    # makes the sticky bit: the trailing zeros of the product tell whether any is set
     under = Signal(range(64), name=f"{p}under")
     m.d.comb += under.eq(Mux(exp < 1, Mux(1 - exp > 50, 50, 1 - exp), 0))
+    tz = leading_zeros(m, norm[::-1], f"{p}tz")
+    v = stage({"sign": v["sign"], "nan": v["nan"], "inf": v["inf"], "zero": v["zero"], "norm": norm, "exp": exp,
+               "under": under, "tz": tz}, regs[2], 2)
     shifted = Signal(48, name=f"{p}shifted")
-    m.d.comb += shifted.eq(norm >> under)
-    lost = (shifted << under)[0:48] != norm
-    kept = shifted[24:48]
-    guard = shifted[23]
-    sticky = (shifted[0:23] != 0) | lost
+    m.d.comb += shifted.eq(v["norm"] >> v["under"])
+    sticky = Signal(name=f"{p}sticky")
+    m.d.comb += sticky.eq(v["tz"] < 23 + v["under"])
+    v = stage({"sign": v["sign"], "nan": v["nan"], "inf": v["inf"], "zero": v["zero"], "exp": v["exp"],
+               "kept": shifted[24:48], "guard": shifted[23], "sticky": sticky}, regs[3], 3)
+    kept, exp, sign = v["kept"], v["exp"], v["sign"]
     rounded = Signal(25, name=f"{p}rounded")
-    m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
+    m.d.comb += rounded.eq(kept + (v["guard"] & (v["sticky"] | kept[0])))
     carry = rounded[24]
     field = Signal(signed(13), name=f"{p}field")
     # after underflow the exponent field is 0 unless rounding carried into the hidden bit
@@ -98,13 +105,13 @@ def fp32_mul(m, a, b, prefix="", regs=(False, False, False)):
         m.d.comb += result.eq(Cat(Const(0, 31), sign))
     with m.Else():
         m.d.comb += result.eq(Cat(frac, field[0:8], sign))
-    return pipe(m, result, regs[2], f"{p}result_q")
+    return pipe(m, result, regs[4], f"{p}result_q")
 
 
 class FP32Multiplier(wiring.Component):
     """IEEE 754 binary32 multiplier, round to nearest even, subnormals kept (see :func:`fp32_mul`).
 
-    Latency ``stages`` cycles (0 to 3, see :data:`STAGE_REGS`); throughput one product per cycle.
+    Latency ``stages`` cycles (0 to 5, see :data:`STAGE_REGS`); throughput one product per cycle.
 
     Members
     -------

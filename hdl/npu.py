@@ -54,10 +54,7 @@ from . import isa
 from .array import BlockArray, MACArray
 from .axi import AxiLiteRegs, axi4_master_members
 from .config import NPUConfig
-from .fpconv import FP32ToFP8
-from .fpmul32 import STAGE_REGS as FP32_MUL_STAGES
-from .fpmul32 import fp32_mul
-from .units import VectorUnit
+from .units import Requantizer, VectorUnit
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -122,8 +119,8 @@ class NPUCore(wiring.Component):
     cycles, mac_ops, dma_bytes, stalls, commands : Out(32)   performance counters
     """
 
-    #: Cycles a STORE to FP8 spends converting each row (x * scale, then the FP8 rounding).
-    STORE_CONVERT = 4
+    #: Cycles a STORE to FP8 spends converting each row (:class:`~.units.Requantizer`).
+    STORE_CONVERT = 6
 
     def __init__(self, cfg=None):
         self.cfg = cfg = cfg or NPUConfig()
@@ -898,22 +895,17 @@ class NPUCore(wiring.Component):
             m.d.comb += acc_r.addr.eq(f["acc_addr"] + row)
             m.d.sync += phase.eq(2)
         # convert the line that arrives: FP32 rows are taken as they are; FP8 rows go through
-        # x * scale (3 pipeline registers) and the FP8 converter (1), STORE_CONVERT cycles
-        fp8 = []
-        for j in range(C):
-            v = acc_r.data[32 * j:32 * j + 32]
-            scaled = fp32_mul(m, v, f["scale"], prefix=f"st{j}_", regs=FP32_MUL_STAGES[3])
-            conv = FP32ToFP8(stages=1)
-            m.submodules[f"st_conv{j}"] = conv
-            m.d.comb += [conv.x.eq(scaled), conv.fmt.eq(f["fmt"] == 2), conv.saturate.eq(f["saturate"])]
-            fp8.append(conv.y)
-        assert self.STORE_CONVERT == 3 + conv.latency
+        # the requantizer (STORE_CONVERT cycles)
+        m.submodules.requantizer = rq = Requantizer(C)
+        m.d.comb += [rq.x.eq(acc_r.data[0:32 * C]), rq.scale.eq(f["scale"]), rq.e5m2.eq(f["fmt"] == 2),
+                     rq.saturate.eq(f["saturate"])]
+        assert self.STORE_CONVERT == Requantizer.LATENCY
         conv_wait = Signal(range(self.STORE_CONVERT + 1), name="s_conv_wait")
         with m.If(busy & (phase == 2)):
             with m.If(f["fmt"] == 0):
                 m.d.sync += [buf.eq(acc_r.data[0:32 * C]), beat.eq(0), phase.eq(3), w_addr.eq(row_addr)]
             with m.Elif(conv_wait == self.STORE_CONVERT):
-                m.d.sync += [buf.eq(Cat(*fp8)), beat.eq(0), phase.eq(3), w_addr.eq(row_addr), conv_wait.eq(0)]
+                m.d.sync += [buf.eq(rq.y), beat.eq(0), phase.eq(3), w_addr.eq(row_addr), conv_wait.eq(0)]
             with m.Else():
                 m.d.sync += conv_wait.eq(conv_wait + 1)
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)

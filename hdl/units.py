@@ -4,7 +4,8 @@
 ISA tables (:data:`fp8npu.hdl.isa.FIELDS`): a unit reads ``cmd.rows``, ``cmd.src``, ... from a
 ``data.View`` of the 256-bit command, never a hand-written bit slice.
 
-:class:`VectorUnit` runs EPILOGUE and BLOCKSCALE on accumulator lines.
+:class:`VectorUnit` runs EPILOGUE and BLOCKSCALE on accumulator lines; :class:`Requantizer`
+turns accumulator lines into scaled FP8 rows for STORE.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
@@ -14,10 +15,11 @@ from amaranth.lib.wiring import In, Out
 from . import isa
 from .fpadd import STAGE_REGS as ADD_REGS
 from .fpadd import fp32_add
+from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "VectorUnit"]
+__all__ = ["command_layout", "VectorUnit", "Requantizer"]
 
 
 def command_layout(opcode):
@@ -59,7 +61,7 @@ class VectorUnit(wiring.Component):
     wr_en : Out(1), wr_addr : Out(16), wr_data : Out(32 * lanes)
     """
 
-    def __init__(self, lanes, mul_stages=3, add_stages=3):
+    def __init__(self, lanes, mul_stages=5, add_stages=3):
         self.lanes = lanes
         self.mul_stages, self.add_stages = mul_stages, add_stages
         self.latency = 2 * mul_stages + add_stages
@@ -185,4 +187,40 @@ class VectorUnit(wiring.Component):
             is_nan = (y[23:31] == 0xFF) & (y[0:23] != 0)
             m.d.comb += self.wr_data[lane].eq(Mux(is_nan, Const(_NAN, 32), y))
         m.d.comb += [self.wr_en.eq(valid[P]), self.wr_addr.eq(addr[P])]
+        return m
+
+
+class Requantizer(wiring.Component):
+    """A line of binary32 values scaled and rounded to FP8, for STORE: per lane
+    ``fp8(fp32(x * scale))`` (docs/isa.md, STORE), fully pipelined.
+
+    Latency :attr:`LATENCY` cycles (the product behind 5 registers, the FP8 rounding behind 1);
+    one line per cycle. ``scale``, ``e5m2`` and ``saturate`` must be steady while a line is
+    inside.
+
+    Members
+    -------
+    x : In(32 * lanes)          the binary32 values
+    scale : In(32)              binary32 scale
+    e5m2, saturate : In(1)      target format (0: E4M3), saturate instead of overflowing
+    y : Out(8 * lanes)          the FP8 codes
+    """
+
+    LATENCY = 6
+
+    def __init__(self, lanes):
+        self.lanes = lanes
+        super().__init__({"x": In(32 * lanes), "scale": In(32), "e5m2": In(1), "saturate": In(1),
+                          "y": Out(8 * lanes)})
+
+    def elaborate(self, platform):
+        m = Module()
+        codes = []
+        for j in range(self.lanes):
+            scaled = fp32_mul(m, self.x[32 * j:32 * j + 32], self.scale, prefix=f"q{j}_", regs=MUL_REGS[5])
+            m.submodules[f"conv{j}"] = conv = FP32ToFP8(stages=1)
+            m.d.comb += [conv.x.eq(scaled), conv.fmt.eq(self.e5m2), conv.saturate.eq(self.saturate)]
+            codes.append(conv.y)
+        assert self.LATENCY == 5 + conv.latency
+        m.d.comb += self.y.eq(Cat(*codes))
         return m

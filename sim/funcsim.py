@@ -97,7 +97,7 @@ DMA_LATENCY = 8
 #: Cycles a STORE spends per row besides its data beats (accumulator read, conversion, address).
 STORE_ROW_OVERHEAD = 3
 #: Extra cycles per row of a STORE to FP8: scaling and conversion (hdl.npu.NPUCore.STORE_CONVERT).
-STORE_CONVERT = 4
+STORE_CONVERT = 6
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
@@ -105,7 +105,7 @@ BLOCK_FILL = 10
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (1 and 3): scale and bias reads, the vector unit's pipeline (hdl.units.VectorUnit).
-VECTOR_FILL = 13
+VECTOR_FILL = 17
 
 
 Token = isa.Token

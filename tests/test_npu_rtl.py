@@ -420,6 +420,14 @@ def test_block_array_latency_is_the_functional_simulators():
         assert BlockArray(rows, cols).latency == rows + funcsim.BLOCK_FILL
 
 
+def test_vector_unit_time_is_the_functional_simulators():
+    """EPILOGUE and BLOCKSCALE cost the vector unit's pipeline plus 3 cycles to read the scale
+    and bias lines and 1 to finish, the fill the functional simulator charges."""
+    from fp8npu.hdl.units import VectorUnit
+    for lanes in (1, 4, 16):
+        assert VectorUnit(lanes).latency + 4 == funcsim.VECTOR_FILL
+
+
 def test_store_conversion_time_is_the_functional_simulators():
     """The store unit's FP8 conversion pipeline (it checks its own depth when elaborated) takes
     the cycles per row the functional simulator charges."""

@@ -80,6 +80,24 @@ def test_npu_srams_synthesize_to_block_ram():
     assert r["brams"] >= 4      # scratchpad and accumulator, each with two read ports
 
 
+def test_npu_breakdown_accounts_for_every_lut():
+    """The breakdown (not flattened) names the parts of a 1x1 block-mode NPU, and its total is
+    the flattened synthesis' within 15 % (flattening optimizes across module boundaries)."""
+    from fp8npu.compiler.bench import NPU_PARTS, npu_breakdown, npu_synth_line
+    from fp8npu.hdl.config import NPUConfig
+    cfg = NPUConfig(rows=1, cols=1, sp_lines=256, acc_lines=64, accumulation="block", formats=("e4m3",),
+                    multipliers="lut")
+    parts = npu_breakdown(cfg)
+    names = [p[0] for p in parts]
+    assert names == [name for name, _ in NPU_PARTS]        # block mode has every part
+    by_name = {p[0]: p for p in parts}
+    assert by_name["processing elements (block mode)"][3] == 0          # LUT products: no multiplier
+    assert by_name["vector unit (EPILOGUE, BLOCKSCALE)"][3] > 0
+    flat, _ = npu_synth_line(cfg)
+    total = sum(p[1] for p in parts)
+    assert abs(total - flat["luts"]) < 0.15 * flat["luts"], (total, flat["luts"])
+
+
 @pytest.mark.parametrize("device", ["LFE5U-25F", "iCE40UP5K"])
 def test_place_and_route_reports_fmax_utilization_and_path(device, tmp_path):
     """nextpnr's report is read: an FP8 multiplier behind two pins has a clock, cells in use and
