@@ -158,9 +158,9 @@ class BlockArray(wiring.Component):
     out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * (pw + 2))
     """
 
-    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=3, product="dsp"):
-        if add_stages not in (1, 2, 3):
-            raise ValueError(f"add_stages must be 1, 2 or 3, not {add_stages!r}")
+    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=5, product="dsp"):
+        if add_stages not in (1, 2, 3, 4, 5):
+            raise ValueError(f"add_stages must be 1 to 5, not {add_stages!r}")
         self.rows, self.cols = rows, cols
         self.pw = pw = partial_width(rows, acc_block)
         self.round_stages, self.add_stages = round_stages, add_stages

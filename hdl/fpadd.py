@@ -9,22 +9,27 @@ from .formats import FP32, FP32Layout
 
 __all__ = ["FP32Adder", "fp32_add"]
 
-# Registers after the align / add-normalise / round sections, for each ``stages`` setting.
-STAGE_REGS = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True),
-               3: (True, True, True)}
+#: Registers after the order / align / add / normalise / round sections, for each ``stages``
+#: setting (settings 0 to 3 place them as the three-section adder did: after align, normalise
+#: and round).
+STAGE_REGS = {0: (False, False, False, False, False), 1: (False, False, False, False, True),
+              2: (False, False, False, True, True), 3: (False, True, False, True, True),
+              4: (False, True, True, True, True), 5: (True, True, True, True, True)}
 
 
-def fp32_add(m, a, b, regs=(False, False, False), prefix=""):
+def fp32_add(m, a, b, regs=STAGE_REGS[0], prefix=""):
     """Add the logic of one binary32 addition ``a + b`` to ``m``; return the result signal.
 
-    The datapath has three sections; ``regs`` says which are followed by a register:
+    The datapath has five sections; ``regs`` says which are followed by a register:
 
-    * ``s0`` align: classify, order the operands by magnitude, shift the smaller significand
-      right, keeping a guard, a round and a sticky bit (27-bit extended significands).
-    * ``s1`` add and normalise: add or subtract, then shift left by the leading-zero count,
-      limited so that the exponent does not go below the minimum (gradual underflow), or
-      right by one on a carry.
-    * ``s2`` round and pack: round to nearest, ties to even; detect overflow to infinity.
+    * order: classify, order the operands by magnitude, the exponent difference, and the
+      trailing zeros of the smaller significand;
+    * align: shift the smaller significand right, keeping a guard, a round and a sticky bit
+      (27-bit extended significands; the sticky bit from the trailing-zero count);
+    * add: add or subtract;
+    * normalise: shift left by the leading-zero count, limited so that the exponent does not
+      go below the minimum (gradual underflow), or right by one on a carry;
+    * round and pack: round to nearest, ties to even; detect overflow to infinity.
 
     An exact zero sum is +0 unless both operands are -0. A NaN operand or inf - inf gives the
     canonical NaN ``0x7FC00000``.
@@ -45,35 +50,43 @@ def fp32_add(m, a, b, regs=(False, False, False), prefix=""):
     small = data.View(FP32Layout, Mux(swap, a, b))
 
     s0_exp_big = Signal(8, name=f"{p}s0_exp_big")
-    s0_dist = Signal(8, name=f"{p}s0_dist")
+    s0_dist_c = Signal(5, name=f"{p}s0_dist_c")
     s0_big = Signal(27, name=f"{p}s0_big")
     s0_small = Signal(27, name=f"{p}s0_small")
-    s0_shifted = Signal(27, name=f"{p}s0_shifted")
-    s0_dist_c = Signal(5, name=f"{p}s0_dist_c")
     exp_small = Mux(small.exponent == 0, 1, small.exponent)
+    dist = Signal(8, name=f"{p}s0_dist")
     m.d.comb += [
         s0_exp_big.eq(Mux(big.exponent == 0, 1, big.exponent)),
-        s0_dist.eq(s0_exp_big - exp_small),
-        s0_dist_c.eq(Mux(s0_dist > 27, 27, s0_dist)),
+        dist.eq(s0_exp_big - exp_small),
+        s0_dist_c.eq(Mux(dist > 27, 27, dist)),
         s0_big.eq(Cat(Const(0, 3), big.mantissa, big.exponent != 0)),
         s0_small.eq(Cat(Const(0, 3), small.mantissa, small.exponent != 0)),
-        s0_shifted.eq(s0_small >> s0_dist_c),
     ]
-    sticky = (s0_shifted << s0_dist_c)[0:27] != s0_small
+    tz_small = leading_zeros(m, s0_small[::-1], f"{p}s0_tz")
+    v = {"big": s0_big, "small": s0_small, "dist": s0_dist_c, "tz": tz_small, "exp": s0_exp_big,
+         "sub": av.sign ^ bv.sign, "sign": big.sign, "zero_sign": av.sign & bv.sign,
+         "nan": a_nan | b_nan | (a_inf & b_inf & (av.sign != bv.sign)), "inf": a_inf | b_inf}
 
-    r0 = regs[0]
-    s1_big = pipe(m, s0_big, r0, f"{p}s1_big")
-    s1_small = pipe(m, s0_shifted | sticky, r0, f"{p}s1_small")
-    s1_exp = pipe(m, s0_exp_big, r0, f"{p}s1_exp")
-    s1_sub = pipe(m, av.sign ^ bv.sign, r0, f"{p}s1_sub")
-    s1_sign = pipe(m, big.sign, r0, f"{p}s1_sign")
-    s1_zero_sign = pipe(m, av.sign & bv.sign, r0, f"{p}s1_zero_sign")
-    s1_nan = pipe(m, a_nan | b_nan | (a_inf & b_inf & (av.sign != bv.sign)), r0, f"{p}s1_nan")
-    s1_inf = pipe(m, a_inf | b_inf, r0, f"{p}s1_inf")
+    def stage(values, registered, n):
+        return {k: pipe(m, x, registered, f"{p}{k}_r{n}") for k, x in values.items()}
 
-    # ---- s1: add and normalise ---------------------------------------------------------
+    v = stage(v, regs[0], 0)
+    # ---- align: the bits shifted out make the sticky bit ---------------------------------
+    shifted = Signal(27, name=f"{p}s0_shifted")
+    m.d.comb += shifted.eq(v["small"] >> v["dist"])
+    small_sticky = Signal(27, name=f"{p}s0_small_sticky")
+    m.d.comb += small_sticky.eq(shifted | (v["tz"] < v["dist"]))
+    v = stage(dict(v, small=small_sticky), regs[1], 1)
+    del v["tz"], v["dist"]
+
+    # ---- add ---------------------------------------------------------------------------
     s1_sum = Signal(28, name=f"{p}s1_sum")
-    m.d.comb += s1_sum.eq(Mux(s1_sub, (s1_big - s1_small)[0:28], s1_big + s1_small))
+    m.d.comb += s1_sum.eq(Mux(v["sub"], (v["big"] - v["small"])[0:28], v["big"] + v["small"]))
+    v = stage({"sum": s1_sum, "exp": v["exp"], "sign": v["sign"], "zero_sign": v["zero_sign"], "nan": v["nan"],
+               "inf": v["inf"]}, regs[2], 2)
+
+    # ---- normalise -----------------------------------------------------------------------
+    s1_sum, s1_exp = v["sum"], v["exp"]
     lz = leading_zeros(m, s1_sum[0:27], f"{p}s1_lz")
     s1_shift = Signal(5, name=f"{p}s1_shift")
     m.d.comb += s1_shift.eq(Mux(lz > s1_exp - 1, s1_exp - 1, lz))
@@ -81,14 +94,14 @@ def fp32_add(m, a, b, regs=(False, False, False), prefix=""):
     norm = Mux(carry, Cat(s1_sum[0] | s1_sum[1], s1_sum[2:28]), (s1_sum[0:27] << s1_shift)[0:27])
     exp = Mux(carry, s1_exp + 1, s1_exp - s1_shift)
 
-    r1 = regs[1]
+    r1 = regs[3]
     s2_norm = pipe(m, norm, r1, f"{p}s2_norm")
     s2_exp = pipe(m, exp[0:9], r1, f"{p}s2_exp")
     s2_zero = pipe(m, s1_sum == 0, r1, f"{p}s2_zero")
-    s2_sign = pipe(m, s1_sign, r1, f"{p}s2_sign")
-    s2_zero_sign = pipe(m, s1_zero_sign, r1, f"{p}s2_zero_sign")
-    s2_nan = pipe(m, s1_nan, r1, f"{p}s2_nan")
-    s2_inf = pipe(m, s1_inf, r1, f"{p}s2_inf")
+    s2_sign = pipe(m, v["sign"], r1, f"{p}s2_sign")
+    s2_zero_sign = pipe(m, v["zero_sign"], r1, f"{p}s2_zero_sign")
+    s2_nan = pipe(m, v["nan"], r1, f"{p}s2_nan")
+    s2_inf = pipe(m, v["inf"], r1, f"{p}s2_inf")
 
     # ---- s2: round and pack ------------------------------------------------------------
     guard, lsb = s2_norm[2], s2_norm[3]
@@ -112,7 +125,7 @@ def fp32_add(m, a, b, regs=(False, False, False), prefix=""):
     with m.Else():
         m.d.comb += result.eq(Cat(frac, field, s2_sign))
 
-    return pipe(m, result, regs[2], f"{p}result_q")
+    return pipe(m, result, regs[4], f"{p}result_q")
 
 
 class FP32Adder(wiring.Component):

@@ -61,7 +61,7 @@ class VectorUnit(wiring.Component):
     wr_en : Out(1), wr_addr : Out(16), wr_data : Out(32 * lanes)
     """
 
-    def __init__(self, lanes, mul_stages=5, add_stages=3):
+    def __init__(self, lanes, mul_stages=5, add_stages=5):
         self.lanes = lanes
         self.mul_stages, self.add_stages = mul_stages, add_stages
         self.latency = 2 * mul_stages + add_stages

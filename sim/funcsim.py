@@ -101,11 +101,11 @@ STORE_CONVERT = 6
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
-BLOCK_FILL = 10
+BLOCK_FILL = 12
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (1 and 3): scale and bias reads, the vector unit's pipeline (hdl.units.VectorUnit).
-VECTOR_FILL = 17
+VECTOR_FILL = 19
 
 
 Token = isa.Token

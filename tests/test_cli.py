@@ -43,7 +43,7 @@ def test_generate_to_stdout(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "mac", "--stages", "7"], "fp8npu: error: MAC stages must be one of 1, 2, 3, not 7\n"),
-    (["generate", "adder", "--stages", "9"], "fp8npu: error: adder stages must be one of 0, 1, 2, 3, not 9\n"),
+    (["generate", "adder", "--stages", "9"], "fp8npu: error: adder stages must be one of 0, 1, 2, 3, 4, 5, not 9\n"),
     (["generate", "mac", "-o", "/nonexistent/dir/mac.v"],
      "fp8npu: error: output folder '/nonexistent/dir' does not exist\n"),
 ])

@@ -54,7 +54,7 @@ def test_multiplier_amaranth(stages, rng):
     assert int(golden.mismatches(torch.from_numpy(got), want, "fp32").sum()) == 0
 
 
-@pytest.mark.parametrize("stages", [0, 1, 2, 3])
+@pytest.mark.parametrize("stages", [0, 1, 2, 3, 4, 5])
 def test_adder_amaranth(stages):
     a, b = vectors.adder_vectors(300, seed=stages)
     dut = FP32Adder(stages=stages)
@@ -99,7 +99,7 @@ def test_mac_amaranth_latency_and_chain(stages, rng):
 @pytest.mark.parametrize("cls, stages, message", [
     (MAC, 0, r"^MAC stages must be one of 1, 2, 3, not 0$"),
     (MAC, "2", r"^MAC stages must be one of 1, 2, 3, not '2'$"),
-    (FP32Adder, 4, r"^adder stages must be one of 0, 1, 2, 3, not 4$"),
+    (FP32Adder, 6, r"^adder stages must be one of 0, 1, 2, 3, 4, 5, not 6$"),
     (FP8Multiplier, 2, r"^multiplier stages must be one of 0, 1, not 2$"),
     (FP32ToFP8, -1, r"^converter stages must be one of 0, 1, not -1$"),
     (MAC, True, r"^MAC stages must be one of 1, 2, 3, not True$"),
