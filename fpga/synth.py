@@ -135,7 +135,7 @@ def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options="
     return SynthResult(family, cells, modules)
 
 
-#: Devices :func:`place_and_route` knows: family, nextpnr device option, package, LUT budget.
+#: Devices :func:`place_and_route` knows: family, nextpnr device option, package.
 DEVICES = {
     "LFE5U-85F": ("ecp5", "--85k", "CABGA381"),
     "LFE5U-45F": ("ecp5", "--45k", "CABGA381"),
