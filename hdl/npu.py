@@ -828,7 +828,7 @@ class NPUCore(wiring.Component):
         is_vector = (st_cmd[0:8] == Op.EPILOGUE) | (st_cmd[0:8] == Op.BLOCKSCALE)
         vu_started = Signal(name="vu_started")
         m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
-        with m.If(vu.rd_en):
+        with m.If(vu.busy):                                 # the array is empty while it runs
             m.d.comb += acc_r.addr.eq(vu.rd_addr)
         with m.If(other & active & array_empty & ~vu_started):
             with m.If(is_vector):

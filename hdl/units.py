@@ -49,6 +49,10 @@ class VectorUnit(wiring.Component):
 
     ``en`` low freezes the sequencer (a stopped core); the pipeline drains.
 
+    ``rd_addr`` is driven from registers in every state (a line is read each cycle; ``rd_en``
+    says whether the unit uses what comes back), so a parent can select the shared read port
+    with ``busy`` rather than ``rd_en`` and keep the hazard check off the address path.
+
     Throughput: EPILOGUE one row per cycle, BLOCKSCALE one row per 3 cycles; plus 3 cycles to
     read the scale and bias lines and :attr:`latency` + 1 to drain.
 
@@ -95,8 +99,13 @@ class VectorUnit(wiring.Component):
             return Cat(*[v & (a == line) for v, a in zip(valid, addr)]).any()
 
         # ---- sequencer ----
+        # The read address comes from registers only (``rs_line``, ``src_line``, ``dst_line``,
+        # chosen by the state and ``step``), so the port's address does not wait for the
+        # hazard check: the line is read every cycle and the check decides whether the data is
+        # used (``got``). A BRAM read that nobody uses is harmless.
         i = Signal(16)
         step = Signal(2)                      # BLOCKSCALE: 0 row scale, 1 src, 2 dst
+        rs_line, src_line, dst_line = Signal(16), Signal(16), Signal(16)
         line_a = Signal(32 * L)               # column scales
         line_b = Signal(32 * L)               # biases
         rs = Signal(32)                       # this row's row scale
@@ -105,48 +114,50 @@ class VectorUnit(wiring.Component):
         got_addr = Signal(16)
         GOT_NONE, GOT_RS, GOT_SRC, GOT_LAST = 0, 1, 2, 3
         m.d.sync += got.eq(GOT_NONE)
-        read_line = Signal(16)
-        m.d.comb += self.rd_addr.eq(read_line)
+        line = Signal(16)
+        kind = Signal(2)
+        with m.If(is_ep):
+            m.d.comb += [line.eq(src_line), kind.eq(GOT_LAST)]
+        with m.Else():
+            with m.Switch(step):
+                with m.Case(0):
+                    m.d.comb += [line.eq(rs_line), kind.eq(GOT_RS)]
+                with m.Case(1):
+                    m.d.comb += [line.eq(src_line), kind.eq(GOT_SRC)]
+                with m.Default():
+                    m.d.comb += [line.eq(dst_line), kind.eq(GOT_LAST)]
 
         with m.FSM(name="vu_state") as fsm:
             with m.State("IDLE"):
+                m.d.comb += self.rd_addr.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))
                 with m.If(self.start):
-                    m.d.sync += i.eq(0)
+                    m.d.sync += [i.eq(0), rs_line.eq(bs.row_scale), src_line.eq(src0), dst_line.eq(dst0)]
                     m.next = "READ_SCALE"
             with m.State("READ_SCALE"):
+                m.d.comb += self.rd_addr.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))
                 with m.If(self.en):
-                    m.d.comb += [self.rd_en.eq(1), read_line.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))]
+                    m.d.comb += self.rd_en.eq(1)
                     m.next = "READ_BIAS"
             with m.State("READ_BIAS"):        # the scale line arrives
-                m.d.comb += [self.rd_en.eq(1), read_line.eq(ep.bias_addr)]
+                m.d.comb += [self.rd_en.eq(1), self.rd_addr.eq(ep.bias_addr)]
                 m.d.sync += line_a.eq(self.rd_data)
                 m.next = "BIAS"
             with m.State("BIAS"):             # the bias line arrives
+                m.d.comb += self.rd_addr.eq(line)
                 m.d.sync += [line_b.eq(self.rd_data), step.eq(0)]
                 m.next = "ROWS"
             with m.State("ROWS"):
+                m.d.comb += self.rd_addr.eq(line)
                 with m.If(i == rows):
                     m.next = "DRAIN"
-                with m.Elif(self.en):
-                    line = Signal(16)
-                    kind = Signal(2)
-                    with m.If(is_ep):
-                        m.d.comb += [line.eq(src0 + i), kind.eq(GOT_LAST)]
+                with m.Elif(self.en & ~writes_pending(line)):
+                    m.d.comb += self.rd_en.eq(1)
+                    m.d.sync += [got.eq(kind), got_addr.eq(dst_line)]
+                    with m.If(kind == GOT_LAST):
+                        m.d.sync += [i.eq(i + 1), step.eq(0), rs_line.eq(rs_line + 1), src_line.eq(src_line + 1),
+                                     dst_line.eq(dst_line + 1)]
                     with m.Else():
-                        with m.Switch(step):
-                            with m.Case(0):
-                                m.d.comb += [line.eq(bs.row_scale + i), kind.eq(GOT_RS)]
-                            with m.Case(1):
-                                m.d.comb += [line.eq(src0 + i), kind.eq(GOT_SRC)]
-                            with m.Default():
-                                m.d.comb += [line.eq(dst0 + i), kind.eq(GOT_LAST)]
-                    with m.If(~writes_pending(line)):
-                        m.d.comb += [self.rd_en.eq(1), read_line.eq(line)]
-                        m.d.sync += [got.eq(kind), got_addr.eq(dst0 + i)]
-                        with m.If(kind == GOT_LAST):
-                            m.d.sync += [i.eq(i + 1), step.eq(0)]
-                        with m.Else():
-                            m.d.sync += step.eq(step + 1)
+                        m.d.sync += step.eq(step + 1)
             with m.State("DRAIN"):
                 with m.If(~in_flight & (got == GOT_NONE)):
                     m.d.comb += self.done.eq(1)
