@@ -75,6 +75,14 @@ class NPUConfig:
         hardware multipliers (one per PE), ``"lut"`` in logic (a 4x4 significand product and a
         shift), for arrays larger than the FPGA's multiplier count. Results are the same.
         Sequential mode takes ``"dsp"`` only.
+    vector_lanes : int
+        binary32 lanes of the vector unit (EPILOGUE, BLOCKSCALE): 1..16, at most :attr:`cols`,
+        or 0 for one per column. With fewer lanes than columns a row takes ceil(cols / lanes)
+        passes; each lane is two binary32 multipliers and an adder, the largest block of logic
+        after the array, so small FPGAs build one or two.
+    store_lanes : int
+        binary32-to-FP8 lanes of the store unit's requantizer, as :attr:`vector_lanes`: a row
+        stored to FP8 takes ceil(cols / lanes) extra cycles instead of one.
     """
 
     rows: int = 8
@@ -89,6 +97,8 @@ class NPUConfig:
     accumulation: str = "sequential"
     acc_block: int = 128
     multipliers: str = "dsp"
+    vector_lanes: int = 0
+    store_lanes: int = 0
 
     def __post_init__(self):
         def integer(name, lo, hi, pow2=False):
@@ -118,6 +128,11 @@ class NPUConfig:
         if self.multipliers != "dsp" and self.accumulation != "block":
             raise ValueError(f"multipliers {self.multipliers!r} needs accumulation 'block'; sequential mode "
                              f"takes 'dsp'")
+        for name in ("vector_lanes", "store_lanes"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.cols):
+                raise ValueError(f"{name} must be an integer from 0 (one per column) to cols ({self.cols}), "
+                                 f"not {_short(v)}")
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))
@@ -154,6 +169,26 @@ class NPUConfig:
     @property
     def acc_addr_bits(self):
         return (self.acc_lines - 1).bit_length()
+
+    @property
+    def vector_lanes_built(self):
+        """Lanes of the vector unit as built (:attr:`vector_lanes`, 0 meaning :attr:`cols`)."""
+        return self.vector_lanes or self.cols
+
+    @property
+    def store_lanes_built(self):
+        """Lanes of the store unit's requantizer as built (:attr:`store_lanes`, 0 meaning :attr:`cols`)."""
+        return self.store_lanes or self.cols
+
+    @property
+    def vector_passes(self):
+        """Passes of a row through the vector unit."""
+        return -(-self.cols // self.vector_lanes_built)
+
+    @property
+    def store_passes(self):
+        """Passes of a row through the requantizer."""
+        return -(-self.cols // self.store_lanes_built)
 
     def supports(self, fmt_name):
         return fmt_name in self.formats

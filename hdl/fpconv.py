@@ -4,7 +4,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import check_stages, pipe
+from .arith import check_stages, leading_zeros, pipe
 from .formats import E4M3, E5M2, Format, FP32Layout
 
 __all__ = ["FP32ToFP8"]
@@ -27,7 +27,8 @@ class FP32ToFP8(wiring.Component):
     Parameters
     ----------
     stages : int
-        0 for a combinational unit, 1 to register the result.
+        0 for a combinational unit; 1 registers the result, 2 also the kept bits, guard and
+        sticky, 3 also the decoded exponent and shift.
 
     Latency ``stages`` cycles; throughput one conversion per cycle.
 
@@ -49,55 +50,71 @@ class FP32ToFP8(wiring.Component):
     y: Out(8)
 
     def __init__(self, stages=0):
-        self.stages = check_stages(stages, (0, 1), "converter", self)
+        self.stages = check_stages(stages, (0, 1, 2, 3), "converter", self)
         self.latency = stages
         super().__init__()
 
     def elaborate(self, platform):
         m = Module()
+        # Three sections; ``stages`` puts registers after the last (1), the middle (2) and the
+        # first (3): decode (exponent, shift, trailing zeros), shift (kept bits, guard,
+        # sticky), round (code, overflow, output).
+        S = self.stages
+
+        def section(values, registered, tag):
+            return {k: pipe(m, v, registered, f"{tag}_{k}") for k, v in values.items()}
+
+        # ---- decode ----
         x = data.View(FP32Layout, self.x)
         is_e5 = self.fmt == Format.E5M2
-        nan = (x.exponent == 0xFF) & (x.mantissa != 0)
-        inf = (x.exponent == 0xFF) & (x.mantissa == 0)
-
         exp = Signal(signed(10))        # unbiased exponent (FP32 subnormals: -127, they round to 0)
         sig = Signal(24)
         m.d.comb += [exp.eq(x.exponent - 127), sig.eq(Cat(x.mantissa, x.exponent != 0))]
-
         emin = Mux(is_e5, E5M2.emin, E4M3.emin)
         below = Signal(signed(11))      # how far below the target's normal range
         m.d.comb += below.eq(emin - exp)
         shift = Signal(range(32))       # dropped bits: 23 - man_bits, plus denormalisation
         shift_raw = Mux(is_e5, 21, 20) + Mux(below > 0, below, 0)
         m.d.comb += shift.eq(Mux(shift_raw > 26, 26, shift_raw))
-
-        kept = Signal(5)
-        m.d.comb += kept.eq(sig >> shift)
-        guard_at = Signal(range(32))
-        m.d.comb += guard_at.eq(shift - 1)
-        above_guard = sig >> guard_at
-        guard = above_guard[0]
-        sticky = (above_guard << guard_at)[0:24] != sig
-        rounded = Signal(6)
-        m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
-
         # Codes are monotonic in magnitude: normal code = ((exp + bias - 1) << m) + 1.mmm,
         # subnormal code = 0.mmm; a rounding carry moves naturally into the exponent field.
-        base = Mux(below > 0, 0, Mux(is_e5, (exp + (E5M2.bias - 1)) << 2, (exp + (E4M3.bias - 1)) << 3))
-        code = Signal(signed(14))
-        m.d.comb += code.eq(base + rounded)
-        max_code = Mux(is_e5, E5M2.max_code, E4M3.max_code)
-        overflow = inf | (exp > 16) | (code > max_code)
+        base = Signal(signed(14))
+        m.d.comb += base.eq(Mux(below > 0, 0, Mux(is_e5, (exp + (E5M2.bias - 1)) << 2,
+                                                  (exp + (E4M3.bias - 1)) << 3)))
+        # the dropped bits below the guard bit are all zero when the trailing zeros reach it
+        tz = leading_zeros(m, sig[::-1], "conv_tz")
+        v = section({"sig": sig, "shift": shift, "tz": tz, "base": base, "big": exp > 16, "sign": x.sign,
+                     "nan": (x.exponent == 0xFF) & (x.mantissa != 0), "inf": (x.exponent == 0xFF) & (x.mantissa == 0),
+                     "is_e5": is_e5, "saturate": self.saturate}, S >= 3, "conv_d")
 
-        sign = x.sign
-        over_code = Mux(self.saturate, max_code, Mux(is_e5, E5M2.inf_code, E4M3.nan_code))
+        # ---- shift: kept bits, guard, sticky ----
+        kept = Signal(5)
+        m.d.comb += kept.eq(v["sig"] >> v["shift"])
+        guard_at = Signal(range(32))
+        m.d.comb += guard_at.eq(v["shift"] - 1)
+        guard = (v["sig"] >> guard_at)[0]
+        sticky = v["tz"] < guard_at
+        v = section({**{k: v[k] for k in ("base", "big", "sign", "nan", "inf", "is_e5", "saturate")},
+                     "kept": kept, "guard": guard, "sticky": sticky}, S >= 2, "conv_s")
+
+        # ---- round ----
+        kept = v["kept"]
+        rounded = Signal(6)
+        m.d.comb += rounded.eq(kept + (v["guard"] & (v["sticky"] | kept[0])))
+        code = Signal(signed(14))
+        m.d.comb += code.eq(v["base"] + rounded)
+        is_e5 = v["is_e5"]
+        max_code = Mux(is_e5, E5M2.max_code, E4M3.max_code)
+        overflow = v["inf"] | v["big"] | (code > max_code)
+        sign = v["sign"]
+        over_code = Mux(v["saturate"], max_code, Mux(is_e5, E5M2.inf_code, E4M3.nan_code))
         y = Signal(8)
-        with m.If(nan):
+        with m.If(v["nan"]):
             m.d.comb += y.eq(Mux(is_e5, E5M2.nan_code, E4M3.nan_code))
         with m.Elif(overflow):
             m.d.comb += y.eq(Cat(over_code[0:7], sign))
         with m.Else():
             m.d.comb += y.eq(Cat(code[0:7], sign))
 
-        m.d.comb += self.y.eq(pipe(m, y, self.stages >= 1, "y_q"))
+        m.d.comb += self.y.eq(pipe(m, y, S >= 1, "y_q"))
         return m

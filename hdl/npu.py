@@ -54,7 +54,7 @@ from . import isa
 from .array import BlockArray, MACArray
 from .axi import AxiLiteRegs, axi4_master_members
 from .config import NPUConfig
-from .units import Requantizer, VectorUnit
+from .units import Requantizer, VectorUnit, pick_slice
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -120,7 +120,7 @@ class NPUCore(wiring.Component):
     """
 
     #: Cycles a STORE to FP8 spends converting each row (:class:`~.units.Requantizer`).
-    STORE_CONVERT = 6
+    STORE_CONVERT = 8
 
     def __init__(self, cfg=None):
         self.cfg = cfg = cfg or NPUConfig()
@@ -183,7 +183,8 @@ class NPUCore(wiring.Component):
         sp_ra = sp.read_port()
         sp_rb = sp.read_port()
         m.submodules.acc = acc = Memory(shape=32 * AV, depth=cfg.acc_lines, init=[])
-        acc_w = acc.write_port()
+        # per-value write enables when the vector unit writes a row in several passes
+        acc_w = acc.write_port(granularity=32 if cfg.vector_passes > 1 else None)
         acc_rc = acc.read_port()
         acc_rs = acc.read_port()
 
@@ -669,7 +670,7 @@ class NPUCore(wiring.Component):
             m.d.comb += [r_ready.eq(consume), got_beat.eq(consume)]
             m.d.sync += c_beat.eq(Mux(consume, 0, c_beat + 1))
             with m.If(last_of_line | last_of_row):
-                m.d.comb += [wport.en.eq(1), wport.addr.eq(line_addr), wport.data.eq(new_line)]
+                m.d.comb += [wport.en.eq(-1), wport.addr.eq(line_addr), wport.data.eq(new_line)]
                 m.d.sync += [line.eq(0), c_line.eq(0), line_addr.eq(line_addr + 1)]
             with m.Else():
                 m.d.sync += [line.eq(new_line), c_line.eq(c_line + 1)]
@@ -823,7 +824,7 @@ class NPUCore(wiring.Component):
                          a_line.eq(fld(st_next, Op.MATMUL, "a_addr"))]
 
         # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
-        m.submodules.vector = vu = VectorUnit(C)
+        m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)
         other = st_busy & ~st_is_mm
         is_vector = (st_cmd[0:8] == Op.EPILOGUE) | (st_cmd[0:8] == Op.BLOCKSCALE)
         vu_started = Signal(name="vu_started")
@@ -844,9 +845,10 @@ class NPUCore(wiring.Component):
         # accumulator write port: array results, vector unit rows, else the load unit
         arr_wr = arr.out_commit if block else arr.out_valid
         with m.If(arr_wr):
-            m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
+            m.d.comb += [acc_w.en.eq(-1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
         with m.Elif(vu.wr_en):
-            m.d.comb += [acc_w.en.eq(1), acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data)]
+            m.d.comb += [acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data),
+                         acc_w.en.eq(vu.wr_lanes if cfg.vector_passes > 1 else 1)]
         compute_writing = arr_wr | vu.wr_en
 
         c_idle = ~wl_busy & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending
@@ -895,19 +897,34 @@ class NPUCore(wiring.Component):
             m.d.comb += acc_r.addr.eq(f["acc_addr"] + row)
             m.d.sync += phase.eq(2)
         # convert the line that arrives: FP32 rows are taken as they are; FP8 rows go through
-        # the requantizer (STORE_CONVERT cycles)
-        m.submodules.requantizer = rq = Requantizer(C)
-        m.d.comb += [rq.x.eq(acc_r.data[0:32 * C]), rq.scale.eq(f["scale"]), rq.e5m2.eq(f["fmt"] == 2),
-                     rq.saturate.eq(f["saturate"])]
+        # the requantizer in S passes of Q columns (STORE_CONVERT + S - 1 cycles): the first
+        # pass straight from the read port, the others from the line kept in ``buf``
+        Q, S = cfg.store_lanes_built, cfg.store_passes
+        m.submodules.requantizer = rq = Requantizer(Q)
         assert self.STORE_CONVERT == Requantizer.LATENCY
-        conv_wait = Signal(range(self.STORE_CONVERT + 1), name="s_conv_wait")
+        conv_wait = Signal(range(self.STORE_CONVERT + S), name="s_conv_wait")
+        first_pass = acc_r.data[0:32 * Q]
+        if S == 1:
+            m.d.comb += rq.x.eq(first_pass)
+        else:
+            later = pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass")
+            m.d.comb += rq.x.eq(Mux(conv_wait == 0, first_pass, later))
+        m.d.comb += [rq.scale.eq(f["scale"]), rq.e5m2.eq(f["fmt"] == 2), rq.saturate.eq(f["saturate"])]
+        codes = rq.y
+        if S > 1:                           # earlier passes' codes, the oldest at the bottom
+            done_codes = Signal(8 * Q * (S - 1), name="s_codes")
+            m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
+            codes = Cat(done_codes, rq.y)
         with m.If(busy & (phase == 2)):
             with m.If(f["fmt"] == 0):
                 m.d.sync += [buf.eq(acc_r.data[0:32 * C]), beat.eq(0), phase.eq(3), w_addr.eq(row_addr)]
-            with m.Elif(conv_wait == self.STORE_CONVERT):
-                m.d.sync += [buf.eq(rq.y), beat.eq(0), phase.eq(3), w_addr.eq(row_addr), conv_wait.eq(0)]
+            with m.Elif(conv_wait == self.STORE_CONVERT + S - 1):
+                m.d.sync += [buf.eq(codes[:8 * C]), beat.eq(0), phase.eq(3), w_addr.eq(row_addr), conv_wait.eq(0)]
             with m.Else():
                 m.d.sync += conv_wait.eq(conv_wait + 1)
+                if S > 1:
+                    with m.If(conv_wait == 0):
+                        m.d.sync += buf.eq(acc_r.data[0:32 * C])
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
         m.d.comb += blen.eq(self._burst_len(beats_row - beat, w_addr))
         aw_go = busy & (phase == 3) & active

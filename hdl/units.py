@@ -19,7 +19,7 @@ from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "VectorUnit", "Requantizer"]
+__all__ = ["command_layout", "pick_slice", "VectorUnit", "Requantizer"]
 
 
 def command_layout(opcode):
@@ -33,70 +33,121 @@ _ONE = 0x3F800000
 _NAN = 0x7FC00000
 
 
+def _slices(value, width, count):
+    """``value`` cut into ``count`` slices of ``width`` bits (zero past its end)."""
+    padded = Cat(value, Const(0, max(0, width * count - len(value))))
+    return [padded[width * k:width * (k + 1)] for k in range(count)]
+
+
+def pick_slice(m, value, width, count, index, name):
+    """Slice ``index`` of ``value`` cut into ``count`` slices of ``width`` bits."""
+    parts = _slices(value, width, count)
+    if count == 1:
+        return parts[0]
+    out = Signal(width, name=name)
+    with m.Switch(index):
+        for k, part in enumerate(parts):
+            with m.Case(k):
+                m.d.comb += out.eq(part)
+    return out
+
+
 class VectorUnit(wiring.Component):
     """EPILOGUE and BLOCKSCALE on accumulator lines (docs/isa.md), pipelined, one read port.
 
     ``start`` (one cycle, with ``cmd`` held unchanged until ``done``) begins a command. The unit
     first reads the scale line (EPILOGUE: ``scale_addr``, BLOCKSCALE: ``col_scale``) and the bias
     line, then issues the reads of each row in order: EPILOGUE one (``src + i``), BLOCKSCALE
-    three (``row_scale + i``, ``src + i``, ``dst + i``). When a row's last operand arrives it
-    enters the lane pipeline (per lane: binary32 product, product, sum: EPILOGUE
+    three (``row_scale + i``, ``src + i``, ``dst + i``). A row's last operand line goes into a
+    row buffer, from which the row enters the lane pipeline in :attr:`passes` = ceil(cols /
+    lanes) passes of ``lanes`` columns each (per lane: binary32 product, product, sum: EPILOGUE
     ``x * scale`` then ``+ bias``, BLOCKSCALE ``row scale * col scale``, ``src * that``, then
-    ``dst +``), and leaves it :attr:`latency` cycles later as a write of line ``dst + i``. A read
-    waits while a row that writes its line is in the pipeline, so rows behave as if done one
-    after the other in increasing order, each read before it is written. NaN results are
-    written as the canonical NaN. ``done`` pulses once the last row is written.
+    ``dst +``); a pass leaves the pipeline :attr:`latency` cycles later as a write of its
+    columns of line ``dst + i`` (``wr_lanes``). A read waits while a row that writes its line
+    is in the buffer or the pipeline, so rows behave as if done one after the other in
+    increasing order, each read before it is written. NaN results are written as the
+    canonical NaN. ``done`` pulses once the last row is written.
 
-    ``en`` low freezes the sequencer (a stopped core); the pipeline drains.
+    ``en`` low freezes the sequencer (a stopped core); the buffer and the pipeline drain.
 
     ``rd_addr`` is driven from registers in every state (a line is read each cycle; ``rd_en``
     says whether the unit uses what comes back), so a parent can select the shared read port
     with ``busy`` rather than ``rd_en`` and keep the hazard check off the address path.
 
-    Throughput: EPILOGUE one row per cycle, BLOCKSCALE one row per 3 cycles; plus 3 cycles to
-    read the scale and bias lines and :attr:`latency` + 1 to drain.
+    Throughput: EPILOGUE one row per ``passes`` cycles, BLOCKSCALE one row per max(3,
+    ``passes``) cycles; plus :attr:`fill` cycles (start, scale and bias reads, the row buffer,
+    the pipeline, finishing); :meth:`command_cycles` gives the total.
 
     Members
     -------
     start, en : In(1)
     cmd : In(COMMAND_BITS)                           the EPILOGUE or BLOCKSCALE command
     busy, done : Out(1)
-    rd_en : Out(1), rd_addr : Out(16), rd_data : In(32 * lanes)     synchronous read port
-    wr_en : Out(1), wr_addr : Out(16), wr_data : Out(32 * lanes)
+    rd_en : Out(1), rd_addr : Out(16), rd_data : In(32 * cols)      synchronous read port
+    wr_en : Out(1), wr_addr : Out(16), wr_data : Out(32 * cols), wr_lanes : Out(cols)
+        a write of the columns whose ``wr_lanes`` bit is set
     """
 
-    def __init__(self, lanes, mul_stages=5, add_stages=5):
-        self.lanes = lanes
+    def __init__(self, cols, lanes=None, mul_stages=5, add_stages=5):
+        lanes = cols if not lanes else lanes
+        if not 1 <= lanes <= cols:
+            raise ValueError(f"a vector unit of {cols} columns takes 1 to {cols} lanes, not {lanes}")
+        self.cols, self.lanes = cols, lanes
+        self.passes = -(-cols // lanes)
         self.mul_stages, self.add_stages = mul_stages, add_stages
         self.latency = 2 * mul_stages + add_stages
         if self.latency < 1:
             raise ValueError("the vector unit needs at least one pipeline register")
+        #: cycles of a command beyond its rows' cycles: start, scale and bias reads, the last
+        #: row's read and buffer cycle, its passes after the first, the pipeline, done
+        self.fill = self.latency + 7
         super().__init__({
             "start": In(1), "en": In(1), "cmd": In(isa.COMMAND_BITS), "busy": Out(1), "done": Out(1),
-            "rd_en": Out(1), "rd_addr": Out(16), "rd_data": In(32 * lanes),
-            "wr_en": Out(1), "wr_addr": Out(16), "wr_data": Out(32 * lanes),
+            "rd_en": Out(1), "rd_addr": Out(16), "rd_data": In(32 * cols),
+            "wr_en": Out(1), "wr_addr": Out(16), "wr_data": Out(32 * cols), "wr_lanes": Out(cols),
         })
+
+    def command_cycles(self, opcode, rows):
+        """Cycles from ``start`` to ``done``, both included, for a command of ``rows`` rows
+        without hazard stalls (what the functional simulator charges). BLOCKSCALE reads two
+        lines before each row's last operand, and the next row's reads overlap the passes."""
+        if opcode == isa.Opcode.EPILOGUE:
+            return rows * self.passes + self.fill
+        return 2 + (rows - 1) * max(3, self.passes) + self.passes + self.fill
 
     def elaborate(self, platform):
         m = Module()
-        L, P = self.lanes, self.latency
+        C, L, P, T = self.cols, self.lanes, self.passes, self.latency
         ep = data.View(command_layout(isa.Opcode.EPILOGUE), self.cmd)
         bs = data.View(command_layout(isa.Opcode.BLOCKSCALE), self.cmd)
         is_ep = ep.opcode == isa.Opcode.EPILOGUE
         rows = ep.rows                        # the same field in both commands
         src0, dst0 = ep.src, ep.dst
+        GOT_NONE, GOT_RS, GOT_SRC, GOT_LAST = 0, 1, 2, 3
+        got = Signal(2)                       # what the read issued last cycle returns now
+        got_addr = Signal(16)                 # ... and the line its row writes
 
-        # ---- write pipeline: the row fired now (stage 0) and the P stages after it ----
-        fire = Signal()
-        fire_addr = Signal(16)
-        valid = [fire] + [Signal(name=f"vu_v{k}") for k in range(1, P + 1)]
-        addr = [fire_addr] + [Signal(16, name=f"vu_a{k}") for k in range(1, P + 1)]
-        for k in range(1, P + 1):
-            m.d.sync += [valid[k].eq(valid[k - 1]), addr[k].eq(addr[k - 1])]
-        in_flight = Cat(*valid).any()
+        # ---- row buffer: the row whose last operand arrived, fired in P passes ----
+        buf_last = Signal(32 * C)             # EPILOGUE: x; BLOCKSCALE: dst
+        buf_src = Signal(32 * C)
+        buf_rs = Signal(32)
+        buf_dst = Signal(16)
+        left = Signal(range(P + 1))           # passes still to fire, this cycle's included
+        idx = Signal(range(P))                # the pass fired this cycle
+
+        # ---- write pipeline: the pass fired now (stage 0) and the T stages after it ----
+        valid = [Signal(name=f"vu_v{k}") for k in range(T + 1)]
+        addr = [Signal(16, name=f"vu_a{k}") for k in range(T + 1)]
+        sel = [Signal(range(P), name=f"vu_p{k}") for k in range(T + 1)]
+        m.d.comb += [valid[0].eq(left != 0), addr[0].eq(buf_dst), sel[0].eq(idx)]
+        for k in range(1, T + 1):
+            m.d.sync += [valid[k].eq(valid[k - 1]), addr[k].eq(addr[k - 1]), sel[k].eq(sel[k - 1])]
+        in_flight = Cat(*valid).any() | (got != GOT_NONE)
+        with m.If(left != 0):
+            m.d.sync += [left.eq(left - 1), idx.eq(idx + 1)]
 
         def writes_pending(line):
-            return Cat(*[v & (a == line) for v, a in zip(valid, addr)]).any()
+            return Cat((got == GOT_LAST) & (got_addr == line), *[v & (a == line) for v, a in zip(valid, addr)]).any()
 
         # ---- sequencer ----
         # The read address comes from registers only (``rs_line``, ``src_line``, ``dst_line``,
@@ -106,13 +157,10 @@ class VectorUnit(wiring.Component):
         i = Signal(16)
         step = Signal(2)                      # BLOCKSCALE: 0 row scale, 1 src, 2 dst
         rs_line, src_line, dst_line = Signal(16), Signal(16), Signal(16)
-        line_a = Signal(32 * L)               # column scales
-        line_b = Signal(32 * L)               # biases
+        line_a = Signal(32 * C)               # column scales
+        line_b = Signal(32 * C)               # biases
         rs = Signal(32)                       # this row's row scale
-        src_v = Signal(32 * L)                # this row's src line (BLOCKSCALE)
-        got = Signal(2)                       # what the read issued last cycle returns now
-        got_addr = Signal(16)
-        GOT_NONE, GOT_RS, GOT_SRC, GOT_LAST = 0, 1, 2, 3
+        src_v = Signal(32 * C)                # this row's src line (BLOCKSCALE)
         m.d.sync += got.eq(GOT_NONE)
         line = Signal(16)
         kind = Signal(2)
@@ -126,6 +174,9 @@ class VectorUnit(wiring.Component):
                     m.d.comb += [line.eq(src_line), kind.eq(GOT_SRC)]
                 with m.Default():
                     m.d.comb += [line.eq(dst_line), kind.eq(GOT_LAST)]
+        # a last operand may be read if the buffer is free when it arrives
+        buffer_free = Signal()
+        m.d.comb += buffer_free.eq(Mux(got == GOT_LAST, P == 1, left <= 2))
 
         with m.FSM(name="vu_state") as fsm:
             with m.State("IDLE"):
@@ -150,7 +201,7 @@ class VectorUnit(wiring.Component):
                 m.d.comb += self.rd_addr.eq(line)
                 with m.If(i == rows):
                     m.next = "DRAIN"
-                with m.Elif(self.en & ~writes_pending(line)):
+                with m.Elif(self.en & ~writes_pending(line) & ((kind != GOT_LAST) | buffer_free)):
                     m.d.comb += self.rd_en.eq(1)
                     m.d.sync += [got.eq(kind), got_addr.eq(dst_line)]
                     with m.If(kind == GOT_LAST):
@@ -159,7 +210,7 @@ class VectorUnit(wiring.Component):
                     with m.Else():
                         m.d.sync += step.eq(step + 1)
             with m.State("DRAIN"):
-                with m.If(~in_flight & (got == GOT_NONE)):
+                with m.If(~in_flight):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
@@ -168,7 +219,9 @@ class VectorUnit(wiring.Component):
             m.d.sync += rs.eq(self.rd_data[0:32])
         with m.If(got == GOT_SRC):
             m.d.sync += src_v.eq(self.rd_data)
-        m.d.comb += [fire.eq(got == GOT_LAST), fire_addr.eq(got_addr)]
+        with m.If(got == GOT_LAST):           # after the pass count above, so it wins
+            m.d.sync += [buf_last.eq(self.rd_data), buf_src.eq(src_v), buf_rs.eq(rs), buf_dst.eq(got_addr),
+                         left.eq(P), idx.eq(0)]
 
         # ---- lanes ----
         def delay(value, n, name):
@@ -180,24 +233,34 @@ class VectorUnit(wiring.Component):
 
         mul_regs, add_regs, lm, la = MUL_REGS[self.mul_stages], ADD_REGS[self.add_stages], self.mul_stages, \
             self.add_stages
+        W = 32 * L
+        last_p = pick_slice(m, buf_last, W, P, sel[0], "vu_last")
+        src_p = pick_slice(m, buf_src, W, P, sel[0], "vu_srcp")
+        scale_p = pick_slice(m, line_a, W, P, sel[0], "vu_scale")
+        bias_p = pick_slice(m, line_b, W, P, sel[2 * lm], "vu_bias")     # needed at the sum
+        results = []
         for j in range(L):
             lane = slice(32 * j, 32 * j + 32)
-            last = self.rd_data[lane]         # EPILOGUE: x; BLOCKSCALE: dst
+            last = last_p[lane]               # EPILOGUE: x; BLOCKSCALE: dst
             # product 1 -- EPILOGUE: x * scale; BLOCKSCALE: row scale * column scale
-            m1 = fp32_mul(m, Mux(is_ep, last, rs), line_a[lane], f"vu{j}_m1_", mul_regs)
+            m1 = fp32_mul(m, Mux(is_ep, last, buf_rs), scale_p[lane], f"vu{j}_m1_", mul_regs)
             x1 = delay(last, lm, f"vu{j}_x")
-            src1 = delay(src_v[lane], lm, f"vu{j}_src")
+            src1 = delay(src_p[lane], lm, f"vu{j}_src")
             # product 2 -- BLOCKSCALE: src * (row scale * column scale); EPILOGUE: x or x * scale, delayed
             m2 = fp32_mul(m, src1, m1, f"vu{j}_m2_", mul_regs)
             p_ep = delay(Mux(ep.use_scale, m1, x1), lm, f"vu{j}_p")
             dst2 = delay(x1, lm, f"vu{j}_dst")
             # sum -- EPILOGUE: p + bias; BLOCKSCALE: dst + product 2
-            total = fp32_add(m, Mux(is_ep, p_ep, dst2), Mux(is_ep, line_b[lane], m2), add_regs, f"vu{j}_a_")
+            total = fp32_add(m, Mux(is_ep, p_ep, dst2), Mux(is_ep, bias_p[lane], m2), add_regs, f"vu{j}_a_")
             p_out = delay(p_ep, la, f"vu{j}_pout")
             y = Mux(is_ep & ~ep.use_bias, p_out, total)
             is_nan = (y[23:31] == 0xFF) & (y[0:23] != 0)
-            m.d.comb += self.wr_data[lane].eq(Mux(is_nan, Const(_NAN, 32), y))
-        m.d.comb += [self.wr_en.eq(valid[P]), self.wr_addr.eq(addr[P])]
+            results.append(Mux(is_nan, Const(_NAN, 32), y))
+        # every pass's columns see the same lane results; wr_lanes picks the pass's columns
+        m.d.comb += self.wr_data.eq(Cat(*(results * P))[:32 * C])
+        for c in range(C):
+            m.d.comb += self.wr_lanes[c].eq(sel[T] == c // L)
+        m.d.comb += [self.wr_en.eq(valid[T]), self.wr_addr.eq(addr[T])]
         return m
 
 
@@ -205,8 +268,8 @@ class Requantizer(wiring.Component):
     """A line of binary32 values scaled and rounded to FP8, for STORE: per lane
     ``fp8(fp32(x * scale))`` (docs/isa.md, STORE), fully pipelined.
 
-    Latency :attr:`LATENCY` cycles (the product behind 5 registers, the FP8 rounding behind 1);
-    one line per cycle. ``scale``, ``e5m2`` and ``saturate`` must be steady while a line is
+    Latency :attr:`LATENCY` cycles (the product behind 5 registers, the FP8 conversion behind
+    3); one line per cycle. ``scale``, ``e5m2`` and ``saturate`` must be steady while a line is
     inside.
 
     Members
@@ -217,7 +280,7 @@ class Requantizer(wiring.Component):
     y : Out(8 * lanes)          the FP8 codes
     """
 
-    LATENCY = 6
+    LATENCY = 8
 
     def __init__(self, lanes):
         self.lanes = lanes
@@ -229,7 +292,7 @@ class Requantizer(wiring.Component):
         codes = []
         for j in range(self.lanes):
             scaled = fp32_mul(m, self.x[32 * j:32 * j + 32], self.scale, prefix=f"q{j}_", regs=MUL_REGS[5])
-            m.submodules[f"conv{j}"] = conv = FP32ToFP8(stages=1)
+            m.submodules[f"conv{j}"] = conv = FP32ToFP8(stages=3)
             m.d.comb += [conv.x.eq(scaled), conv.fmt.eq(self.e5m2), conv.saturate.eq(self.saturate)]
             codes.append(conv.y)
         assert self.LATENCY == 5 + conv.latency

@@ -56,15 +56,17 @@ and an end time ``start + duration``; the tokens it pushes become available at i
   next command once the previous one is queued; a command is queued when its queue has
   room (the command ``queue_depth`` places ahead in the same unit has started);
 * LOAD: ``DMA_LATENCY`` + per row its beats plus one cycle per burst (``max_burst`` beats);
-* STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row (and ``STORE_CONVERT`` more to FP8);
+* STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row (and ``STORE_CONVERT`` more to FP8,
+  plus one per requantizer pass after the first: ``NPUConfig.store_passes``);
 * MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle;
   the next MATMUL's k weight lines load meanwhile, so consecutive MATMULs stream back to back
   unless they are shorter than their weight load, as in decoding one token); its results,
   and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row
   (``+ BLOCK_FILL`` in block accumulation: the column sum, rounding and FP32 addition below
   the array);
-* EPILOGUE (1 cycle a row), BLOCKSCALE (3 a row), plus ``VECTOR_FILL``; they start after the
-  array has drained. SYNC, and commands that move no data: 1.
+* EPILOGUE (``vector_passes`` cycles a row), BLOCKSCALE (max(3, ``vector_passes``) a row, and
+  the last row's passes), plus ``VECTOR_FILL``, as hdl.units.VectorUnit.command_cycles; they
+  start after the array has drained. SYNC, and commands that move no data: 1.
 
 The three units overlap; load and store do not contend for the bus. CYCLES is the end of the
 last command (or the time END completes). MAC_BUSY is the sum over MATMULs of
@@ -97,15 +99,16 @@ DMA_LATENCY = 8
 #: Cycles a STORE spends per row besides its data beats (accumulator read, conversion, address).
 STORE_ROW_OVERHEAD = 3
 #: Extra cycles per row of a STORE to FP8: scaling and conversion (hdl.npu.NPUCore.STORE_CONVERT).
-STORE_CONVERT = 6
+STORE_CONVERT = 8
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
 BLOCK_FILL = 12
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
-#: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles (1 and 3): scale and bias reads, the vector unit's pipeline (hdl.units.VectorUnit).
-VECTOR_FILL = 19
+#: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles: scale and bias reads, the
+#: row buffer, the vector unit's pipeline (hdl.units.VectorUnit.fill).
+VECTOR_FILL = 22
 
 
 Token = isa.Token
@@ -257,7 +260,7 @@ class _Datapath:
         self._write_rows(f["dram_addr"], f["dram_stride"], data)
         self.dma_bytes += data.size
         beats = self._beats(data.shape[1])
-        overhead = STORE_ROW_OVERHEAD + (STORE_CONVERT if fmt != StoreFormat.FP32 else 0)
+        overhead = STORE_ROW_OVERHEAD + (STORE_CONVERT + self.cfg.store_passes - 1 if fmt != StoreFormat.FP32 else 0)
         return DMA_LATENCY + rows * (overhead + beats + -(-beats // self.cfg.max_burst))
 
     def matmul(self, f):
@@ -329,7 +332,7 @@ class _Datapath:
             return x
 
         self._rowwise(f["src"], f["dst"], rows, (f["src"],), lambda first, n: apply(self._lines(first, n)))
-        return rows + VECTOR_FILL
+        return rows * self.cfg.vector_passes + VECTOR_FILL
 
     def blockscale(self, f):
         """BLOCKSCALE: ACC[dst+i] = fp32(ACC[dst+i] + fp32(ACC[src+i] * fp32(row_scale[i] * col_scale))).
@@ -350,7 +353,8 @@ class _Datapath:
             return golden.add(self._lines(dst + i0, n), partial)
 
         self._rowwise(dst, dst, rows, (src, rs), compute)
-        return 3 * rows + VECTOR_FILL
+        passes = self.cfg.vector_passes      # two reads ahead of the first row's last operand
+        return 2 + (rows - 1) * max(3, passes) + passes + VECTOR_FILL
 
     def _rowwise(self, src_first, dst, rows, read_firsts, compute):
         """Write ``compute(first, n)`` to lines ``dst..dst+rows`` as if row by row in order.

@@ -64,7 +64,7 @@ def test_adder_amaranth(stages):
     assert int(golden.mismatches(torch.from_numpy(got), want, "fp32").sum()) == 0
 
 
-@pytest.mark.parametrize("stages", [0, 1])
+@pytest.mark.parametrize("stages", [0, 1, 2, 3])
 def test_converter_amaranth(stages, rng):
     x = vectors.converter_inputs(0)[::7][:300]
     fmt = rng.integers(0, 2, len(x))
@@ -101,7 +101,7 @@ def test_mac_amaranth_latency_and_chain(stages, rng):
     (MAC, "2", r"^MAC stages must be one of 1, 2, 3, not '2'$"),
     (FP32Adder, 6, r"^adder stages must be one of 0, 1, 2, 3, 4, 5, not 6$"),
     (FP8Multiplier, 2, r"^multiplier stages must be one of 0, 1, not 2$"),
-    (FP32ToFP8, -1, r"^converter stages must be one of 0, 1, not -1$"),
+    (FP32ToFP8, -1, r"^converter stages must be one of 0, 1, 2, 3, not -1$"),
     (MAC, True, r"^MAC stages must be one of 1, 2, 3, not True$"),
 ])
 def test_stage_parameter_errors(cls, stages, message):
@@ -124,3 +124,83 @@ def test_format_parameters_match_ocp():
         dtype = getattr(torch, spec.torch_dtype)
         assert torch.finfo(dtype).max == spec.max_value
         assert torch.finfo(dtype).tiny == spec.min_normal
+
+
+# ---- the vector unit alone, against the functional simulator's datapath -------------------
+
+def _vector_unit_run(cols, lanes, command, acc):
+    """Run one EPILOGUE or BLOCKSCALE on a VectorUnit over accumulator lines ``acc`` (int64
+    array, lines x cols, modified in place) with a synchronous, read-before-write port.
+    Returns the cycles from ``start`` to ``done``, both included."""
+    from fp8npu.hdl.units import VectorUnit
+    dut = VectorUnit(cols, lanes)
+    result = {}
+
+    def line(addr):
+        return sum(int(v) << (32 * c) for c, v in enumerate(acc[addr]))
+
+    async def bench(ctx):
+        ctx.set(dut.cmd, int.from_bytes(command, "little"))
+        ctx.set(dut.en, 1)
+        ctx.set(dut.start, 1)
+        for cycle in range(10_000):
+            if ctx.get(dut.done):
+                result["cycles"] = cycle + 1
+                return
+            read = line(ctx.get(dut.rd_addr))
+            if ctx.get(dut.wr_en):
+                data, lanes_on, addr = ctx.get(dut.wr_data), ctx.get(dut.wr_lanes), ctx.get(dut.wr_addr)
+                for c in range(cols):
+                    if lanes_on >> c & 1:
+                        acc[addr, c] = (data >> (32 * c)) & 0xFFFFFFFF
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            ctx.set(dut.rd_data, read)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return dut, result["cycles"]
+
+
+def _f32_bits(x):
+    return torch.tensor(np.asarray(x, dtype=np.float32)).view(torch.int32)
+
+
+@pytest.mark.parametrize("lanes", [None, 2, 1])
+@pytest.mark.parametrize("op", ["epilogue", "epilogue_chained", "blockscale"])
+def test_vector_unit_alone(op, lanes, rng):
+    """VectorUnit in the Amaranth simulator, 3 columns in 1, 2 or 3 passes, against the
+    functional simulator's EPILOGUE/BLOCKSCALE (rows in order, each read before it is
+    written), and its cycles against the functional simulator's charge."""
+    from fp8npu.hdl import isa
+    from fp8npu.hdl.config import NPUConfig
+    from fp8npu.sim import funcsim
+    cols, rows = 3, 6
+    values = rng.standard_normal((40, cols)).astype(np.float32) * np.float32(2.0) ** rng.integers(-8, 9, (40, cols))
+    values[5, 1] = np.float32("inf")
+    acc = _f32_bits(values).numpy().astype(np.int64) & 0xFFFFFFFF
+    Op = isa.Opcode
+    if op == "blockscale":
+        cmd = isa.encode(Op.BLOCKSCALE, rows=rows, src=4, dst=20, row_scale=30, col_scale=1)
+    else:
+        src, dst = (4, 20) if op == "epilogue" else (19, 20)     # chained: row i reads what row i-1 wrote
+        cmd = isa.encode(Op.EPILOGUE, rows=rows, src=src, dst=dst, scale_addr=1, bias_addr=2, use_scale=1,
+                         use_bias=1)
+    cfg = NPUConfig(rows=2, cols=cols, vector_lanes=lanes or 0, acc_lines=64, sp_lines=64)
+    ref = funcsim._Datapath(bytearray(64), cfg)
+    ref.acc[:40, :cols] = acc.astype(np.uint32).view(np.int32)
+    decoded = isa.decode(cmd)
+    charge = getattr(ref, op.split("_")[0])(decoded.fields)
+    got = acc.copy()
+    dut, cycles = _vector_unit_run(cols, lanes, cmd, got)
+    want = ref.acc[:40, :cols].astype(np.int64) & 0xFFFFFFFF
+    bad = int(golden.mismatches(torch.from_numpy(got.astype(np.uint32).view(np.int32)),
+                                torch.from_numpy(want.astype(np.uint32).view(np.int32)), "fp32").sum())
+    print(f"{op}, {dut.passes} passes: {rows * cols} values checked, {bad} mismatches; {cycles} cycles, "
+          f"functional simulator {charge}")
+    assert bad == 0
+    assert (got[:20] == acc[:20]).all() and (got[26:] == acc[26:]).all()     # nothing else written
+    if op != "epilogue_chained":
+        assert cycles == dut.command_cycles(decoded.opcode, rows) == charge
