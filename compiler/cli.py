@@ -37,7 +37,7 @@ UNITS = {
     "mac": ("fp8npu.hdl.mac", "MAC", 2, (1, 2, 3)),
     "multiplier": ("fp8npu.hdl.fpmul", "FP8Multiplier", 1, (0, 1)),
     "adder": ("fp8npu.hdl.fpadd", "FP32Adder", 1, (0, 1, 2, 3, 4, 5)),
-    "converter": ("fp8npu.hdl.fpconv", "FP32ToFP8", 1, (0, 1)),
+    "converter": ("fp8npu.hdl.fpconv", "FP32ToFP8", 1, (0, 1, 2, 3)),
 }
 
 
