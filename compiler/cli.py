@@ -652,19 +652,23 @@ def build_parser():
                            "activations=token|tensor|tile, scales=pow2|fp32 (default: e4m3, channel, token, pow2)")
     comp.set_defaults(func=cmd_compile)
 
-    runp = sub.add_parser("run", help="run a compiled model on the functional simulator or the RTL",
+    runp = sub.add_parser("run", help="run a compiled model on the functional simulator, the RTL or a board",
                           description="Run a compiled model (.npu) on input tensors: the NPU segments on the "
-                                      "functional simulator (func), the Verilog under Verilator (rtl), or the "
-                                      "reference written from the numerics contract (reference); host ops in "
-                                      "torch. Prints the outputs' shapes and the launches.")
+                                      "functional simulator (func), the Verilog under Verilator (rtl), a board "
+                                      "over its serial line (serial), or the reference written from the numerics "
+                                      "contract (reference); host ops in torch. Prints the outputs' shapes and "
+                                      "the launches.")
     runp.add_argument("model", metavar="MODEL.npu", help="compiled model")
     runp.add_argument("--inputs", metavar="X.pt|X.npy|MODE=X.pt", nargs="+", required=True,
                       help="input tensors: .pt (a tensor, or a tuple/list of tensors) or .npy, one per input; "
                            "for a model with modes, MODE=FILE.pt per call, run in order with one state "
                            "(prefill=p.pt decode=t1.pt decode=t2.pt)")
-    runp.add_argument("--backend", choices=["func", "rtl", "reference"], default="func",
-                      help="func (default), rtl or reference")
+    runp.add_argument("--backend", choices=["func", "rtl", "serial", "reference"], default="func",
+                      help="func (default), rtl, serial or reference")
     runp.add_argument("--fast", action="store_true", help="rtl: simulation DRAM inside the design")
+    runp.add_argument("--port", metavar="PORT", help="serial: the board's serial port (/dev/ttyUSB0, COM3, ...)")
+    runp.add_argument("--baud", type=int, default=1_000_000, metavar="N",
+                      help="serial: baud rate the bitstream was built for (default 1000000)")
     runp.add_argument("-o", "--output", metavar="OUT.pt|OUT.npy", help="write the outputs")
     runp.add_argument("--json", action="store_true", help="print the launches as JSON")
     runp.set_defaults(func=cmd_run)
@@ -816,6 +820,12 @@ def cmd_run(args):
     model = _load_model(args.model)
     calls = _calls(model, args.inputs)
     options = {"fast": args.fast} if args.backend == "rtl" else {}
+    if args.backend == "serial":
+        if not args.port:
+            raise UsageError("--backend serial needs --port (the board's serial port, for example /dev/ttyUSB0)")
+        options = {"port": args.port, "baud": args.baud}
+    elif args.port:
+        raise UsageError("--port applies to --backend serial only")
     results = []
     try:
         session = Session(model, args.backend, progress=_progress(args.backend), **options)

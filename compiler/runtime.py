@@ -9,9 +9,11 @@ segment runs as one launch through the host driver (:class:`fp8npu.sim.host.Driv
 3. read the FP32 output buffer back and unpack it.
 
 Backends: ``func`` (the functional simulator, default), ``rtl`` (the Verilog under
-Verilator), and ``reference``, which runs no program at all: each segment is computed by
-:func:`fp8npu.sim.reference.reference_qmatmul`, written directly from the numerics contract.
-``func`` and ``rtl`` must equal ``reference`` bit for bit.
+Verilator), ``serial`` (a board running the fp8npu bitstream, over its serial line:
+``port`` names the port, for example ``/dev/ttyUSB0``, or is an open port object such as a
+simulated board's), and ``reference``, which runs no program at all: each segment is computed
+by :func:`fp8npu.sim.reference.reference_qmatmul`, written directly from the numerics
+contract. ``func``, ``rtl`` and ``serial`` must equal ``reference`` bit for bit.
 
 Every launch is recorded in :attr:`Session.launches` (segment, cycles, MAC utilization,
 bytes moved); :func:`run` returns the outputs (the module's output structure) and, with
@@ -30,7 +32,7 @@ from .model import CompiledModel
 
 __all__ = ["Session", "run", "RunError", "BACKENDS"]
 
-BACKENDS = ("func", "rtl", "reference")
+BACKENDS = ("func", "rtl", "serial", "reference")
 
 
 class RunError(ValueError):
@@ -63,6 +65,8 @@ class Session:
             size = max(model.dram_bytes, 4096)
             if backend == "func":
                 transport = FuncTransport(model.cfg, size, model.dram)
+            elif backend == "serial":
+                transport = _serial_transport(model, progress, **transport_options)
             else:
                 transport = RTLTransport(model.cfg, size, model.dram, **transport_options)
             self.driver = Driver(transport, model.cfg)
@@ -292,6 +296,36 @@ class Session:
     def close(self):
         if self.driver is not None:
             self.driver.transport.close()
+
+
+def _serial_transport(model, progress=None, port=None, baud=1_000_000, **options):
+    """A :class:`~fp8npu.sim.host.SerialTransport` on ``port`` (a name, opened with pyserial at
+    ``baud``, or an open port object), with the model's DRAM image written to the board."""
+    from fp8npu.sim.host import HostError, SerialTransport
+    if port is None:
+        raise RunError("the serial backend needs the board's port (for example --port /dev/ttyUSB0)")
+    if isinstance(port, str):
+        try:
+            import serial
+        except ImportError:
+            raise RunError("the serial backend needs pyserial: pip install 'fp8npu[board]'") from None
+        try:
+            port = serial.Serial(port, baud, timeout=0.5)
+        except (serial.SerialException, ValueError, OSError) as exc:
+            raise RunError(f"cannot open serial port {port!r}: {exc}; check the name (ls /dev/ttyUSB* /dev/ttyACM*) "
+                           f"and that you may use it (the dialout group)") from None
+    shown = None if progress is None else (lambda done, total: progress(done, total, "writing the model to the board"))
+    try:
+        transport = SerialTransport(port, progress=shown, **options)
+    except HostError as exc:
+        port.close()
+        raise RunError(str(exc)) from None
+    if transport.memory_bytes < model.dram_bytes:
+        transport.close()
+        raise RunError(f"the model needs {model.dram_bytes:,} bytes of DRAM; the board has {transport.memory_bytes:,}: "
+                       f"build the board with more memory or compile a smaller model")
+    transport.write(0, model.dram)
+    return transport
 
 
 def run(model, inputs, backend="func", details=False, record_cycles=False, progress=None, mode=None,

@@ -981,6 +981,8 @@ class NPU(wiring.Component):
     s_axil_* : AXI4-Lite slave (control and status)
     irq : Out(1)
         Interrupt, level: high from the cycle STATUS shows done or error until the next start.
+    status : Out(3)
+        STATUS bits 0..2 (busy, done, error), for LEDs.
     """
 
     def __init__(self, cfg=None):
@@ -990,6 +992,7 @@ class NPU(wiring.Component):
         members = axi4_master_members("m_axi", self.cfg.axi_data_bits, self.cfg.axi_addr_bits)
         members.update(axil_slave_members("s_axil"))
         members["irq"] = Out(1)
+        members["status"] = Out(3)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -1002,7 +1005,7 @@ class NPU(wiring.Component):
         prog_addr, prog_len, win_base, win_limit = (Signal(32, name=n) for n in
                                                     ("r_prog_addr", "r_prog_len", "r_win_base", "r_win_limit"))
         status = Signal(32)
-        m.d.comb += [status.eq(Cat(core.busy, core.done, core.error_valid)),
+        m.d.comb += [status.eq(Cat(core.busy, core.done, core.error_valid)), self.status.eq(status[:3]),
                      self.irq.eq(~core.busy & (core.done | core.error_valid))]
         config_word = isa.config_word(cfg)
         regs = {

@@ -63,16 +63,18 @@ class VectorUnit(wiring.Component):
     lanes) passes of ``lanes`` columns each (per lane: binary32 product, product, sum: EPILOGUE
     ``x * scale`` then ``+ bias``, BLOCKSCALE ``row scale * col scale``, ``src * that``, then
     ``dst +``); a pass leaves the pipeline :attr:`latency` cycles later as a write of its
-    columns of line ``dst + i`` (``wr_lanes``). A read waits while a row that writes its line
-    is in the buffer or the pipeline, so rows behave as if done one after the other in
-    increasing order, each read before it is written. NaN results are written as the
+    columns of line ``dst + i`` (``wr_lanes``). Rows behave as if done one after the other in
+    increasing order, each read before it is written: a command whose reads can meet an
+    earlier row's write (it reads 1 to ``latency + 8`` lines, and fewer than ``rows``, below
+    where it writes) runs one row at a time, waiting for the pipeline to empty before each
+    read. NaN results are written as the
     canonical NaN. ``done`` pulses once the last row is written.
 
     ``en`` low freezes the sequencer (a stopped core); the buffer and the pipeline drain.
 
     ``rd_addr`` is driven from registers in every state (a line is read each cycle; ``rd_en``
     says whether the unit uses what comes back), so a parent can select the shared read port
-    with ``busy`` rather than ``rd_en`` and keep the hazard check off the address path.
+    with ``busy`` rather than ``rd_en``.
 
     Throughput: EPILOGUE one row per ``passes`` cycles, BLOCKSCALE one row per max(3,
     ``passes``) cycles; plus :attr:`fill` cycles (start, scale and bias reads, the row buffer,
@@ -146,8 +148,14 @@ class VectorUnit(wiring.Component):
         with m.If(left != 0):
             m.d.sync += [left.eq(left - 1), idx.eq(idx + 1)]
 
-        def writes_pending(line):
-            return Cat((got == GOT_LAST) & (got_addr == line), *[v & (a == line) for v, a in zip(valid, addr)]).any()
+        # A read may meet a line an earlier row still has to write only when the command reads
+        # a little below where it writes: 0 < dst - (src or row_scale) <= CHAIN lines (more
+        # rows than that are never in flight) and fewer lines than it has rows. Such a command
+        # is run one row at a time; any other needs no check, which keeps line comparisons off
+        # the read path.
+        CHAIN = T + 8
+        chained = Signal()
+        in_flight_any = in_flight | (left != 0)
 
         # ---- sequencer ----
         # The read address comes from registers only (``rs_line``, ``src_line``, ``dst_line``,
@@ -182,7 +190,11 @@ class VectorUnit(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.rd_addr.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))
                 with m.If(self.start):
-                    m.d.sync += [i.eq(0), rs_line.eq(bs.row_scale), src_line.eq(src0), dst_line.eq(dst0)]
+                    gap_src = (dst0 - src0)[:16]
+                    gap_rs = (dst0 - bs.row_scale)[:16]
+                    m.d.sync += [i.eq(0), rs_line.eq(bs.row_scale), src_line.eq(src0), dst_line.eq(dst0),
+                                 chained.eq(((gap_src != 0) & (gap_src <= CHAIN) & (gap_src < rows))
+                                            | (~is_ep & (gap_rs != 0) & (gap_rs <= CHAIN) & (gap_rs < rows)))]
                     m.next = "READ_SCALE"
             with m.State("READ_SCALE"):
                 m.d.comb += self.rd_addr.eq(Mux(is_ep, ep.scale_addr, bs.col_scale))
@@ -201,7 +213,7 @@ class VectorUnit(wiring.Component):
                 m.d.comb += self.rd_addr.eq(line)
                 with m.If(i == rows):
                     m.next = "DRAIN"
-                with m.Elif(self.en & ~writes_pending(line) & ((kind != GOT_LAST) | buffer_free)):
+                with m.Elif(self.en & ~(chained & in_flight_any) & ((kind != GOT_LAST) | buffer_free)):
                     m.d.comb += self.rd_en.eq(1)
                     m.d.sync += [got.eq(kind), got_addr.eq(dst_line)]
                     with m.If(kind == GOT_LAST):

@@ -17,9 +17,10 @@ and register values:
 =================  ==========================================================================
 
 Transports here: :class:`FuncTransport` (the functional simulator, the readable definition
-of every command), :class:`RTLTransport` (the generated Verilog under Verilator + cocotb). A
-board's serial link is a third transport of the same shape. Every transport gives the same
-:class:`RunResult` for the same program and DRAM.
+of every command), :class:`RTLTransport` (the generated Verilog under Verilator + cocotb),
+:class:`SerialTransport` (a board, or its simulation, over a serial line speaking the
+protocol of :mod:`fp8npu.hdl.board`). Every transport gives the same :class:`RunResult` for
+the same program and DRAM.
 
 :class:`RTLTransport` keeps one simulation running for its whole life: DRAM writes and reads
 go into the simulated memory, register writes are applied by the testbench's AXI4-Lite
@@ -33,7 +34,8 @@ from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.isa import ErrorCode, Register
 
-__all__ = ["Driver", "FuncTransport", "RTLTransport", "RunResult", "HostError"]
+__all__ = ["Driver", "FuncTransport", "RTLTransport", "SerialTransport", "SocketPort", "NoisyPort", "RunResult",
+           "HostError"]
 
 
 class HostError(RuntimeError):
@@ -250,3 +252,203 @@ class RTLTransport:
 
     def close(self):
         self.session.close()
+
+
+class SocketPort:
+    """A connected stream socket with the part of pyserial's ``Serial`` interface that
+    :class:`SerialTransport` uses (``write``, ``read`` with a timeout, ``reset_input_buffer``,
+    ``close``): a simulated board's serial line."""
+
+    def __init__(self, sock, timeout=1.0, name="a simulated serial line"):
+        self.sock, self.timeout, self.name = sock, timeout, name
+
+    def write(self, data):
+        self.sock.sendall(bytes(data))
+
+    def read(self, n):
+        """Up to ``n`` bytes; fewer if the line stays silent for ``timeout`` seconds."""
+        import select
+        out = bytearray()
+        while len(out) < n:
+            ready, _, _ = select.select([self.sock], [], [], self.timeout)
+            if not ready:
+                break
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def reset_input_buffer(self):
+        import select
+        while select.select([self.sock], [], [], 0)[0]:
+            if not self.sock.recv(4096):
+                break
+
+    def close(self):
+        self.sock.close()
+
+
+class NoisyPort:
+    """A port that damages the line, to test that :class:`SerialTransport` recovers: each byte
+    either way is dropped with probability ``drop`` or has one bit flipped with probability
+    ``flip`` (a ``random.Random(seed)`` decides). ``damaged`` counts the bytes hit."""
+
+    def __init__(self, port, drop=0.0, flip=0.0, seed=1):
+        import random
+        self.port, self.drop, self.flip = port, drop, flip
+        self.rng = random.Random(seed)
+        self.damaged = 0
+        self.name = getattr(port, "name", "a serial line")
+
+    def _damage(self, data):
+        out = bytearray()
+        for byte in data:
+            r = self.rng.random()
+            if r < self.drop:
+                self.damaged += 1
+                continue
+            if r < self.drop + self.flip:
+                self.damaged += 1
+                byte ^= 1 << self.rng.randrange(8)
+            out.append(byte)
+        return bytes(out)
+
+    def write(self, data):
+        self.port.write(self._damage(data))
+
+    def read(self, n):
+        return self._damage(self.port.read(n))
+
+    def reset_input_buffer(self):
+        self.port.reset_input_buffer()
+
+    def close(self):
+        self.port.close()
+
+
+class SerialTransport:
+    """A board running the fp8npu bitstream, over a serial line (:mod:`fp8npu.hdl.board`).
+
+    ``port`` is a pyserial ``Serial`` (or anything with its ``write``, ``read``,
+    ``reset_input_buffer`` and ``close``; :class:`SocketPort` for a simulation). Every request
+    is checked end to end: an answer with a wrong CRC, a wrong sequence number or none at all
+    is retried (after ``quiet`` seconds of silence, longer than the bridge's frame timeout, so
+    both sides resynchronize) up to ``retries`` times, then a :class:`HostError` says what was
+    tried. Data is never returned unless its answer's CRC was right. ``progress(done, total)``
+    is called during transfers of more than 4 KB.
+
+    ``poll`` is the time between STATUS reads while a program runs; :meth:`wait` gives up
+    when CYCLES passes its limit.
+    """
+
+    def __init__(self, port, retries=8, quiet=0.05, poll=0.01, progress=None):
+        from fp8npu.hdl import board
+        self.board = board
+        self.port, self.retries, self.quiet, self.poll, self.progress = port, retries, quiet, poll, progress
+        self.seq = 0
+        self.retried = 0
+        self.port.reset_input_buffer()
+        info = self._request(board.Op.INFO, 0, b"", 0)
+        if len(info) != board.INFO_BYTES or info[11] != board.PROTOCOL_VERSION:
+            raise HostError(f"the board on {self._name()} speaks protocol version {info[11] if info else '?'}, "
+                            f"this host {board.PROTOCOL_VERSION}: build and flash the bitstream of this fp8npu")
+        self.memory_bytes = int.from_bytes(info[0:4], "little")
+        self.clock_hz = int.from_bytes(info[4:8], "little")
+        self.max_payload = int.from_bytes(info[8:10], "little")
+        self.bus_bytes = info[10]
+        self.last_extra = {}
+
+    def _name(self):
+        return getattr(self.port, "name", None) or getattr(self.port, "port", None) or "the serial line"
+
+    def _frame(self, op, addr, payload, length):
+        body = bytes([self.seq, int(op)]) + int(addr).to_bytes(4, "little") + int(length).to_bytes(2, "little") \
+            + bytes(payload)
+        return bytes([self.board.SYNC_REQUEST]) + body + self.board.crc16(body).to_bytes(2, "little")
+
+    def _answer(self):
+        """(status, payload) of the next answer to this request, or None (silence, damage)."""
+        b = self.board
+        for _ in range(4 * b.MAX_PAYLOAD):          # skip noise before the sync byte
+            first = self.port.read(1)
+            if not first:
+                return None
+            if first[0] == b.SYNC_RESPONSE:
+                break
+        else:
+            return None
+        head = self.port.read(4)
+        if len(head) != 4:
+            return None
+        seq, status, length = head[0], head[1], int.from_bytes(head[2:4], "little")
+        if length > b.MAX_PAYLOAD:
+            return None
+        rest = self.port.read(length + 2)
+        if len(rest) != length + 2:
+            return None
+        if b.crc16(head + rest[:length]) != int.from_bytes(rest[length:], "little") or seq != self.seq:
+            return None
+        return status, rest[:length]
+
+    def _request(self, op, addr, payload, length):
+        import time
+        b = self.board
+        frame = self._frame(op, addr, payload, length)
+        for attempt in range(self.retries):
+            if attempt:
+                self.retried += 1
+                time.sleep(self.quiet)             # longer than the bridge's frame timeout
+                self.port.reset_input_buffer()
+            self.port.write(frame)
+            answer = self._answer()
+            if answer is None or answer[0] == b.Status.BAD_CRC:
+                continue
+            status, data = answer
+            self.seq = (self.seq + 1) & 0xFF
+            if status != b.Status.OK:
+                raise HostError(f"the board refused {b.Op(op).name} at {addr:#x} ({length} bytes): "
+                                f"{b.Status(status).name}")
+            return data
+        raise HostError(f"no valid answer from the board on {self._name()} after {self.retries} tries of "
+                        f"{b.Op(op).name}: check the cable, the port, the baud rate and that the board runs "
+                        f"the fp8npu bitstream")
+
+    def _chunks(self, addr, n):
+        step = self.max_payload
+        for offset in range(0, n, step):
+            yield offset, addr + offset, min(step, n - offset)
+            if self.progress and n > 4096:
+                self.progress(min(n, offset + step), n)
+
+    def write(self, addr, data):
+        data = bytes(data)
+        for offset, a, n in self._chunks(addr, len(data)):
+            self._request(self.board.Op.WRITE_MEM, a, data[offset:offset + n], n)
+
+    def read(self, addr, n):
+        out = bytearray()
+        for _, a, k in self._chunks(addr, n):
+            got = self._request(self.board.Op.READ_MEM, a, b"", k)
+            if len(got) != k:
+                raise HostError(f"the board answered {len(got)} bytes to a read of {k}")
+            out += got
+        return bytes(out)
+
+    def write_reg(self, reg, value):
+        self._request(self.board.Op.WRITE_REG, int(Register(reg)), (value & 0xFFFFFFFF).to_bytes(4, "little"), 4)
+
+    def read_reg(self, reg):
+        return int.from_bytes(self._request(self.board.Op.READ_REG, int(Register(reg)), b"", 4), "little")
+
+    def wait(self, max_cycles):
+        import time
+        while True:
+            if not self.read_reg(Register.STATUS) & 1:
+                return True
+            if self.read_reg(Register.CYCLES) >= max_cycles:
+                return False
+            time.sleep(self.poll)
+
+    def close(self):
+        self.port.close()

@@ -169,7 +169,7 @@ def _f32_bits(x):
 
 
 @pytest.mark.parametrize("lanes", [None, 2, 1])
-@pytest.mark.parametrize("op", ["epilogue", "epilogue_chained", "blockscale"])
+@pytest.mark.parametrize("op", ["epilogue", "epilogue_chained", "epilogue_gap3", "blockscale"])
 def test_vector_unit_alone(op, lanes, rng):
     """VectorUnit in the Amaranth simulator, 3 columns in 1, 2 or 3 passes, against the
     functional simulator's EPILOGUE/BLOCKSCALE (rows in order, each read before it is
@@ -185,7 +185,8 @@ def test_vector_unit_alone(op, lanes, rng):
     if op == "blockscale":
         cmd = isa.encode(Op.BLOCKSCALE, rows=rows, src=4, dst=20, row_scale=30, col_scale=1)
     else:
-        src, dst = (4, 20) if op == "epilogue" else (19, 20)     # chained: row i reads what row i-1 wrote
+        # chained: row i reads what row i - 1 wrote; gap3: what row i - 3 wrote
+        src, dst = {"epilogue": (4, 20), "epilogue_chained": (19, 20), "epilogue_gap3": (17, 20)}[op]
         cmd = isa.encode(Op.EPILOGUE, rows=rows, src=src, dst=dst, scale_addr=1, bias_addr=2, use_scale=1,
                          use_bias=1)
     cfg = NPUConfig(rows=2, cols=cols, vector_lanes=lanes or 0, acc_lines=64, sp_lines=64)
@@ -202,5 +203,5 @@ def test_vector_unit_alone(op, lanes, rng):
           f"functional simulator {charge}")
     assert bad == 0
     assert (got[:20] == acc[:20]).all() and (got[26:] == acc[26:]).all()     # nothing else written
-    if op != "epilogue_chained":
+    if op in ("epilogue", "blockscale"):
         assert cycles == dut.command_cycles(decoded.opcode, rows) == charge
