@@ -9,6 +9,9 @@ Subcommands::
     fp8npu bench mac
     fp8npu asm SOURCE [-o PROGRAM]
     fp8npu disasm PROGRAM [-o SOURCE]
+    fp8npu boards [--json]
+    fp8npu build --board NAME [--config CFG.json] [-o DIR] [--json]
+    fp8npu flash --board NAME [--bitstream FILE] [--dry-run]
 
 Every failure a user can cause (a bad parameter, a bad file, a missing tool) ends with one
 line ``fp8npu: error: ...`` and exit status 2, never a traceback. Outputs are checked before
@@ -680,7 +683,102 @@ def build_parser():
     rep.add_argument("model", metavar="MODEL.npu", help="compiled model")
     rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rep.set_defaults(func=cmd_report)
+
+    bl = sub.add_parser("boards", help="list the FPGA boards and their default NPU configurations",
+                        description="List the boards fp8npu builds for: device, default NPU array, memory, serial "
+                                    "baud rate, the estimated size against the device, and the programmer.")
+    bl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bl.set_defaults(func=cmd_boards)
+
+    bd = sub.add_parser("build", help="build a board's bitstream (YoWASP tools)",
+                        description="Build the bitstream of the NPU with its block RAM, UART host bridge and LEDs "
+                                    "for a board, with yosys and nextpnr (YoWASP). A configuration too large for "
+                                    "the board is refused from an estimate first. Builds are cached by "
+                                    "configuration, sources and tool versions. Prints the build report.")
+    bd.add_argument("--board", required=True, metavar="NAME", help="a board of fp8npu boards")
+    bd.add_argument("--config", metavar="CFG.json", help="NPU configuration (default: the board's)")
+    bd.add_argument("-o", "--out-dir", default="build", metavar="DIR", help="build folder (default: build)")
+    bd.add_argument("--allow-timing-fail", action="store_true",
+                    help="keep a bitstream that misses the board clock (an error otherwise)")
+    bd.add_argument("--json", action="store_true", help="print the report as JSON")
+    bd.set_defaults(func=cmd_build)
+
+    fl = sub.add_parser("flash", help="program a board with its bitstream",
+                        description="Program a board with openFPGALoader (or the board's programmer). Without "
+                                    "--bitstream, the newest build in build/ for that board.")
+    fl.add_argument("--board", required=True, metavar="NAME", help="a board of fp8npu boards")
+    fl.add_argument("--bitstream", metavar="FILE", help="bitstream to load (default: the newest build)")
+    fl.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    fl.set_defaults(func=cmd_flash)
     return parser
+
+
+def cmd_boards(args):
+    import json
+
+    from fp8npu.fpga.boards import BOARDS, CAPACITY, estimate, fit_problem
+    rows = []
+    for b in BOARDS.values():
+        est = estimate(b.config, b)
+        cap = CAPACITY[b.device]
+        fits = fit_problem(b.config, b, margin=0.8) is None
+        rows.append({"board": b.name, "title": b.title, "device": b.device, "array": f"{b.config.rows}x{b.config.cols}",
+                     "accumulation": b.config.accumulation, "memory_bytes": b.memory_bytes, "baud": b.baud,
+                     "estimate_luts": est.luts, "device_luts": cap["luts"], "fits": fits,
+                     "programmer": b.programmer[0], "notes": b.notes, "config": b.config.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"  {'board':<15} {'device':<10} {'array':>5} {'memory':>7} {'baud':>9} {'LUT4 est.':>16}  {'fits':<4} "
+          f"{'programmer':<14} notes")
+    for r in rows:
+        share = f"{r['estimate_luts'] / 1000:.1f}k/{r['device_luts'] / 1000:.0f}k"
+        print(f"  {r['board']:<15} {r['device']:<10} {r['array']:>5} {r['memory_bytes'] // 1024:>5}KB "
+              f"{r['baud']:>9,} {share:>16}  {'yes' if r['fits'] else 'NO':<4} {r['programmer']:<14} {r['notes']}")
+    print("  (fits: the estimate within 80 % of the device; fp8npu build --board NAME builds one)")
+    return 0
+
+
+def cmd_build(args):
+    import json
+
+    from fp8npu.fpga import boards
+    from fp8npu.hdl.config import load_config
+    board = _board(args.board)
+    try:
+        cfg = load_config(args.config) if args.config else board.config
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def stage(text):
+        print(f"  ... {board.name}: {text}", file=sys.stderr, flush=True)
+    report = boards.build(board, cfg, args.out_dir, allow_timing_fail=args.allow_timing_fail, progress=stage)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report.table())
+    return 0
+
+
+def cmd_flash(args):
+    from fp8npu.fpga import boards
+    board = _board(args.board)
+    bitstream = args.bitstream or boards.latest_bitstream(board)
+    if bitstream is None:
+        raise UsageError(f"no bitstream built for {board.name} in build/: run fp8npu build --board {board.name} "
+                         f"first, or give --bitstream")
+    cmd = boards.flash(board, bitstream, dry_run=args.dry_run)
+    import shlex
+    print(("would run: " if args.dry_run else "programmed with: ") + " ".join(shlex.quote(c) for c in cmd))
+    return 0
+
+
+def _board(name):
+    from fp8npu.fpga.boards import BoardError, get_board
+    try:
+        return get_board(name)
+    except BoardError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _progress(label):

@@ -126,9 +126,9 @@ class BlockArray(wiring.Component):
        ``add_stages`` registers) and ``out_commit`` asks for the accumulator line to be written.
 
     The array reads the two lines it needs itself, when the row reaches them, through
-    ``part_rd_*`` (one cycle before the sum needs it) and ``acc_rd_*`` (one cycle before the
-    addition): both are synchronous-read memory ports, the data coming back on ``part_data`` /
-    ``acc_data`` the next cycle. A row that reads a line must not enter while an earlier row
+    ``part_rd_*`` (one cycle before the sum needs it) and ``acc_rd_*`` (two cycles before the
+    addition; the line is registered on the way): both are synchronous-read memory ports, the
+    data coming back on ``part_data`` / ``acc_data`` the next cycle. A row that reads a line must not enter while an earlier row
     that writes it is inside the array (the compute unit checks that at issue).
 
     Weights are decoded once when written to the shadow tile (``w_we``) and copied into the
@@ -249,9 +249,13 @@ class BlockArray(wiring.Component):
         at = ctrl[bottom]
         rs, ad = self.round_stages, self.add_stages
         sum_at = bottom + 1 + rs                 # stage of the binary32 addition's inputs
-        m.d.comb += [self.acc_rd_en.eq(ctrl[sum_at - 1]["valid"] & ctrl[sum_at - 1]["commit"]
-                                       & ~ctrl[sum_at - 1]["fresh"]),
-                     self.acc_rd_addr.eq(ctrl[sum_at - 1]["addr"])]
+        # the accumulator line is read two cycles ahead and registered (a block RAM's output
+        # is slow: it does not go straight into the adder)
+        ahead = ctrl[sum_at - 2]
+        m.d.comb += [self.acc_rd_en.eq(ahead["valid"] & ahead["commit"] & ~ahead["fresh"]),
+                     self.acc_rd_addr.eq(ahead["addr"])]
+        acc_q = Signal(32 * C, name="acc_q")
+        m.d.sync += acc_q.eq(self.acc_data)
         out = ctrl[self.latency]
         m.d.comb += [self.out_valid.eq(out["valid"]), self.out_commit.eq(out["valid"] & out["commit"]),
                      self.out_addr.eq(out["addr"])]
@@ -277,7 +281,7 @@ class BlockArray(wiring.Component):
             m.d.comb += self.out_part[(pw + 2) * j:(pw + 2) * (j + 1)].eq(part)
             m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs)
             m.d.comb += [rnd.total.eq(total), rnd.nan.eq(nan), rnd.neg_zero.eq(neg_zero)]
-            start = Mux(ctrl[sum_at]["fresh"], 0, self.acc_data[32 * j:32 * j + 32])
+            start = Mux(ctrl[sum_at]["fresh"], 0, acc_q[32 * j:32 * j + 32])
             s = fp32_add(m, start, rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
             m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)
         return m
