@@ -141,7 +141,7 @@ def test_bad_inputs_at_run_time():
         run(model, x.double())
     with pytest.raises(RunError, match=r"^the model takes 1 input\(s\) \(x\), not 2$"):
         run(model, (x, x))
-    with pytest.raises(RunError, match=r"^backend must be one of func, rtl, reference, not 'gpu'$"):
+    with pytest.raises(RunError, match=r"^backend must be one of func, rtl, serial, reference, not 'gpu'$"):
         Session(model, "gpu")
 
 
