@@ -89,6 +89,12 @@ def _crc16_next(crc, byte):
     return Cat(*bits)
 
 
+def _check_divisor(divisor):
+    if divisor < 4:
+        raise ValueError(f"a UART needs at least 4 clocks per bit, not {divisor}")
+    return divisor
+
+
 class UARTRx(wiring.Component):
     """8N1 receiver. ``rx`` goes through two flip-flops; a start bit is sampled again half a
     bit later, data bits in their middles. ``valid`` pulses one cycle with ``data`` after the
@@ -103,9 +109,7 @@ class UARTRx(wiring.Component):
     error: Out(1)
 
     def __init__(self, divisor):
-        if divisor < 4:
-            raise ValueError(f"a UART needs at least 4 clocks per bit, not {divisor}")
-        self.divisor = divisor
+        self.divisor = _check_divisor(divisor)
         super().__init__()
 
     def elaborate(self, platform):
@@ -159,9 +163,7 @@ class UARTTx(wiring.Component):
     ready: Out(1)
 
     def __init__(self, divisor):
-        if divisor < 4:
-            raise ValueError(f"a UART needs at least 4 clocks per bit, not {divisor}")
-        self.divisor = divisor
+        self.divisor = _check_divisor(divisor)
         super().__init__()
 
     def elaborate(self, platform):
