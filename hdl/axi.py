@@ -30,6 +30,20 @@ def axi4_master_members(prefix, data_bits, addr_bits=32):
     }
 
 
+def flip(members):
+    """The other side of a members dict: In for Out and Out for In."""
+    return {k: (In(v.shape) if v.flow == Out else Out(v.shape)) for k, v in members.items()}
+
+
+def bridge_port_members(addr_bits, data_bits):
+    """A board memory's port for the host bridge, memory side (:class:`fp8npu.hdl.board.BoardMemory`,
+    :class:`fp8npu.hdl.sdram.SDRAMController`): a request is ``b_valid`` with ``b_write``, the
+    bus word ``b_addr`` and, for a write, ``b_wen``/``b_wdata``, held until ``b_done`` pulses;
+    a read's word is on ``b_rdata`` in that cycle."""
+    return {"b_valid": In(1), "b_write": In(1), "b_addr": In(addr_bits), "b_wen": In(data_bits // 8),
+            "b_wdata": In(data_bits), "b_done": Out(1), "b_rdata": Out(data_bits)}
+
+
 def axil_slave_members(prefix, addr_bits=8):
     """Signature members of a 32-bit AXI4-Lite slave."""
     o, i = Out, In

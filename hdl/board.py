@@ -36,7 +36,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .axi import ID_BITS, axi4_master_members, axil_slave_members
+from .axi import ID_BITS, axi4_master_members, axil_slave_members, bridge_port_members, flip
 from .config import NPUConfig
 from .npu import NPU
 
@@ -183,29 +183,25 @@ class UARTTx(wiring.Component):
         return m
 
 
-def _flip(members):
-    return {k: (In(v.shape) if v.flow == Out else Out(v.shape)) for k, v in members.items()}
-
-
 class BoardMemory(wiring.Component):
     """The NPU's DRAM on a board: ``words`` words of the bus width in block RAM, as an AXI4
     slave (INCR bursts; a read beat per cycle after one cycle; writes with byte strobes; bytes
     at and above the memory's end read as zero with SLVERR and are not written, bursts
     answered SLVERR), plus a port for the host bridge.
 
-    Bridge port: ``b_addr`` (word), ``b_wen`` (byte enables) and ``b_wdata`` write in a cycle
-    where ``b_wgrant`` is high; ``b_read`` in a cycle where ``b_rgrant`` is high puts word
-    ``b_addr`` on ``b_rdata`` the next cycle. The grants are high in the cycles the AXI side
-    leaves the port free (no read burst in progress; no write beat this cycle).
+    Bridge port (the same as :class:`~fp8npu.hdl.sdram.SDRAMController`'s): a request is
+    ``b_valid`` with ``b_write``, ``b_addr`` (bus word), and for a write ``b_wen`` (byte
+    enables) and ``b_wdata``, held until ``b_done`` pulses; a read's word is on ``b_rdata``
+    in that cycle. Requests take the cycles the AXI side leaves free (no read burst in progress;
+    no write beat this cycle): a write is done in the cycle it gets the port, a read the cycle
+    after.
     """
 
     def __init__(self, data_bits, words):
         self.data_bits, self.words = data_bits, words
         self.addr_bits = max(1, (words - 1).bit_length())
-        B = data_bits // 8
-        members = _flip(axi4_master_members("s", data_bits))
-        members.update({"b_addr": In(self.addr_bits), "b_read": In(1), "b_rgrant": Out(1), "b_rdata": Out(data_bits),
-                        "b_wen": In(B), "b_wdata": In(data_bits), "b_wgrant": Out(1)})
+        members = flip(axi4_master_members("s", data_bits))
+        members.update(bridge_port_members(self.addr_bits, data_bits))
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -233,11 +229,15 @@ class BoardMemory(wiring.Component):
         m.d.comb += [g("rvalid").eq(r_busy & r_have), g("rdata").eq(Mux(r_out, 0, rport.data)), g("rid").eq(r_id),
                      g("rlast").eq(r_left == 1), g("rresp").eq(Mux(r_out, 2, 0))]
         fetch = Mux(fire, r_addr + B, r_addr)
+        b_pend = Signal()                   # a bridge read has the port: its word comes next cycle
+        m.d.sync += b_pend.eq(0)
         with m.If(r_busy):
             m.d.comb += rport.addr.eq((fetch >> shift)[:self.addr_bits])
             m.d.sync += r_have.eq(1)
         with m.Else():
-            m.d.comb += [rport.addr.eq(self.b_addr), self.b_rgrant.eq(1)]
+            m.d.comb += rport.addr.eq(self.b_addr)
+            with m.If(self.b_valid & ~self.b_write & ~b_pend):
+                m.d.sync += b_pend.eq(1)
         m.d.comb += self.b_rdata.eq(rport.data)
         with m.If(fire):
             m.d.sync += [r_addr.eq(r_addr + B), r_left.eq(r_left - 1)]
@@ -261,8 +261,11 @@ class BoardMemory(wiring.Component):
             with m.If(g("wlast")):
                 m.d.sync += [w_busy.eq(0), w_resp.eq(1)]
         with m.Else():
-            m.d.comb += [wport.addr.eq(self.b_addr), wport.data.eq(self.b_wdata), wport.en.eq(self.b_wen),
-                         self.b_wgrant.eq(1)]
+            m.d.comb += [wport.addr.eq(self.b_addr), wport.data.eq(self.b_wdata)]
+            with m.If(self.b_valid & self.b_write):
+                m.d.comb += [wport.en.eq(self.b_wen), self.b_done.eq(1)]
+        with m.If(b_pend):
+            m.d.comb += self.b_done.eq(1)
         m.d.comb += [g("bvalid").eq(w_resp), g("bid").eq(w_id), g("bresp").eq(Mux(w_bad, 2, 0))]
         with m.If(w_resp & g("bready")):
             m.d.sync += w_resp.eq(0)
@@ -288,10 +291,8 @@ class HostBridge(wiring.Component):
         self.divisor, self.timeout, self.clock_hz = divisor, timeout, clock_hz
         self.word_bits = max(1, (memory_bytes // bus_bytes - 1).bit_length())
         members = {"rx": In(1), "tx": Out(1, init=1), "activity": Out(1)}
-        members.update(_flip(axil_slave_members("m_axil")))
-        members.update({"b_addr": Out(self.word_bits), "b_read": Out(1), "b_rgrant": In(1),
-                        "b_rdata": In(8 * bus_bytes), "b_wen": Out(bus_bytes), "b_wdata": Out(8 * bus_bytes),
-                        "b_wgrant": In(1)})
+        members.update(flip(axil_slave_members("m_axil")))
+        members.update(flip(bridge_port_members(self.word_bits, 8 * bus_bytes)))
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -435,9 +436,9 @@ class HostBridge(wiring.Component):
                 with m.If(count == length):
                     m.next = "REPLY"
                 with m.Else():
-                    m.d.comb += [self.b_wdata.eq(Cat(*([st_r.data] * B))), self.b_wen.eq(1 << lane),
-                                 st_r.addr.eq(count[:8])]
-                    with m.If(self.b_wgrant):
+                    m.d.comb += [self.b_valid.eq(1), self.b_write.eq(1), self.b_wdata.eq(Cat(*([st_r.data] * B))),
+                                 self.b_wen.eq(1 << lane), st_r.addr.eq(count[:8])]
+                    with m.If(self.b_done):
                         m.d.sync += [count.eq(count + 1), byte_addr.eq(byte_addr + 1)]
                         m.d.comb += st_r.addr.eq(count[:8] + 1)
             # ---- registers over AXI4-Lite ----
@@ -489,12 +490,10 @@ class HostBridge(wiring.Component):
                     with m.If(count + 1 == resp_len):
                         m.next = "REPLY_END"
             with m.State("READ_FETCH"):           # READ_MEM: the word of the next byte
-                m.d.comb += self.b_read.eq(1)
-                with m.If(self.b_rgrant):
-                    m.next = "READ_LATCH"
-            with m.State("READ_LATCH"):
-                m.d.sync += got.eq(self.b_rdata)
-                m.next = "READ_SEND"
+                m.d.comb += self.b_valid.eq(1)
+                with m.If(self.b_done):
+                    m.d.sync += got.eq(self.b_rdata)
+                    m.next = "READ_SEND"
             with m.State("READ_SEND"):
                 m.d.comb += [out_byte.eq(got.word_select(lane, 8)), send.eq(1)]
                 with m.If(sent):
@@ -517,22 +516,28 @@ class HostBridge(wiring.Component):
 
 
 class BoardSoC(wiring.Component):
-    """The board design without pins: :class:`~fp8npu.hdl.npu.NPU`, :class:`BoardMemory` of
-    ``memory_bytes`` as its DRAM, :class:`HostBridge` on the serial line.
+    """The board design without pins: :class:`~fp8npu.hdl.npu.NPU`, its DRAM, and
+    :class:`HostBridge` on the serial line.
+
+    The DRAM is :class:`BoardMemory` (``memory_bytes`` of block RAM), or with ``sdram`` (an
+    :class:`~fp8npu.hdl.sdram.SDRAMChip` or the name of one) an
+    :class:`~fp8npu.hdl.sdram.SDRAMController` and the whole chip; the design then has the
+    controller's ``sd_*`` pins too.
 
     ``leds``: bit 0 busy, 1 done, 2 error (the STATUS bits), 3 a frame being handled, 4 a
     heartbeat (about 1.5 Hz at ``clock_hz``), 5..7 off.
 
-    Members: rx In(1); tx Out(1); leds Out(8).
+    Members: rx In(1); tx Out(1); leds Out(8); with SDRAM the ``sd_*`` pins.
     """
 
-    rx: In(1)
-    tx: Out(1, init=1)
-    leds: Out(8)
-
-    def __init__(self, cfg=None, memory_bytes=65536, clock_hz=25_000_000, baud=1_000_000, timeout_bits=200):
+    def __init__(self, cfg=None, memory_bytes=65536, clock_hz=25_000_000, baud=1_000_000, timeout_bits=200,
+                 sdram=None):
+        from .sdram import CHIPS, sdram_pin_members
         self.cfg = cfg or NPUConfig()
         B = self.cfg.bus_bytes
+        self.sdram = CHIPS[sdram] if isinstance(sdram, str) else sdram
+        if self.sdram is not None:
+            memory_bytes = self.sdram.bytes
         if memory_bytes < B or memory_bytes % B or memory_bytes & (memory_bytes - 1):
             raise ValueError(f"the board memory must be a power of two of at least {B} bytes, not {memory_bytes}")
         divisor = round(clock_hz / baud)
@@ -542,13 +547,26 @@ class BoardSoC(wiring.Component):
                              f"{clock_hz // max(4, divisor):,}")
         self.memory_bytes, self.clock_hz, self.baud, self.divisor = memory_bytes, clock_hz, baud, divisor
         self.timeout = timeout_bits * divisor
-        super().__init__()
+        members = {"rx": In(1), "tx": Out(1, init=1), "leds": Out(8)}
+        if self.sdram is not None:
+            members.update(sdram_pin_members(self.sdram))
+        super().__init__(members)
 
     def elaborate(self, platform):
+        from .sdram import SDRAMController, sdram_pin_members
         m = Module()
         cfg = self.cfg
         m.submodules.npu = npu = NPU(cfg)
-        m.submodules.memory = mem = BoardMemory(cfg.axi_data_bits, self.memory_bytes // cfg.bus_bytes)
+        if self.sdram is None:
+            mem = BoardMemory(cfg.axi_data_bits, self.memory_bytes // cfg.bus_bytes)
+        else:
+            mem = SDRAMController(self.sdram, self.clock_hz, cfg.axi_data_bits)
+            for name, member in sdram_pin_members(self.sdram).items():
+                if member.flow == Out:
+                    m.d.comb += getattr(self, name).eq(getattr(mem, name))
+                else:
+                    m.d.comb += getattr(mem, name).eq(getattr(self, name))
+        m.submodules.memory = mem
         m.submodules.bridge = bridge = HostBridge(self.memory_bytes, cfg.bus_bytes, self.divisor, self.timeout,
                                                   self.clock_hz)
         m.d.comb += [bridge.rx.eq(self.rx), self.tx.eq(bridge.tx)]
@@ -563,10 +581,11 @@ class BoardSoC(wiring.Component):
                 m.d.comb += other.eq(getattr(npu, name))
             else:
                 m.d.comb += getattr(npu, name).eq(other)
-        for name in ("b_addr", "b_read", "b_wen", "b_wdata"):
-            m.d.comb += getattr(mem, name).eq(getattr(bridge, name))
-        for name in ("b_rgrant", "b_rdata", "b_wgrant"):
-            m.d.comb += getattr(bridge, name).eq(getattr(mem, name))
+        for name, member in bridge_port_members(1, 8).items():
+            if member.flow == In:
+                m.d.comb += getattr(mem, name).eq(getattr(bridge, name))
+            else:
+                m.d.comb += getattr(bridge, name).eq(getattr(mem, name))
         beat = Signal(range(self.clock_hz // 3 + 1))
         blink = Signal()
         with m.If(beat == self.clock_hz // 3):

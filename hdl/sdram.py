@@ -47,7 +47,7 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .axi import ID_BITS, axi4_master_members
+from .axi import ID_BITS, axi4_master_members, bridge_port_members, flip
 
 __all__ = ["SDRAMChip", "CHIPS", "SDRAMController", "Command", "sdram_pin_members"]
 
@@ -111,10 +111,6 @@ def sdram_pin_members(chip):
             "sd_dq_i": In(16)}
 
 
-def _flip(members):
-    return {k: (In(v.shape) if v.flow == Out else Out(v.shape)) for k, v in members.items()}
-
-
 class SDRAMController(wiring.Component):
     """AXI4 slave + host bridge port over one SDR SDRAM chip (see the module docstring).
 
@@ -147,10 +143,9 @@ class SDRAMController(wiring.Component):
         self.bytes = self.chip.bytes
         self.words = self.bytes // (data_bits // 8)
         self.bridge_bits = max(1, (self.words - 1).bit_length())
-        B = data_bits // 8
-        members = _flip(axi4_master_members("s", data_bits))
-        members.update({"b_valid": In(1), "b_write": In(1), "b_addr": In(self.bridge_bits), "b_wen": In(B),
-                        "b_wdata": In(data_bits), "b_done": Out(1), "b_rdata": Out(data_bits), "ready": Out(1)})
+        members = flip(axi4_master_members("s", data_bits))
+        members.update(bridge_port_members(self.bridge_bits, data_bits))
+        members["ready"] = Out(1)
         members.update(sdram_pin_members(self.chip))
         super().__init__(members)
 

@@ -32,10 +32,12 @@ SIM_CLOCK_HZ = 100_000_000
 
 
 class BoardSimulation:
-    """Build (cached) and run the board design with ``memory_bytes`` of block RAM; ``port()``
-    is the host's end of its serial line (a :class:`~.host.SocketPort`)."""
+    """Build (cached) and run the board design with ``memory_bytes`` of block RAM, or with
+    ``sdram`` (a chip name of :data:`fp8npu.hdl.sdram.CHIPS`) its SDRAM controller and the
+    checking chip model (:mod:`.sdram_model`); ``port()`` is the host's end of its serial line
+    (a :class:`~.host.SocketPort`)."""
 
-    def __init__(self, cfg=None, memory_bytes=65536, divisor=8, timeout=2.0, run_dir=None):
+    def __init__(self, cfg=None, memory_bytes=65536, divisor=8, timeout=2.0, run_dir=None, sdram=None):
         from fp8npu.hdl.board import BoardSoC
         self.cfg = cfg or NPUConfig()
         problem = hardware_problem(self.cfg)
@@ -43,15 +45,16 @@ class BoardSimulation:
             raise RTLError(problem)
         self.divisor = divisor
         baud = SIM_CLOCK_HZ // divisor
-        self.model = RTLModel(lambda: BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud),
-                              f"board_{self.cfg.rows}x{self.cfg.cols}",
-                              identity=f"BoardSoC {memory_bytes} {SIM_CLOCK_HZ} {baud} {self.cfg.to_json()}")
+        self.model = RTLModel(lambda: BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram=sdram),
+                              f"board_{self.cfg.rows}x{self.cfg.cols}" + ("_sdram" if sdram else ""),
+                              identity=f"BoardSoC {memory_bytes} {SIM_CLOCK_HZ} {baud} {sdram} {self.cfg.to_json()}")
         self._own_dir = run_dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="fp8npu-board-")) if run_dir is None else Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._sock_dir = Path(tempfile.mkdtemp(prefix="fp8npu-uart-"))
         path = self._sock_dir / "uart.sock"
-        (self.dir / "job.json").write_text(json.dumps({"socket": str(path), "divisor": divisor}))
+        (self.dir / "job.json").write_text(json.dumps({"socket": str(path), "divisor": divisor, "sdram": sdram,
+                                                      "clock_hz": SIM_CLOCK_HZ}))
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(1)

@@ -6,6 +6,8 @@ UART's clocks per bit. Bytes from the socket are sent on ``rx`` as 8N1 frames; f
 design sends on ``tx`` are decoded (sampled in the middle of each bit) and written to the
 socket. The simulation runs until the host closes the socket. Python acts once per bit on
 the line (a timer, not a wait on each clock edge) and once every 64 cycles otherwise, so the NPU runs at Verilator speed between.
+With ``sdram`` in the job, the checking SDRAM chip model (:mod:`.sdram_model`) sits on the
+``sd_*`` pins (it acts on every clock, so such a board simulates several times slower).
 """
 
 import json
@@ -17,6 +19,8 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, Timer
 
+from .sdram_model import SDRAMModel
+
 CLOCK_NS = 10
 
 
@@ -27,6 +31,9 @@ async def serial_bridge(dut):
     divisor = job["divisor"]
     bit_ns = divisor * CLOCK_NS
     Clock(dut.clk, CLOCK_NS, unit="ns").start()
+    if job.get("sdram"):
+        from fp8npu.hdl.sdram import CHIPS
+        cocotb.start_soon(SDRAMModel(dut, CHIPS[job["sdram"]], job["clock_hz"]).run())
     dut.rx.value = 1
     dut.rst.value = 1
     await ClockCycles(dut.clk, 4)

@@ -136,6 +136,30 @@ def test_gemm_on_the_board_equals_the_functional_simulator(board, noise):
         assert port.damaged > 0 and link.retried > 0
 
 
+def test_gemm_on_an_sdram_board():
+    """The board with the SDRAM controller and the checking chip model as the NPU's DRAM (the
+    ULX3S's 32 MB): the last bytes of the chip round trip, and a GEMM run over the serial line
+    equals the functional simulator bit for bit (the chip starts with random contents)."""
+    from fp8npu.hdl.sdram import CHIPS
+    chip = CHIPS["MT48LC16M16A2"]
+    with BoardSimulation(CFG, sdram=chip.name, timeout=5.0) as board:
+        link = SerialTransport(board.port(), quiet=0.05)
+        assert link.memory_bytes == chip.bytes
+        link.write(chip.bytes - 300, bytes(range(256)) + bytes(44))
+        assert link.read(chip.bytes - 300, 300) == bytes(range(256)) + bytes(44)
+        a, b, g, bias = _gemm(6)
+        n = len(g.dram)
+        driver = Driver(link, CFG)
+        driver.write(0, bytes(g.dram))
+        result = driver.launch(g.prog_addr, g.prog_len, 0, n)
+        got = driver.read(0, n)
+    fs = funcsim.run(None, bytes(g.dram), CFG, g.prog_addr, 0, n, prog_len=g.prog_len)
+    print(f"GEMM over the SDRAM board: {n} DRAM bytes compared with the functional simulator")
+    assert result.error == ErrorCode.NONE and result.ok
+    assert got == fs.dram[:n]
+    assert result.registers[Register.MAC_BUSY] == fs.mac_ops
+
+
 def test_compiled_model_runs_over_the_serial_backend(board):
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.GELU()).eval()
