@@ -553,3 +553,94 @@ def run_pe_bench(echo=print, fmax=True):
     echo("  (the PE: its weight and activation registers and the column-sum register; the FP32 "
          "accumulation of the rounded block sums also comes once per column)")
     return 0
+
+
+def measure_link(sdram=None, kbytes=16, divisor=10):
+    """Throughput of the host link on the simulated board (the board design under Verilator
+    behind a simulated serial line): ``kbytes`` KB written, then read back, through the host
+    driver's framed protocol. Returns, per direction, payload bytes per byte time of the line
+    (10 bits), measured on the simulated clock: at B baud the link moves that x B / 10 bytes/s."""
+    from fp8npu.sim.board_sim import BoardSimulation
+    from fp8npu.sim.host import SerialTransport
+    cfg = NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, queue_depth=2, accumulation="block", acc_block=4,
+                    formats=("e4m3",), vector_lanes=1, store_lanes=1)
+    n = kbytes * 1024
+    data = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    with BoardSimulation(cfg, memory_bytes=65536, divisor=divisor, sdram=sdram, timeout=5.0) as board:
+        link = SerialTransport(board.port(), quiet=0.05)
+        link.write(0, data)
+        time.sleep(1.0)                     # a quiet gap on the line between the two phases
+        back = link.read(0, n)
+    if back != data:
+        raise RuntimeError("the board link returned other bytes than were written")
+    line = board.line
+    events = sorted([(t, "to") for t in line["to_board_ns"]] + [(t, "from") for t in line["from_board_ns"]])
+    times = [t for t, _ in events]
+    gap = max(range(1, len(times)), key=lambda i: times[i] - times[i - 1])
+    byte_ns = 10 * line["bit_ns"]
+    result = {}
+    for name, part in (("write", events[:gap]), ("read", events[gap:])):
+        span = part[-1][0] - part[0][0] + byte_ns
+        result[name] = n / (span / byte_ns)
+    return result
+
+
+def run_board_bench(boards=None, build=True, out_dir="build", as_json=False, echo=print):
+    """``fp8npu bench board``: the host link's measured throughput on the simulated board, and
+    every board's default build (the build report of each: MACs, clock, Fmax, utilization,
+    GOPS, the estimate against what nextpnr placed). Builds are cached in ``out_dir``."""
+    from fp8npu.fpga import boards as fb
+    names = boards or list(fb.BOARDS)
+    rows, link = [], {}
+    for memory in ("block RAM", "SDRAM"):
+        echo(f"  ... measuring the serial link on the simulated board ({memory})", file=sys.stderr)
+        link[memory] = measure_link(sdram="MT48LC16M16A2" if memory == "SDRAM" else None)
+    for name in names:
+        board = fb.get_board(name)
+        problem = fb.fit_problem(board.config, board)
+        row = {"board": name, "device": board.device, "array": f"{board.config.rows}x{board.config.cols}",
+               "macs": board.config.rows * board.config.cols, "clock_mhz": fb.board_clock_hz(board) / 1e6,
+               "baud": board.baud, "memory": f"{board.sdram} SDRAM" if board.sdram else "block RAM"}
+        eff = link["SDRAM" if board.sdram else "block RAM"]
+        row["link_write_kbs"] = round(eff["write"] * board.baud / 10 / 1024, 1)
+        row["link_read_kbs"] = round(eff["read"] * board.baud / 10 / 1024, 1)
+        if problem:
+            row["refused"] = problem
+        elif build:
+            def stage(text, name=name):
+                echo(f"  ... {name}: {text}", file=sys.stderr)
+            try:
+                report = fb.build(board, out_dir=out_dir, allow_timing_fail=True, progress=stage)
+            except fb.BoardError as exc:
+                row["failed"] = str(exc)
+            else:
+                cell = "TRELLIS_COMB" if board.family == "ecp5" else "ICESTORM_LC"
+                used, avail = report.utilization.get(cell, [0, 1])
+                row.update({"fmax_mhz": report.fmax_mhz, "timing_met": report.timing_met, "luts": used,
+                            "device_luts": avail, "estimate_luts": report.estimate_luts,
+                            "brams": report.utilization.get("DP16KD", report.utilization.get("ICESTORM_RAM", [0]))[0],
+                            "dsps": report.utilization.get("MULT18X18D", report.utilization.get("ICESTORM_DSP", [0]))[0],
+                            "gops": round(report.gops, 3), "build_seconds": report.seconds})
+        rows.append(row)
+    if as_json:
+        echo(json.dumps({"link_bytes_per_byte_time": link, "boards": rows}, indent=1))
+        return 0
+    echo("Host link (simulated board, framed protocol with CRC, 256-byte frames): payload bytes per byte time")
+    for memory, eff in link.items():
+        echo(f"  {memory:<10} write {eff['write']:.3f}, read {eff['read']:.3f}  "
+             f"(at 3 Mbaud: {eff['write'] * 3e5 / 1024:.0f} KB/s write, {eff['read'] * 3e5 / 1024:.0f} KB/s read)")
+    echo("")
+    echo(f"  {'board':<15} {'array':>5} {'MACs':>4} {'clock':>6} {'Fmax':>6} {'LUT4 used':>16} {'est.':>6} {'BRAM':>4} "
+         f"{'DSP':>4} {'GOPS':>6} {'link KB/s w/r':>14} {'build':>6}")
+    for r in rows:
+        link_text = f"{r['link_write_kbs']:.0f}/{r['link_read_kbs']:.0f}"
+        if "luts" in r:
+            echo(f"  {r['board']:<15} {r['array']:>5} {r['macs']:>4} {r['clock_mhz']:>4g}MHz {r['fmax_mhz']:>6.1f} "
+                 f"{r['luts']:>7,}/{r['device_luts']:>7,} {r['estimate_luts'] / 1000:>5.1f}k {r['brams']:>4} "
+                 f"{r['dsps']:>4} {r['gops']:>6.3f} {link_text:>14} {r['build_seconds']:>5.0f}s"
+                 + ("" if r["timing_met"] else "  TIMING NOT MET"))
+        else:
+            why = r.get("refused") or r.get("failed") or "not built (--no-build)"
+            echo(f"  {r['board']:<15} {r['array']:>5} {r['macs']:>4} {r['clock_mhz']:>4g}MHz  {why}")
+    echo("  (GOPS = 2 x MACs x board clock; link: the measured protocol efficiency at the board's baud rate)")
+    return 0

@@ -165,6 +165,12 @@ def cmd_bench(args):
     if args.target == "pe":
         from fp8npu.compiler.bench import run_pe_bench
         return run_pe_bench()
+    if args.target == "board":
+        from fp8npu.compiler.bench import run_board_bench
+        names = args.boards.split(",") if args.boards else None
+        for name in names or ():
+            _board(name)
+        return run_board_bench(names, build=not args.no_build, out_dir=args.out_dir, as_json=args.json)
     if args.target == "npu":
         from fp8npu.compiler.bench import run_npu_synth
         from fp8npu.hdl.config import NPUConfig
@@ -571,8 +577,10 @@ def build_parser():
                                        "NPU share, MAC utilization, accuracy) and the scaling modes' accuracy. "
                                        "'accumulation': accuracy of sequential FP32, exact block and "
                                        "H800-style accumulation on K = 4096 dot products. 'pe': size and Fmax "
-                                       "of the block-accumulation processing element on ECP5.")
-    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model", "accumulation", "pe"],
+                                       "of the block-accumulation processing element on ECP5. 'board': the "
+                                       "serial link's throughput on the simulated board and every board's "
+                                       "default build (cached in build/; tens of minutes the first time).")
+    bench.add_argument("target", choices=["mac", "npu", "funcsim", "model", "accumulation", "pe", "board"],
                        help="what to measure")
     bench.add_argument("--size", type=_ranged(1, 4096), default=1024, metavar="N",
                        help="funcsim: GEMM size M=K=N (default 1024)")
@@ -588,7 +596,10 @@ def build_parser():
                             f"({', '.join(DEVICES)}) and print Fmax, GOPS and the critical path (slow)")
     bench.add_argument("--breakdown", action="store_true",
                        help="npu --synth: also show where the LUTs go (PEs, array, vector unit, queues, control)")
-    bench.add_argument("--json", action="store_true", help="npu --synth: print the figures as JSON")
+    bench.add_argument("--json", action="store_true", help="npu --synth, board: print the figures as JSON")
+    bench.add_argument("--boards", metavar="NAME,...", help="board: the boards to build (default: all)")
+    bench.add_argument("--no-build", action="store_true", help="board: measure the link only, build nothing")
+    bench.add_argument("-o", "--out-dir", default="build", metavar="DIR", help="board: build folder (default: build)")
     bench.add_argument("--no-synth", action="store_true", help="skip synthesis")
     bench.add_argument("--no-sim", action="store_true", help="skip RTL simulation")
     bench.add_argument("--fmax", action="store_true", help="also place and route the MAC with nextpnr-ecp5 "
@@ -670,8 +681,9 @@ def build_parser():
                       help="func (default), rtl, serial or reference")
     runp.add_argument("--fast", action="store_true", help="rtl: simulation DRAM inside the design")
     runp.add_argument("--port", metavar="PORT", help="serial: the board's serial port (/dev/ttyUSB0, COM3, ...)")
-    runp.add_argument("--baud", type=int, default=1_000_000, metavar="N",
-                      help="serial: baud rate the bitstream was built for (default 1000000)")
+    runp.add_argument("--board", metavar="NAME", help="serial: the board (its baud rate; fp8npu boards lists them)")
+    runp.add_argument("--baud", type=int, metavar="N",
+                      help="serial: baud rate the bitstream was built for (default: the board's, else 3000000)")
     runp.add_argument("-o", "--output", metavar="OUT.pt|OUT.npy", help="write the outputs")
     runp.add_argument("--json", action="store_true", help="print the launches as JSON")
     runp.set_defaults(func=cmd_run)
@@ -716,25 +728,29 @@ def build_parser():
 def cmd_boards(args):
     import json
 
-    from fp8npu.fpga.boards import BOARDS, CAPACITY, estimate, fit_problem
+    from fp8npu.fpga.boards import BOARDS, CAPACITY, board_clock_hz, estimate, fit_problem
     rows = []
     for b in BOARDS.values():
         est = estimate(b.config, b)
         cap = CAPACITY[b.device]
         fits = fit_problem(b.config, b, margin=0.8) is None
         rows.append({"board": b.name, "title": b.title, "device": b.device, "array": f"{b.config.rows}x{b.config.cols}",
-                     "accumulation": b.config.accumulation, "memory_bytes": b.memory_bytes, "baud": b.baud,
+                     "accumulation": b.config.accumulation, "memory_bytes": b.memory_bytes,
+                     "memory": f"SDRAM {b.sdram}" if b.sdram else "block RAM", "clock_mhz": board_clock_hz(b) / 1e6,
+                     "baud": b.baud,
                      "estimate_luts": est.luts, "device_luts": cap["luts"], "fits": fits,
                      "programmer": b.programmer[0], "notes": b.notes, "config": b.config.to_dict()})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"  {'board':<15} {'device':<10} {'array':>5} {'memory':>7} {'baud':>9} {'LUT4 est.':>16}  {'fits':<4} "
-          f"{'programmer':<14} notes")
+    print(f"  {'board':<15} {'device':<10} {'array':>5} {'clock':>6} {'memory':>15} {'baud':>9} {'LUT4 est.':>12}  "
+          f"{'fits':<4} {'programmer':<14} notes")
     for r in rows:
         share = f"{r['estimate_luts'] / 1000:.1f}k/{r['device_luts'] / 1000:.0f}k"
-        print(f"  {r['board']:<15} {r['device']:<10} {r['array']:>5} {r['memory_bytes'] // 1024:>5}KB "
-              f"{r['baud']:>9,} {share:>16}  {'yes' if r['fits'] else 'NO':<4} {r['programmer']:<14} {r['notes']}")
+        size = r["memory_bytes"]
+        memory = f"{size >> 20} MB SDRAM" if r["memory"] != "block RAM" else f"{size >> 10} KB BRAM"
+        print(f"  {r['board']:<15} {r['device']:<10} {r['array']:>5} {r['clock_mhz']:>4g}MHz {memory:>15} "
+              f"{r['baud']:>9,} {share:>12}  {'yes' if r['fits'] else 'NO':<4} {r['programmer']:<14} {r['notes']}")
     print("  (fits: the estimate within 80 % of the device; fp8npu build --board NAME builds one)")
     return 0
 
@@ -921,9 +937,10 @@ def cmd_run(args):
     if args.backend == "serial":
         if not args.port:
             raise UsageError("--backend serial needs --port (the board's serial port, for example /dev/ttyUSB0)")
-        options = {"port": args.port, "baud": args.baud}
-    elif args.port:
-        raise UsageError("--port applies to --backend serial only")
+        baud = args.baud or (_board(args.board).baud if args.board else 3_000_000)
+        options = {"port": args.port, "baud": baud}
+    elif args.port or args.board or args.baud:
+        raise UsageError("--port, --board and --baud apply to --backend serial only")
     results = []
     try:
         session = Session(model, args.backend, progress=_progress(args.backend), **options)

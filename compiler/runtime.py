@@ -298,7 +298,7 @@ class Session:
             self.driver.transport.close()
 
 
-def _serial_transport(model, progress=None, port=None, baud=1_000_000, **options):
+def _serial_transport(model, progress=None, port=None, baud=3_000_000, **options):
     """A :class:`~fp8npu.sim.host.SerialTransport` on ``port`` (a name, opened with pyserial at
     ``baud``, or an open port object), with the model's DRAM image written to the board."""
     from fp8npu.sim.host import HostError, SerialTransport

@@ -14,6 +14,7 @@ RAM that plays the DRAM, the serial baud rate, and how to program the board.
   or one on PATH) or the board's own programmer.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -73,6 +74,8 @@ class Board:
     bitstream_suffix: str    # ".bit" (ECP5) or ".bin" (iCE40)
     uart_pins: tuple = ()    # (rx, tx) on a connector, for boards without a USB-serial chip
     notes: str = ""
+    clock_hz: int = 0        # the design's clock, made by a PLL from the oscillator (0: the oscillator)
+    sdram: str = ""          # an SDRAM chip of fp8npu.hdl.sdram.CHIPS as the NPU's DRAM ("" : block RAM)
 
     @property
     def family(self):
@@ -85,19 +88,25 @@ class Board:
 
 
 _ULX3S_PROGRAM = ("openFPGALoader", "--board", "ulx3s", "{bitstream}")
+# The ULX3S: 32 MB SDRAM as the NPU's DRAM; 30 MHz from the 25 MHz oscillator through the PLL,
+# 3 Mbaud (10 clocks per bit) on the FT231X, the fastest it runs.
+_ULX3S = dict(clock_hz=30_000_000, sdram="MT48LC16M16A2")
+_SDRAM_BYTES = 32 << 20
 BOARDS = {b.name: b for b in (
     Board("ulx3s-85f", "Radiona ULX3S, LFE5U-85F", "ulx3s:ULX3S_85F_Platform", "LFE5U-85F", _small(4, 4),
-          131072, 1_000_000, _ULX3S_PROGRAM, ".bit"),
+          _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-45f", "Radiona ULX3S, LFE5U-45F", "ulx3s:ULX3S_45F_Platform", "LFE5U-45F", _small(2, 2),
-          65536, 1_000_000, _ULX3S_PROGRAM, ".bit"),
+          _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-25f", "Radiona ULX3S, LFE5U-25F", "ulx3s:ULX3S_25F_Platform", "LFE5U-25F", _small(2, 2),
-          32768, 1_000_000, _ULX3S_PROGRAM, ".bit"),
+          _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _small(1, 1),
-          16384, 1_000_000, _ULX3S_PROGRAM, ".bit",
+          _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
           notes="no NPU fits yet: the smallest needs about 14k LUT4"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
           _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
-          uart_pins=("0", "1"), notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter"),
+          uart_pins=("0", "1"), clock_hz=30_000_000,
+          notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
+                "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
           _small(1, 1), 16384, 1_000_000, ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest needs about 14k LUT4, the iCE40UP5K has 5,280 cells"),
@@ -122,6 +131,7 @@ COSTS = {
     "control": 5100,                 # fetch, checks, dispatch, DMA, tokens, register block, queues
     "control_column": 520,           # ... and what grows with the line width
     "board": 900,                    # host bridge, UARTs, board memory's AXI4 side
+    "sdram": 700,                    # the SDRAM controller (instead of the block RAM's AXI4 side)
     "column": 1790,                  # block mode: decoders, column sum, BlockRound, FP32 adder
     "pe": {"dsp": 80, "lut": 215},   # a block-mode processing element
     "pe_sequential": 1900,           # a sequential-mode MAC with its FP32 adder
@@ -183,7 +193,11 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
         brams += _bram_count(45 * cfg.cols, cfg.acc_lines, family)
     if board is not None:
         parts["board"] = c["board"]
-        brams += _bram_count(8 * cfg.bus_bytes, (memory_bytes or board.memory_bytes) // cfg.bus_bytes, family)
+        if board.sdram:
+            parts["board"] += c["sdram"]
+            brams += 1                                  # the read FIFO
+        else:
+            brams += _bram_count(8 * cfg.bus_bytes, (memory_bytes or board.memory_bytes) // cfg.bus_bytes, family)
     luts = sum(parts.values())
     if family == "ice40":
         luts = int(luts * 1.15)
@@ -320,18 +334,93 @@ class BuildReport:
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def ecp5_pll(f_in_hz, f_out_hz):
+    """EHXPLLL parameters for ``f_in_hz`` -> ``f_out_hz`` from Project Trellis' ecppll (the
+    YoWASP build): ``{"CLKI_DIV", "CLKFB_DIV", "CLKOP_DIV", "CLKOP_CPHASE", "CLKOP_FPHASE"}``.
+    An output it cannot make within 0.1 % is a BoardError."""
+    return dict(_ecppll(int(f_in_hz), int(f_out_hz)))
+
+
+@functools.cache
+def _ecppll(f_in_hz, f_out_hz):
+    import re
+    import tempfile
+    tool = shutil.which("yowasp-ecppll") or str(Path(sys.executable).parent / "yowasp-ecppll")
+    with tempfile.TemporaryDirectory(prefix="fp8npu-pll-") as tmp:
+        out = Path(tmp) / "pll.v"
+        try:
+            # (a YoWASP tool sees the folder it runs in, not absolute paths)
+            run = subprocess.run([tool, "-i", f"{f_in_hz / 1e6:g}", "-o", f"{f_out_hz / 1e6:g}", "-f", "pll.v"],
+                                 capture_output=True, text=True, timeout=120, cwd=tmp)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BoardError(f"the ECP5 PLL needs yowasp-ecppll (pip install 'fp8npu[fpga]'): {exc}") from None
+        text = out.read_text() if out.exists() else ""
+    params = {k: int(v) for k, v in re.findall(r"\.(CLKI_DIV|CLKFB_DIV|CLKOP_DIV|CLKOP_CPHASE|CLKOP_FPHASE)\((\d+)\)",
+                                              text)}
+    if run.returncode or len(params) != 5:
+        raise BoardError(f"ecppll could not make {f_out_hz / 1e6:g} MHz from {f_in_hz / 1e6:g} MHz: "
+                         f"{(run.stderr or run.stdout).strip()[-200:]}")
+    made = f_in_hz / params["CLKI_DIV"] * params["CLKFB_DIV"]
+    if abs(made - f_out_hz) > 1e-3 * f_out_hz:
+        raise BoardError(f"the ECP5 PLL makes {made / 1e6:.3f} MHz from {f_in_hz / 1e6:g} MHz, not "
+                         f"{f_out_hz / 1e6:g} MHz: choose another clock")
+    return tuple(params.items())
+
+
+def board_clock_hz(board, platform=None):
+    """The clock the design runs on: the board's PLL output, or its oscillator."""
+    if board.clock_hz:
+        return board.clock_hz
+    platform = platform or board.platform_class()()
+    return int(platform.default_clk_frequency)
+
+
 def board_top(board, cfg, memory_bytes, baud):
-    """The board design on ``board``'s pins: an Elaboratable for amaranth-boards' platform."""
+    """The board design on ``board``'s pins: an Elaboratable for amaranth-boards' platform.
+
+    With ``board.clock_hz`` the ``sync`` domain comes from the ECP5 PLL (held in reset until
+    it locks); with ``board.sdram`` the SDRAM controller drives the chip's pins, the chip's
+    clock being the design's clock inverted (see :mod:`fp8npu.hdl.sdram`)."""
     from amaranth.build import ResourceError
-    from amaranth.hdl import Elaboratable, Module
+    from amaranth.hdl import ClockDomain, Elaboratable, Instance, Module, Signal
     from amaranth.lib import io
+    from amaranth.lib.cdc import ResetSynchronizer
     from fp8npu.hdl.board import BoardSoC
 
     class Top(Elaboratable):
         def elaborate(self, platform):
             m = Module()
-            clock_hz = int(platform.default_clk_frequency)
-            m.submodules.soc = soc = BoardSoC(cfg, memory_bytes, clock_hz, baud)
+            clock_hz = board_clock_hz(board, platform)
+            if board.clock_hz:
+                m.domains.sync = sync = ClockDomain("sync")
+                osc = platform.request(platform.default_clk, dir="-")
+                m.submodules.osc = osc_buf = io.Buffer("i", osc)
+                pll = ecp5_pll(platform.default_clk_frequency, clock_hz)
+                locked = Signal()
+                m.submodules.pll = Instance(
+                    "EHXPLLL", a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+                    a_MFG_GMCREF_SEL="2", p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED",
+                    p_STDBY_ENABLE="DISABLED", p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA",
+                    p_OUTDIVIDER_MUXB="DIVB", p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
+                    p_CLKOP_ENABLE="ENABLED", p_FEEDBK_PATH="CLKOP", **{f"p_{k}": v for k, v in pll.items()},
+                    i_RST=0, i_STDBY=0, i_CLKI=osc_buf.i, o_CLKOP=sync.clk, i_CLKFB=sync.clk, i_PHASESEL0=0,
+                    i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
+                    o_LOCK=locked)
+                m.submodules.reset_sync = ResetSynchronizer(~locked, domain="sync")
+                # (nextpnr derives the PLL output's frequency constraint from the oscillator's)
+            m.submodules.soc = soc = BoardSoC(cfg, memory_bytes, clock_hz, baud, sdram=board.sdram or None)
+            if board.sdram:
+                sd = platform.request("sdram", 0, dir="-")
+                m.submodules.sd_clk = clk = io.DDRBuffer("o", sd.clk)
+                m.d.comb += [clk.o[0].eq(0), clk.o[1].eq(1)]       # low, then high: the clock inverted
+                for name, pin, value in (("cke", sd.clk_en, soc.sd_cke), ("cs", sd.cs, ~soc.sd_cs_n),
+                                         ("we", sd.we, ~soc.sd_we_n), ("ras", sd.ras, ~soc.sd_ras_n),
+                                         ("cas", sd.cas, ~soc.sd_cas_n), ("ba", sd.ba, soc.sd_ba),
+                                         ("a", sd.a, soc.sd_a), ("dqm", sd.dqm, soc.sd_dqm)):
+                    m.submodules[f"sd_{name}"] = buf = io.Buffer("o", pin)
+                    m.d.comb += buf.o.eq(value)
+                m.submodules.sd_dq = dq = io.Buffer("io", sd.dq)
+                m.d.comb += [dq.o.eq(soc.sd_dq_o), dq.oe.eq(soc.sd_dq_oe), soc.sd_dq_i.eq(dq.i)]
             uart = platform.request("uart", 0, dir="-")
             m.submodules.uart_rx = rx = io.Buffer("i", uart.rx)
             m.submodules.uart_tx = tx = io.Buffer("o", uart.tx)
@@ -441,7 +530,7 @@ def build(board, cfg=None, out_dir="build", memory_bytes=None, baud=None, allow_
     from .synth import _pnr_result
     log = (folder / "fp8npu.tim").read_text() if (folder / "fp8npu.tim").exists() else ""
     pnr = _pnr_result(board.device, json.loads((folder / "report.json").read_text()), log, 0.0)
-    clock_mhz = platform.default_clk_frequency / 1e6
+    clock_mhz = board_clock_hz(board, platform) / 1e6
     report = BuildReport(board.name, board.device, cfg.to_dict(), memory_bytes, baud, clock_mhz, round(pnr.fmax, 2),
                          pnr.fmax >= clock_mhz, {k: list(v) for k, v in pnr.utilization.items()},
                          estimate(cfg, board, memory_bytes).luts, versions, round(time.perf_counter() - t0, 1),

@@ -53,8 +53,10 @@ class BoardSimulation:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._sock_dir = Path(tempfile.mkdtemp(prefix="fp8npu-uart-"))
         path = self._sock_dir / "uart.sock"
+        self.line = None
         (self.dir / "job.json").write_text(json.dumps({"socket": str(path), "divisor": divisor, "sdram": sdram,
-                                                      "clock_hz": SIM_CLOCK_HZ}))
+                                                      "clock_hz": SIM_CLOCK_HZ,
+                                                      "line_log": str(self.dir / "line.json")}))
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(1)
@@ -83,6 +85,11 @@ class BoardSimulation:
             self.close()
             raise
 
+    line = None
+    """After :meth:`close`: the simulated time of every byte on the line, ``{"to_board_ns":
+    [...], "from_board_ns": [...], "bit_ns": ...}`` (start of each byte sent to the board, end of
+    each byte it sent)."""
+
     def port(self):
         """The host's end of the serial line."""
         return SocketPort(self._conn, timeout=self.timeout, name="the simulated board's serial line")
@@ -98,6 +105,10 @@ class BoardSimulation:
         self._thread.join(timeout=30)
         for proc in list(self._processes):
             kill_group(proc)
+        try:
+            self.line = json.loads((self.dir / "line.json").read_text())
+        except (OSError, ValueError):
+            self.line = None
         self._listener.close()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
         if self._own_dir and self._failure is None:

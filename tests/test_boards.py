@@ -80,6 +80,7 @@ def test_flash_dry_run_and_missing_board(tmp_path, capsys, monkeypatch):
     assert "takes a .bin bitstream" in capsys.readouterr().err
 
 
+@pytest.mark.slow          # about 6 minutes: .ci/run builds it as a step of its own
 def test_smallest_board_bitstream_end_to_end(tmp_path):
     """The ULX3S-25F's default build: synthesis, place and route, packing; timing met at the
     board clock; the estimate within 25 % of what nextpnr placed; a second build is cached."""
