@@ -158,7 +158,7 @@ class BlockArray(wiring.Component):
     out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * (pw + 2))
     """
 
-    def __init__(self, rows, cols, acc_block=128, round_stages=3, add_stages=5, product="dsp"):
+    def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp"):
         if add_stages not in (1, 2, 3, 4, 5):
             raise ValueError(f"add_stages must be 1 to 5, not {add_stages!r}")
         self.rows, self.cols = rows, cols

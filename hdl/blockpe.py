@@ -176,16 +176,16 @@ class BlockRound(wiring.Component):
     exact zero is -0 only with ``neg_zero``; NaN is the canonical 0x7FC00000. The sum is never
     subnormal: it is 0 or at least 2^-18.
 
-    ``stages`` (0..3) pipeline registers: after the magnitude and its leading-zero count (1),
-    after the normalising shift (2), and after the two's complement magnitude (3). Latency
-    ``stages`` cycles, throughput one sum per cycle.
+    ``stages`` (0..4) pipeline registers: after the magnitude and its leading-zero count (1),
+    after the normalising shift (2), after the two's complement magnitude (3), and on the
+    result (4). Latency ``stages`` cycles, throughput one sum per cycle.
     """
 
     def __init__(self, width, stages=0):
         if width < 26:
             raise ValueError(f"width must be at least 26 bits, not {width}")
-        if stages not in (0, 1, 2, 3):
-            raise ValueError(f"stages must be 0, 1, 2 or 3, not {stages!r}")
+        if stages not in (0, 1, 2, 3, 4):
+            raise ValueError(f"stages must be 0 to 4, not {stages!r}")
         self.width, self.stages = width, stages
         super().__init__({"total": In(signed(width)), "nan": In(1), "neg_zero": In(1), "result": Out(32)})
 
@@ -217,10 +217,12 @@ class BlockRound(wiring.Component):
         exponent = Signal(10)
         m.d.comb += exponent.eq(w - 1 - lz - 18 + 127 + over)
         frac = Mux(over, rounded[1:24], rounded[0:23])
+        result = Signal(32, name="round_result")
         with m.If(nan):
-            m.d.comb += self.result.eq(0x7FC00000)
+            m.d.comb += result.eq(0x7FC00000)
         with m.Elif(norm[w - 1] == 0):                 # zero (a normalised non-zero has its top bit set)
-            m.d.comb += self.result.eq(neg_zero << 31)
+            m.d.comb += result.eq(neg_zero << 31)
         with m.Else():
-            m.d.comb += self.result.eq(frac | (exponent[0:8] << 23) | (negative << 31))
+            m.d.comb += result.eq(frac | (exponent[0:8] << 23) | (negative << 31))
+        m.d.comb += self.result.eq(pipe(m, result, self.stages >= 4, "round_result_r"))
         return m

@@ -322,6 +322,8 @@ class HostBridge(wiring.Component):
         info = Cat(Const(self.memory_bytes, 32), Const(self.clock_hz, 32), Const(MAX_PAYLOAD, 16), Const(B, 8),
                    Const(PROTOCOL_VERSION, 8))
         byte_addr = Signal(32)              # memory byte of the current payload byte
+        gather = Signal(8 * B)              # WRITE_MEM: the bus word being put together
+        gather_en = Signal(B)               # ... and its byte enables
         m.d.comb += [self.b_addr.eq((byte_addr >> lane_bits)[:self.word_bits])]
         lane = byte_addr[:lane_bits] if lane_bits else Const(0, 1)
 
@@ -428,19 +430,32 @@ class HostBridge(wiring.Component):
                 with m.Else():
                     m.d.sync += status.eq(Status.BAD_OP)
                     m.next = "REPLY"
-            # ---- WRITE_MEM: staging byte i -> memory, one byte per granted cycle ----
+            # ---- WRITE_MEM: staging bytes gathered into bus words, one memory write per word ----
             with m.State("WRITE_MEM"):
                 m.d.comb += st_r.addr.eq(count[:8])
+                m.d.sync += [gather.eq(0), gather_en.eq(0)]
                 m.next = "WRITE_BYTE"
-            with m.State("WRITE_BYTE"):
+            with m.State("WRITE_BYTE"):           # st_r.data: staging byte `count`
+                m.d.comb += st_r.addr.eq(count[:8])
+                merged = Signal(8 * B)
+                m.d.comb += merged.eq(gather)
+                m.d.comb += merged.word_select(lane, 8).eq(st_r.data)
                 with m.If(count == length):
                     m.next = "REPLY"
+                with m.Elif((lane == B - 1) | (count + 1 == length)):   # the word's last byte
+                    m.d.sync += [gather.eq(merged), gather_en.eq(gather_en | (1 << lane))]
+                    m.next = "WRITE_WORD"
                 with m.Else():
-                    m.d.comb += [self.b_valid.eq(1), self.b_write.eq(1), self.b_wdata.eq(Cat(*([st_r.data] * B))),
-                                 self.b_wen.eq(1 << lane), st_r.addr.eq(count[:8])]
-                    with m.If(self.b_done):
-                        m.d.sync += [count.eq(count + 1), byte_addr.eq(byte_addr + 1)]
-                        m.d.comb += st_r.addr.eq(count[:8] + 1)
+                    m.d.sync += [gather.eq(merged), gather_en.eq(gather_en | (1 << lane)), count.eq(count + 1),
+                                 byte_addr.eq(byte_addr + 1)]
+                    m.d.comb += st_r.addr.eq(count[:8] + 1)
+            with m.State("WRITE_WORD"):
+                m.d.comb += [self.b_valid.eq(1), self.b_write.eq(1), self.b_wdata.eq(gather), self.b_wen.eq(gather_en),
+                             st_r.addr.eq(count[:8])]
+                with m.If(self.b_done):
+                    m.d.sync += [count.eq(count + 1), byte_addr.eq(byte_addr + 1), gather.eq(0), gather_en.eq(0)]
+                    m.d.comb += st_r.addr.eq(count[:8] + 1)
+                    m.next = "WRITE_BYTE"
             # ---- registers over AXI4-Lite ----
             with m.State("REG_WRITE"):
                 m.d.comb += [a("awaddr").eq(addr[:8]), a("awvalid").eq(1), a("wdata").eq(word), a("wstrb").eq(0xF),

@@ -103,7 +103,7 @@ STORE_CONVERT = 8
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
-BLOCK_FILL = 12
+BLOCK_FILL = 13
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles: scale and bias reads, the
