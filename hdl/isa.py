@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "Token", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
+    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
     "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
@@ -51,22 +51,45 @@ class Unit(enum.IntEnum):
     STORE = 2
 
 
-class Token(enum.IntEnum):
-    """The four token counters, named producer -> consumer."""
+#: The units in chain order. Tokens pass between neighbours only: each adjacent pair (a, b)
+#: has a counter a -> b and one b -> a. A unit joins the NPU by taking its place here (and in
+#: :data:`OPCODE_UNIT`); the token counters, the flag table and the hardware's dispatcher,
+#: queues and token wiring follow from this table.
+UNIT_CHAIN = (Unit.LOAD, Unit.COMPUTE, Unit.STORE)
 
-    LOAD_TO_COMPUTE = 0
-    COMPUTE_TO_LOAD = 1
-    COMPUTE_TO_STORE = 2
-    STORE_TO_COMPUTE = 3
+
+def _token_edges(chain):
+    """``(name, producer, consumer)`` of every token counter: per adjacent pair, forward then back."""
+    edges = []
+    for a, b in zip(chain, chain[1:]):
+        edges += [(f"{a.name}_TO_{b.name}", a, b), (f"{b.name}_TO_{a.name}", b, a)]
+    return tuple(edges)
+
+
+#: The token counters, named producer -> consumer, numbered in :data:`UNIT_CHAIN` order
+#: (LOAD_TO_COMPUTE 0, COMPUTE_TO_LOAD 1, COMPUTE_TO_STORE 2, STORE_TO_COMPUTE 3).
+Token = enum.IntEnum("Token", [(name, i) for i, (name, _, _) in enumerate(_token_edges(UNIT_CHAIN))],
+                     module=__name__)
+Token.__doc__ = "The token counters, named producer -> consumer."
+
+#: ``{Token: (producer, consumer)}``.
+TOKEN_EDGES = {Token[name]: (a, b) for name, a, b in _token_edges(UNIT_CHAIN)}
+
+
+def _token_of_flag(chain):
+    def edge(a, b):
+        return None if a is None or b is None else Token[f"{a.name}_TO_{b.name}"]
+    table = {}
+    for i, u in enumerate(chain):
+        prev = chain[i - 1] if i > 0 else None
+        nxt = chain[i + 1] if i + 1 < len(chain) else None
+        table[u] = (edge(prev, u), edge(nxt, u), edge(u, prev), edge(u, nxt))
+    return table
 
 
 #: The counter each token flag of each unit uses: (pop_prev, pop_next, push_prev, push_next).
 #: None where the unit has no such neighbour (:func:`validate` refuses those flags).
-TOKEN_OF_FLAG = {
-    Unit.LOAD: (None, Token.COMPUTE_TO_LOAD, None, Token.LOAD_TO_COMPUTE),
-    Unit.COMPUTE: (Token.LOAD_TO_COMPUTE, Token.STORE_TO_COMPUTE, Token.COMPUTE_TO_LOAD, Token.COMPUTE_TO_STORE),
-    Unit.STORE: (Token.COMPUTE_TO_STORE, None, Token.STORE_TO_COMPUTE, None),
-}
+TOKEN_OF_FLAG = _token_of_flag(UNIT_CHAIN)
 
 #: Largest program-order balance of a token counter: over any first part of a program, the
 #: commands' pushes to one counter minus their pops from it. A command that would take a balance
@@ -265,7 +288,8 @@ class Command:
     @property
     def unit(self):
         if self.opcode == Opcode.SYNC:
-            return Unit(self.fields.get("unit", 0)) if self.fields.get("unit", 0) < 3 else None
+            u = self.fields.get("unit", 0)
+            return Unit(u) if u in UNIT_CHAIN else None
         return OPCODE_UNIT.get(self.opcode)
 
 
@@ -369,10 +393,11 @@ def validate(cmd, cfg, win_base, win_limit):
         return ErrorCode.NONE
     if unit is None:
         return ErrorCode.BAD_FIELD
-    if unit == Unit.LOAD and (cmd.pop_prev or cmd.push_prev):
-        return ErrorCode.BAD_FIELD
-    if unit == Unit.STORE and (cmd.pop_next or cmd.push_next):
-        return ErrorCode.BAD_FIELD
+    pop_prev, pop_next, push_prev, push_next = TOKEN_OF_FLAG[unit]
+    if (pop_prev is None and cmd.pop_prev) or (push_prev is None and cmd.push_prev):
+        return ErrorCode.BAD_FIELD       # the first unit of the chain has no previous unit
+    if (pop_next is None and cmd.pop_next) or (push_next is None and cmd.push_next):
+        return ErrorCode.BAD_FIELD       # the last has no next one
     if op == Opcode.LOAD and f["dst"] == 1 and f["row_bytes"] % 4:
         return ErrorCode.BAD_FIELD
     if op == Opcode.STORE and (f["fmt"] > 2 or not 1 <= f["cols"] <= cfg.cols):

@@ -27,19 +27,21 @@ Block diagram::
   same order), then queues it for its unit, or stops with the error code and the command's
   address. ``END`` waits for every unit to go idle. If the dispatcher is blocked and no unit
   can make progress (every unit idle or waiting for a token), it stops with ``DEADLOCK``.
-* **Load unit** copies strided DRAM rows into scratchpad or accumulator lines (AXI ID 1,
-  several bursts in flight), zero-padding the last line of each row.
-* **Compute unit**: a weight loader fills the array's shadow weights for the next MATMUL
-  while the row streamer feeds the current one, one A row per cycle; rows that read an
-  accumulator line still being computed wait. In block accumulation the array is a
-  :class:`~.array.BlockArray` with a partial line beside each accumulator line. EPILOGUE and
-  BLOCKSCALE run in the :class:`~.units.VectorUnit` after the array has drained, one line per
-  1 or 3 cycles.
-* **Store unit** reads accumulator lines, converts them (FP32, or FP8 through
-  ``fp32(x * scale)`` and the converter) and writes them with AXI bursts and byte strobes.
-* **Tokens**: four counters (load->compute, compute->load, compute->store, store->compute).
-  A command waits until the tokens it pops are there; its pushes take effect after its
-  effects are complete (compute pushes leave after the array has written the last row).
+* **Units**: the ISA's unit chain (:data:`fp8npu.hdl.isa.UNIT_CHAIN`), each a Component of its
+  own with the members of :func:`fp8npu.hdl.units.unit_members` (:attr:`NPUCore.UNIT_CLASSES`):
+  :class:`~.dma.LoadUnit` copies strided DRAM rows into scratchpad or accumulator lines (AXI
+  ID 1, several bursts in flight); :class:`~.compute.ComputeUnit` runs MATMUL through the array
+  (weights for the next MATMUL load while the current one streams) and EPILOGUE/BLOCKSCALE in
+  the :class:`~.units.VectorUnit`; :class:`~.dma.StoreUnit` converts accumulator lines and
+  writes them with AXI bursts and byte strobes (AXI ID 2).
+* **Tokens**: one counter per :class:`fp8npu.hdl.isa.Token` (a pair per pair of neighbouring
+  units), wired to the units' token ports by :data:`fp8npu.hdl.isa.TOKEN_OF_FLAG`. A command
+  waits until the tokens it pops are there; its pushes take effect after its effects are
+  complete (compute pushes leave after the array has written the last row).
+
+A unit joins by taking its place in ``UNIT_CHAIN`` and ``OPCODE_UNIT`` (the ISA) and in
+``UNIT_CLASSES``; the queues, the dispatcher, the token counters and the deadlock detector
+follow from those tables.
 
 Latency of one MATMUL row: 1 (SRAM read) + R (array) cycles; throughput one row per cycle.
 """
@@ -51,10 +53,11 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from . import isa
-from .array import BlockArray, MACArray
 from .axi import AxiLiteRegs, axi4_master_members
+from .compute import ComputeUnit
 from .config import NPUConfig
-from .units import Requantizer, VectorUnit, pick_slice
+from .dma import LoadUnit, StoreUnit, axi_write_members
+from .units import QUEUE_ENTRY, ceil_div_pow2
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -100,12 +103,6 @@ def _reserved_mask(opcode):
     return ((1 << CMD) - 1) & ~used
 
 
-def _ceil_div_pow2(x, d):
-    """ceil(x / d) for a power-of-two constant d."""
-    sh = d.bit_length() - 1
-    return (x + (d - 1)) >> sh
-
-
 class NPUCore(wiring.Component):
     """The NPU without its register block (see the module docstring).
 
@@ -120,7 +117,10 @@ class NPUCore(wiring.Component):
     """
 
     #: Cycles a STORE to FP8 spends converting each row (:class:`~.units.Requantizer`).
-    STORE_CONVERT = 8
+    STORE_CONVERT = StoreUnit.STORE_CONVERT
+
+    #: The hardware of each unit of :data:`fp8npu.hdl.isa.UNIT_CHAIN`.
+    UNIT_CLASSES = {isa.Unit.LOAD: LoadUnit, isa.Unit.COMPUTE: ComputeUnit, isa.Unit.STORE: StoreUnit}
 
     def __init__(self, cfg=None):
         self.cfg = cfg = cfg or NPUConfig()
@@ -162,11 +162,16 @@ class NPUCore(wiring.Component):
         stopped = err | done
         active = running & ~stopped
 
+        # ---------------- the units of the chain (isa.UNIT_CHAIN) --------------------------
+        units = {u: self.UNIT_CLASSES[u](cfg) for u in isa.UNIT_CHAIN}
+        for u, unit in units.items():
+            m.submodules[f"{u.name.lower()}_unit"] = unit
+            m.d.comb += [unit.active.eq(active), unit.stopped.eq(stopped)]
+        load, compute, store = units[isa.Unit.LOAD], units[isa.Unit.COMPUTE], units[isa.Unit.STORE]
+
         # outstanding AXI work (a stopped core still drains it before it reports idle)
         rd_out = Signal(16)       # read beats requested and not yet received
-        wr_out = Signal(16)       # write bursts without a response yet
-        w_busy = Signal()         # a write burst's data beats are being sent
-        drained = (rd_out == 0) & (wr_out == 0) & ~w_busy
+        drained = (rd_out == 0) & ~store.writes_pending
         m.d.comb += [
             self.busy.eq(running & ~(stopped & drained)),
             self.done.eq(done & drained), self.error_valid.eq(err & drained),
@@ -187,45 +192,74 @@ class NPUCore(wiring.Component):
         acc_w = acc.write_port(granularity=32 if cfg.vector_passes > 1 else None)
         acc_rc = acc.read_port()
         acc_rs = acc.read_port()
+        wiring.connect(m, load.sp_write, sp_w)
+        wiring.connect(m, compute.sp_a, sp_ra)
+        wiring.connect(m, compute.sp_b, sp_rb)
+        wiring.connect(m, compute.acc_read, acc_rc)
+        wiring.connect(m, store.acc_read, acc_rs)
+        # the accumulator's write port: the compute unit's writes, else the load unit's (which
+        # waits while the compute unit writes)
+        m.d.comb += load.acc_busy.eq(compute.writing)
+        with m.If(compute.writing):
+            m.d.comb += [acc_w.en.eq(compute.acc_write.en), acc_w.addr.eq(compute.acc_write.addr),
+                         acc_w.data.eq(compute.acc_write.data)]
+        with m.Elif(load.acc_write.en):
+            m.d.comb += [acc_w.en.eq(-1), acc_w.addr.eq(load.acc_write.addr), acc_w.data.eq(load.acc_write.data)]
+        m.d.comb += [self.mac_ops.eq(compute.mac_ops), self.stalls.eq(compute.stalls)]
 
         # ---------------- tokens -----------------------------------------------------------
-        # index: 0 load->compute, 1 compute->load, 2 compute->store, 3 store->compute
+        # One counter per isa.Token (a pair per pair of neighbours in the chain), wired to the
+        # units' token ports by isa.TOKEN_OF_FLAG.
         # A counter never exceeds its program-order balance (at most isa.TOKEN_LIMIT, checked by
         # the dispatcher) plus the pops dispatched but not yet taken (at most queue_depth + 1),
         # so these widths never wrap.
         tok_bits = (isa.TOKEN_LIMIT + cfg.queue_depth + 1).bit_length()
-        tok = [Signal(tok_bits, name=f"tok{i}") for i in range(4)]
-        tok_push = [Signal(name=f"tok_push{i}") for i in range(4)]
-        tok_pop = [Signal(name=f"tok_pop{i}") for i in range(4)]
-        for i in range(4):
-            m.d.sync += tok[i].eq(tok[i] + tok_push[i] - tok_pop[i])
+        tok = {t: Signal(tok_bits, name=f"tok_{t.name.lower()}") for t in isa.Token}
+        tok_push = {t: [] for t in isa.Token}
+        tok_pop = {t: [] for t in isa.Token}
+        for u, unit in units.items():
+            pop_prev, pop_next, push_prev, push_next = isa.TOKEN_OF_FLAG[u]
+            port = unit.tokens
+            # a flag without a counter is refused by the checks (BAD_FIELD) before it gets here
+            m.d.comb += [port.have_prev.eq(1 if pop_prev is None else tok[pop_prev] != 0),
+                         port.have_next.eq(1 if pop_next is None else tok[pop_next] != 0)]
+            for token, flag, table in ((pop_prev, port.pop_prev, tok_pop), (pop_next, port.pop_next, tok_pop),
+                                       (push_prev, port.push_prev, tok_push), (push_next, port.push_next, tok_push)):
+                if token is not None:
+                    table[token].append(flag)
+        for t in isa.Token:
+            m.d.sync += tok[t].eq(tok[t] + Cat(*tok_push[t]).any() - Cat(*tok_pop[t]).any())
 
         # ---------------- AXI read arbitration (ID 0 fetch, ID 1 load) --------------------
         f_ar_valid, f_ar_addr, f_ar_len, f_ar_ready = Signal(), Signal(32), Signal(8), Signal()
-        l_ar_valid, l_ar_addr, l_ar_len, l_ar_ready = Signal(), Signal(32), Signal(8), Signal()
         pick_fetch = f_ar_valid
         m.d.comb += [
-            ax("arvalid").eq((f_ar_valid | l_ar_valid) & active),
-            ax("araddr").eq(Mux(pick_fetch, f_ar_addr, l_ar_addr)),
-            ax("arlen").eq(Mux(pick_fetch, f_ar_len, l_ar_len)),
+            ax("arvalid").eq((f_ar_valid | load.ar.valid) & active),
+            ax("araddr").eq(Mux(pick_fetch, f_ar_addr, load.ar.payload.addr)),
+            ax("arlen").eq(Mux(pick_fetch, f_ar_len, load.ar.payload.len)),
             ax("arid").eq(Mux(pick_fetch, 0, 1)),
             ax("arsize").eq(size_code), ax("arburst").eq(1),
             f_ar_ready.eq(ax("arready") & active & pick_fetch),
-            l_ar_ready.eq(ax("arready") & active & ~pick_fetch),
+            load.ar.ready.eq(ax("arready") & active & ~pick_fetch),
         ]
         ar_fire = ax("arvalid") & ax("arready")
         r_fire = ax("rvalid") & ax("rready")
         m.d.sync += rd_out.eq(rd_out + Mux(ar_fire, ax("arlen") + 1, 0) - r_fire)
         r_fetch = ax("rvalid") & (ax("rid") == 0)
-        r_load = ax("rvalid") & (ax("rid") == 1)
-        f_r_ready, l_r_ready = Signal(), Signal()
-        m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, l_r_ready) | stopped)
+        m.d.comb += [load.r.valid.eq(ax("rvalid") & (ax("rid") == 1)), load.r.payload.eq(ax("rdata"))]
+        f_r_ready = Signal()
+        m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, load.r.ready) | stopped)
         r_refused = r_fire & (ax("rresp") != 0)     # SLVERR or DECERR
         dma_rd = Signal(32)
-        dma_wr = Signal(32)
         with m.If(r_fire):
             m.d.sync += dma_rd.eq(dma_rd + B)
-        m.d.comb += self.dma_bytes.eq(dma_rd + dma_wr)
+        m.d.comb += self.dma_bytes.eq(dma_rd + store.bytes_written)
+        # the store unit has the write channels to itself
+        for name, member in axi_write_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits).items():
+            if member.flow == Out:
+                m.d.comb += getattr(self, name).eq(getattr(store, name))
+            else:
+                m.d.comb += getattr(store, name).eq(getattr(self, name))
 
         # ---------------- fetch ------------------------------------------------------------
         # entries: command, its address, and whether the bus refused any of its beats (that is
@@ -286,13 +320,13 @@ class NPUCore(wiring.Component):
         m.d.comb += [fq.w_en.eq(v_valid & ~stopped), fq.w_data.eq(Cat(v_out_cmd, verdict, v_carry)), f_got.eq(v_valid)]
 
         # ---------------- unit queues ---------------------------------------------------------
-        queues = []
-        for name in ("load", "compute", "store"):
-            # load and store entries carry the command's address too (for bus-error reports)
-            q = SyncFIFOBuffered(width=CMD if name == "compute" else CMD + 32, depth=cfg.queue_depth)
-            m.submodules[f"{name}_q"] = q
-            queues.append(q)
-        lq, cq, sq = queues
+        # entries: the command and its address (where its errors are reported)
+        queues = {}
+        for u, unit in units.items():
+            q = SyncFIFOBuffered(width=QUEUE_ENTRY.size, depth=cfg.queue_depth)
+            m.submodules[f"{u.name.lower()}_q"] = queues[u] = q
+            m.d.comb += [unit.commands.payload.eq(q.r_data), unit.commands.valid.eq(q.r_rdy),
+                         q.r_en.eq(unit.commands.ready)]
 
         # ---------------- dispatcher --------------------------------------------------------
         cmd = fq.r_data[0:CMD]
@@ -301,28 +335,30 @@ class NPUCore(wiring.Component):
         fetch_refused = fq.r_data[CMD + 40]
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
-        target = Signal(2)
+        target = Signal(range(len(isa.UNIT_CHAIN)))       # the unit that takes the command
         with m.Switch(op):
-            with m.Case(isa.Opcode.LOAD):
-                m.d.comb += target.eq(0)
-            with m.Case(isa.Opcode.STORE):
-                m.d.comb += target.eq(2)
+            for opcode, u in isa.OPCODE_UNIT.items():
+                with m.Case(opcode):
+                    m.d.comb += target.eq(u)
             with m.Case(isa.Opcode.SYNC):
                 m.d.comb += target.eq(sync_unit)
-            with m.Default():
-                m.d.comb += target.eq(1)
         dispatched = Signal(32)
         m.d.comb += self.commands.eq(dispatched)
         at_end = Signal()
         units_idle = Signal()
         head = fq.r_rdy & active & ~at_end
-        q_ready = Array([lq.w_rdy, cq.w_rdy, sq.w_rdy])[target]
+        q_ready = Signal()
+        with m.Switch(target):
+            for u, q in queues.items():
+                with m.Case(u):
+                    m.d.comb += q_ready.eq(q.w_rdy)
         blocked_on_queue = Signal()
-        m.d.comb += [lq.w_data.eq(Cat(cmd, cmd_addr)), cq.w_data.eq(cmd), sq.w_data.eq(Cat(cmd, cmd_addr))]
+        for q in queues.values():
+            m.d.comb += q.w_data.eq(Cat(cmd, cmd_addr))
         # program-order token balances (isa.token_check): pushes minus pops of dispatched commands
         bal_bits = (isa.TOKEN_LIMIT + 1).bit_length() + (cfg.queue_depth + 2).bit_length() + 1
         balance = [Signal(range(-(1 << (bal_bits - 1)), 1 << (bal_bits - 1)), name=f"tok_balance{i}")
-                   for i in range(4)]
+                   for i in range(len(isa.Token))]
         deltas = self._token_deltas(m, cmd, target)
         over_limit = Signal()
         m.d.comb += over_limit.eq(Cat(*[(d > 0) & (b == isa.TOKEN_LIMIT) for b, d in zip(balance, deltas)]).any())
@@ -338,7 +374,10 @@ class NPUCore(wiring.Component):
                 m.d.sync += [at_end.eq(1), dispatched.eq(dispatched + 1)]
             with m.Elif(q_ready):
                 m.d.comb += fq.r_en.eq(1)
-                m.d.comb += Array([lq.w_en, cq.w_en, sq.w_en])[target].eq(1)
+                with m.Switch(target):
+                    for u, q in queues.items():
+                        with m.Case(u):
+                            m.d.comb += q.w_en.eq(1)
                 m.d.sync += dispatched.eq(dispatched + 1)
                 m.d.sync += [b.eq(b + d) for b, d in zip(balance, deltas)]
             with m.Else():
@@ -350,26 +389,15 @@ class NPUCore(wiring.Component):
         with m.If(active & ~at_end & (dispatched == self.prog_len) & f_started & fetch_ok):
             m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.NO_END),
                          raise_addr.eq(self.prog_addr + (self.prog_len << 5))]
-        with m.If(at_end & units_idle & ~lq.r_rdy & ~cq.r_rdy & ~sq.r_rdy & active):
+        queues_empty = Cat(*[~q.r_rdy for q in queues.values()]).all()
+        m.d.comb += units_idle.eq(Cat(*[unit.idle for unit in units.values()]).all())
+        with m.If(at_end & units_idle & queues_empty & active):
             m.d.sync += done.eq(1)
 
-        # ---------------- the units --------------------------------------------------------
-        acc_w_taken = Signal()    # the compute unit writes the accumulator this cycle: loads wait
-        l_idle, l_wait, ld_addr = self._load_unit(m, lq, tok, tok_push, tok_pop, l_ar_valid, l_ar_addr, l_ar_len,
-                                                  l_ar_ready, r_load, l_r_ready, sp_w, acc_w, acc_w_taken,
-                                                  active, stopped)
-        c_idle, c_wait, compute_writes = self._compute_unit(m, cq, tok, tok_push, tok_pop, sp_ra, sp_rb, acc_rc,
-                                                            acc_w, active)
-        m.d.comb += acc_w_taken.eq(compute_writes)
-        s_idle, s_wait, st_addr = self._store_unit(m, sq, tok, tok_push, tok_pop, acc_rs, wr_out, w_busy, dma_wr,
-                                                   active, stopped)
-        m.d.comb += units_idle.eq(l_idle & c_idle & s_idle)
-
         # ---------------- deadlock ------------------------------------------------------------
-        def stuck(idle, wait, q):
-            return (idle & ~q.r_rdy) | wait
-        no_progress = (stuck(l_idle, l_wait, lq) & stuck(c_idle, c_wait, cq) & stuck(s_idle, s_wait, sq)
-                       & (blocked_on_queue | at_end) & ~(at_end & units_idle) & active)
+        # every unit idle with an empty queue, or waiting for a token; the dispatcher blocked
+        stuck = Cat(*[(unit.idle & ~queues[u].r_rdy) | unit.waiting for u, unit in units.items()]).all()
+        no_progress = stuck & (blocked_on_queue | at_end) & ~(at_end & units_idle) & active
         dl_count = Signal(3)
         with m.If(no_progress):
             m.d.sync += dl_count.eq(Mux(dl_count == 7, 7, dl_count + 1))
@@ -384,9 +412,9 @@ class NPUCore(wiring.Component):
         # in, so the refused transfer is that command's. Last here: in a cycle with another
         # error too, the bus error is the one reported.
         with m.If(r_refused & (ax("rid") == 1) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(ld_addr)]
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(load.cmd_addr)]
         with m.If(ax("bvalid") & ax("bready") & (ax("bresp") != 0) & active):
-            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(st_addr)]
+            m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(store.cmd_addr)]
         return m
 
     # ------------------------------------------------------------------------------------
@@ -409,8 +437,8 @@ class NPUCore(wiring.Component):
         load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
         a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
         rb0 = fld(cmd0, Op.LOAD, "row_bytes")
-        lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), _ceil_div_pow2(rb0, cfg.acc_line_bytes),
-                     _ceil_div_pow2(rb0, cfg.line_bytes))
+        lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), ceil_div_pow2(rb0, cfg.acc_line_bytes),
+                     ceil_div_pow2(rb0, cfg.line_bytes))
         m.d.sync += [
             dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
             load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
@@ -517,7 +545,7 @@ class NPUCore(wiring.Component):
         """Per token counter, +1 / -1 / 0: how dispatching ``cmd`` (for unit ``target``) changes
         its program-order balance (the mirror of :func:`fp8npu.hdl.isa.token_deltas`)."""
         flags = [common(cmd, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next")]
-        deltas = [Signal(range(-1, 2), name=f"tok_delta{t}") for t in range(4)]
+        deltas = [Signal(range(-1, 2), name=f"tok_delta{t}") for t in range(len(isa.Token))]
         with m.Switch(target):
             for unit, tokens in isa.TOKEN_OF_FLAG.items():
                 with m.Case(unit):
@@ -525,449 +553,6 @@ class NPUCore(wiring.Component):
                         if token is not None:
                             m.d.comb += deltas[token].eq(Mux(flag, sign, 0))
         return deltas
-
-    # ------------------------------------------------------------------------------------
-    def _burst_len(self, left, addr):
-        """Beats in the next INCR burst from ``addr`` with ``left`` beats to go: at most
-        ``max_burst``, and never across a 4 KB boundary (AXI4 rule)."""
-        to_4k = (4096 - (addr & 4095)) >> (self.cfg.bus_bytes.bit_length() - 1)
-        capped = Mux(left < self.cfg.max_burst, left, self.cfg.max_burst)
-        return Mux(to_4k < capped, to_4k, capped)
-
-    def _tokens_ready(self, cmd, tok, prev_idx, next_idx):
-        pp, pn = common(cmd, "pop_prev"), common(cmd, "pop_next")
-        ok = Const(1, 1)
-        if prev_idx is not None:
-            ok = ok & (~pp | (tok[prev_idx] != 0))
-        if next_idx is not None:
-            ok = ok & (~pn | (tok[next_idx] != 0))
-        return ok
-
-    @staticmethod
-    def _take_command(m, q, active, prefix):
-        """A unit's held command: when the unit is idle, take the next (command, address) entry
-        of its queue ``q``. Returns (command, its address, busy); the unit clears busy when done."""
-        cur = Signal(CMD, name=f"{prefix}_cmd")
-        cmd_addr = Signal(32, name=f"{prefix}_cmd_addr")
-        busy = Signal(name=f"{prefix}_busy")
-        with m.If(~busy & q.r_rdy & active):
-            m.d.comb += q.r_en.eq(1)
-            m.d.sync += [cur.eq(q.r_data[:CMD]), cmd_addr.eq(q.r_data[CMD:]), busy.eq(1)]
-        return cur, cmd_addr, busy
-
-    def _load_unit(self, m, q, tok, tok_push, tok_pop, ar_valid, ar_addr, ar_len, ar_ready, r_valid, r_ready,
-                   sp_w, acc_w, acc_w_taken, active, stopped):
-        """LOAD: strided DRAM rows -> SRAM lines.
-        Returns (idle, waiting-for-token, address of the command held)."""
-        cfg = self.cfg
-        B = cfg.bus_bytes
-        Op = isa.Opcode
-        cur, cmd_addr, busy = self._take_command(m, q, active, "ld")
-        wait = Signal(name="ld_wait")
-        is_load = cur[0:8] == Op.LOAD
-        dst = fld(cur, Op.LOAD, "dst")
-        rows = fld(cur, Op.LOAD, "rows")
-        rb = fld(cur, Op.LOAD, "row_bytes")
-        addr0 = fld(cur, Op.LOAD, "dram_addr")
-        stride = fld(cur, Op.LOAD, "dram_stride")
-        beats_row = Signal(17, name="ld_beats_row")        # registered when the command starts
-
-        phase = Signal(2, name="ld_phase")   # 0 tokens, 1 transfer, 2 finish
-        ready_tok = self._tokens_ready(cur, tok, None, 1)
-        with m.If(busy & (phase == 0)):
-            with m.If(ready_tok & active):
-                m.d.comb += tok_pop[1].eq(common(cur, "pop_next"))
-                m.d.sync += [phase.eq(Mux(is_load & (rows != 0) & (rb != 0), 1, 2)),
-                             beats_row.eq(_ceil_div_pow2(rb, B))]
-            with m.Else():
-                m.d.comb += wait.eq(1)
-
-        # issue side: walk rows and bursts
-        i_row = Signal(16, name="ld_i_row")
-        i_beat = Signal(17, name="ld_i_beat")
-        i_addr = Signal(32, name="ld_i_addr")
-        row_base = Signal(32, name="ld_row_base")
-        issued_all = Signal(name="ld_issued_all")
-        outstanding = Signal(10, name="ld_outstanding")
-        blen = Signal(9, name="ld_blen")
-        left = Signal(17, name="ld_left")
-        m.d.comb += [left.eq(beats_row - i_beat), blen.eq(self._burst_len(left, i_addr))]
-        start_xfer = busy & (phase == 1)
-        first = Signal(name="ld_first")
-        with m.If(busy & (phase == 0) & ready_tok & active):
-            m.d.sync += [i_row.eq(0), i_beat.eq(0), i_addr.eq(addr0), row_base.eq(addr0), issued_all.eq(0),
-                         first.eq(1)]
-        # room for a longest burst (not this one's length: that keeps the burst arithmetic off
-        # the AR handshake)
-        can_issue = start_xfer & ~issued_all & (outstanding <= 3 * cfg.max_burst) & active
-        m.d.comb += [ar_valid.eq(can_issue), ar_addr.eq(i_addr), ar_len.eq(blen - 1)]
-        got_beat = Signal(name="ld_got_beat")
-        m.d.sync += outstanding.eq(outstanding + Mux(ar_valid & ar_ready, blen, 0) - got_beat)
-        with m.If(ar_valid & ar_ready):
-            with m.If(blen == left):
-                m.d.sync += [i_beat.eq(0), i_row.eq(i_row + 1), i_addr.eq(row_base + stride),
-                             row_base.eq(row_base + stride)]
-                with m.If(i_row + 1 == rows):
-                    m.d.sync += issued_all.eq(1)
-            with m.Else():
-                m.d.sync += [i_beat.eq(i_beat + blen), i_addr.eq(i_addr + (blen << (B.bit_length() - 1)))]
-
-        # receive side: chunks of U = min(line, bus) bytes
-        recv_done = Signal(name="ld_recv_done")
-        self._line_assembler(m, "sp", cfg.line_bytes, sp_w, dst == 0, cur, start_xfer, r_valid, r_ready,
-                             got_beat, recv_done, first, Const(0, 1))
-        self._line_assembler(m, "acc", cfg.acc_line_bytes, acc_w, dst == 1, cur, start_xfer, r_valid, r_ready,
-                             got_beat, recv_done, first, acc_w_taken)
-        with m.If(first):
-            m.d.sync += first.eq(0)
-        with m.If(start_xfer & recv_done & ~first):
-            m.d.sync += phase.eq(2)
-        with m.If(busy & (phase == 2)):
-            m.d.comb += tok_push[0].eq(common(cur, "push_next"))
-            m.d.sync += [busy.eq(0), phase.eq(0)]
-        with m.If(stopped):
-            m.d.sync += [busy.eq(0), phase.eq(0)]
-        return ~busy, wait, cmd_addr
-
-    def _line_assembler(self, m, name, L, wport, selected, cur, xfer, r_valid, r_ready, got_beat, recv_done, first,
-                        port_taken):
-        """Turn incoming R beats into SRAM lines of ``L`` bytes for the LOAD in ``cur``."""
-        cfg = self.cfg
-        B = cfg.bus_bytes
-        U = min(L, B)
-        Op = isa.Opcode
-        rows = fld(cur, Op.LOAD, "rows")
-        rb = fld(cur, Op.LOAD, "row_bytes")
-        sram0 = fld(cur, Op.LOAD, "sram_addr")
-        chunks_row = Signal(17, name=f"{name}_chunks_row")
-        m.d.comb += chunks_row.eq(_ceil_div_pow2(rb, U))
-        c_row = Signal(16, name=f"{name}_c_row")       # row being received
-        c_idx = Signal(17, name=f"{name}_c_idx")       # chunk within row
-        c_beat = Signal(range(B // U + 1), name=f"{name}_c_beat")   # chunk within beat
-        c_line = Signal(range(L // U + 1), name=f"{name}_c_line")   # chunk within line
-        line_addr = Signal(16, name=f"{name}_line_addr")
-        line = Signal(8 * L, name=f"{name}_line")
-        with m.If(first & selected):
-            m.d.sync += [c_row.eq(0), c_idx.eq(0), c_beat.eq(0), c_line.eq(0), line_addr.eq(sram0), line.eq(0)]
-        active_here = xfer & selected & ~first & (c_row < rows)
-        # the chunk of the current beat, masked to the bytes inside the row
-        beat = r_valid  # only beats for the load unit reach here
-        rdata = self.ax("rdata")
-        chunk = Signal(8 * U, name=f"{name}_chunk")
-        m.d.comb += chunk.eq(Array([rdata[8 * U * i:8 * U * (i + 1)] for i in range(B // U)])[c_beat])
-        remaining = Signal(32, name=f"{name}_remaining")
-        m.d.comb += remaining.eq(rb - (c_idx * U))
-        masked = Signal(8 * U, name=f"{name}_masked")
-        for byte in range(U):
-            m.d.comb += masked[8 * byte:8 * byte + 8].eq(Mux(remaining > byte, chunk[8 * byte:8 * byte + 8], 0))
-        last_of_row = c_idx + 1 == chunks_row
-        last_of_line = c_line == (L // U) - 1
-        last_of_beat = c_beat == (B // U) - 1
-        new_line = Signal(8 * L, name=f"{name}_new_line")
-        m.d.comb += new_line.eq(line)
-        for pos in range(L // U):
-            with m.If(c_line == pos):
-                m.d.comb += new_line[8 * U * pos:8 * U * (pos + 1)].eq(masked)
-        with m.If(active_here & beat & ~port_taken):
-            consume = last_of_beat | last_of_row
-            m.d.comb += [r_ready.eq(consume), got_beat.eq(consume)]
-            m.d.sync += c_beat.eq(Mux(consume, 0, c_beat + 1))
-            with m.If(last_of_line | last_of_row):
-                m.d.comb += [wport.en.eq(-1), wport.addr.eq(line_addr), wport.data.eq(new_line)]
-                m.d.sync += [line.eq(0), c_line.eq(0), line_addr.eq(line_addr + 1)]
-            with m.Else():
-                m.d.sync += [line.eq(new_line), c_line.eq(c_line + 1)]
-            with m.If(last_of_row):
-                m.d.sync += [c_idx.eq(0), c_row.eq(c_row + 1)]
-            with m.Else():
-                m.d.sync += c_idx.eq(c_idx + 1)
-        with m.If(xfer & selected & ~first & (c_row == rows)):
-            m.d.comb += recv_done.eq(1)
-
-    # ------------------------------------------------------------------------------------
-    def _compute_unit(self, m, q, tok, tok_push, tok_pop, sp_ra, sp_rb, acc_r, acc_w, active):
-        """MATMUL through the array; EPILOGUE and BLOCKSCALE on accumulator lines."""
-        cfg = self.cfg
-        R, C = cfg.rows, cfg.cols
-        Op = isa.Opcode
-        block = cfg.accumulation == "block"
-        if block:
-            # exact partial sums beside the accumulator lines; the array reads and writes them
-            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.multipliers)
-            m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
-            part_w, part_r = part.write_port(), part.read_port()
-            m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
-                         part_w.en.eq(arr.out_valid), part_w.addr.eq(arr.out_addr), part_w.data.eq(arr.out_part)]
-            with m.If(arr.acc_rd_en):
-                m.d.comb += acc_r.addr.eq(arr.acc_rd_addr)
-        else:
-            m.submodules.array = arr = MACArray(R, C)
-
-        # ---- stage 1: weight loader (takes commands from the queue, pops tokens) ----
-        wl_cmd = Signal(CMD, name="wl_cmd")
-        wl_busy = Signal(name="wl_busy")
-        wl_phase = Signal(2, name="wl_phase")   # 0 tokens, 1 load weights, 2 hand over
-        wl_wait = Signal(name="wl_wait")
-        shadow_full = Signal(name="shadow_full")
-        st_next = Signal(CMD, name="st_next")
-        st_next_valid = Signal(name="st_next_valid")
-        with m.If(~wl_busy & q.r_rdy & active):
-            m.d.comb += q.r_en.eq(1)
-            m.d.sync += [wl_cmd.eq(q.r_data), wl_busy.eq(1), wl_phase.eq(0)]
-        wl_is_mm = wl_cmd[0:8] == Op.MATMUL
-        ready_tok = self._tokens_ready(wl_cmd, tok, 0, 3)
-        wl_row = Signal(range(R + 2), name="wl_row")
-        wl_k = fld(wl_cmd, Op.MATMUL, "k")
-        wl_b = fld(wl_cmd, Op.MATMUL, "b_addr")
-        with m.If(wl_busy & (wl_phase == 0)):
-            with m.If(ready_tok & active):
-                m.d.comb += [tok_pop[0].eq(common(wl_cmd, "pop_prev")), tok_pop[3].eq(common(wl_cmd, "pop_next"))]
-                m.d.sync += [wl_phase.eq(Mux(wl_is_mm, 1, 2)), wl_row.eq(0)]
-            with m.Else():
-                m.d.comb += wl_wait.eq(1)
-        # read one weight line per cycle; write the shadow row a cycle later
-        w_pending = Signal(name="w_pending")
-        w_row_q = Signal(range(R + 1), name="w_row_q")
-        m.d.sync += w_pending.eq(0)
-        with m.If(wl_busy & (wl_phase == 1) & ~shadow_full & active):
-            with m.If(wl_row < wl_k):
-                m.d.comb += sp_rb.addr.eq(wl_b + wl_row)
-                m.d.sync += [w_pending.eq(1), w_row_q.eq(wl_row), wl_row.eq(wl_row + 1)]
-            with m.Else():
-                m.d.sync += [wl_phase.eq(2), shadow_full.eq(1)]
-        m.d.comb += [arr.w_we.eq(w_pending), arr.w_row.eq(w_row_q), arr.w_data.eq(sp_rb.data[0:8 * C])]
-        with m.If(wl_busy & (wl_phase == 2) & ~st_next_valid):
-            m.d.sync += [st_next.eq(wl_cmd), st_next_valid.eq(1), wl_busy.eq(0), wl_phase.eq(0)]
-
-        # ---- stage 2: row streamer / epilogue ----
-        st_cmd = Signal(CMD, name="st_cmd")
-        st_busy = Signal(name="st_busy")
-        st_i = Signal(16, name="st_i")
-        st_is_mm = st_cmd[0:8] == Op.MATMUL
-        mm = {n: fld(st_cmd, Op.MATMUL, n) for n in ("m", "k", "a_addr", "a_stride", "acc_addr", "accumulate",
-                                                      "fmt_a", "fmt_b", "commit", "fresh")}
-        a_line = Signal(16, name="st_a_line")
-        # in-flight accumulator writes: issue stage + the array + the write cycle
-        depth = arr.latency + 2
-        fl_valid = [Signal(name=f"fl_v{i}") for i in range(depth)]
-        fl_addr = [Signal(16, name=f"fl_a{i}") for i in range(depth)]
-        issue = Signal(name="st_issue")
-        issue_addr = Signal(16, name="st_issue_addr")
-        m.d.sync += [fl_valid[0].eq(issue), fl_addr[0].eq(issue_addr)]
-        for i in range(1, depth):
-            m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
-        hazard = Signal(name="st_hazard")
-        m.d.comb += hazard.eq(0)
-        # A row that reads a line waits while a row that writes it is in flight: until the write
-        # (sequential: the line is read at issue), or until the write is visible where the
-        # block array reads the line, at its partial read stage R + 1.
-        window = depth - 1 if not block else arr.latency - (R + 1)
-        for i in range(window):
-            with m.If(fl_valid[i] & (fl_addr[i] == issue_addr)):
-                m.d.comb += hazard.eq(1)
-        array_empty = Signal(name="array_empty")
-        m.d.comb += array_empty.eq(~Cat(*fl_valid).any())
-
-        # delayed token pushes (leave when the command's last row has been written)
-        push_delay = [Signal(2, name=f"push_d{i}") for i in range(depth)]
-        push_now = Signal(2, name="push_now")
-        m.d.sync += push_delay[0].eq(push_now)
-        for i in range(1, depth):
-            m.d.sync += push_delay[i].eq(push_delay[i - 1])
-        m.d.comb += [tok_push[1].eq(push_delay[-1][0]), tok_push[2].eq(push_delay[-1][1])]
-        pushes_pending = Cat(*push_delay).any()
-
-        # MATMUL rows: read A line and accumulator line now, enter the array next cycle
-        row_go = st_busy & st_is_mm & (st_i < mm["m"]) & active
-        m.d.comb += issue_addr.eq(mm["acc_addr"] + st_i)
-        reads = mm["accumulate"] | (mm["commit"] & ~mm["fresh"]) if block else mm["accumulate"]
-        row_ok = row_go & ~(hazard & reads)
-        with m.If(row_ok):
-            m.d.comb += [issue.eq(1), sp_ra.addr.eq(a_line)]
-            if not block:
-                m.d.comb += acc_r.addr.eq(issue_addr)
-            m.d.sync += [st_i.eq(st_i + 1), a_line.eq(a_line + mm["a_stride"])]
-            with m.If(st_i == 0):
-                m.d.sync += shadow_full.eq(0)
-        stalls = self.stalls
-        with m.If(active & ~row_ok & ~(st_busy & ~st_is_mm)):
-            m.d.sync += stalls.eq(stalls + 1)
-        in_valid = Signal(name="arr_in_valid")
-        in_first = Signal(name="arr_in_first")
-        in_accum = Signal(name="arr_in_accum")
-        in_k = Signal(range(R + 1), name="arr_in_k")
-        in_fa, in_fb = Signal(name="arr_in_fa"), Signal(name="arr_in_fb")
-        in_addr = Signal(16, name="arr_in_addr")
-        m.d.sync += [in_valid.eq(row_ok), in_first.eq(st_i == 0), in_accum.eq(mm["accumulate"]), in_k.eq(mm["k"]),
-                     in_fa.eq(mm["fmt_a"]), in_fb.eq(mm["fmt_b"]), in_addr.eq(issue_addr)]
-        m.d.comb += [arr.in_valid.eq(in_valid), arr.in_swap.eq(in_first), arr.in_k.eq(in_k),
-                     arr.in_addr.eq(in_addr), arr.in_a.eq(sp_ra.data[0:8 * R])]
-        if block:
-            in_commit, in_fresh = Signal(name="arr_in_commit"), Signal(name="arr_in_fresh")
-            m.d.sync += [in_commit.eq(mm["commit"]), in_fresh.eq(mm["fresh"])]
-            m.d.comb += [arr.in_accum.eq(in_accum), arr.in_commit.eq(in_commit), arr.in_fresh.eq(in_fresh)]
-        else:
-            m.d.comb += [arr.in_fmt_a.eq(in_fa), arr.in_fmt_b.eq(in_fb),
-                         arr.in_acc.eq(Mux(in_accum, acc_r.data[0:32 * C], 0))]
-        with m.If(in_valid):
-            m.d.sync += self.mac_ops.eq(self.mac_ops + in_k * C)
-        # A MATMUL finishes in the cycle its last row issues (or at once when m = 0: the loaded
-        # weights are then discarded); the next command is taken in that same cycle, so
-        # back-to-back MATMULs stream without a bubble.
-        last_row = row_ok & (st_i + 1 == mm["m"])
-        mm_finish = (st_busy & st_is_mm & (st_i == mm["m"])) | last_row
-        with m.If(mm_finish):
-            with m.If(mm["m"] == 0):
-                m.d.sync += shadow_full.eq(0)
-            m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
-            m.d.sync += st_busy.eq(0)
-        # take the next command (after the statements above, so it wins)
-        with m.If((~st_busy | mm_finish) & st_next_valid & active):
-            m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
-                         a_line.eq(fld(st_next, Op.MATMUL, "a_addr"))]
-
-        # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
-        m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)
-        other = st_busy & ~st_is_mm
-        is_vector = (st_cmd[0:8] == Op.EPILOGUE) | (st_cmd[0:8] == Op.BLOCKSCALE)
-        vu_started = Signal(name="vu_started")
-        m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
-        with m.If(vu.busy):                                 # the array is empty while it runs
-            m.d.comb += acc_r.addr.eq(vu.rd_addr)
-        with m.If(other & active & array_empty & ~vu_started):
-            with m.If(is_vector):
-                m.d.comb += vu.start.eq(1)
-                m.d.sync += vu_started.eq(1)
-            with m.Else():                                  # SYNC
-                m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
-                m.d.sync += st_busy.eq(0)
-        with m.If(vu.done):
-            m.d.comb += push_now.eq(Cat(common(st_cmd, "push_prev"), common(st_cmd, "push_next")))
-            m.d.sync += [st_busy.eq(0), vu_started.eq(0)]
-
-        # accumulator write port: array results, vector unit rows, else the load unit
-        arr_wr = arr.out_commit if block else arr.out_valid
-        with m.If(arr_wr):
-            m.d.comb += [acc_w.en.eq(-1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
-        with m.Elif(vu.wr_en):
-            m.d.comb += [acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data),
-                         acc_w.en.eq(vu.wr_lanes if cfg.vector_passes > 1 else 1)]
-        compute_writing = arr_wr | vu.wr_en
-
-        c_idle = ~wl_busy & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending
-        c_wait = wl_busy & wl_wait & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending
-        return c_idle, c_wait, compute_writing
-
-    # ------------------------------------------------------------------------------------
-    def _store_unit(self, m, q, tok, tok_push, tok_pop, acc_r, wr_out, w_busy, dma_wr, active, stopped):
-        """STORE: accumulator lines -> DRAM rows (FP32, or scaled and requantized to FP8).
-        Returns (idle, waiting-for-token, address of the command held)."""
-        cfg = self.cfg
-        B = cfg.bus_bytes
-        C = cfg.cols
-        Op = isa.Opcode
-        ax = self.ax
-        cur, cmd_addr, busy = self._take_command(m, q, active, "st")
-        wait = Signal(name="s_wait")
-        # phase (0 when idle: set back at finish and on stop): 0 tokens, 1 read line,
-        # 2 line arrives, 3 AW, 4 W, 5 wait B, 6 finish
-        phase = Signal(3, name="s_phase")
-        is_store = cur[0:8] == Op.STORE
-        f = {n: fld(cur, Op.STORE, n) for n in ("fmt", "saturate", "acc_addr", "rows", "cols", "dram_addr",
-                                                "dram_stride", "scale")}
-        ready_tok = self._tokens_ready(cur, tok, 2, None)
-        row = Signal(16, name="s_row")
-        row_addr = Signal(32, name="s_row_addr")
-        row_bytes = Signal(8, name="s_row_bytes")
-        m.d.comb += row_bytes.eq(Mux(f["fmt"] == 0, f["cols"] << 2, f["cols"]))
-        beats_row = Signal(8, name="s_beats_row")
-        m.d.comb += beats_row.eq(_ceil_div_pow2(row_bytes, B))
-        RB = 4 * C
-        nbeats_max = max(1, -(-RB // B))
-        buf = Signal(8 * nbeats_max * B, name="s_buf")
-        beat = Signal(8, name="s_beat")
-        blen = Signal(9, name="s_blen")
-        burst_left = Signal(9, name="s_burst_left")
-        w_addr = Signal(32, name="s_w_addr")
-        with m.If(busy & (phase == 0)):
-            with m.If(ready_tok & active):
-                m.d.comb += tok_pop[2].eq(common(cur, "pop_prev"))
-                m.d.sync += [phase.eq(Mux(is_store & (f["rows"] != 0), 1, 6)), row.eq(0),
-                             row_addr.eq(f["dram_addr"])]
-            with m.Else():
-                m.d.comb += wait.eq(1)
-        with m.If(busy & (phase == 1) & active):
-            m.d.comb += acc_r.addr.eq(f["acc_addr"] + row)
-            m.d.sync += phase.eq(2)
-        # convert the line that arrives: FP32 rows are taken as they are; FP8 rows go through
-        # the requantizer in S passes of Q columns (STORE_CONVERT + S - 1 cycles): the first
-        # pass straight from the read port, the others from the line kept in ``buf``
-        Q, S = cfg.store_lanes_built, cfg.store_passes
-        m.submodules.requantizer = rq = Requantizer(Q)
-        assert self.STORE_CONVERT == Requantizer.LATENCY
-        conv_wait = Signal(range(self.STORE_CONVERT + S), name="s_conv_wait")
-        first_pass = acc_r.data[0:32 * Q]
-        if S == 1:
-            m.d.comb += rq.x.eq(first_pass)
-        else:
-            later = pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass")
-            m.d.comb += rq.x.eq(Mux(conv_wait == 0, first_pass, later))
-        m.d.comb += [rq.scale.eq(f["scale"]), rq.e5m2.eq(f["fmt"] == 2), rq.saturate.eq(f["saturate"])]
-        codes = rq.y
-        if S > 1:                           # earlier passes' codes, the oldest at the bottom
-            done_codes = Signal(8 * Q * (S - 1), name="s_codes")
-            m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
-            codes = Cat(done_codes, rq.y)
-        with m.If(busy & (phase == 2)):
-            with m.If(f["fmt"] == 0):
-                m.d.sync += [buf.eq(acc_r.data[0:32 * C]), beat.eq(0), phase.eq(3), w_addr.eq(row_addr)]
-            with m.Elif(conv_wait == self.STORE_CONVERT + S - 1):
-                m.d.sync += [buf.eq(codes[:8 * C]), beat.eq(0), phase.eq(3), w_addr.eq(row_addr), conv_wait.eq(0)]
-            with m.Else():
-                m.d.sync += conv_wait.eq(conv_wait + 1)
-                if S > 1:
-                    with m.If(conv_wait == 0):
-                        m.d.sync += buf.eq(acc_r.data[0:32 * C])
-        # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
-        m.d.comb += blen.eq(self._burst_len(beats_row - beat, w_addr))
-        aw_go = busy & (phase == 3) & active
-        m.d.comb += [ax("awvalid").eq(aw_go), ax("awaddr").eq(w_addr), ax("awlen").eq(blen - 1),
-                     ax("awsize").eq(B.bit_length() - 1), ax("awburst").eq(1), ax("awid").eq(2)]
-        aw_fire = ax("awvalid") & ax("awready")
-        b_fire = ax("bvalid") & ax("bready")
-        m.d.comb += ax("bready").eq(1)
-        m.d.sync += wr_out.eq(wr_out + aw_fire - b_fire)
-        with m.If(aw_fire):
-            m.d.sync += [phase.eq(4), burst_left.eq(blen), w_addr.eq(w_addr + (blen << (B.bit_length() - 1)))]
-        # W beats (completed even after an error: the burst was promised)
-        in_w = busy & (phase == 4)
-        m.d.comb += w_busy.eq(in_w)
-        beat_data = Array([buf[8 * B * i:8 * B * (i + 1)] for i in range(nbeats_max)])[beat]
-        strb = Signal(B, name="s_strb")
-        for byte in range(B):
-            m.d.comb += strb[byte].eq((beat * B + byte) < row_bytes)
-        m.d.comb += [ax("wvalid").eq(in_w), ax("wdata").eq(beat_data), ax("wstrb").eq(strb),
-                     ax("wlast").eq(burst_left == 1)]
-        w_fire = ax("wvalid") & ax("wready")
-        with m.If(w_fire):
-            m.d.sync += [dma_wr.eq(dma_wr + B), beat.eq(beat + 1), burst_left.eq(burst_left - 1)]
-            with m.If(burst_left == 1):
-                with m.If(beat + 1 == beats_row):
-                    m.d.sync += row.eq(row + 1)
-                    with m.If(row + 1 == f["rows"]):
-                        m.d.sync += phase.eq(5)
-                    with m.Else():
-                        m.d.sync += [phase.eq(1), row_addr.eq(row_addr + f["dram_stride"])]
-                with m.Else():
-                    m.d.sync += phase.eq(3)
-        with m.If(busy & (phase == 5) & (wr_out == 0)):
-            m.d.sync += phase.eq(6)
-        with m.If(busy & (phase == 6) & active):
-            m.d.comb += tok_push[3].eq(common(cur, "push_prev"))
-            m.d.sync += [busy.eq(0), phase.eq(0)]
-        with m.If(stopped & ~in_w):
-            m.d.sync += [busy.eq(0), phase.eq(0)]
-        return ~busy, wait, cmd_addr
 
 
 class NPU(wiring.Component):

@@ -1,15 +1,24 @@
-"""NPU units as Components of their own, and the command payloads they take.
+"""NPU units as Components of their own, the interfaces they share, and the command payloads
+they take.
 
 :func:`command_layout` gives an opcode's command as a ``data.FlexibleLayout`` built from the
 ISA tables (:data:`fp8npu.hdl.isa.FIELDS`): a unit reads ``cmd.rows``, ``cmd.src``, ... from a
 ``data.View`` of the 256-bit command, never a hand-written bit slice.
+
+Every unit of the chain (:data:`fp8npu.hdl.isa.UNIT_CHAIN`: :class:`~.dma.LoadUnit`,
+:class:`~.compute.ComputeUnit`, :class:`~.dma.StoreUnit`) has the members of
+:func:`unit_members`: a command stream from its queue (:data:`QUEUE_ENTRY` payloads), a token
+port (:data:`TOKEN_PORT`) that the core wires to the counters of
+:data:`fp8npu.hdl.isa.TOKEN_OF_FLAG`, and the run control and status the core's dispatcher
+and deadlock detector need. A fourth unit joins by having these members and taking its place
+in the ISA's unit chain.
 
 :class:`VectorUnit` runs EPILOGUE and BLOCKSCALE on accumulator lines; :class:`Requantizer`
 turns accumulator lines into scaled FP8 rows for STORE.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from . import isa
@@ -19,7 +28,8 @@ from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "pick_slice", "VectorUnit", "Requantizer"]
+__all__ = ["command_layout", "QUEUE_ENTRY", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
+           "burst_len", "ceil_div_pow2", "pick_slice", "VectorUnit", "Requantizer"]
 
 
 def command_layout(opcode):
@@ -27,6 +37,65 @@ def command_layout(opcode):
     the common fields and the opcode's own, at their ISA positions."""
     fields = isa.COMMON_FIELDS + isa.FIELDS[isa.Opcode(opcode)]
     return data.FlexibleLayout(isa.COMMAND_BITS, {f.name: data.Field(unsigned(f.width), f.lsb) for f in fields})
+
+
+#: An entry of a unit's command queue: the command and the address it was fetched from (the
+#: address an error of the command is reported at).
+QUEUE_ENTRY = data.StructLayout({"cmd": unsigned(isa.COMMAND_BITS), "addr": unsigned(32)})
+
+#: A unit's side of the token counters. ``have_prev``/``have_next``: the counter its
+#: ``pop_prev``/``pop_next`` flag takes from is not zero. ``pop_*`` take one token (one cycle),
+#: ``push_*`` give one; the core maps them to counters with :data:`fp8npu.hdl.isa.TOKEN_OF_FLAG`.
+TOKEN_PORT = wiring.Signature({
+    "have_prev": In(1), "have_next": In(1),
+    "pop_prev": Out(1), "pop_next": Out(1), "push_prev": Out(1), "push_next": Out(1),
+})
+
+
+def unit_members():
+    """The members every unit of the chain has.
+
+    commands : In(stream of :data:`QUEUE_ENTRY`)   its queue; taken when the unit is free
+    tokens : Out(:data:`TOKEN_PORT`)
+    active : In(1)        the core runs (no error, not done): a unit starts nothing otherwise
+    stopped : In(1)       the core stopped on an error: a unit drops its command
+    idle : Out(1)         nothing held and nothing in flight
+    waiting : Out(1)      blocked on a token (the deadlock detector's input)
+    cmd_addr : Out(32)    where the command the unit holds was fetched from
+    """
+    return {"commands": In(stream.Signature(QUEUE_ENTRY)), "tokens": Out(TOKEN_PORT),
+            "active": In(1), "stopped": In(1), "idle": Out(1), "waiting": Out(1), "cmd_addr": Out(32)}
+
+
+def take_command(m, unit, prefix):
+    """A unit's held command: when the unit is not busy, take the next entry of its command
+    stream. Returns (the command's bits, busy); the unit clears busy when it is done, and
+    ``unit.cmd_addr`` holds the command's address."""
+    cur = Signal(isa.COMMAND_BITS, name=f"{prefix}_cmd")
+    busy = Signal(name=f"{prefix}_busy")
+    with m.If(~busy & unit.commands.valid & unit.active):
+        m.d.comb += unit.commands.ready.eq(1)
+        m.d.sync += [cur.eq(unit.commands.payload.cmd), unit.cmd_addr.eq(unit.commands.payload.addr), busy.eq(1)]
+    return cur, busy
+
+
+def tokens_ready(cmd, tokens):
+    """The tokens ``cmd`` pops (its common fields: pop_prev, pop_next) are there."""
+    return (~cmd.pop_prev | tokens.have_prev) & (~cmd.pop_next | tokens.have_next)
+
+
+def ceil_div_pow2(x, d):
+    """ceil(x / d) for a power-of-two constant d."""
+    sh = d.bit_length() - 1
+    return (x + (d - 1)) >> sh
+
+
+def burst_len(left, addr, bus_bytes, max_burst):
+    """Beats in the next AXI INCR burst from ``addr`` with ``left`` beats to go: at most
+    ``max_burst``, and never across a 4 KB boundary (AXI4 rule)."""
+    to_4k = (4096 - (addr & 4095)) >> (bus_bytes.bit_length() - 1)
+    capped = Mux(left < max_burst, left, max_burst)
+    return Mux(to_4k < capped, to_4k, capped)
 
 
 _ONE = 0x3F800000
