@@ -157,6 +157,9 @@ class Estimate:
             out.append(f"about {self.luts:,} LUT4 of {cap['luts']:,}")
         if self.brams > cap["brams"]:
             out.append(f"{self.brams} block RAMs of {cap['brams']}")
+        if self.dsps > cap["dsps"]:
+            out.append(f"{self.dsps} hardware multipliers of {cap['dsps']} (\"multipliers\": \"mixed\" or "
+                       f"\"lut\" forms products in logic)")
         return out
 
 
@@ -179,14 +182,17 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
     macs = cfg.rows * cfg.cols
     parts = {"control": c["control"] + cfg.cols * c["control_column"]}
     if cfg.accumulation == "block":
-        parts["array"] = cfg.cols * c["column"] + macs * c["pe"][cfg.multipliers]
+        parts["array"] = cfg.cols * c["column"] + cfg.rows * sum(c["pe"][p] for p in cfg.column_products)
     else:
         parts["array"] = macs * c["pe_sequential"]
     parts["vector unit"] = (cfg.vector_lanes_built * c["vector_lane"]
                             + (cfg.cols - cfg.vector_lanes_built) * c["vector_column"])
     parts["requantizer"] = cfg.store_lanes_built * c["store_lane"]
     dsps = c["dsp_control"] + cfg.vector_lanes_built * c["dsp_vector_lane"] + cfg.store_lanes_built * c["dsp_store_lane"]
-    dsps += macs if cfg.multipliers == "dsp" else 0
+    if cfg.accumulation == "block":
+        dsps += cfg.rows * cfg.column_products.count("dsp")
+    else:
+        dsps += macs
     brams = (_bram_count(8 * cfg.line_bytes, cfg.sp_lines, family)
              + _bram_count(32 * cfg.acc_line_values, cfg.acc_lines, family))
     if cfg.accumulation == "block":

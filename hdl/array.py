@@ -34,7 +34,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .blockpe import MAG_BITS, BlockPE, BlockRound, E4M3Decode, column_width, decoded_fields
+from .blockpe import MAG_BITS, PRODUCTS, BlockPE, BlockRound, E4M3Decode, column_width, decoded_fields
 from .fpadd import STAGE_REGS, fp32_add
 from .fpmul import FP8Multiplier
 
@@ -141,7 +141,8 @@ class BlockArray(wiring.Component):
     of an empty block.
 
     ``product`` chooses how the PEs form their products (:data:`~.blockpe.PRODUCTS`: on
-    multipliers or in LUTs).
+    multipliers or in LUTs), for the whole array or as one form per column (a tuple: an array
+    larger than the FPGA's multiplier count puts some columns on multipliers, the rest in LUTs).
 
     Latency :attr:`latency` = R + 1 + :attr:`~.blockpe.BlockPE.LATENCY` + ``round_stages`` +
     ``add_stages`` cycles from ``in_valid`` to ``out_valid``; throughput one row (R x C MACs)
@@ -164,7 +165,12 @@ class BlockArray(wiring.Component):
         self.rows, self.cols = rows, cols
         self.pw = pw = partial_width(rows, acc_block)
         self.round_stages, self.add_stages = round_stages, add_stages
+        products = (product,) * cols if isinstance(product, str) else tuple(product)
+        if len(products) != cols or any(p not in PRODUCTS for p in products):
+            raise ValueError(f"product must be one of {', '.join(PRODUCTS)} or one of them per column "
+                             f"({cols}), not {product!r}")
         self.product = product
+        self.products = products
         self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages
         super().__init__({
             "in_valid": In(1), "in_a": In(8 * rows), "in_k": In(range(rows + 1)), "in_addr": In(16),
@@ -179,24 +185,31 @@ class BlockArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C, pw = self.rows, self.cols, self.pw
-        fields = decoded_fields(self.product)
-        dw = sum(bits for _, bits in fields)         # a decoded code, the fields a PE takes
+        # a weight is kept decoded in the fields its column's PEs take; an activation, broadcast
+        # along its row, in the fields of every product form the row has
+        col_fields = [decoded_fields(p) for p in self.products]
+        a_fields = tuple(dict.fromkeys(f for fields in col_fields for f in fields))
+        col_at = [0]
+        for fields in col_fields:
+            col_at.append(col_at[-1] + sum(bits for _, bits in fields))
+        dw = sum(bits for _, bits in a_fields)
 
-        def decode(code, name):
+        def decode(code, name, fields):
             m.submodules[name] = dec = E4M3Decode()
             m.d.comb += dec.code.eq(code)
             return Cat(*(getattr(dec, field) for field, _ in fields))
 
-        def connect(pe, prefix, value):
-            """Drive a PE's ``prefix``-fields from a decoded code."""
+        def connect(pe, prefix, value, fields, wanted):
+            """Drive a PE's ``prefix``-fields (``wanted``) from a decoded code laid out as ``fields``."""
             at = 0
             for field, bits in fields:
-                m.d.comb += getattr(pe, f"{prefix}_{field}").eq(value[at:at + bits])
+                if (field, bits) in wanted:
+                    m.d.comb += getattr(pe, f"{prefix}_{field}").eq(value[at:at + bits])
                 at += bits
 
         # shadow tile, decoded as it is written
-        w_dec = [decode(self.w_data[8 * j:8 * j + 8], f"wdec{j}") for j in range(C)]
-        shadow = [Signal(dw * C, name=f"shadow{kk}") for kk in range(R)]
+        w_dec = [decode(self.w_data[8 * j:8 * j + 8], f"wdec{j}", col_fields[j]) for j in range(C)]
+        shadow = [Signal(col_at[-1], name=f"shadow{kk}") for kk in range(R)]
         with m.If(self.w_we):
             for kk in range(R):
                 with m.If(self.w_row == kk):
@@ -223,15 +236,15 @@ class BlockArray(wiring.Component):
                 m.d.sync += r.eq(v)
                 v = r
             a = Signal(dw, name=f"a{kk}_dec")
-            m.d.sync += a.eq(decode(v, f"adec{kk}"))
+            m.d.sync += a.eq(decode(v, f"adec{kk}", a_fields))
             at = ctrl[kk + 1]
             load = ctrl[kk]["valid"] & ctrl[kk]["swap"]
             row = []
             for j in range(C):
-                pe = BlockPE(width, self.product)
+                pe = BlockPE(width, self.products[j])
                 m.submodules[f"pe_{kk}_{j}"] = pe
-                connect(pe, "w", shadow[kk][dw * j:dw * (j + 1)])
-                connect(pe, "a", a)
+                connect(pe, "w", shadow[kk][col_at[j]:col_at[j + 1]], col_fields[j], col_fields[j])
+                connect(pe, "a", a, a_fields, col_fields[j])
                 m.d.comb += [pe.w_load.eq(load), pe.a_valid.eq(at["valid"] & (at["k"] > kk))]
                 if above is None:
                     m.d.comb += pe.neg_zero_in.eq(1)

@@ -74,7 +74,7 @@ class ComputeUnit(wiring.Component):
         block = cfg.accumulation == "block"
         if block:
             # exact partial sums beside the accumulator lines; the array reads and writes them
-            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.multipliers)
+            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.column_products)
             m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
             part_w, part_r = part.write_port(), part.read_port()
             m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
@@ -114,9 +114,11 @@ class ComputeUnit(wiring.Component):
         w_pending = Signal(name="w_pending")
         w_row_q = Signal(range(R + 1), name="w_row_q")
         m.d.sync += w_pending.eq(0)
+        # the port reads the next weight line in every cycle (the address never waits for the
+        # control logic); a read counts when w_pending follows it
+        m.d.comb += sp_rb.addr.eq(wl.b_addr + wl_row)
         with m.If(wl_busy & (wl_state == WeightState.WEIGHTS) & ~shadow_full & active):
             with m.If(wl_row < wl.k):
-                m.d.comb += sp_rb.addr.eq(wl.b_addr + wl_row)
                 m.d.sync += [w_pending.eq(1), w_row_q.eq(wl_row), wl_row.eq(wl_row + 1)]
             with m.Else():
                 m.d.sync += [wl_state.eq(WeightState.HAND_OVER), shadow_full.eq(1)]
@@ -136,7 +138,7 @@ class ComputeUnit(wiring.Component):
         fl_valid = [Signal(name=f"fl_v{i}") for i in range(depth)]
         fl_addr = [Signal(16, name=f"fl_a{i}") for i in range(depth)]
         issue = Signal(name="st_issue")
-        issue_addr = Signal(16, name="st_issue_addr")
+        issue_addr = Signal(16, name="st_issue_addr")      # acc_addr + st_i, kept in a register
         m.d.sync += [fl_valid[0].eq(issue), fl_addr[0].eq(issue_addr)]
         for i in range(1, depth):
             m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
@@ -162,15 +164,17 @@ class ComputeUnit(wiring.Component):
         pushes_pending = Cat(*push_delay).any()
 
         # MATMUL rows: read A line and accumulator line now, enter the array next cycle
+        # (the addresses come from registers: the A line and, sequential, the accumulator line
+        # of the next row are read in every cycle, and used when the row issues)
         row_go = st_busy & st_is_mm & (st_i < mm.m) & active
-        m.d.comb += issue_addr.eq(mm.acc_addr + st_i)
         reads = mm.accumulate | (mm.commit & ~mm.fresh) if block else mm.accumulate
         row_ok = row_go & ~(hazard & reads)
+        m.d.comb += sp_ra.addr.eq(a_line)
+        if not block:
+            m.d.comb += acc_r.addr.eq(issue_addr)
         with m.If(row_ok):
-            m.d.comb += [issue.eq(1), sp_ra.addr.eq(a_line)]
-            if not block:
-                m.d.comb += acc_r.addr.eq(issue_addr)
-            m.d.sync += [st_i.eq(st_i + 1), a_line.eq(a_line + mm.a_stride)]
+            m.d.comb += issue.eq(1)
+            m.d.sync += [st_i.eq(st_i + 1), a_line.eq(a_line + mm.a_stride), issue_addr.eq(issue_addr + 1)]
             with m.If(st_i == 0):
                 m.d.sync += shadow_full.eq(0)
         stalls = self.stalls
@@ -207,8 +211,9 @@ class ComputeUnit(wiring.Component):
             m.d.sync += st_busy.eq(0)
         # take the next command (after the statements above, so it wins)
         with m.If((~st_busy | mm_finish) & st_next_valid & active):
+            nxt = data.View(command_layout(Op.MATMUL), st_next)
             m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
-                         a_line.eq(data.View(command_layout(Op.MATMUL), st_next).a_addr)]
+                         a_line.eq(nxt.a_addr), issue_addr.eq(nxt.acc_addr)]
 
         # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
         m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)

@@ -36,8 +36,8 @@ def _pow2(n):
 
 #: Accumulation modes (docs/numerics.md section 3).
 ACCUMULATIONS = ("sequential", "block")
-#: Ways block-mode processing elements form products (hdl.blockpe.PRODUCTS).
-MULTIPLIERS = ("dsp", "lut")
+#: Ways block-mode processing elements form products (hdl.blockpe.PRODUCTS, or a mix by column).
+MULTIPLIERS = ("dsp", "lut", "mixed")
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,13 @@ class NPUConfig:
     multipliers : str
         How block-mode processing elements form their exact products: ``"dsp"`` on the FPGA's
         hardware multipliers (one per PE), ``"lut"`` in logic (a 4x4 significand product and a
-        shift), for arrays larger than the FPGA's multiplier count. Results are the same.
-        Sequential mode takes ``"dsp"`` only.
+        shift), for arrays larger than the FPGA's multiplier count; ``"mixed"``: the first
+        :attr:`dsp_columns` columns on multipliers, the others in logic, so an array uses every
+        multiplier the FPGA has and logic for the rest. Results are the same. Sequential mode
+        takes ``"dsp"`` only.
+    dsp_columns : int
+        With ``multipliers: "mixed"``, the columns whose PEs use hardware multipliers (1 to
+        cols - 1); 0 otherwise.
     vector_lanes : int
         binary32 lanes of the vector unit (EPILOGUE, BLOCKSCALE): 1..16, at most :attr:`cols`,
         or 0 for one per column. With fewer lanes than columns a row takes ceil(cols / lanes)
@@ -97,6 +102,7 @@ class NPUConfig:
     accumulation: str = "sequential"
     acc_block: int = 128
     multipliers: str = "dsp"
+    dsp_columns: int = 0
     vector_lanes: int = 0
     store_lanes: int = 0
 
@@ -128,6 +134,13 @@ class NPUConfig:
         if self.multipliers != "dsp" and self.accumulation != "block":
             raise ValueError(f"multipliers {self.multipliers!r} needs accumulation 'block'; sequential mode "
                              f"takes 'dsp'")
+        if self.multipliers == "mixed":
+            if self.cols < 2:
+                raise ValueError("multipliers 'mixed' needs at least 2 columns; a 1-column array takes 'dsp' or 'lut'")
+            integer("dsp_columns", 1, self.cols - 1)
+        elif self.dsp_columns != 0:
+            raise ValueError(f"dsp_columns applies to multipliers 'mixed' only; with {self.multipliers!r} it "
+                             f"must be 0, not {_short(self.dsp_columns)}")
         for name in ("vector_lanes", "store_lanes"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.cols):
@@ -189,6 +202,13 @@ class NPUConfig:
     def store_passes(self):
         """Passes of a row through the requantizer."""
         return -(-self.cols // self.store_lanes_built)
+
+    @property
+    def column_products(self):
+        """How each column's block-mode PEs form their products: ``"dsp"`` or ``"lut"`` per column."""
+        if self.multipliers == "mixed":
+            return ("dsp",) * self.dsp_columns + ("lut",) * (self.cols - self.dsp_columns)
+        return (self.multipliers,) * self.cols
 
     def supports(self, fmt_name):
         return fmt_name in self.formats

@@ -22,9 +22,9 @@ Block diagram::
 
 * **Fetch** reads the program (``PROG_ADDR``, ``PROG_LEN`` commands of 32 bytes) with AXI
   ID 0 into a 4-entry buffer.
-* **Dispatcher** checks each command with the rules of :func:`fp8npu.hdl.isa.validate`
-  (opcode, reserved bits and field ranges, formats, SRAM ranges, alignment, DMA window: the
-  same order), then queues it for its unit, or stops with the error code and the command's
+* **Dispatcher** takes each command with the verdict of the :class:`~.checks.CommandChecker`
+  (the rules of :func:`fp8npu.hdl.isa.validate` in the same order, on the way from fetch to the
+  dispatcher), then queues it for its unit, or stops with the error code and the command's
   address. ``END`` waits for every unit to go idle. If the dispatcher is blocked and no unit
   can make progress (every unit idle or waiting for a token), it stops with ``DEADLOCK``.
 * **Units**: the ISA's unit chain (:data:`fp8npu.hdl.isa.UNIT_CHAIN`), each a Component of its
@@ -46,7 +46,7 @@ follow from those tables.
 Latency of one MATMUL row: 1 (SRAM read) + R (array) cycles; throughput one row per cycle.
 """
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -54,10 +54,11 @@ from amaranth.lib.wiring import In, Out
 
 from . import isa
 from .axi import AxiLiteRegs, axi4_master_members
+from .checks import CommandChecker
 from .compute import ComputeUnit
 from .config import NPUConfig
 from .dma import LoadUnit, StoreUnit, axi_write_members
-from .units import QUEUE_ENTRY, ceil_div_pow2
+from .units import QUEUE_ENTRY
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -94,13 +95,6 @@ def _check_buildable(cfg, component):
     if problem:
         component._MustUse__used = True
         raise ValueError(problem)
-
-
-def _reserved_mask(opcode):
-    used = 0
-    for f in isa.COMMON_FIELDS + isa.FIELDS[opcode]:
-        used |= ((1 << f.width) - 1) << f.lsb
-    return ((1 << CMD) - 1) & ~used
 
 
 class NPUCore(wiring.Component):
@@ -264,7 +258,7 @@ class NPUCore(wiring.Component):
         # ---------------- fetch ------------------------------------------------------------
         # entries: command, its address, and whether the bus refused any of its beats (that is
         # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
-        # Fetched commands pass the checks (VALIDATE_STAGES cycles) on their way into the queue;
+        # Fetched commands pass the checks (CommandChecker.LATENCY cycles) on their way into the queue;
         # an entry holds the command, its verdict, its address and whether the bus refused a beat.
         m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 8 + 33, depth=4)
         beats_per_cmd = max(CMD // D, 1)
@@ -311,9 +305,11 @@ class NPUCore(wiring.Component):
                 with m.Else():
                     m.d.sync += f_bad.eq(f_bad | r_refused)
 
-        verdict, v_out_cmd = self._validate(m, v_cmd)
+        m.submodules.checker = checker = CommandChecker(cfg)
+        m.d.comb += [checker.cmd.eq(v_cmd), checker.win_base.eq(self.win_base), checker.win_limit.eq(self.win_limit)]
+        verdict, v_out_cmd = checker.verdict, checker.cmd_out
         v_valid, v_carry = v_in, v_info
-        for stage in range(self.VALIDATE_STAGES):
+        for stage in range(CommandChecker.LATENCY):
             valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
             m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]
             v_valid, v_carry = valid_q, carry_q
@@ -416,129 +412,6 @@ class NPUCore(wiring.Component):
         with m.If(ax("bvalid") & ax("bready") & (ax("bresp") != 0) & active):
             m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(store.cmd_addr)]
         return m
-
-    # ------------------------------------------------------------------------------------
-    #: Cycles from a fetched command to its verdict (:meth:`_validate`).
-    VALIDATE_STAGES = 2
-
-    def _validate(self, m, cmd0):
-        """Pipelined mirror of :func:`fp8npu.hdl.isa.validate` (same rules, same order): the
-        multiplications of the range checks in the first cycle, the comparisons in the second.
-        Returns (verdict, command) for the command that entered :attr:`VALIDATE_STAGES` cycles
-        before; one command per cycle."""
-        cfg = self.cfg
-        Op, E = isa.Opcode, isa.ErrorCode
-        # stage A: the command and the products of its range checks
-        for name in ("rows", "dram_addr", "dram_stride"):
-            assert fld(cmd0, Op.LOAD, name).start == fld(cmd0, Op.STORE, name).start, name
-        cmd = Signal(CMD, name="v_cmd")
-        m.d.sync += cmd.eq(cmd0)
-        dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
-        load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
-        a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
-        rb0 = fld(cmd0, Op.LOAD, "row_bytes")
-        lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), ceil_div_pow2(rb0, cfg.acc_line_bytes),
-                     ceil_div_pow2(rb0, cfg.line_bytes))
-        m.d.sync += [
-            dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
-            load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
-            a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1) * fld(cmd0, Op.MATMUL, "a_stride")),
-        ]
-        # stage B: the checks, registered
-        op = cmd[0:8]
-        pp, pn, up, un = (common(cmd, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next"))
-        code = Signal(8, name="verdict")
-        known = Signal()
-        reserved = Signal()
-        with m.Switch(op):
-            for o in Op:
-                with m.Case(o):
-                    m.d.comb += [known.eq(1), reserved.eq((cmd & _reserved_mask(o)) != 0)]
-
-        def f(o, name):
-            return fld(cmd, o, name)
-
-        bad_field = Signal()
-        bad_format = Signal()
-        sram = Signal()
-        misaligned = Signal()
-        window = Signal()
-        sup = {name: int(cfg.supports(name)) for name in ("e4m3", "e5m2")}
-        fmt_ok = Array([Const(sup["e4m3"], 1), Const(sup["e5m2"], 1)])
-        wb, wl = self.win_base, self.win_limit
-
-        def dram_check(o, row_bytes):
-            rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
-            end = Signal(64, name=f"end_{o.name.lower()}")
-            m.d.comb += end.eq(addr + dram_span + row_bytes)     # rows >= 1: no wrap in dram_span
-            m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)
-            m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | (end > wl)))
-
-        with m.Switch(op):
-            with m.Case(Op.END):
-                m.d.comb += bad_field.eq(pp | pn | up | un)
-            with m.Case(Op.LOAD):
-                dst, rows, rb, sa = f(Op.LOAD, "dst"), f(Op.LOAD, "rows"), f(Op.LOAD, "row_bytes"), f(Op.LOAD, "sram_addr")
-                m.d.comb += bad_field.eq(pp | up | (dst & (rb[0:2] != 0)))
-                span = Signal(40)
-                m.d.comb += span.eq(sa + load_lines)
-                m.d.comb += sram.eq((rows != 0) & (rb != 0) & (span > Mux(dst, cfg.acc_lines, cfg.sp_lines)))
-                dram_check(Op.LOAD, rb)
-            with m.Case(Op.STORE):
-                fmt, cols, rows = f(Op.STORE, "fmt"), f(Op.STORE, "cols"), f(Op.STORE, "rows")
-                m.d.comb += bad_field.eq(pn | un | (fmt == 3) | (cols == 0) | (cols > cfg.cols))
-                m.d.comb += bad_format.eq(((fmt == 1) & ~sup["e4m3"]) | ((fmt == 2) & ~sup["e5m2"]))
-                m.d.comb += sram.eq((rows != 0) & (f(Op.STORE, "acc_addr") + rows > cfg.acc_lines))
-                dram_check(Op.STORE, Mux(fmt == 0, cols << 2, cols))
-            with m.Case(Op.MATMUL):
-                k, mm = f(Op.MATMUL, "k"), f(Op.MATMUL, "m")
-                commit, fresh = f(Op.MATMUL, "commit"), f(Op.MATMUL, "fresh")
-                block_ok = Const(int(cfg.accumulation == "block"), 1)
-                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows) | (fresh & ~commit)
-                                         | (~block_ok & (commit | fresh)))
-                m.d.comb += bad_format.eq(~fmt_ok[f(Op.MATMUL, "fmt_a")] | ~fmt_ok[f(Op.MATMUL, "fmt_b")])
-                last_a = Signal(40)
-                m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + a_span)     # m >= 1: no wrap in a_span
-                m.d.comb += sram.eq((f(Op.MATMUL, "b_addr") + k > cfg.sp_lines)
-                                    | ((mm != 0) & ((last_a >= cfg.sp_lines)
-                                                    | (f(Op.MATMUL, "acc_addr") + mm > cfg.acc_lines))))
-            with m.Case(Op.EPILOGUE):
-                rows = f(Op.EPILOGUE, "rows")
-                m.d.comb += sram.eq(((rows != 0) & ((f(Op.EPILOGUE, "src") + rows > cfg.acc_lines)
-                                                    | (f(Op.EPILOGUE, "dst") + rows > cfg.acc_lines)))
-                                    | (f(Op.EPILOGUE, "scale_addr") >= cfg.acc_lines)
-                                    | (f(Op.EPILOGUE, "bias_addr") >= cfg.acc_lines))
-            with m.Case(Op.BLOCKSCALE):
-                rows = f(Op.BLOCKSCALE, "rows")
-                m.d.comb += sram.eq(((rows != 0) & ((f(Op.BLOCKSCALE, "src") + rows > cfg.acc_lines)
-                                                    | (f(Op.BLOCKSCALE, "dst") + rows > cfg.acc_lines)
-                                                    | (f(Op.BLOCKSCALE, "row_scale") + rows > cfg.acc_lines)))
-                                    | (f(Op.BLOCKSCALE, "col_scale") >= cfg.acc_lines))
-            with m.Case(Op.SYNC):
-                u = f(Op.SYNC, "unit")
-                m.d.comb += bad_field.eq((u == 3) | ((u == 0) & (pp | up)) | ((u == 2) & (pn | un)))
-        # output: the first failed check, in isa.validate's order, from the registered checks
-        checks = (~known, reserved | bad_field, bad_format, sram, misaligned, window)
-        failed = [Signal(name=f"v_fail_{e.name.lower()}") for e in (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT,
-                                                                     E.SRAM_RANGE, E.MISALIGNED, E.DRAM_WINDOW)]
-        m.d.sync += [q.eq(c) for q, c in zip(failed, checks)]
-        cmd_out = Signal(CMD, name="v_cmd_out")
-        m.d.sync += cmd_out.eq(cmd)
-        with m.If(failed[0]):
-            m.d.comb += code.eq(E.BAD_OPCODE)
-        with m.Elif(failed[1]):
-            m.d.comb += code.eq(E.BAD_FIELD)
-        with m.Elif(failed[2]):
-            m.d.comb += code.eq(E.BAD_FORMAT)
-        with m.Elif(failed[3]):
-            m.d.comb += code.eq(E.SRAM_RANGE)
-        with m.Elif(failed[4]):
-            m.d.comb += code.eq(E.MISALIGNED)
-        with m.Elif(failed[5]):
-            m.d.comb += code.eq(E.DRAM_WINDOW)
-        with m.Else():
-            m.d.comb += code.eq(E.NONE)
-        return code, cmd_out
 
     @staticmethod
     def _token_deltas(m, cmd, target):

@@ -29,7 +29,14 @@ def test_json_round_trip(tmp_path):
     ({"axi_data_bits": 48}, r"^axi_data_bits must be one of 32, 64, 128, 256, not 48$"),
     ({"formats": ("e4m3", "fp4")}, r"^formats must be a non-empty list of distinct names from e4m3, e5m2, "
                                    r"not \('e4m3', 'fp4'\)$"),
-    ({"multipliers": "bram"}, r"^multipliers must be one of dsp, lut, not 'bram'$"),
+    ({"multipliers": "bram"}, r"^multipliers must be one of dsp, lut, mixed, not 'bram'$"),
+    ({"accumulation": "block", "multipliers": "mixed", "dsp_columns": 8},
+     r"^dsp_columns must be an integer from 1 to 7, not 8$"),
+    ({"accumulation": "block", "multipliers": "mixed"}, r"^dsp_columns must be an integer from 1 to 7, not 0$"),
+    ({"accumulation": "block", "multipliers": "lut", "dsp_columns": 2},
+     r"^dsp_columns applies to multipliers 'mixed' only; with 'lut' it must be 0, not 2$"),
+    ({"accumulation": "block", "multipliers": "mixed", "cols": 1, "dsp_columns": 1},
+     r"^multipliers 'mixed' needs at least 2 columns; a 1-column array takes 'dsp' or 'lut'$"),
     ({"multipliers": "lut"}, r"^multipliers 'lut' needs accumulation 'block'; sequential mode takes 'dsp'$"),
 ])
 def test_invalid_values_are_one_sentence(kwargs, message):

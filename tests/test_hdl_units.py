@@ -404,3 +404,94 @@ def test_store_unit_alone(bus_bits, rng):
     bad = sum(a != b for a, b in zip(dram, ref.mem))
     print(f"{len(commands)} STOREs, {len(dram)} DRAM bytes checked, {bad} mismatches, {state['cycles']} cycles")
     assert bad == 0
+
+
+# ---- the command checker alone, against isa.validate ---------------------------------------
+
+#: SRAM address fields: set near the end of an SRAM now and then, to meet the range checks' edges.
+_SRAM_FIELDS = ("sram_addr", "acc_addr", "b_addr", "a_addr", "src", "dst", "row_scale", "col_scale",
+                "scale_addr", "bias_addr")
+
+
+def _checker_command(rng, cfg):
+    """A random command: mostly plausible field values (so that every check is reached, and
+    SRAM ranges end right at, before or past the end of an SRAM), now and then any value of a
+    field's width, token flags, unknown opcodes and reserved bits."""
+    from fp8npu.hdl import isa
+    if rng.random() < 0.02:
+        return rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+    op = isa.Opcode(int(rng.integers(1, 8)))
+    plausible = {"k": (1, cfg.rows + 2), "cols": (0, cfg.cols + 2), "fmt": (0, 4), "unit": (0, 4),
+                 "m": (0, 9), "rows": (0, 9), "row_bytes": (0, 41), "a_stride": (0, 4)}
+    fields = {}
+    for f in isa.FIELDS[op]:
+        if rng.random() < 0.1:
+            value = int(rng.integers(0, 1 << f.width, dtype=np.uint64))
+        elif f.name == "dram_addr":
+            value = int(rng.integers(0, 6000)) * 8 + int(rng.random() < 0.05)
+        elif f.name == "dram_stride":
+            value = int(rng.integers(0, 32)) * 8 + int(rng.random() < 0.05) * 4
+        elif f.name in _SRAM_FIELDS:
+            lines = int(rng.choice([cfg.sp_lines, cfg.acc_lines]))
+            value = lines - int(rng.integers(-2, 20)) if rng.random() < 0.3 else int(rng.integers(0, 64))
+        elif f.name in plausible:
+            value = int(rng.integers(*plausible[f.name]))
+        else:
+            value = int(rng.integers(0, 1 << min(f.width, 32), dtype=np.uint64))
+        fields[f.name] = value & ((1 << f.width) - 1)
+    if op == isa.Opcode.LOAD and fields["dst"] and rng.random() < 0.9:
+        fields["row_bytes"] -= fields["row_bytes"] % 4
+    if op == isa.Opcode.MATMUL and cfg.accumulation != "block" and rng.random() < 0.9:
+        fields["commit"] = fields["fresh"] = 0
+    flags = {f: int(rng.random() < 0.04) for f in ("pop_prev", "pop_next", "push_prev", "push_next")}
+    cmd = bytearray(isa.encode(op, **flags, **fields))
+    if rng.random() < 0.02:
+        cmd[0] = int(rng.integers(0, 256))                      # any opcode
+    if rng.random() < 0.02:
+        cmd[31] |= 1 << int(rng.integers(0, 8))                 # a bit that may be reserved
+    return bytes(cmd)
+
+
+@pytest.mark.parametrize("kind", ["sequential 8x8 bus 64", "block 5x3 bus 32, E4M3 only"])
+def test_command_checker_alone(kind, rng):
+    """CommandChecker in the Amaranth simulator, one command per cycle, against isa.validate
+    (the functional simulator's checks) on 3,000 random commands and two DMA windows: the
+    same error code for every command, and the command passed through unchanged."""
+    from fp8npu.hdl import isa
+    from fp8npu.hdl.checks import CommandChecker
+    from fp8npu.hdl.config import NPUConfig
+    if kind.startswith("sequential"):
+        cfg = NPUConfig(sp_lines=1024, acc_lines=256)
+    else:
+        cfg = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, accumulation="block",
+                        formats=("e4m3",))
+    windows = [(0, 1 << 20), (4096, 40_000)]
+    n = 1500
+    commands = [_checker_command(rng, cfg) for _ in range(n * len(windows))]
+    dut = CommandChecker(cfg)
+    got = []
+
+    async def bench(ctx):
+        L = CommandChecker.LATENCY
+        for w, (base, limit) in enumerate(windows):
+            ctx.set(dut.win_base, base)
+            ctx.set(dut.win_limit, limit)
+            part = commands[w * n:(w + 1) * n]
+            for t in range(n + L):
+                if t < n:
+                    ctx.set(dut.cmd, int.from_bytes(part[t], "little"))
+                await ctx.tick()
+                if t >= L - 1 and len(got) < (w + 1) * n:
+                    got.append((ctx.get(dut.verdict), ctx.get(dut.cmd_out)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    want = [isa.validate(isa.decode(c), cfg, *windows[i // n]) for i, c in enumerate(commands)]
+    bad = [(i, got[i][0], int(w)) for i, w in enumerate(want) if got[i][0] != w]
+    codes = {isa.ErrorCode(w).name for w in want}
+    print(f"{kind}: {len(commands)} commands checked ({', '.join(sorted(codes))}), {len(bad)} mismatches")
+    assert not bad, f"command {bad[0][0]}: hardware {bad[0][1]}, isa.validate {bad[0][2]}"
+    assert all(g[1] == int.from_bytes(c, "little") for g, c in zip(got, commands))
+    assert len(codes) >= 6

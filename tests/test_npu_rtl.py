@@ -368,7 +368,8 @@ def test_npu_benchmark_runs_small():
 BLOCK = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4, accumulation="block", acc_block=8,
                   formats=("e4m3",), vector_lanes=3)
 BLOCK_5x3 = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2,
-                      accumulation="block", acc_block=4, formats=("e4m3",), multipliers="lut", store_lanes=2)
+                      accumulation="block", acc_block=4, formats=("e4m3",), multipliers="mixed", dsp_columns=1,
+                      store_lanes=2)
 
 
 def _spread_codes(rng, shape):
@@ -382,13 +383,14 @@ def _spread_codes(rng, shape):
 
 @pytest.mark.parametrize("name", ["specials, block scaling, bias", "two rows, back to back, backpressure",
                                   "extreme exponent spread, 75 blocks",
-                                  "5x3, products in LUTs, bus 32, FP8 out"])
+                                  "5x3, mixed products, bus 32, FP8 out"])
 def test_block_accumulation_gemms(name):
     """Block-mode RTL (exact column sums, partial lines, one rounding per block, one FP32
     addition) equals the functional simulator and the contract bit for bit: every E4M3 code
     (NaN, zeros of both signs), rows that read a partial line right after the row before wrote
     it, chains of many blocks mixing 448 x 448 with 2^-9 x 2^-9, tiles cut at block ends, and
-    products formed in LUTs (multipliers="lut") instead of on multipliers."""
+    an array with one column of products on multipliers and two formed in LUTs
+    (multipliers="mixed")."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     cfg, kw, backpressure = BLOCK, {}, 0.0
     if name.startswith("specials"):

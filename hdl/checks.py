@@ -1,0 +1,178 @@
+"""The command checker: the rules of :func:`fp8npu.hdl.isa.validate` in hardware, pipelined.
+
+Every fetched command passes it on its way to the dispatcher; the verdict (an
+:class:`~fp8npu.hdl.isa.ErrorCode`, NONE for a good command) travels with the command, and the
+dispatcher stops the NPU on the first command with a bad verdict, in program order.
+"""
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from . import isa
+from .units import ceil_div_pow2, command_layout
+
+__all__ = ["CommandChecker"]
+
+CMD = isa.COMMAND_BITS
+
+
+def _reserved_mask(opcode):
+    used = 0
+    for f in isa.COMMON_FIELDS + isa.FIELDS[opcode]:
+        used |= ((1 << f.width) - 1) << f.lsb
+    return ((1 << CMD) - 1) & ~used
+
+
+def fld(cmd, opcode, name):
+    """Slice of a command signal holding field ``name`` of ``opcode`` (from the ISA tables)."""
+    field = command_layout(opcode)[name]
+    return cmd[field.offset:field.offset + field.width]
+
+
+class CommandChecker(wiring.Component):
+    """Pipelined mirror of :func:`fp8npu.hdl.isa.validate`: the same rules in the same order
+    (opcode, reserved bits and field ranges, formats, SRAM ranges, alignment, DMA window), for
+    the configuration it is built for. The multiplications of the range checks happen in the
+    first cycle, the comparisons in the second.
+
+    Members
+    -------
+    cmd : In(COMMAND_BITS)             a command, one per cycle
+    win_base, win_limit : In(32)       the DMA window (held while commands pass)
+    verdict : Out(8)                   the ErrorCode of the command that entered LATENCY cycles ago
+    cmd_out : Out(COMMAND_BITS)        ... and that command
+
+    Latency :attr:`LATENCY` cycles; throughput one command per cycle.
+    """
+
+    #: Cycles from a command to its verdict.
+    LATENCY = 2
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        super().__init__({"cmd": In(CMD), "win_base": In(32), "win_limit": In(32), "verdict": Out(8),
+                          "cmd_out": Out(CMD)})
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        cmd0 = self.cmd
+        Op, E = isa.Opcode, isa.ErrorCode
+        # stage A: the command and the products of its range checks
+        for name in ("rows", "dram_addr", "dram_stride"):
+            assert command_layout(Op.LOAD)[name].offset == command_layout(Op.STORE)[name].offset, name
+        cmd = Signal(CMD, name="v_cmd")
+        m.d.sync += cmd.eq(cmd0)
+        dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
+        load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
+        a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
+        rb0 = fld(cmd0, Op.LOAD, "row_bytes")
+        lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), ceil_div_pow2(rb0, cfg.acc_line_bytes),
+                     ceil_div_pow2(rb0, cfg.line_bytes))
+        m.d.sync += [
+            dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
+            load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
+            a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1) * fld(cmd0, Op.MATMUL, "a_stride")),
+        ]
+        # stage B: the checks, registered
+        op = cmd[0:8]
+        pp, pn, up, un = (fld(cmd, Op.SYNC, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next"))
+        code = self.verdict
+        known = Signal()
+        reserved = Signal()
+        with m.Switch(op):
+            for o in Op:
+                with m.Case(o):
+                    m.d.comb += [known.eq(1), reserved.eq((cmd & _reserved_mask(o)) != 0)]
+
+        def f(o, name):
+            return fld(cmd, o, name)
+
+        bad_field = Signal()
+        bad_format = Signal()
+        sram = Signal()
+        misaligned = Signal()
+        window = Signal()
+        sup = {name: int(cfg.supports(name)) for name in ("e4m3", "e5m2")}
+        fmt_ok = Array([Const(sup["e4m3"], 1), Const(sup["e5m2"], 1)])
+        wb, wl = self.win_base, self.win_limit
+
+        def dram_check(o, row_bytes):
+            rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
+            end = Signal(64, name=f"end_{o.name.lower()}")
+            m.d.comb += end.eq(addr + dram_span + row_bytes)     # rows >= 1: no wrap in dram_span
+            m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)
+            m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | (end > wl)))
+
+        with m.Switch(op):
+            with m.Case(Op.END):
+                m.d.comb += bad_field.eq(pp | pn | up | un)
+            with m.Case(Op.LOAD):
+                dst, rows, rb, sa = f(Op.LOAD, "dst"), f(Op.LOAD, "rows"), f(Op.LOAD, "row_bytes"), f(Op.LOAD, "sram_addr")
+                m.d.comb += bad_field.eq(pp | up | (dst & (rb[0:2] != 0)))
+                span = Signal(40)
+                m.d.comb += span.eq(sa + load_lines)
+                m.d.comb += sram.eq((rows != 0) & (rb != 0) & (span > Mux(dst, cfg.acc_lines, cfg.sp_lines)))
+                dram_check(Op.LOAD, rb)
+            with m.Case(Op.STORE):
+                fmt, cols, rows = f(Op.STORE, "fmt"), f(Op.STORE, "cols"), f(Op.STORE, "rows")
+                m.d.comb += bad_field.eq(pn | un | (fmt == 3) | (cols == 0) | (cols > cfg.cols))
+                m.d.comb += bad_format.eq(((fmt == 1) & ~sup["e4m3"]) | ((fmt == 2) & ~sup["e5m2"]))
+                m.d.comb += sram.eq((rows != 0) & (f(Op.STORE, "acc_addr") + rows > cfg.acc_lines))
+                dram_check(Op.STORE, Mux(fmt == 0, cols << 2, cols))
+            with m.Case(Op.MATMUL):
+                k, mm = f(Op.MATMUL, "k"), f(Op.MATMUL, "m")
+                commit, fresh = f(Op.MATMUL, "commit"), f(Op.MATMUL, "fresh")
+                block_ok = Const(int(cfg.accumulation == "block"), 1)
+                m.d.comb += bad_field.eq((k == 0) | (k > cfg.rows) | (fresh & ~commit)
+                                         | (~block_ok & (commit | fresh)))
+                m.d.comb += bad_format.eq(~fmt_ok[f(Op.MATMUL, "fmt_a")] | ~fmt_ok[f(Op.MATMUL, "fmt_b")])
+                last_a = Signal(40)
+                m.d.comb += last_a.eq(f(Op.MATMUL, "a_addr") + a_span)     # m >= 1: no wrap in a_span
+                m.d.comb += sram.eq((f(Op.MATMUL, "b_addr") + k > cfg.sp_lines)
+                                    | ((mm != 0) & ((last_a >= cfg.sp_lines)
+                                                    | (f(Op.MATMUL, "acc_addr") + mm > cfg.acc_lines))))
+            with m.Case(Op.EPILOGUE):
+                rows = f(Op.EPILOGUE, "rows")
+                m.d.comb += sram.eq(((rows != 0) & ((f(Op.EPILOGUE, "src") + rows > cfg.acc_lines)
+                                                    | (f(Op.EPILOGUE, "dst") + rows > cfg.acc_lines)))
+                                    | (f(Op.EPILOGUE, "scale_addr") >= cfg.acc_lines)
+                                    | (f(Op.EPILOGUE, "bias_addr") >= cfg.acc_lines))
+            with m.Case(Op.BLOCKSCALE):
+                rows = f(Op.BLOCKSCALE, "rows")
+                m.d.comb += sram.eq(((rows != 0) & ((f(Op.BLOCKSCALE, "src") + rows > cfg.acc_lines)
+                                                    | (f(Op.BLOCKSCALE, "dst") + rows > cfg.acc_lines)
+                                                    | (f(Op.BLOCKSCALE, "row_scale") + rows > cfg.acc_lines)))
+                                    | (f(Op.BLOCKSCALE, "col_scale") >= cfg.acc_lines))
+            with m.Case(Op.SYNC):
+                # a unit outside the chain, or a token flag the unit has no counter for
+                with m.Switch(f(Op.SYNC, "unit")):
+                    for unit, tokens in isa.TOKEN_OF_FLAG.items():
+                        with m.Case(unit):
+                            m.d.comb += bad_field.eq(Cat(*[flag for flag, token in zip((pp, pn, up, un), tokens)
+                                                           if token is None]).any())
+                    with m.Default():
+                        m.d.comb += bad_field.eq(1)
+        # output: the first failed check, in isa.validate's order, from the registered checks
+        checks = (~known, reserved | bad_field, bad_format, sram, misaligned, window)
+        failed = [Signal(name=f"v_fail_{e.name.lower()}") for e in (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT,
+                                                                     E.SRAM_RANGE, E.MISALIGNED, E.DRAM_WINDOW)]
+        m.d.sync += [q.eq(c) for q, c in zip(failed, checks)]
+        cmd_out = self.cmd_out
+        m.d.sync += cmd_out.eq(cmd)
+        with m.If(failed[0]):
+            m.d.comb += code.eq(E.BAD_OPCODE)
+        with m.Elif(failed[1]):
+            m.d.comb += code.eq(E.BAD_FIELD)
+        with m.Elif(failed[2]):
+            m.d.comb += code.eq(E.BAD_FORMAT)
+        with m.Elif(failed[3]):
+            m.d.comb += code.eq(E.SRAM_RANGE)
+        with m.Elif(failed[4]):
+            m.d.comb += code.eq(E.MISALIGNED)
+        with m.Elif(failed[5]):
+            m.d.comb += code.eq(E.DRAM_WINDOW)
+        with m.Else():
+            m.d.comb += code.eq(E.NONE)
+        return m
