@@ -212,13 +212,17 @@ def npu_synth_line(cfg, pnr=None, progress=None):
 
 #: Where the NPU's logic goes: (group, module path prefixes), the first match wins.
 NPU_PARTS = (
-    ("processing elements (block mode)", ("top.core.array.pe_",)),
-    ("array: sequential MACs; block decoders, column sums, rounding, FP32 add", ("top.core.array",)),
-    ("vector unit (EPILOGUE, BLOCKSCALE)", ("top.core.vector",)),
-    ("requantizer (STORE to FP8)", ("top.core.requantizer",)),
+    ("processing elements (block mode)", ("top.core.compute_unit.array.pe_",)),
+    ("array: sequential MACs; block decoders, column sums, rounding, FP32 add", ("top.core.compute_unit.array",)),
+    ("vector unit (EPILOGUE, BLOCKSCALE)", ("top.core.compute_unit.vector",)),
+    ("compute unit: weight loader, row streamer, hazards", ("top.core.compute_unit",)),
+    ("requantizer (STORE to FP8)", ("top.core.store_unit.requantizer",)),
+    ("store unit (AXI writes)", ("top.core.store_unit",)),
+    ("load unit (AXI reads into lines)", ("top.core.load_unit",)),
+    ("command checker", ("top.core.checker",)),
     ("command queues", ("top.core.fetch_q", "top.core.load_q", "top.core.compute_q", "top.core.store_q")),
     ("register block (AXI4-Lite)", ("top.regs",)),
-    ("fetch, checks, dispatch, DMA, tokens, control", ("top",)),
+    ("fetch, dispatch, tokens, control", ("top",)),
 )
 
 

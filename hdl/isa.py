@@ -76,9 +76,12 @@ Token.__doc__ = "The token counters, named producer -> consumer."
 TOKEN_EDGES = {Token[name]: (a, b) for name, a, b in _token_edges(UNIT_CHAIN)}
 
 
-def _token_of_flag(chain):
+def _token_of_flag(chain, tokens=None):
+    """``{unit: (pop_prev, pop_next, push_prev, push_next)}`` counters of ``tokens`` for ``chain``."""
+    tokens = tokens or Token
+
     def edge(a, b):
-        return None if a is None or b is None else Token[f"{a.name}_TO_{b.name}"]
+        return None if a is None or b is None else tokens[f"{a.name}_TO_{b.name}"]
     table = {}
     for i, u in enumerate(chain):
         prev = chain[i - 1] if i > 0 else None

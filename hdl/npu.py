@@ -457,14 +457,19 @@ class NPU(wiring.Component):
         cfg = self.cfg
         m = Module()
         core = NPUCore(cfg)
-        start = Signal()
-        m.submodules.core = ResetInserter({"sync": start})(core)
+        start = Signal()          # CTRL.start accepted
+        reset = Signal()          # ... registered: resets the core (a register, so the reset's
+        start_q = Signal()        # fan-out to every flip-flop starts at one); then the core starts
+        m.submodules.core = ResetInserter({"sync": reset})(core)
         Rg = isa.Register
         prog_addr, prog_len, win_base, win_limit = (Signal(32, name=n) for n in
                                                     ("r_prog_addr", "r_prog_len", "r_win_base", "r_win_limit"))
         status = Signal(32)
-        m.d.comb += [status.eq(Cat(core.busy, core.done, core.error_valid)), self.status.eq(status[:3]),
-                     self.irq.eq(~core.busy & (core.done | core.error_valid))]
+        # from the accepted start until the core runs, STATUS shows busy (not the last run's state)
+        starting = reset | start_q
+        busy, done, error = core.busy | starting, core.done & ~starting, core.error_valid & ~starting
+        m.d.comb += [status.eq(Cat(busy, done, error)), self.status.eq(status[:3]),
+                     self.irq.eq(~busy & (done | error))]
         config_word = isa.config_word(cfg)
         regs = {
             Rg.STATUS: (status, False), Rg.ERROR: (core.error_code, False), Rg.ERROR_ADDR: (core.error_addr, False),
@@ -482,10 +487,9 @@ class NPU(wiring.Component):
                     m.d.comb += inner.eq(port)
                 else:
                     m.d.comb += port.eq(inner)
-        # CTRL.start resets the core this cycle and starts it the next
-        m.d.comb += start.eq(regs_block.strobe & regs_block.strobe_data[0] & ~core.busy)
-        start_q = Signal()
-        m.d.sync += start_q.eq(start)
+        # CTRL.start: the core is reset in the next cycle and starts in the one after
+        m.d.comb += start.eq(regs_block.strobe & regs_block.strobe_data[0] & ~busy)
+        m.d.sync += [reset.eq(start), start_q.eq(reset)]
         m.d.comb += [core.start.eq(start_q), core.prog_addr.eq(prog_addr), core.prog_len.eq(prog_len),
                      core.win_base.eq(win_base), core.win_limit.eq(win_limit)]
         for name, member in core.signature.members.items():

@@ -288,3 +288,28 @@ def test_cli_errors(tmp_path, capsys):
 
     assert _cli_error(["asm", str(source), "-o", str(tmp_path / "no" / "p.bin")], capsys) == \
         f"fp8npu: error: output folder '{tmp_path / 'no'}' does not exist\n"
+
+
+def test_token_tables_follow_the_unit_chain():
+    """The token counters and the flag table come from isa.UNIT_CHAIN: today's three units give
+    the four documented counters, and a chain with a fourth unit (the planned vector unit) gets
+    a pair of counters to its neighbour and flags that name them, without other edits."""
+    import enum
+
+    from fp8npu.hdl import isa
+    assert [t.name for t in isa.Token] == ["LOAD_TO_COMPUTE", "COMPUTE_TO_LOAD", "COMPUTE_TO_STORE",
+                                           "STORE_TO_COMPUTE"]
+    U = isa.Unit
+    assert isa.TOKEN_OF_FLAG[U.LOAD] == (None, isa.Token.COMPUTE_TO_LOAD, None, isa.Token.LOAD_TO_COMPUTE)
+    assert isa.TOKEN_OF_FLAG[U.STORE] == (isa.Token.COMPUTE_TO_STORE, None, isa.Token.STORE_TO_COMPUTE, None)
+    assert all(isa.TOKEN_EDGES[t] == (U[t.name.split("_TO_")[0]], U[t.name.split("_TO_")[1]]) for t in isa.Token)
+    Four = enum.IntEnum("Four", {"LOAD": 0, "COMPUTE": 1, "VECTOR": 2, "STORE": 3})
+    chain = tuple(Four)
+    edges = [name for name, _, _ in isa._token_edges(chain)]
+    assert edges == ["LOAD_TO_COMPUTE", "COMPUTE_TO_LOAD", "COMPUTE_TO_VECTOR", "VECTOR_TO_COMPUTE",
+                     "VECTOR_TO_STORE", "STORE_TO_VECTOR"]
+    Token4 = enum.IntEnum("Token4", edges)
+    flags = {u: tuple(None if t is None else t.name for t in ts)
+             for u, ts in isa._token_of_flag(chain, Token4).items()}
+    assert flags[Four.VECTOR] == ("COMPUTE_TO_VECTOR", "STORE_TO_VECTOR", "VECTOR_TO_COMPUTE", "VECTOR_TO_STORE")
+    assert flags[Four.STORE] == ("VECTOR_TO_STORE", None, "STORE_TO_VECTOR", None)
