@@ -10,7 +10,8 @@ scratchpad or accumulator lines, zero-padding the last line of each row. One lin
 beat at most; a beat is taken when the accumulator's write port is free (``acc_busy`` low).
 
 :class:`StoreUnit` reads one accumulator line per row, converts it (FP32 as it is, or FP8
-through the :class:`~.units.Requantizer`: ``STORE_CONVERT + passes - 1`` cycles) and writes
+through a register and the :class:`~.units.Requantizer`: ``STORE_CONVERT + passes - 1``
+cycles) and writes
 the row with one AXI4 write burst per ``max_burst`` beats and byte strobes for the bytes
 inside the row, then waits for every write response before it pushes its token.
 """
@@ -49,14 +50,15 @@ class LoadState(enum.Enum, shape=2):
 
 
 class StoreState(enum.Enum, shape=3):
-    """The store unit's command: per row READ -> CONVERT -> (ADDRESS -> DATA) per burst."""
+    """The store unit's command: per row READ -> ARRIVE (-> CONVERT) -> (ADDRESS -> DATA) per burst."""
     TOKENS = 0        # waiting for the tokens it pops
     READ = 1          # read the row's accumulator line
-    CONVERT = 2       # the line arrives; FP8 rows pass the requantizer
-    ADDRESS = 3       # AW of the next burst
-    DATA = 4          # W beats of the burst (completed even after an error)
-    RESPONSES = 5     # every row written: wait for the outstanding write responses
-    FINISH = 6        # push tokens, free the unit
+    ARRIVE = 2        # the line arrives and is registered
+    CONVERT = 3       # FP8 rows: the registered line passes the requantizer
+    ADDRESS = 4       # AW of the next burst
+    DATA = 5          # W beats of the burst (completed even after an error)
+    RESPONSES = 6     # every row written: wait for the outstanding write responses
+    FINISH = 7        # push tokens, free the unit
 
 
 def axi_write_members(prefix, data_bits, addr_bits=32):
@@ -226,8 +228,9 @@ class StoreUnit(wiring.Component):
     more), then per burst one AW cycle and one W beat per cycle.
     """
 
-    #: Cycles a STORE to FP8 spends converting each row (:class:`~.units.Requantizer`).
-    STORE_CONVERT = Requantizer.LATENCY
+    #: Cycles a STORE to FP8 spends converting each row: the line's register and the
+    #: :class:`~.units.Requantizer`.
+    STORE_CONVERT = Requantizer.LATENCY + 1
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -278,37 +281,32 @@ class StoreUnit(wiring.Component):
                 m.d.comb += self.waiting.eq(1)
         with m.If(busy & (state == S_.READ) & active):
             m.d.comb += self.acc_read.addr.eq(cur.acc_addr + row)
-            m.d.sync += state.eq(S_.CONVERT)
-        # convert the line that arrives: FP32 rows are taken as they are; FP8 rows go through
-        # the requantizer in S passes of Q columns (STORE_CONVERT + S - 1 cycles): the first
-        # pass straight from the read port, the others from the line kept in ``buf``
+            m.d.sync += state.eq(S_.ARRIVE)
+        # the line that arrives is registered in ``buf``: FP32 rows are written from there as they
+        # are; FP8 rows pass the requantizer from there (the block RAM's output never meets the
+        # conversion logic in one cycle) in S passes of Q columns, and the codes replace the line
         Q, S = cfg.store_lanes_built, cfg.store_passes
         m.submodules.requantizer = rq = Requantizer(Q)
-        conv_wait = Signal(range(self.STORE_CONVERT + S), name="s_conv_wait")
+        conv_wait = Signal(range(Requantizer.LATENCY + S), name="s_conv_wait")
         line = self.acc_read.data
-        first_pass = line[0:32 * Q]
-        if S == 1:
-            m.d.comb += rq.x.eq(first_pass)
-        else:
-            later = pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass")
-            m.d.comb += rq.x.eq(Mux(conv_wait == 0, first_pass, later))
+        m.d.comb += rq.x.eq(pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass"))
         m.d.comb += [rq.scale.eq(cur.scale), rq.e5m2.eq(cur.fmt == 2), rq.saturate.eq(cur.saturate)]
         codes = rq.y
         if S > 1:                           # earlier passes' codes, the oldest at the bottom
             done_codes = Signal(8 * Q * (S - 1), name="s_codes")
             m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
             codes = Cat(done_codes, rq.y)
-        with m.If(busy & (state == S_.CONVERT)):
+        with m.If(busy & (state == S_.ARRIVE)):
+            m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), w_addr.eq(row_addr), conv_wait.eq(0)]
             with m.If(cur.fmt == 0):
-                m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), state.eq(S_.ADDRESS), w_addr.eq(row_addr)]
-            with m.Elif(conv_wait == self.STORE_CONVERT + S - 1):
-                m.d.sync += [buf.eq(codes[:8 * C]), beat.eq(0), state.eq(S_.ADDRESS), w_addr.eq(row_addr),
-                             conv_wait.eq(0)]
+                m.d.sync += state.eq(S_.ADDRESS)
+            with m.Else():
+                m.d.sync += state.eq(S_.CONVERT)
+        with m.If(busy & (state == S_.CONVERT)):
+            with m.If(conv_wait == Requantizer.LATENCY + S - 1):
+                m.d.sync += [buf.eq(codes[:8 * C]), state.eq(S_.ADDRESS)]
             with m.Else():
                 m.d.sync += conv_wait.eq(conv_wait + 1)
-                if S > 1:
-                    with m.If(conv_wait == 0):
-                        m.d.sync += buf.eq(line[0:32 * C])
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
         m.d.comb += blen.eq(burst_len(beats_row - beat, w_addr, B, cfg.max_burst))
         aw_go = busy & (state == S_.ADDRESS) & active

@@ -98,8 +98,9 @@ __all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMU
 DMA_LATENCY = 8
 #: Cycles a STORE spends per row besides its data beats (accumulator read, conversion, address).
 STORE_ROW_OVERHEAD = 3
-#: Extra cycles per row of a STORE to FP8: scaling and conversion (hdl.npu.NPUCore.STORE_CONVERT).
-STORE_CONVERT = 8
+#: Extra cycles per row of a STORE to FP8: the line's register, scaling and conversion
+#: (hdl.dma.StoreUnit.STORE_CONVERT).
+STORE_CONVERT = 9
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
