@@ -314,6 +314,12 @@ class VectorUnit(wiring.Component):
 
         mul_regs, add_regs, lm, la = MUL_REGS[self.mul_stages], ADD_REGS[self.add_stages], self.mul_stages, \
             self.add_stages
+        # the datapath's command flags from registers: ``cmd`` is steady from ``start`` to
+        # ``done`` and no row reaches the lanes in the cycle after ``start``, so the flags
+        # (a compare on the opcode, fanned out to every lane's operand multiplexers) need not
+        # be computed in the cycle they are used
+        dp_ep, dp_scale, dp_bias = Signal(name="vu_dp_ep"), Signal(name="vu_dp_scale"), Signal(name="vu_dp_bias")
+        m.d.sync += [dp_ep.eq(is_ep), dp_scale.eq(ep.use_scale), dp_bias.eq(ep.use_bias)]
         W = 32 * L
         last_p = pick_slice(m, buf_last, W, P, sel[0], "vu_last")
         src_p = pick_slice(m, buf_src, W, P, sel[0], "vu_srcp")
@@ -324,17 +330,17 @@ class VectorUnit(wiring.Component):
             lane = slice(32 * j, 32 * j + 32)
             last = last_p[lane]               # EPILOGUE: x; BLOCKSCALE: dst
             # product 1 -- EPILOGUE: x * scale; BLOCKSCALE: row scale * column scale
-            m1 = fp32_mul(m, Mux(is_ep, last, buf_rs), scale_p[lane], f"vu{j}_m1_", mul_regs)
+            m1 = fp32_mul(m, Mux(dp_ep, last, buf_rs), scale_p[lane], f"vu{j}_m1_", mul_regs)
             x1 = delay(last, lm, f"vu{j}_x")
             src1 = delay(src_p[lane], lm, f"vu{j}_src")
             # product 2 -- BLOCKSCALE: src * (row scale * column scale); EPILOGUE: x or x * scale, delayed
             m2 = fp32_mul(m, src1, m1, f"vu{j}_m2_", mul_regs)
-            p_ep = delay(Mux(ep.use_scale, m1, x1), lm, f"vu{j}_p")
+            p_ep = delay(Mux(dp_scale, m1, x1), lm, f"vu{j}_p")
             dst2 = delay(x1, lm, f"vu{j}_dst")
             # sum -- EPILOGUE: p + bias; BLOCKSCALE: dst + product 2
-            total = fp32_add(m, Mux(is_ep, p_ep, dst2), Mux(is_ep, bias_p[lane], m2), add_regs, f"vu{j}_a_")
+            total = fp32_add(m, Mux(dp_ep, p_ep, dst2), Mux(dp_ep, bias_p[lane], m2), add_regs, f"vu{j}_a_")
             p_out = delay(p_ep, la, f"vu{j}_pout")
-            y = Mux(is_ep & ~ep.use_bias, p_out, total)
+            y = Mux(dp_ep & ~dp_bias, p_out, total)
             is_nan = (y[23:31] == 0xFF) & (y[0:23] != 0)
             results.append(Mux(is_nan, Const(_NAN, 32), y))
         # every pass's columns see the same lane results; wr_lanes picks the pass's columns
