@@ -49,6 +49,18 @@ def test_too_large_is_refused_before_building():
     assert "no array size fits" in small and "iCE40UP5K" in small
 
 
+def test_too_many_multipliers_are_refused_and_mixed_columns_fit():
+    """An array needing more hardware multipliers than the device has is refused before a
+    build, naming the way out; with some columns' products in logic it fits."""
+    board = BOARDS["ulx3s-85f"]
+    big = replace(board.config, rows=12, cols=12)
+    problem = boards.fit_problem(big, board)
+    assert "160 hardware multipliers of 156" in problem and '"mixed"' in problem
+    mixed = replace(big, multipliers="mixed", dsp_columns=10)
+    est = boards.estimate(mixed, board)
+    assert est.dsps == 16 + 12 * 10 and boards.fit_problem(mixed, board) is None
+
+
 def test_estimate_grows_with_the_array_and_lanes():
     cfg = BOARDS["ulx3s-85f"].config
     a, b = boards.estimate(cfg), boards.estimate(replace(cfg, rows=8, cols=8))
