@@ -164,7 +164,7 @@ class NPUCore(wiring.Component):
         load, compute, store = units[isa.Unit.LOAD], units[isa.Unit.COMPUTE], units[isa.Unit.STORE]
 
         # outstanding AXI work (a stopped core still drains it before it reports idle)
-        rd_out = Signal(16)       # read beats requested and not yet received
+        rd_out = Signal(16)       # read bursts requested whose last beat has not arrived
         drained = (rd_out == 0) & ~store.writes_pending
         m.d.comb += [
             self.busy.eq(running & ~(stopped & drained)),
@@ -238,7 +238,7 @@ class NPUCore(wiring.Component):
         ]
         ar_fire = ax("arvalid") & ax("arready")
         r_fire = ax("rvalid") & ax("rready")
-        m.d.sync += rd_out.eq(rd_out + Mux(ar_fire, ax("arlen") + 1, 0) - r_fire)
+        m.d.sync += rd_out.eq(rd_out + ar_fire - (r_fire & ax("rlast")))
         r_fetch = ax("rvalid") & (ax("rid") == 0)
         m.d.comb += [load.r.valid.eq(ax("rvalid") & (ax("rid") == 1)), load.r.payload.eq(ax("rdata"))]
         f_r_ready = Signal()
