@@ -54,7 +54,7 @@ from amaranth.lib.wiring import In, Out
 
 from . import isa
 from .axi import AxiLiteRegs, axi4_master_members
-from .checks import CommandChecker
+from .checks import CommandChecker, fld
 from .compute import ComputeUnit
 from .config import NPUConfig
 from .dma import LoadUnit, StoreUnit, axi_write_members
@@ -63,20 +63,6 @@ from .units import QUEUE_ENTRY
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
 CMD = isa.COMMAND_BITS
-_COMMON = {f.name: f for f in isa.COMMON_FIELDS}
-
-
-def fld(cmd, opcode, name):
-    """Slice of a command signal holding field ``name`` of ``opcode`` (from the ISA tables)."""
-    for f in isa.FIELDS[opcode] + isa.COMMON_FIELDS:
-        if f.name == name:
-            return cmd[f.lsb:f.lsb + f.width]
-    raise KeyError(name)
-
-
-def common(cmd, name):
-    f = _COMMON[name]
-    return cmd[f.lsb:f.lsb + f.width]
 
 
 def hardware_problem(cfg):
@@ -417,7 +403,7 @@ class NPUCore(wiring.Component):
     def _token_deltas(m, cmd, target):
         """Per token counter, +1 / -1 / 0: how dispatching ``cmd`` (for unit ``target``) changes
         its program-order balance (the mirror of :func:`fp8npu.hdl.isa.token_deltas`)."""
-        flags = [common(cmd, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next")]
+        flags = [fld(cmd, isa.Opcode.SYNC, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next")]
         deltas = [Signal(range(-1, 2), name=f"tok_delta{t}") for t in range(len(isa.Token))]
         with m.Switch(target):
             for unit, tokens in isa.TOKEN_OF_FLAG.items():
