@@ -358,9 +358,12 @@ def test_signal_stops_the_simulator_and_cleans_up(tmp_path, sig, status, word):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     env = dict(os.environ, TMPDIR=str(tmpdir))
+    # the child starts with SIGINT at its default action, as from a shell, even if this process
+    # inherited it ignored (a child of a process that ignores SIGINT ignores it too)
     proc = subprocess.Popen([sys.executable, "-m", "fp8npu.compiler", "sim", str(tmp_path / "p.bin"), "--fast",
                              "--config", str(tmp_path / "cfg.json"), "--max-cycles", "100000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait until the simulator runs (its progress file appears), then signal fp8npu alone
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
