@@ -218,7 +218,7 @@ class ComputeUnit(wiring.Component):
         # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
         m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)
         other = st_busy & ~st_is_mm
-        is_vector = (st_cmd[0:8] == Op.EPILOGUE) | (st_cmd[0:8] == Op.BLOCKSCALE)
+        is_vector = (mm.opcode == Op.EPILOGUE) | (mm.opcode == Op.BLOCKSCALE)
         vu_started = Signal(name="vu_started")
         m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
         with m.If(vu.busy):                                 # the array is empty while it runs
