@@ -161,18 +161,10 @@ class CommandChecker(wiring.Component):
         m.d.sync += [q.eq(c) for q, c in zip(failed, checks)]
         cmd_out = self.cmd_out
         m.d.sync += cmd_out.eq(cmd)
-        with m.If(failed[0]):
-            m.d.comb += code.eq(E.BAD_OPCODE)
-        with m.Elif(failed[1]):
-            m.d.comb += code.eq(E.BAD_FIELD)
-        with m.Elif(failed[2]):
-            m.d.comb += code.eq(E.BAD_FORMAT)
-        with m.Elif(failed[3]):
-            m.d.comb += code.eq(E.SRAM_RANGE)
-        with m.Elif(failed[4]):
-            m.d.comb += code.eq(E.MISALIGNED)
-        with m.Elif(failed[5]):
-            m.d.comb += code.eq(E.DRAM_WINDOW)
-        with m.Else():
-            m.d.comb += code.eq(E.NONE)
+        # the first failed check wins: later statements override earlier ones, so go backwards
+        m.d.comb += code.eq(E.NONE)
+        for fail, error in reversed(list(zip(failed, (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT, E.SRAM_RANGE,
+                                                       E.MISALIGNED, E.DRAM_WINDOW)))):
+            with m.If(fail):
+                m.d.comb += code.eq(error)
         return m

@@ -215,7 +215,11 @@ def _unit_cfg(bus_bits):
 
 
 def _drive_commands(ctx, dut, pending, pushes):
-    """Offer the next command of ``pending`` on the unit's command stream (taken when ready)."""
+    """Run the unit (active, every token there), offer the next command of ``pending`` on its
+    command stream (taken when ready) and count its token pops and pushes."""
+    ctx.set(dut.active, 1)
+    for port in (dut.tokens.have_prev, dut.tokens.have_next):
+        ctx.set(port, 1)
     if pending:
         ctx.set(dut.commands.valid, 1)
         ctx.set(dut.commands.payload.cmd, int.from_bytes(pending[0], "little"))
@@ -273,9 +277,6 @@ def test_load_unit_alone(bus_bits, rng):
         bursts, beats = [], []        # accepted bursts; (address) of beats still to send
         quiet = 0
         for cycle in range(20_000):
-            ctx.set(dut.active, 1)
-            for port in (dut.tokens.have_prev, dut.tokens.have_next):
-                ctx.set(port, 1)
             _drive_commands(ctx, dut, pending, pushes)
             ctx.set(dut.ar.ready, int(rng.random() < 0.7))
             ctx.set(dut.acc_busy, int(rng.random() < 0.2))
@@ -358,9 +359,6 @@ def test_store_unit_alone(bus_bits, rng):
         bursts, responses = [], []       # accepted AW (addr, beats left); B responses owed (delay)
         quiet = 0
         for cycle in range(20_000):
-            ctx.set(dut.active, 1)
-            for port in (dut.tokens.have_prev, dut.tokens.have_next):
-                ctx.set(port, 1)
             _drive_commands(ctx, dut, pending, pushes)
             if ctx.get(dut.tokens.push_prev) and responses:
                 state["early"] += 1
