@@ -12,6 +12,7 @@ Prints, for the FP8 multiplier, the FP32 adder, the FP32->FP8 converter and the 
 * with ``--fmax``, the MAC's Fmax after nextpnr-ecp5 place and route on an LFE5U-85F.
 """
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -98,7 +99,7 @@ def run_mac_bench(synth=True, sim=True, fmax=False, vectors=200_000, echo=print)
 
 
 def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1024, echo=print,
-                  modes=("sequential", "block")):
+                  modes=("sequential", "block"), base=None):
     """GEMMs on the NPU RTL (simulation DRAM inside the design) and the functional simulator.
 
     Prints, per array, accumulation mode (block: blocks of 128, E4M3-only hardware) and size: RTL cycles and MAC utilization from the hardware counters
@@ -129,7 +130,7 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
 
     ok = True
     for (rows, cols), mode in itertools.product(arrays, modes):
-        cfg = mode_config(rows, cols, mode)
+        cfg = mode_config(rows, cols, mode, base)
         for n in sizes:
             r, fs, same, wall = run_gemm(cfg, n, fast=True)
             ok &= same
@@ -162,9 +163,13 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
     return 0 if ok else 1
 
 
-def mode_config(rows, cols, mode):
+def mode_config(rows, cols, mode, base=None):
     """The benchmarked NPU configuration of an array size and accumulation mode: the default
-    configuration, E4M3-only in block mode (what block-mode hardware builds)."""
+    configuration, E4M3-only in block mode (what block-mode hardware builds); or, given a
+    ``base`` configuration, that one with the array size and the mode replaced (its formats,
+    lanes, multipliers and memories kept)."""
+    if base is not None:
+        return dataclasses.replace(base, rows=rows, cols=cols, accumulation=mode)
     if mode == "block":
         return NPUConfig(rows=rows, cols=cols, accumulation="block", formats=("e4m3",))
     return NPUConfig(rows=rows, cols=cols)
@@ -256,12 +261,14 @@ def npu_synth_header(pnr=None):
     return head
 
 
-def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False, breakdown=False, echo=print):
+def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False, breakdown=False, echo=print,
+                  base=None):
     """Synthesize the whole NPU (default configuration apart from the array size; E4M3-only in
     block mode) for ECP5 and print its size: LUT4 (including 2 per CCU2C carry cell), FFs, block
     RAMs, multipliers; with ``pnr`` (a device of fpga.synth.DEVICES) also place and route it and
     print the share of the device's LUTs, Fmax, GOPS = 2 x MACs x Fmax, tool times and the
     critical path. ``breakdown`` adds where the LUTs go (a second synthesis, not flattened).
+    ``base``: the configuration to start from instead of the default (see :func:`mode_config`).
     ``as_json`` prints the figures as one JSON list instead of a table."""
     def progress(text):
         print(f"  ... {text}", file=sys.stderr, flush=True)
@@ -275,7 +282,7 @@ def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False
                                                           f"in the figures)" if pnr else "") + ":")
         echo(npu_synth_header(pnr))
     for (rows, cols), mode in itertools.product(arrays, modes):
-        cfg = mode_config(rows, cols, mode)
+        cfg = mode_config(rows, cols, mode, base)
         row, line = npu_synth_line(cfg, pnr=pnr, progress=progress)
         rows_out.append(row)
         if not as_json:

@@ -154,6 +154,8 @@ def cmd_demo(args):
 def cmd_bench(args):
     from fp8npu.compiler.bench import run_funcsim_bench, run_mac_bench, run_npu_bench
 
+    if args.config is not None and args.target != "npu":
+        raise UsageError(f"--config goes with 'bench npu' (not with 'bench {args.target}')")
     if args.target == "funcsim":
         return 0 if run_funcsim_bench(size=args.size) else 1
     if args.target == "model":
@@ -172,20 +174,26 @@ def cmd_bench(args):
             _board(name)
         return run_board_bench(names, build=not args.no_build, out_dir=args.out_dir, as_json=args.json)
     if args.target == "npu":
-        from fp8npu.compiler.bench import run_npu_synth
-        from fp8npu.hdl.config import NPUConfig
-        for rows, cols in (args.arrays or ()) + (args.synth or ()):
-            try:
-                NPUConfig(rows=rows, cols=cols)
-            except ValueError as exc:
-                raise UsageError(f"array {rows}x{cols}: {exc}") from None
+        from fp8npu.compiler.bench import mode_config, run_npu_synth
+        base = load_cfg(args.config) if args.config else None
         modes = tuple(args.modes or ("sequential", "block"))
+        from fp8npu.hdl.npu import hardware_problem
+        for rows, cols in (args.arrays or ()) + (args.synth or ()):
+            for mode in modes:
+                try:
+                    cfg = mode_config(rows, cols, mode, base)
+                except ValueError as exc:
+                    raise UsageError(f"array {rows}x{cols} ({mode}): {exc}") from None
+                problem = hardware_problem(cfg) if (rows, cols) in (args.synth or ()) else None
+                if problem:
+                    raise UsageError(f"array {rows}x{cols} ({mode}): {problem}")
         if args.synth:
-            return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json, breakdown=args.breakdown)
+            return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json, breakdown=args.breakdown,
+                                 base=base)
         if args.pnr or args.json or args.breakdown:
             raise UsageError("--pnr, --breakdown and --json go with --synth (bench npu --synth RxC,... --pnr DEVICE)")
         return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)),
-                             modes=modes)
+                             modes=modes, base=base)
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
                          vectors=args.vectors)
 
@@ -597,6 +605,9 @@ def build_parser():
     bench.add_argument("--breakdown", action="store_true",
                        help="npu --synth: also show where the LUTs go (PEs, array, vector unit, queues, control)")
     bench.add_argument("--json", action="store_true", help="npu --synth, board: print the figures as JSON")
+    bench.add_argument("--config", metavar="CFG.json",
+                       help="npu: start from this NPU configuration (array size and accumulation mode "
+                            "replaced by --arrays/--synth and --modes; formats, lanes, multipliers kept)")
     bench.add_argument("--boards", metavar="NAME,...", help="board: the boards to build (default: all)")
     bench.add_argument("--no-build", action="store_true", help="board: measure the link only, build nothing")
     bench.add_argument("-o", "--out-dir", default="build", metavar="DIR", help="board: build folder (default: build)")

@@ -34,7 +34,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .blockpe import MAG_BITS, PRODUCTS, BlockPE, BlockRound, E4M3Decode, column_width, decoded_fields
+from .blockpe import PRODUCTS, BlockPE, BlockRound, FP8Decode, block_numbers, column_width, decoded_fields
 from .fpadd import STAGE_REGS, fp32_add
 from .fpmul import FP8Multiplier
 
@@ -103,14 +103,17 @@ class MACArray(wiring.Component):
         return m
 
 
-def partial_width(rows, acc_block):
-    """Bits of one column's exact block partial in units of 2^-18 (two's complement): a block
-    has at most ``acc_block`` E4M3 products, a K tile at most ``rows``."""
-    return max(column_width(rows), 2 * MAG_BITS + max(1, (acc_block - 1).bit_length()) + 1)
+def partial_width(rows, acc_block, formats=("e4m3",)):
+    """Bits of one column's exact block partial (two's complement, units of
+    :class:`~.blockpe.BlockNumbers` ``frac``): a block has at most ``acc_block`` products, a
+    K tile at most ``rows``."""
+    nums = block_numbers(formats)
+    return max(column_width(rows, formats), nums.product_bits + max(1, (acc_block - 1).bit_length()) + 1)
 
 
 class BlockArray(wiring.Component):
-    """The MAC array in block accumulation (docs/numerics.md section 3), E4M3 operands.
+    """The MAC array in block accumulation (docs/numerics.md section 3), the FP8 formats of
+    ``formats`` (E4M3, E5M2 or both; with E5M2 the products are formed in LUTs).
 
     Same dataflow and weight double-buffering as :class:`MACArray`: an R x C weight tile is
     stationary, one A row enters per cycle, ``a[kk]`` meets its row at stage ``kk``, partial
@@ -137,8 +140,12 @@ class BlockArray(wiring.Component):
     swapping row entered.
 
     A partial line holds, per column, ``pw`` = :func:`partial_width` bits of ``P`` then its
-    NaN flag and its negative-zero flag (every product -0); an all-zero line is the exact +0
-    of an empty block.
+    NaN flag, its negative-zero flag (every product -0) and, with E5M2, its +inf and -inf
+    flags (:attr:`part_bits` bits per column); an all-zero line is the exact +0 of an empty
+    block.
+
+    Formats: a weight is decoded by ``w_fmt`` as it is written, an activation row by its
+    ``in_fmt`` (0 E4M3, 1 E5M2, as the MATMUL's ``fmt_b``/``fmt_a``; ignored with one format).
 
     ``product`` chooses how the PEs form their products (:data:`~.blockpe.PRODUCTS`: on
     multipliers or in LUTs), for the whole array or as one form per column (a tuple: an array
@@ -151,52 +158,60 @@ class BlockArray(wiring.Component):
     Members
     -------
     in_valid, in_swap : In(1)
-    in_a : In(8 * R), in_k : In(range(R + 1)), in_addr : In(16)
+    in_a : In(8 * R), in_fmt : In(1), in_k : In(range(R + 1)), in_addr : In(16)
     in_accum, in_commit, in_fresh : In(1)       the MATMUL's accumulate, commit, fresh
-    w_we : In(1), w_row : In(range(R)), w_data : In(8 * C)
-    part_rd_en : Out(1), part_rd_addr : Out(16), part_data : In(C * (pw + 2))
+    w_we : In(1), w_fmt : In(1), w_row : In(range(R)), w_data : In(8 * C)
+    part_rd_en : Out(1), part_rd_addr : Out(16), part_data : In(C * part_bits)
     acc_rd_en : Out(1), acc_rd_addr : Out(16), acc_data : In(32 * C)
-    out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * (pw + 2))
+    out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * part_bits)
     """
 
-    def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp"):
+    def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",)):
         if add_stages not in (1, 2, 3, 4, 5):
             raise ValueError(f"add_stages must be 1 to 5, not {add_stages!r}")
         self.rows, self.cols = rows, cols
-        self.pw = pw = partial_width(rows, acc_block)
+        self.formats = formats = tuple(formats)
+        self.numbers = nums = block_numbers(formats)
+        self.pw = pw = partial_width(rows, acc_block, formats)
+        #: the partial's flags, in their order after the pw bits of the sum
+        self.part_flags = ("nan", "neg_zero") + (("pos_inf", "neg_inf") if nums.e5m2 else ())
+        self.part_bits = pb = pw + len(self.part_flags)
         self.round_stages, self.add_stages = round_stages, add_stages
         products = (product,) * cols if isinstance(product, str) else tuple(product)
         if len(products) != cols or any(p not in PRODUCTS for p in products):
             raise ValueError(f"product must be one of {', '.join(PRODUCTS)} or one of them per column "
                              f"({cols}), not {product!r}")
+        if nums.e5m2 and "dsp" in products:
+            raise ValueError("with E5M2 the products are formed in LUTs: product must be 'lut', not "
+                             f"{product!r}")
         self.product = product
         self.products = products
         self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages
         super().__init__({
-            "in_valid": In(1), "in_a": In(8 * rows), "in_k": In(range(rows + 1)), "in_addr": In(16),
-            "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
-            "w_we": In(1), "w_row": In(range(max(rows, 2))), "w_data": In(8 * cols),
-            "part_rd_en": Out(1), "part_rd_addr": Out(16), "part_data": In(cols * (pw + 2)),
+            "in_valid": In(1), "in_a": In(8 * rows), "in_fmt": In(1), "in_k": In(range(rows + 1)),
+            "in_addr": In(16), "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
+            "w_we": In(1), "w_fmt": In(1), "w_row": In(range(max(rows, 2))), "w_data": In(8 * cols),
+            "part_rd_en": Out(1), "part_rd_addr": Out(16), "part_data": In(cols * pb),
             "acc_rd_en": Out(1), "acc_rd_addr": Out(16), "acc_data": In(32 * cols),
             "out_valid": Out(1), "out_commit": Out(1), "out_addr": Out(16), "out_acc": Out(32 * cols),
-            "out_part": Out(cols * (pw + 2)),
+            "out_part": Out(cols * pb),
         })
 
     def elaborate(self, platform):
         m = Module()
-        R, C, pw = self.rows, self.cols, self.pw
+        R, C, pw, pb, formats = self.rows, self.cols, self.pw, self.part_bits, self.formats
         # a weight is kept decoded in the fields its column's PEs take; an activation, broadcast
         # along its row, in the fields of every product form the row has
-        col_fields = [decoded_fields(p) for p in self.products]
+        col_fields = [decoded_fields(p, formats) for p in self.products]
         a_fields = tuple(dict.fromkeys(f for fields in col_fields for f in fields))
         col_at = [0]
         for fields in col_fields:
             col_at.append(col_at[-1] + sum(bits for _, bits in fields))
         dw = sum(bits for _, bits in a_fields)
 
-        def decode(code, name, fields):
-            m.submodules[name] = dec = E4M3Decode()
-            m.d.comb += dec.code.eq(code)
+        def decode(code, fmt, name, fields):
+            m.submodules[name] = dec = FP8Decode(formats)
+            m.d.comb += [dec.code.eq(code), dec.fmt.eq(fmt)]
             return Cat(*(getattr(dec, field) for field, _ in fields))
 
         def connect(pe, prefix, value, fields, wanted):
@@ -208,7 +223,7 @@ class BlockArray(wiring.Component):
                 at += bits
 
         # shadow tile, decoded as it is written
-        w_dec = [decode(self.w_data[8 * j:8 * j + 8], f"wdec{j}", col_fields[j]) for j in range(C)]
+        w_dec = [decode(self.w_data[8 * j:8 * j + 8], self.w_fmt, f"wdec{j}", col_fields[j]) for j in range(C)]
         shadow = [Signal(col_at[-1], name=f"shadow{kk}") for kk in range(R)]
         with m.If(self.w_we):
             for kk in range(R):
@@ -216,9 +231,9 @@ class BlockArray(wiring.Component):
                     m.d.sync += shadow[kk].eq(Cat(*w_dec))
 
         # control pipeline: stage s holds the row that entered s cycles ago
-        names = ("valid", "swap", "k", "addr", "accum", "commit", "fresh")
+        names = ("valid", "swap", "k", "addr", "accum", "commit", "fresh", "fmt")
         ctrl = [{"valid": self.in_valid, "swap": self.in_swap, "k": self.in_k, "addr": self.in_addr,
-                 "accum": self.in_accum, "commit": self.in_commit, "fresh": self.in_fresh}]
+                 "accum": self.in_accum, "commit": self.in_commit, "fresh": self.in_fresh, "fmt": self.in_fmt}]
         for s in range(self.latency):
             regs = {n: Signal.like(ctrl[-1][n], name=f"c{s + 1}_{n}") for n in names}
             m.d.sync += [regs[n].eq(ctrl[-1][n]) for n in names]
@@ -227,7 +242,7 @@ class BlockArray(wiring.Component):
         # activations: a[kk] reaches stage kk's PEs kk + 1 cycles after entry, decoded (the
         # last of those registers holds it decoded), and is broadcast along its row; stage kk's
         # PEs load the shadow row kk cycles after entry
-        width = column_width(R)
+        width = column_width(R, formats)
         above = None
         for kk in range(R):
             v = self.in_a[8 * kk:8 * kk + 8]
@@ -236,12 +251,12 @@ class BlockArray(wiring.Component):
                 m.d.sync += r.eq(v)
                 v = r
             a = Signal(dw, name=f"a{kk}_dec")
-            m.d.sync += a.eq(decode(v, f"adec{kk}", a_fields))
+            m.d.sync += a.eq(decode(v, ctrl[kk]["fmt"], f"adec{kk}", a_fields))
             at = ctrl[kk + 1]
             load = ctrl[kk]["valid"] & ctrl[kk]["swap"]
             row = []
             for j in range(C):
-                pe = BlockPE(width, self.products[j])
+                pe = BlockPE(width, self.products[j], formats)
                 m.submodules[f"pe_{kk}_{j}"] = pe
                 connect(pe, "w", shadow[kk][col_at[j]:col_at[j + 1]], col_fields[j], col_fields[j])
                 connect(pe, "a", a, a_fields, col_fields[j])
@@ -250,8 +265,8 @@ class BlockArray(wiring.Component):
                     m.d.comb += pe.neg_zero_in.eq(1)
                 else:
                     up = above[j]
-                    m.d.comb += [pe.psum_in.eq(up.psum_out), pe.negs_in.eq(up.negs_out), pe.nan_in.eq(up.nan_out),
-                                 pe.neg_zero_in.eq(up.neg_zero_out)]
+                    m.d.comb += [pe.psum_in.eq(up.psum_out), pe.negs_in.eq(up.negs_out)]
+                    m.d.comb += [getattr(pe, f"{f}_in").eq(getattr(up, f"{f}_out")) for f in self.part_flags]
                 row.append(pe)
             above = row
 
@@ -274,26 +289,29 @@ class BlockArray(wiring.Component):
                      self.out_addr.eq(out["addr"])]
         for j in range(C):
             pe = above[j]
-            old = self.part_data[(pw + 2) * j:(pw + 2) * (j + 1)]
+            old = self.part_data[pb * j:pb * (j + 1)]
             old_total = Signal(signed(pw), name=f"part_in{j}")
             m.d.comb += old_total.eq(old[0:pw])
             total = Signal(signed(pw), name=f"part{j}")
-            nan = Signal(name=f"part_nan{j}")
-            neg_zero = Signal(name=f"part_nz{j}")
-            m.d.sync += [
-                total.eq(pe.psum_out + pe.negs_out + Mux(at["accum"], old_total, 0)),
-                nan.eq(pe.nan_out | (at["accum"] & old[pw])),
-                neg_zero.eq(pe.neg_zero_out & (~at["accum"] | old[pw + 1])),
-            ]
+            flags = {}
+            m.d.sync += total.eq(pe.psum_out + pe.negs_out + Mux(at["accum"], old_total, 0))
+            for i, f in enumerate(self.part_flags):
+                flags[f] = flag = Signal(name=f"part_{f}{j}")
+                old_flag = old[pw + i]
+                if f == "neg_zero":         # every product -0: this tile's and (accumulating) the line's
+                    m.d.sync += flag.eq(pe.neg_zero_out & (~at["accum"] | old_flag))
+                else:
+                    m.d.sync += flag.eq(getattr(pe, f"{f}_out") | (at["accum"] & old_flag))
             # stage bottom + 1: the new partial, kept to the output
-            part = Cat(total, nan, neg_zero)
+            part = Cat(total, *flags.values())
             for s in range(bottom + 1, self.latency):
-                r = Signal(pw + 2, name=f"part{j}_s{s + 1}")
+                r = Signal(pb, name=f"part{j}_s{s + 1}")
                 m.d.sync += r.eq(part)
                 part = r
-            m.d.comb += self.out_part[(pw + 2) * j:(pw + 2) * (j + 1)].eq(part)
-            m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs)
-            m.d.comb += [rnd.total.eq(total), rnd.nan.eq(nan), rnd.neg_zero.eq(neg_zero)]
+            m.d.comb += self.out_part[pb * j:pb * (j + 1)].eq(part)
+            m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs, self.numbers.frac, self.numbers.e5m2)
+            m.d.comb += rnd.total.eq(total)
+            m.d.comb += [getattr(rnd, f).eq(flag) for f, flag in flags.items()]
             start = Mux(ctrl[sum_at]["fresh"], 0, acc_q[32 * j:32 * j + 32])
             s = fp32_add(m, start, rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
             m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)

@@ -74,7 +74,8 @@ class ComputeUnit(wiring.Component):
         block = cfg.accumulation == "block"
         if block:
             # exact partial sums beside the accumulator lines; the array reads and writes them
-            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.column_products)
+            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.column_products,
+                                                        formats=cfg.formats)
             m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
             part_w, part_r = part.write_port(), part.read_port()
             m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
@@ -123,6 +124,10 @@ class ComputeUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [wl_state.eq(WeightState.HAND_OVER), shadow_full.eq(1)]
         m.d.comb += [arr.w_we.eq(w_pending), arr.w_row.eq(w_row_q), arr.w_data.eq(sp_rb.data[0:8 * C])]
+        if block:                                   # the weights' format (B), decoded as they are written
+            w_fmt_q = Signal(name="w_fmt_q")
+            m.d.sync += w_fmt_q.eq(wl.fmt_b)
+            m.d.comb += arr.w_fmt.eq(w_fmt_q)
         with m.If(wl_busy & (wl_state == WeightState.HAND_OVER) & ~st_next_valid):
             m.d.sync += [st_next.eq(wl_cmd), st_next_valid.eq(1), wl_busy.eq(0), wl_state.eq(WeightState.TOKENS)]
 
@@ -193,7 +198,8 @@ class ComputeUnit(wiring.Component):
         if block:
             in_commit, in_fresh = Signal(name="arr_in_commit"), Signal(name="arr_in_fresh")
             m.d.sync += [in_commit.eq(mm.commit), in_fresh.eq(mm.fresh)]
-            m.d.comb += [arr.in_accum.eq(in_accum), arr.in_commit.eq(in_commit), arr.in_fresh.eq(in_fresh)]
+            m.d.comb += [arr.in_accum.eq(in_accum), arr.in_commit.eq(in_commit), arr.in_fresh.eq(in_fresh),
+                         arr.in_fmt.eq(in_fa)]
         else:
             m.d.comb += [arr.in_fmt_a.eq(in_fa), arr.in_fmt_b.eq(in_fb),
                          arr.in_acc.eq(Mux(in_accum, acc_r.data[0:32 * C], 0))]

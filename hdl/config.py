@@ -66,8 +66,8 @@ class NPUConfig:
     accumulation : str
         ``"sequential"``: one FP32 addition per product, in K order. ``"block"``: the products
         of each block of ``acc_block`` K positions summed exactly, rounded once, added in FP32
-        (docs/numerics.md section 3). The hardware builds block mode for E4M3 only; the
-        functional simulator, the compiler and the golden model run both modes with both formats.
+        (docs/numerics.md section 3). Hardware, functional simulator, compiler and golden
+        model run both modes with both formats; block mode with E5M2 needs ``multipliers="lut"``.
     acc_block : int
         K positions per exact block in block mode (a power of two, 1..128).
     multipliers : str

@@ -68,9 +68,10 @@ CMD = isa.COMMAND_BITS
 def hardware_problem(cfg):
     """None if the hardware can be built for ``cfg``, else one sentence saying why not and
     what is allowed (the functional simulator runs every configuration)."""
-    if cfg.accumulation == "block" and cfg.formats != ("e4m3",):
-        return (f"block accumulation hardware takes E4M3 operands only: set formats to [\"e4m3\"], not "
-                f"{list(cfg.formats)} (E5M2 in block mode runs on the functional simulator)")
+    if cfg.accumulation == "block" and "e5m2" in cfg.formats and cfg.multipliers != "lut":
+        return (f"block accumulation with E5M2 forms its products in LUTs (an E5M2 magnitude is wider than "
+                f"the 18-bit multipliers): set multipliers to \"lut\", not \"{cfg.multipliers}\", or formats "
+                f"to [\"e4m3\"]")
     return None
 
 
@@ -244,7 +245,7 @@ class NPUCore(wiring.Component):
         # ---------------- fetch ------------------------------------------------------------
         # entries: command, its address, and whether the bus refused any of its beats (that is
         # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
-        # Fetched commands pass the checks (CommandChecker.LATENCY cycles) on their way into the queue;
+        # Fetched commands pass a register and the checks (CommandChecker.LATENCY cycles) on their way into the queue;
         # an entry holds the command, its verdict, its address and whether the bus refused a beat.
         m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 8 + 33, depth=4)
         beats_per_cmd = max(CMD // D, 1)
@@ -291,10 +292,14 @@ class NPUCore(wiring.Component):
                 with m.Else():
                     m.d.sync += f_bad.eq(f_bad | r_refused)
 
+        # an assembled command is registered before the checker (the last beat's assembly and the
+        # checker's range products would be one path otherwise)
+        c_in, c_cmd, c_info = Signal(), Signal(CMD), Signal(33)
+        m.d.sync += [c_in.eq(v_in & ~stopped), c_cmd.eq(v_cmd), c_info.eq(v_info)]
         m.submodules.checker = checker = CommandChecker(cfg)
-        m.d.comb += [checker.cmd.eq(v_cmd), checker.win_base.eq(self.win_base), checker.win_limit.eq(self.win_limit)]
+        m.d.comb += [checker.cmd.eq(c_cmd), checker.win_base.eq(self.win_base), checker.win_limit.eq(self.win_limit)]
         verdict, v_out_cmd = checker.verdict, checker.cmd_out
-        v_valid, v_carry = v_in, v_info
+        v_valid, v_carry = c_in, c_info
         for stage in range(CommandChecker.LATENCY):
             valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
             m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]

@@ -46,10 +46,22 @@ def test_generate_to_stdout(capsys):
     (["generate", "adder", "--stages", "9"], "fp8npu: error: adder stages must be one of 0, 1, 2, 3, 4, 5, not 9\n"),
     (["generate", "mac", "-o", "/nonexistent/dir/mac.v"],
      "fp8npu: error: output folder '/nonexistent/dir' does not exist\n"),
+    (["bench", "mac", "--config", "cfg.json"], "fp8npu: error: --config goes with 'bench npu' (not with 'bench mac')\n"),
 ])
 def test_errors_are_one_sentence(args, message, capsys):
     assert cli.main(args) == 2
     assert capsys.readouterr().err == message
+
+
+def test_bench_synth_refuses_what_hardware_does_not_build(tmp_path, capsys):
+    """bench npu --config: a configuration the generator refuses is refused before synthesis."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"accumulation": "block", "formats": ["e4m3", "e5m2"], "multipliers": "dsp"}')
+    assert cli.main(["bench", "npu", "--synth", "2x2", "--modes", "block", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == (
+        "fp8npu: error: array 2x2 (block): block accumulation with E5M2 forms its products in LUTs (an E5M2 "
+        "magnitude is wider than the 18-bit multipliers): set multipliers to \"lut\", not \"dsp\", or formats to "
+        "[\"e4m3\"]\n")
 
 
 @pytest.mark.parametrize("args, fragment", [

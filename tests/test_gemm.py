@@ -4,6 +4,7 @@
 import math
 import re
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -521,7 +522,7 @@ def test_block_accumulation_does_not_depend_on_the_array():
 
 def test_block_flags_are_refused_where_not_built():
     """commit/fresh on a sequential configuration, fresh without commit anywhere: BAD_FIELD;
-    the hardware generator refuses a block-mode configuration with E5M2 in one sentence."""
+    the hardware generator refuses E5M2 block mode on hardware multipliers in one sentence."""
     from fp8npu.hdl.isa import ErrorCode, validate
     from fp8npu.hdl.npu import NPU
     seq, blk = NPUConfig(), NPUConfig(accumulation="block", acc_block=32)
@@ -531,10 +532,11 @@ def test_block_flags_are_refused_where_not_built():
                               (blk, dict(commit=1), ErrorCode.NONE)):
         cmd = isa.decode(isa.encode(Opcode.MATMUL, **mm, **fields))
         assert validate(cmd, cfg, 0, 1 << 20) == want, (cfg.accumulation, fields)
-    sentence = ("block accumulation hardware takes E4M3 operands only: set formats to [\"e4m3\"], not "
-                "['e4m3', 'e5m2'] (E5M2 in block mode runs on the functional simulator)")
+    sentence = ("block accumulation with E5M2 forms its products in LUTs (an E5M2 magnitude is wider than the "
+                "18-bit multipliers): set multipliers to \"lut\", not \"dsp\", or formats to [\"e4m3\"]")
     with pytest.raises(ValueError, match=f"^{re.escape(sentence)}$"):
         NPU(blk)
+    NPU(replace(blk, multipliers="lut"))            # both formats build with LUT products
     with pytest.raises(ValueError, match="acc_block must be a power of two from 1 to 128, not 96"):
         NPUConfig(accumulation="block", acc_block=96)
     with pytest.raises(ValueError, match="accumulation must be one of sequential, block, not 'kahan'"):

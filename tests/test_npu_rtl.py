@@ -370,6 +370,21 @@ BLOCK = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4, a
 BLOCK_5x3 = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2,
                       accumulation="block", acc_block=4, formats=("e4m3",), multipliers="mixed", dsp_columns=1,
                       store_lanes=2)
+#: block mode with both formats (products in LUTs, partial sums in units of 2^-32)
+BLOCK_BOTH = NPUConfig(rows=3, cols=4, sp_lines=512, acc_lines=128, axi_data_bits=32, queue_depth=4,
+                       accumulation="block", acc_block=8, multipliers="lut", vector_lanes=2)
+
+
+def _e5m2_spread_codes(rng, shape, infinities=False):
+    """E5M2 codes at both ends of the range, random signs: 57344 and 40960 beside the subnormals
+    2^-16 .. 3 x 2^-16 (products from 2^-32 to 2^31.6 in one block); with ``infinities`` an
+    infinity now and then."""
+    big = rng.choice(np.array([0x7B, 0x7A, 0x79], dtype=np.uint8), shape)
+    tiny = rng.choice(np.array([0x01, 0x02, 0x03], dtype=np.uint8), shape)
+    c = np.where(rng.random(shape) < 0.5, big, tiny)
+    if infinities:
+        c = np.where(rng.random(shape) < 0.004, 0x7C, c)
+    return (c | (rng.integers(0, 2, shape, dtype=np.uint8) << 7)).astype(np.uint8)
 
 
 def _spread_codes(rng, shape):
@@ -383,7 +398,10 @@ def _spread_codes(rng, shape):
 
 @pytest.mark.parametrize("name", ["specials, block scaling, bias", "two rows, back to back, backpressure",
                                   "extreme exponent spread, 75 blocks",
-                                  "5x3, mixed products, bus 32, FP8 out"])
+                                  "5x3, mixed products, bus 32, FP8 out",
+                                  "E5M2 x E5M2, specials, block scaling",
+                                  "E5M2 x E4M3, extreme spread, infinities, 40 blocks",
+                                  "E4M3 x E5M2, FP8 out, backpressure"])
 def test_block_accumulation_gemms(name):
     """Block-mode RTL (exact column sums, partial lines, one rounding per block, one FP32
     addition) equals the functional simulator and the contract bit for bit: every E4M3 code
@@ -393,7 +411,25 @@ def test_block_accumulation_gemms(name):
     (multipliers="mixed")."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     cfg, kw, backpressure = BLOCK, {}, 0.0
-    if name.startswith("specials"):
+    fa, fb = "e4m3", "e4m3"
+    if name.startswith("E"):
+        cfg = BLOCK_BOTH
+        fa, fb = name[:4].lower(), name[7:11].lower()
+    if name.startswith("E5M2 x E5M2"):
+        m, k, n = 9, 45, 7
+        a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n), specials=True)
+        kw = dict(block_scales=(torch.tensor(2.0 ** rng.integers(-4, 4, (m, 2)), dtype=torch.float32),
+                                torch.tensor(2.0 ** rng.integers(-4, 4, (2, 1)), dtype=torch.float32)),
+                  block_k=32)
+    elif name.startswith("E5M2 x E4M3"):
+        m, k, n = 5, 320, 6
+        a, b = _e5m2_spread_codes(rng, (m, k), infinities=True), _spread_codes(rng, (k, n))
+    elif name.startswith("E4M3 x E5M2"):
+        m, k, n = 7, 30, 5
+        a, b = _codes(rng, (m, k), specials=True), _e5m2_spread_codes(rng, (k, n))
+        kw = dict(out="e5m2", out_scale=2.0 ** -12)
+        backpressure = 0.3
+    elif name.startswith("specials"):
         m, k, n = 13, 70, 9
         a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n), specials=True)
         kw = dict(block_scales=(torch.tensor(2.0 ** rng.integers(-4, 4, (m, 2)), dtype=torch.float32),
@@ -410,9 +446,10 @@ def test_block_accumulation_gemms(name):
         cfg, (m, k, n) = BLOCK_5x3, (11, 37, 7)
         a, b = _codes(rng, (m, k), specials=True), _codes(rng, (k, n))
         kw = dict(out="e4m3", out_scale=2.0 ** -10)
-    g = build_gemm(cfg, a, b, "e4m3", "e4m3", **kw)
-    want = reference_gemm(a, b, "e4m3", "e4m3", accumulation="block", acc_block=cfg.acc_block, **kw)
-    check_gemm(g, _i64(want), golden.E4M3 if kw.get("out") == "e4m3" else "fp32", cfg=cfg,
+    g = build_gemm(cfg, a, b, fa, fb, **kw)
+    want = reference_gemm(a, b, fa, fb, accumulation="block", acc_block=cfg.acc_block, **kw)
+    out = kw.get("out")
+    check_gemm(g, _i64(want), {"e4m3": golden.E4M3, "e5m2": golden.E5M2}.get(out, "fp32"), cfg=cfg,
                backpressure=backpressure)
     if name.startswith("extreme"):
         seq = reference_gemm(a, b, "e4m3", "e4m3")
