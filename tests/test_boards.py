@@ -66,6 +66,10 @@ def test_estimate_grows_with_the_array_and_lanes():
     a, b = boards.estimate(cfg), boards.estimate(replace(cfg, rows=8, cols=8))
     c = boards.estimate(replace(cfg, vector_lanes=4, store_lanes=4))
     assert a.luts < b.luts and a.luts < c.luts and b.dsps == a.dsps + 48
+    # E5M2 in block mode: products in LUTs, wider column sums and partial lines
+    lut = boards.estimate(replace(cfg, multipliers="lut"))
+    both = boards.estimate(replace(cfg, multipliers="lut", formats=("e4m3", "e5m2")))
+    assert both.luts > lut.luts and both.brams > lut.brams and both.dsps == lut.dsps == a.dsps - 16
 
 
 def test_flash_dry_run_and_missing_board(tmp_path, capsys, monkeypatch):
