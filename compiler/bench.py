@@ -102,7 +102,8 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
                   modes=("sequential", "block"), base=None):
     """GEMMs on the NPU RTL (simulation DRAM inside the design) and the functional simulator.
 
-    Prints, per array, accumulation mode (block: blocks of 128, E4M3-only hardware) and size: RTL cycles and MAC utilization from the hardware counters
+    Prints, per array, accumulation mode (block: blocks of 128, E4M3-only, see
+    :func:`mode_config`) and size: RTL cycles and MAC utilization from the hardware counters
     (MAC_BUSY / (CYCLES x rows x cols)), the functional simulator's cycle estimate and its
     ratio to the RTL, whether the final DRAM images are identical, and the RTL simulation
     speed; then the functional simulator's GEMM throughput on a ``funcsim_size``^3 GEMM.
@@ -165,7 +166,8 @@ def run_npu_bench(sizes=(128, 256, 512), arrays=((4, 4), (8, 8)), funcsim_size=1
 
 def mode_config(rows, cols, mode, base=None):
     """The benchmarked NPU configuration of an array size and accumulation mode: the default
-    configuration, E4M3-only in block mode (what block-mode hardware builds); or, given a
+    configuration, E4M3-only in block mode (products on the multipliers, as the boards build
+    it; E5M2 block mode needs them in LUTs, see ``base``); or, given a
     ``base`` configuration, that one with the array size and the mode replaced (its formats,
     lanes, multipliers and memories kept)."""
     if base is not None:

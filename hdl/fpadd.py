@@ -44,25 +44,40 @@ def fp32_add(m, a, b, regs=STAGE_REGS[0], prefix=""):
     a_nan = (av.exponent == 0xFF) & (av.mantissa != 0)
     b_nan = (bv.exponent == 0xFF) & (bv.mantissa != 0)
 
+    # The operands are ordered by magnitude (a 31-bit compare); everything that depends on
+    # the order is computed for both orders beside the compare and chosen by it (exponent
+    # differences, clamped shift distances, trailing zeros), so the compare is the only
+    # carry chain in front of the multiplexers.
     swap = Signal(name=f"{p}s0_swap")
     m.d.comb += swap.eq(b[0:31] > a[0:31])
     big = data.View(FP32Layout, Mux(swap, b, a))
-    small = data.View(FP32Layout, Mux(swap, a, b))
+
+    def significand(v):
+        return Cat(Const(0, 3), v.mantissa, v.exponent != 0)
+
+    def clamped_distance(x, y, name):
+        """min(ex - ey, 27) for |x| >= |y| (subnormals at exponent 1)."""
+        ex = Mux(x.exponent == 0, 1, x.exponent)
+        ey = Mux(y.exponent == 0, 1, y.exponent)
+        d = Signal(9, name=f"{p}s0_{name}")
+        m.d.comb += d.eq(ex - ey)
+        return Mux(d[8] | (d[0:8] > 27), 27, d[0:5])
 
     s0_exp_big = Signal(8, name=f"{p}s0_exp_big")
     s0_dist_c = Signal(5, name=f"{p}s0_dist_c")
     s0_big = Signal(27, name=f"{p}s0_big")
     s0_small = Signal(27, name=f"{p}s0_small")
-    exp_small = Mux(small.exponent == 0, 1, small.exponent)
-    dist = Signal(8, name=f"{p}s0_dist")
+    sig_a, sig_b = significand(av), significand(bv)
     m.d.comb += [
         s0_exp_big.eq(Mux(big.exponent == 0, 1, big.exponent)),
-        dist.eq(s0_exp_big - exp_small),
-        s0_dist_c.eq(Mux(dist > 27, 27, dist)),
-        s0_big.eq(Cat(Const(0, 3), big.mantissa, big.exponent != 0)),
-        s0_small.eq(Cat(Const(0, 3), small.mantissa, small.exponent != 0)),
+        s0_dist_c.eq(Mux(swap, clamped_distance(bv, av, "dist_ba"), clamped_distance(av, bv, "dist_ab"))),
+        s0_big.eq(Mux(swap, sig_b, sig_a)),
+        s0_small.eq(Mux(swap, sig_a, sig_b)),
     ]
-    tz_small = leading_zeros(m, s0_small[::-1], f"{p}s0_tz")
+    tz_a = leading_zeros(m, sig_a[::-1], f"{p}s0_tz_a")
+    tz_b = leading_zeros(m, sig_b[::-1], f"{p}s0_tz_b")
+    tz_small = Signal.like(tz_a, name=f"{p}s0_tz")
+    m.d.comb += tz_small.eq(Mux(swap, tz_a, tz_b))
     v = {"big": s0_big, "small": s0_small, "dist": s0_dist_c, "tz": tz_small, "exp": s0_exp_big,
          "sub": av.sign ^ bv.sign, "sign": big.sign, "zero_sign": av.sign & bv.sign,
          "nan": a_nan | b_nan | (a_inf & b_inf & (av.sign != bv.sign)), "inf": a_inf | b_inf}
