@@ -268,8 +268,8 @@ class StoreUnit(wiring.Component):
         row_addr = Signal(32, name="s_row_addr")
         row_bytes = Signal(8, name="s_row_bytes")
         m.d.comb += row_bytes.eq(Mux(cur.fmt == 0, cur.cols << 2, cur.cols))
-        beats_row = Signal(8, name="s_beats_row")
-        m.d.comb += beats_row.eq(ceil_div_pow2(row_bytes, B))
+        beats_row = Signal(8, name="s_beats_row")        # registered when the command starts
+        left = Signal(8, name="s_left")                  # beats of the row not yet in a burst
         nbeats_max = max(1, -(-4 * C // B))
         buf = Signal(8 * nbeats_max * B, name="s_buf")
         beat = Signal(8, name="s_beat")
@@ -279,7 +279,7 @@ class StoreUnit(wiring.Component):
         with m.If(busy & (state == S_.TOKENS)):
             with m.If(ready_tok & active):
                 m.d.comb += self.tokens.pop_prev.eq(cur.pop_prev)
-                m.d.sync += [row.eq(0), row_addr.eq(cur.dram_addr)]
+                m.d.sync += [row.eq(0), row_addr.eq(cur.dram_addr), beats_row.eq(ceil_div_pow2(row_bytes, B))]
                 with m.If(is_store & (cur.rows != 0)):
                     m.d.sync += state.eq(S_.READ)
                 with m.Else():
@@ -304,7 +304,8 @@ class StoreUnit(wiring.Component):
             m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
             codes = Cat(done_codes, rq.y)
         with m.If(busy & (state == S_.ARRIVE)):
-            m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), w_addr.eq(row_addr), conv_wait.eq(0)]
+            m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), left.eq(beats_row), w_addr.eq(row_addr),
+                         conv_wait.eq(0)]
             with m.If(cur.fmt == 0):
                 m.d.sync += state.eq(S_.ADDRESS)
             with m.Else():
@@ -315,7 +316,7 @@ class StoreUnit(wiring.Component):
             with m.Else():
                 m.d.sync += conv_wait.eq(conv_wait + 1)
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
-        m.d.comb += blen.eq(burst_len(beats_row - beat, w_addr, B, cfg.max_burst))
+        m.d.comb += blen.eq(burst_len(left, w_addr, B, cfg.max_burst))
         aw_go = busy & (state == S_.ADDRESS) & active
         m.d.comb += [ax("awvalid").eq(aw_go), ax("awaddr").eq(w_addr), ax("awlen").eq(blen - 1),
                      ax("awsize").eq(B.bit_length() - 1), ax("awburst").eq(1), ax("awid").eq(2)]
@@ -325,7 +326,8 @@ class StoreUnit(wiring.Component):
         wr_out = Signal(16, name="s_wr_out")          # write bursts without a response yet
         m.d.sync += wr_out.eq(wr_out + aw_fire - b_fire)
         with m.If(aw_fire):
-            m.d.sync += [state.eq(S_.DATA), burst_left.eq(blen), w_addr.eq(w_addr + (blen << (B.bit_length() - 1)))]
+            m.d.sync += [state.eq(S_.DATA), burst_left.eq(blen), left.eq(left - blen),
+                         w_addr.eq(w_addr + (blen << (B.bit_length() - 1)))]
         # W beats (completed even after an error: the burst was promised)
         in_w = busy & (state == S_.DATA)
         m.d.comb += self.writes_pending.eq((wr_out != 0) | in_w)

@@ -321,25 +321,29 @@ def test_store_unit_alone(bus_bits, rng):
     """StoreUnit in the Amaranth simulator, behind an AXI write model with random ready and
     late responses, against the functional simulator's STORE: every DRAM byte after 16 random
     STOREs (FP32, E4M3 and E5M2 with scales, saturation, specials, partial rows, overlapping
-    strides), one token push per command, and nothing pushed before the last response."""
+    strides; rows split into several bursts by max_burst and at 4 KB), one token push per
+    command, and nothing pushed before the last response."""
+    from dataclasses import replace
+
     from fp8npu.hdl import isa
     from fp8npu.hdl.dma import StoreUnit
     from fp8npu.sim import funcsim
-    cfg = _unit_cfg(bus_bits)
+    cfg = replace(_unit_cfg(bus_bits), max_burst=2 if bus_bits == 32 else 1)
     B = cfg.bus_bytes
     values = rng.standard_normal((cfg.acc_lines, cfg.acc_line_values)).astype(np.float32)
     values *= np.float32(2.0) ** rng.integers(-12, 12, values.shape).astype(np.float32)
     values[3, 0], values[4, 1], values[5, 2] = np.inf, np.nan, -0.0
     acc = values.view(np.uint32).copy()
-    dram0 = bytes(rng.integers(0, 256, 2048, dtype=np.uint8))
+    dram0 = bytes(rng.integers(0, 256, 8192, dtype=np.uint8))
 
     def make(rng):
         fmt = int(rng.integers(0, 3))
+        near_4k = rng.random() < 0.4
         scale = float(np.float32(2.0) ** int(rng.integers(-4, 5)) * np.float32(rng.choice([1.0, 1.37])))
         return dict(fmt=fmt, saturate=int(rng.integers(0, 2)), acc_addr=int(rng.integers(0, 28)),
                     rows=int(rng.integers(1, 4)), cols=int(rng.integers(1, cfg.cols + 1)),
-                    dram_addr=int(rng.integers(0, 1800)) // B * B, dram_stride=int(rng.integers(0, 6)) * B,
-                    scale=isa.pack_f32(scale), push_prev=1)
+                    dram_addr=int(rng.integers(4072, 4096) if near_4k else rng.integers(0, 1800)) // B * B,
+                    dram_stride=int(rng.integers(0, 6)) * B, scale=isa.pack_f32(scale), push_prev=1)
 
     commands = _valid_commands(cfg, rng, isa.Opcode.STORE, make, 16, len(dram0))
     ref = funcsim._Datapath(np.frombuffer(dram0, np.uint8).copy(), cfg)
