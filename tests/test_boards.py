@@ -62,7 +62,7 @@ def test_too_many_multipliers_are_refused_and_mixed_columns_fit():
 
 
 def test_estimate_grows_with_the_array_and_lanes():
-    cfg = BOARDS["ulx3s-85f"].config
+    cfg = replace(BOARDS["ulx3s-85f"].config, rows=4, cols=4)
     a, b = boards.estimate(cfg), boards.estimate(replace(cfg, rows=8, cols=8))
     c = boards.estimate(replace(cfg, vector_lanes=4, store_lanes=4))
     assert a.luts < b.luts and a.luts < c.luts and b.dsps == a.dsps + 48
