@@ -177,8 +177,13 @@ def cmd_bench(args):
         from fp8npu.compiler.bench import mode_config, run_npu_synth
         base = load_cfg(args.config) if args.config else None
         modes = tuple(args.modes or ("sequential", "block"))
+        from fp8npu.hdl.config import NPUConfig
         from fp8npu.hdl.npu import hardware_problem
         for rows, cols in (args.arrays or ()) + (args.synth or ()):
+            try:
+                NPUConfig(rows=rows, cols=cols)
+            except ValueError as exc:
+                raise UsageError(f"array {rows}x{cols}: {exc}") from None
             for mode in modes:
                 try:
                     cfg = mode_config(rows, cols, mode, base)
