@@ -95,7 +95,7 @@ _SDRAM_BYTES = 32 << 20
 BOARDS = {b.name: b for b in (
     Board("ulx3s-85f", "Radiona ULX3S, LFE5U-85F", "ulx3s:ULX3S_85F_Platform", "LFE5U-85F", _small(8, 8),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
-    Board("ulx3s-45f", "Radiona ULX3S, LFE5U-45F", "ulx3s:ULX3S_45F_Platform", "LFE5U-45F", _small(2, 2),
+    Board("ulx3s-45f", "Radiona ULX3S, LFE5U-45F", "ulx3s:ULX3S_45F_Platform", "LFE5U-45F", _small(4, 4),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-25f", "Radiona ULX3S, LFE5U-25F", "ulx3s:ULX3S_25F_Platform", "LFE5U-25F", _small(2, 2),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
