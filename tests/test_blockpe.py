@@ -44,39 +44,38 @@ def test_decoder_on_every_code():
             assert sign == code >> 7 and mag == abs(v) * 2 ** 9 and mag < 1 << MAG_BITS, code
 
 
-@pytest.mark.parametrize("product", PRODUCTS)
-def test_a_column_of_pes_sums_exactly(product):
-    """R PEs in a column, weights loaded, activations skewed one cycle per row, BlockRound
-    below: the column's sum is the exact sum of the R products (NaN when one is NaN) and its
-    rounding golden.block_round's bits (-0 when every product is -0), for 400 rows of random
-    E4M3 codes, NaNs and zeros of both signs included, every magnitude; products on a
-    multiplier and in LUTs."""
-    rows, n = 8, 400
-    width = column_width(rows)
+def _column(rows, product, formats=("e4m3",), fa=0, fw=0):
+    """R PEs of ``product`` in a column with a decoder per weight and per activation (formats
+    ``fw`` and ``fa``) and BlockRound below: (module, pes, weight decoders, activation
+    decoders, rounder)."""
+    nums = block_numbers(formats)
+    width = column_width(rows, formats)
     m = Module()
-    pes = [BlockPE(width, product) for _ in range(rows)]
-    decs_w = [FP8Decode() for _ in range(rows)]
-    decs_a = [FP8Decode() for _ in range(rows)]
+    pes = [BlockPE(width, product, formats) for _ in range(rows)]
+    decs_w = [FP8Decode(formats) for _ in range(rows)]
+    decs_a = [FP8Decode(formats) for _ in range(rows)]
     for i, (pe, dw, da) in enumerate(zip(pes, decs_w, decs_a)):
-        m.submodules[f"pe{i}"] = pe
-        m.submodules[f"dw{i}"] = dw
-        m.submodules[f"da{i}"] = da
-        for name, _ in decoded_fields(product):
+        m.submodules[f"pe{i}"], m.submodules[f"dw{i}"], m.submodules[f"da{i}"] = pe, dw, da
+        m.d.comb += [dw.fmt.eq(fw), da.fmt.eq(fa)]
+        for name, _ in decoded_fields(product, formats):
             m.d.comb += [getattr(pe, f"w_{name}").eq(getattr(dw, name)), getattr(pe, f"a_{name}").eq(getattr(da, name))]
         if i:
-            m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.negs_in.eq(pes[i - 1].negs_out),
-                         pe.nan_in.eq(pes[i - 1].nan_out), pe.neg_zero_in.eq(pes[i - 1].neg_zero_out)]
+            m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.negs_in.eq(pes[i - 1].negs_out)]
+            m.d.comb += [getattr(pe, f"{f}_in").eq(getattr(pes[i - 1], f"{f}_out")) for f in pe.flags]
         else:
             m.d.comb += pe.neg_zero_in.eq(1)
-    m.submodules.round = rnd = BlockRound(width + 1)
-    m.d.comb += [rnd.total.eq(pes[-1].psum_out + pes[-1].negs_out), rnd.nan.eq(pes[-1].nan_out),
-                 rnd.neg_zero.eq(pes[-1].neg_zero_out)]
-    gen = torch.Generator().manual_seed(11)
-    w = torch.randint(0, 256, (rows,), generator=gen, dtype=torch.uint8)
-    w[:3] = torch.tensor([0x00, 0x80, 0x41], dtype=torch.uint8)         # zeros of both signs
-    a = torch.randint(0, 256, (n, rows), generator=gen, dtype=torch.uint8)
-    a[:100, 2:] = 0x00                                                   # rows of zero products
-    a[:50] = torch.where(w >= 0x80, 0x00, 0x80).to(torch.uint8)         # zeros signed against w: all -0
+    m.submodules.round = rnd = BlockRound(width + 1, 0, nums.frac, nums.e5m2)
+    m.d.comb += rnd.total.eq(pes[-1].psum_out + pes[-1].negs_out)
+    m.d.comb += [getattr(rnd, f).eq(getattr(pes[-1], f"{f}_out")) for f in pes[-1].flags]
+    return m, pes, decs_w, decs_a, rnd
+
+
+def _run_column(column, w, a, sample):
+    """Load the weight codes ``w`` into ``column`` (from :func:`_column`), stream the
+    activation rows ``a`` skewed one cycle per row (row i sees activation t at cycle t + i) and
+    return ``sample(ctx)`` for each activation row as its sum leaves the bottom PE."""
+    m, pes, decs_w, decs_a, _ = column
+    rows, n = len(pes), len(a)
     got = []
 
     async def bench(ctx):
@@ -86,22 +85,40 @@ def test_a_column_of_pes_sums_exactly(product):
         await ctx.tick()
         for i in range(rows):
             ctx.set(pes[i].w_load, 0)
-        # row i of the column sees activation t at cycle t + i (its PE above is a cycle ahead)
         for t in range(n + rows + BlockPE.LATENCY):
             for i in range(rows):
                 s = t - i
                 ctx.set(pes[i].a_valid, int(0 <= s < n))
                 ctx.set(decs_a[i].code, int(a[s, i]) if 0 <= s < n else 0)
             await ctx.tick()
-            s = t - (rows - 1) - (BlockPE.LATENCY - 1)
-            if 0 <= s < n:
-                got.append((ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out), ctx.get(pes[-1].nan_out),
-                            ctx.get(rnd.result)))
+            if 0 <= t - (rows - 1) - (BlockPE.LATENCY - 1) < n:
+                got.append(sample(ctx))
 
     sim = Simulator(m)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
+    return got
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_a_column_of_pes_sums_exactly(product):
+    """R PEs in a column, weights loaded, activations skewed one cycle per row, BlockRound
+    below: the column's sum is the exact sum of the R products (NaN when one is NaN) and its
+    rounding golden.block_round's bits (-0 when every product is -0), for 400 rows of random
+    E4M3 codes, NaNs and zeros of both signs included, every magnitude; products on a
+    multiplier and in LUTs."""
+    rows, n = 8, 400
+    column = _column(rows, product)
+    pes, rnd = column[1], column[4]
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randint(0, 256, (rows,), generator=gen, dtype=torch.uint8)
+    w[:3] = torch.tensor([0x00, 0x80, 0x41], dtype=torch.uint8)         # zeros of both signs
+    a = torch.randint(0, 256, (n, rows), generator=gen, dtype=torch.uint8)
+    a[:100, 2:] = 0x00                                                   # rows of zero products
+    a[:50] = torch.where(w >= 0x80, 0x00, 0x80).to(torch.uint8)         # zeros signed against w: all -0
+    got = _run_column(column, w, a, lambda ctx: (ctx.get(pes[-1].psum_out) + ctx.get(pes[-1].negs_out),
+                                                 ctx.get(pes[-1].nan_out), ctx.get(rnd.result)))
     part = golden.block_partial(a.T, w.unsqueeze(1).expand(rows, n), E4M3, E4M3)
     exact = (part["hi"] * (1 << 32) + part["lo"]).tolist()             # units of 2^-32
     rounded = (golden.block_round(part).to(torch.int64) & 0xFFFFFFFF).tolist()
@@ -348,25 +365,8 @@ def test_a_column_of_both_format_pes_rounds_like_the_golden_model(fmts):
     bits."""
     rows, n = 8, 400
     fa, fw = fmts
-    width = column_width(rows, BOTH)
-    nums = block_numbers(BOTH)
-    m = Module()
-    pes = [BlockPE(width, "lut", BOTH) for _ in range(rows)]
-    decs_w = [FP8Decode(BOTH) for _ in range(rows)]
-    decs_a = [FP8Decode(BOTH) for _ in range(rows)]
-    for i, (pe, dw, da) in enumerate(zip(pes, decs_w, decs_a)):
-        m.submodules[f"pe{i}"], m.submodules[f"dw{i}"], m.submodules[f"da{i}"] = pe, dw, da
-        m.d.comb += [dw.fmt.eq(fw), da.fmt.eq(fa)]
-        for name, _ in decoded_fields("lut", BOTH):
-            m.d.comb += [getattr(pe, f"w_{name}").eq(getattr(dw, name)), getattr(pe, f"a_{name}").eq(getattr(da, name))]
-        if i:
-            m.d.comb += [pe.psum_in.eq(pes[i - 1].psum_out), pe.negs_in.eq(pes[i - 1].negs_out)]
-            m.d.comb += [getattr(pe, f"{f}_in").eq(getattr(pes[i - 1], f"{f}_out")) for f in pe.flags]
-        else:
-            m.d.comb += pe.neg_zero_in.eq(1)
-    m.submodules.round = rnd = BlockRound(width + 1, 0, nums.frac, infinities=True)
-    m.d.comb += rnd.total.eq(pes[-1].psum_out + pes[-1].negs_out)
-    m.d.comb += [getattr(rnd, f).eq(getattr(pes[-1], f"{f}_out")) for f in pes[-1].flags]
+    column = _column(rows, "lut", BOTH, fa, fw)
+    rnd = column[4]
     gen = torch.Generator().manual_seed(13)
     # weights: zeros of both signs and a small normal, then finite codes at the extremes
     w_codes = torch.randint(0, 0x7F, (rows,), generator=gen, dtype=torch.uint8)   # E4M3: no NaN below 0x7F
@@ -378,29 +378,7 @@ def test_a_column_of_both_format_pes_rounds_like_the_golden_model(fmts):
     a[:100, 2:] = 0x00
     a[:50] = torch.where(w_codes >= 0x80, 0x00, 0x80).to(torch.uint8)     # zeros signed against w: all -0
     a[60:70, 3], a[70:80, 4] = 0x7C, 0xFC                                 # infinities in finite rows
-    got = []
-
-    async def bench(ctx):
-        for i in range(rows):
-            ctx.set(decs_w[i].code, int(w_codes[i]))
-            ctx.set(pes[i].w_load, 1)
-        await ctx.tick()
-        for i in range(rows):
-            ctx.set(pes[i].w_load, 0)
-        for t in range(n + rows + BlockPE.LATENCY):
-            for i in range(rows):
-                s = t - i
-                ctx.set(pes[i].a_valid, int(0 <= s < n))
-                ctx.set(decs_a[i].code, int(a[s, i]) if 0 <= s < n else 0)
-            await ctx.tick()
-            s = t - (rows - 1) - (BlockPE.LATENCY - 1)
-            if 0 <= s < n:
-                got.append(ctx.get(rnd.result))
-
-    sim = Simulator(m)
-    sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
+    got = _run_column(column, w_codes, a, lambda ctx: ctx.get(rnd.result))
     part = golden.block_partial(a.T, w_codes.unsqueeze(1).expand(rows, n), FORMATS[fa], FORMATS[fw])
     rounded = (golden.block_round(part).to(torch.int64) & 0xFFFFFFFF).tolist()
     assert len(got) == n
