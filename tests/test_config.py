@@ -55,8 +55,9 @@ def test_json_errors(tmp_path):
         load_config(tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("rows, cols", [(1, 1), (2, 3), (16, 16)])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (2, 3), pytest.param(16, 16, marks=pytest.mark.slow)])
 def test_npu_generates(rows, cols):
+    """The NPU elaborates and converts to Verilog (16x16, the largest array, takes minutes: slow)."""
     from fp8npu.hdl.npu import NPU
     from fp8npu.sim.rtl import to_verilog
     cfg = NPUConfig(rows=rows, cols=cols, sp_lines=64, acc_lines=64)

@@ -20,7 +20,7 @@ from fp8npu.compiler.model import CompileError, compile, load
 from fp8npu.compiler.runtime import RunError, Session, run
 from fp8npu.hdl.config import NPUConfig
 
-CFG = NPUConfig(rows=4, cols=4)
+CFG = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256)     # the model tests' NPU (one Verilator build)
 
 
 def _bits(t):

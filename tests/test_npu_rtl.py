@@ -354,8 +354,23 @@ def test_other_geometries_and_bus_widths(cfg):
 
 
 def test_npu_benchmark_runs_small():
-    """`fp8npu bench npu` code path on a tiny GEMM (no timing assertion): both DRAM models
-    agree with the functional simulator."""
+    """`fp8npu bench npu` code path on a tiny GEMM (no timing assertion) on a 2x2 NPU whose two
+    models (simulation DRAM and AxiSlave) the engine-limit and host tests build too: both DRAM
+    models agree with the functional simulator."""
+    from fp8npu.compiler.bench import run_npu_bench
+    lines = []
+    base = NPUConfig(rows=2, cols=2, sp_lines=64, acc_lines=16)
+    assert run_npu_bench(sizes=(16,), arrays=((2, 2),), funcsim_size=32, echo=lines.append, modes=("sequential",),
+                         base=base) == 0
+    text = "\n".join(lines)
+    assert "2x2" in text and "DRAM == funcsim: yes" in text and "M MAC/s" in text
+    assert " sequential " in text and " NO " not in text
+
+
+@pytest.mark.slow
+def test_npu_benchmark_runs_on_the_default_array_in_both_modes():
+    """The same on the benchmark's own 8x8 configurations, sequential and block (three more
+    Verilator builds of the 8x8 NPU: slow)."""
     from fp8npu.compiler.bench import run_npu_bench
     lines = []
     assert run_npu_bench(sizes=(24,), arrays=((8, 8),), funcsim_size=32, echo=lines.append) == 0
