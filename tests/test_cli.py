@@ -137,9 +137,10 @@ def test_sim_runs_a_program(engine, tmp_path, capsys):
     assert got == (5.0, 3.0, 3.0, 2.0)
 
 
-@pytest.mark.parametrize("fast, waves", [(False, "vcd"), (True, "fst")])
+@pytest.mark.parametrize("fast, waves", [(True, "vcd"), pytest.param(False, "fst", marks=pytest.mark.slow)])
 def test_sim_waves_and_fast_dram(fast, waves, tmp_path, capsys):
-    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiSlave path."""
+    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiSlave path.
+    (Each wave format is a Verilator build of its own; FST, with the AxiSlave, is a slow test.)"""
     from fp8npu.sim.toolchain import fst_missing
     cfg = _sim_inputs(tmp_path)
     out, dump = tmp_path / "out.bin", tmp_path / f"run.{waves}"
