@@ -34,7 +34,7 @@ class CommandChecker(wiring.Component):
     """Pipelined mirror of :func:`fp8npu.hdl.isa.validate`: the same rules in the same order
     (opcode, reserved bits and field ranges, formats, SRAM ranges, alignment, DMA window), for
     the configuration it is built for. The multiplications of the range checks happen in the
-    first cycle, the comparisons in the second.
+    first cycle (with the DRAM address plus the bytes of a row), the comparisons in the second.
 
     Members
     -------
@@ -67,11 +67,15 @@ class CommandChecker(wiring.Component):
         dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
         load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
         a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
+        dram_tail = Signal(33, name="v_dram_tail")       # dram_addr + the bytes of a row, LOAD and STORE
         rb0 = fld(cmd0, Op.LOAD, "row_bytes")
         lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), ceil_div_pow2(rb0, cfg.acc_line_bytes),
                      ceil_div_pow2(rb0, cfg.line_bytes))
+        st_fmt0, st_cols0 = fld(cmd0, Op.STORE, "fmt"), fld(cmd0, Op.STORE, "cols")
+        row_bytes0 = Mux(cmd0[0:8] == Op.LOAD, rb0, Mux(st_fmt0 == 0, st_cols0 << 2, st_cols0))
         m.d.sync += [
             dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
+            dram_tail.eq(fld(cmd0, Op.LOAD, "dram_addr") + row_bytes0),
             load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
             a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1) * fld(cmd0, Op.MATMUL, "a_stride")),
         ]
@@ -101,7 +105,7 @@ class CommandChecker(wiring.Component):
         def dram_check(o, row_bytes):
             rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
             end = Signal(64, name=f"end_{o.name.lower()}")
-            m.d.comb += end.eq(addr + dram_span + row_bytes)     # rows >= 1: no wrap in dram_span
+            m.d.comb += end.eq(dram_tail + dram_span)     # rows >= 1: no wrap in dram_span
             m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)
             m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | (end > wl)))
 

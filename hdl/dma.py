@@ -175,28 +175,25 @@ class LoadUnit(wiring.Component):
         """Turn incoming R beats into SRAM lines of ``L`` bytes for the LOAD in ``cur``."""
         B = self.cfg.bus_bytes
         U = min(L, B)
-        chunks_row = Signal(17, name=f"{name}_chunks_row")
-        m.d.comb += chunks_row.eq(ceil_div_pow2(cur.row_bytes, U))
         c_row = Signal(16, name=f"{name}_c_row")       # row being received
-        c_idx = Signal(17, name=f"{name}_c_idx")       # chunk within row
+        rem = Signal(16, name=f"{name}_rem")           # bytes of the row not yet received (a register:
+        #                                                the row's end is one comparison of it)
         c_beat = Signal(range(B // U + 1), name=f"{name}_c_beat")   # chunk within beat
         c_line = Signal(range(L // U + 1), name=f"{name}_c_line")   # chunk within line
         line_addr = Signal(16, name=f"{name}_line_addr")
         line = Signal(8 * L, name=f"{name}_line")
         with m.If(first & selected):
-            m.d.sync += [c_row.eq(0), c_idx.eq(0), c_beat.eq(0), c_line.eq(0), line_addr.eq(cur.sram_addr),
+            m.d.sync += [c_row.eq(0), rem.eq(cur.row_bytes), c_beat.eq(0), c_line.eq(0), line_addr.eq(cur.sram_addr),
                          line.eq(0)]
         active_here = xfer & selected & ~first & (c_row < cur.rows)
         # the chunk of the current beat, masked to the bytes inside the row
         rdata = self.r.payload
         chunk = Signal(8 * U, name=f"{name}_chunk")
         m.d.comb += chunk.eq(Array([rdata[8 * U * i:8 * U * (i + 1)] for i in range(B // U)])[c_beat])
-        remaining = Signal(32, name=f"{name}_remaining")
-        m.d.comb += remaining.eq(cur.row_bytes - (c_idx * U))
         masked = Signal(8 * U, name=f"{name}_masked")
         for byte in range(U):
-            m.d.comb += masked[8 * byte:8 * byte + 8].eq(Mux(remaining > byte, chunk[8 * byte:8 * byte + 8], 0))
-        last_of_row = c_idx + 1 == chunks_row
+            m.d.comb += masked[8 * byte:8 * byte + 8].eq(Mux(rem > byte, chunk[8 * byte:8 * byte + 8], 0))
+        last_of_row = rem <= U
         last_of_line = c_line == (L // U) - 1
         last_of_beat = c_beat == (B // U) - 1
         new_line = Signal(8 * L, name=f"{name}_new_line")
@@ -214,9 +211,9 @@ class LoadUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [line.eq(new_line), c_line.eq(c_line + 1)]
             with m.If(last_of_row):
-                m.d.sync += [c_idx.eq(0), c_row.eq(c_row + 1)]
+                m.d.sync += [rem.eq(cur.row_bytes), c_row.eq(c_row + 1)]
             with m.Else():
-                m.d.sync += c_idx.eq(c_idx + 1)
+                m.d.sync += rem.eq(rem - U)
         with m.If(xfer & selected & ~first & (c_row == cur.rows)):
             m.d.comb += recv_done.eq(1)
 

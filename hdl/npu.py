@@ -230,7 +230,10 @@ class NPUCore(wiring.Component):
         m.d.comb += [load.r.valid.eq(ax("rvalid") & (ax("rid") == 1)), load.r.payload.eq(ax("rdata"))]
         f_r_ready = Signal()
         m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, load.r.ready) | stopped)
-        r_refused = r_fire & (ax("rresp") != 0)     # SLVERR or DECERR
+        # a beat with SLVERR or DECERR. Fetch beats are always taken (f_r_ready is 1), and a refused
+        # LOAD beat stops the core whether or not the load unit takes it in this cycle: neither
+        # depends on the load unit's ready, whose line arithmetic is a long path.
+        r_refused = ax("rvalid") & (ax("rresp") != 0)
         dma_rd = Signal(32)
         with m.If(r_fire):
             m.d.sync += dma_rd.eq(dma_rd + B)

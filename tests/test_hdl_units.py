@@ -416,9 +416,10 @@ _SRAM_FIELDS = ("sram_addr", "acc_addr", "b_addr", "a_addr", "src", "dst", "row_
 
 
 def _checker_command(rng, cfg):
-    """A random command: mostly plausible field values (so that every check is reached, and
-    SRAM ranges end right at, before or past the end of an SRAM), now and then any value of a
-    field's width, token flags, unknown opcodes and reserved bits."""
+    """A random command: mostly plausible field values (so that every check is reached, SRAM
+    ranges end right at, before or past the end of an SRAM, and DMA transfers a few bytes
+    before, at or past a window's limit), now and then any value of a field's width, token
+    flags, unknown opcodes and reserved bits."""
     from fp8npu.hdl import isa
     if rng.random() < 0.02:
         return rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
@@ -443,6 +444,12 @@ def _checker_command(rng, cfg):
         fields[f.name] = value & ((1 << f.width) - 1)
     if op == isa.Opcode.LOAD and fields["dst"] and rng.random() < 0.9:
         fields["row_bytes"] -= fields["row_bytes"] % 4
+    if op in (isa.Opcode.LOAD, isa.Opcode.STORE) and fields["rows"] and rng.random() < 0.3:
+        # a transfer whose last byte is a few bytes before, at or after a window's limit
+        row = fields["row_bytes"] if op == isa.Opcode.LOAD else fields["cols"] * (4 if fields["fmt"] == 0 else 1)
+        extent = (fields["rows"] - 1) * fields["dram_stride"] + row
+        limit = int(rng.choice([40_000, 1 << 20]))
+        fields["dram_addr"] = max(0, ((limit - extent) & ~7) + 8 * int(rng.integers(-1, 3))) & 0xFFFFFFFF
     if op == isa.Opcode.MATMUL and cfg.accumulation != "block" and rng.random() < 0.9:
         fields["commit"] = fields["fresh"] = 0
     flags = {f: int(rng.random() < 0.04) for f in ("pop_prev", "pop_next", "push_prev", "push_next")}
