@@ -159,7 +159,7 @@ class VectorUnit(wiring.Component):
         a write of the columns whose ``wr_lanes`` bit is set
     """
 
-    def __init__(self, cols, lanes=None, mul_stages=5, add_stages=5):
+    def __init__(self, cols, lanes=None, mul_stages=6, add_stages=5):
         lanes = cols if not lanes else lanes
         if not 1 <= lanes <= cols:
             raise ValueError(f"a vector unit of {cols} columns takes 1 to {cols} lanes, not {lanes}")
@@ -355,7 +355,7 @@ class Requantizer(wiring.Component):
     """A line of binary32 values scaled and rounded to FP8, for STORE: per lane
     ``fp8(fp32(x * scale))`` (docs/isa.md, STORE), fully pipelined.
 
-    Latency :attr:`LATENCY` cycles (the product behind 5 registers, the FP8 conversion behind
+    Latency :attr:`LATENCY` cycles (the product behind 6 registers, the FP8 conversion behind
     3); one line per cycle. ``scale``, ``e5m2`` and ``saturate`` must be steady while a line is
     inside.
 
@@ -367,7 +367,7 @@ class Requantizer(wiring.Component):
     y : Out(8 * lanes)          the FP8 codes
     """
 
-    LATENCY = 8
+    LATENCY = 9
 
     def __init__(self, lanes):
         self.lanes = lanes
@@ -378,10 +378,10 @@ class Requantizer(wiring.Component):
         m = Module()
         codes = []
         for j in range(self.lanes):
-            scaled = fp32_mul(m, self.x[32 * j:32 * j + 32], self.scale, prefix=f"q{j}_", regs=MUL_REGS[5])
+            scaled = fp32_mul(m, self.x[32 * j:32 * j + 32], self.scale, prefix=f"q{j}_", regs=MUL_REGS[6])
             m.submodules[f"conv{j}"] = conv = FP32ToFP8(stages=3)
             m.d.comb += [conv.x.eq(scaled), conv.fmt.eq(self.e5m2), conv.saturate.eq(self.saturate)]
             codes.append(conv.y)
-        assert self.LATENCY == 5 + conv.latency
+        assert self.LATENCY == 6 + conv.latency
         m.d.comb += self.y.eq(Cat(*codes))
         return m

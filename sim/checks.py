@@ -33,7 +33,7 @@ _UNITS = {
     # unit: (factory, stage settings, per-lane inputs, outputs, shared inputs)
     "mul": (FP8Multiplier, (0, 1), {"a": 8, "b": 8, "fmt_a": 1, "fmt_b": 1}, {"product": 32}, {}),
     "add": (FP32Adder, (0, 1, 2, 3, 4, 5), {"a": 32, "b": 32}, {"result": 32}, {}),
-    "mul32": (FP32Multiplier, (0, 1, 2, 3, 4, 5), {"a": 32, "b": 32}, {"result": 32}, {}),
+    "mul32": (FP32Multiplier, (0, 1, 2, 3, 4, 5, 6), {"a": 32, "b": 32}, {"result": 32}, {}),
     "conv": (FP32ToFP8, (0, 1, 2, 3), {"x": 32, "fmt": 1, "saturate": 1}, {"y": 8}, {}),
     "mac": (MAC, (1, 2, 3), {"a": 8, "b": 8, "fmt_a": 1, "fmt_b": 1, "acc_in": 32}, {"acc": 32},
             {"valid": 1, "first": 1}),

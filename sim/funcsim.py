@@ -100,7 +100,7 @@ DMA_LATENCY = 8
 STORE_ROW_OVERHEAD = 3
 #: Extra cycles per row of a STORE to FP8: the line's register, scaling and conversion
 #: (hdl.dma.StoreUnit.STORE_CONVERT).
-STORE_CONVERT = 9
+STORE_CONVERT = 10
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
 #: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
@@ -109,7 +109,7 @@ BLOCK_FILL = 13
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles: scale and bias reads, the
 #: row buffer, the vector unit's pipeline (hdl.units.VectorUnit.fill).
-VECTOR_FILL = 22
+VECTOR_FILL = 24
 
 
 Token = isa.Token
