@@ -139,8 +139,9 @@ def test_sim_runs_a_program(engine, tmp_path, capsys):
 
 @pytest.mark.parametrize("fast, waves", [(True, "vcd"), pytest.param(False, "fst", marks=pytest.mark.slow)])
 def test_sim_waves_and_fast_dram(fast, waves, tmp_path, capsys):
-    """--waves writes VCD or FST (by suffix); --fast gives the same DRAM as the AxiSlave path.
-    (Each wave format is a Verilator build of its own; FST, with the AxiSlave, is a slow test.)"""
+    """--waves writes VCD or FST (by suffix); the run, with the simulation DRAM (--fast) or the
+    AxiSlave, gives the functional simulator's DRAM. (Each wave format is a Verilator build of
+    its own; FST, with the AxiSlave, is a slow test.)"""
     from fp8npu.sim.toolchain import fst_missing
     cfg = _sim_inputs(tmp_path)
     out, dump = tmp_path / "out.bin", tmp_path / f"run.{waves}"
