@@ -609,10 +609,20 @@ def fence(prog):
 
 
 def _check_formats(cfg, g):
+    """Refuse, in one sentence, a GEMM that needs what this configuration does not build."""
     for f in (g.fmt_a, g.fmt_b) + ((format_by_name(g.out),) if g.out != "fp32" else ()):
         if not cfg.supports(f.spec.name):
             raise ValueError(f"this NPU configuration does not support {f.spec.name} (formats: "
                              f"{', '.join(cfg.formats)})")
+    if g.out != "fp32" and not cfg.fp8_store:
+        raise ValueError(f"this NPU configuration has no FP8 stores (fp8_store is false): the output must "
+                         f"be fp32, not {g.out}")
+    if not cfg.vector_unit:
+        needs = [what for what, used in (("block scales", g.blocked), ("a column scale", g.col_scale is not None),
+                                         ("a bias", g.bias is not None)) if used]
+        if needs:
+            raise ValueError(f"this NPU configuration has no vector unit (vector_unit is false), which "
+                             f"{' and '.join(needs)} need; a GEMM without them runs")
 
 
 def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=None, block_k=BLOCK_K):

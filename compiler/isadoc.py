@@ -214,14 +214,16 @@ An example: C = A x W for 8 x 8 E4M3 matrices on the default configuration (8 x 
 Before a command is queued, the command decoder checks it in this order and stops at the first
 failure with that error code (`isa.validate`; hardware and simulator apply the same rules):
 
-1. `{E.BAD_OPCODE.name}`: the opcode is not one of the table above.
+1. `{E.BAD_OPCODE.name}`: the opcode is not one of the table above, or is `EPILOGUE` or
+   `BLOCKSCALE` on a configuration built without the vector unit (`vector_unit` false).
 2. `{E.BAD_FIELD.name}`: a reserved bit is set; `END` has a token flag; `SYNC` names no unit
    (`unit` > 2); a token flag points to a neighbour the unit lacks (load: `pop_prev`,
    `push_prev`; store: `pop_next`, `push_next`); `LOAD` into the accumulator with `row_bytes`
    not a multiple of 4; `STORE` with `fmt` > 2 or `cols` outside 1..cols of the array;
    `MATMUL` with `k` outside 1..rows of the array.
 3. `{E.BAD_FORMAT.name}`: `MATMUL` `fmt_a` or `fmt_b`, or the FP8 `fmt` of `STORE`, is a format the
-   configuration does not support.
+   configuration does not support; a `STORE` to E4M3 or E5M2 on a configuration built without
+   FP8 stores (`fp8_store` false).
 4. `{E.SRAM_RANGE.name}`: a scratchpad or accumulator line touched lies beyond the SRAM.
 5. `{E.MISALIGNED.name}`: `LOAD` or `STORE` `dram_addr` or `dram_stride` is not a multiple of the
    bus width in bytes.

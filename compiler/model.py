@@ -433,6 +433,9 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
     if quant.format not in cfg.formats:
         raise CompileError(f"the NPU configuration does not support {quant.format} (formats: "
                            f"{', '.join(cfg.formats)})")
+    if not cfg.vector_unit:
+        raise CompileError("the NPU configuration has no vector unit (vector_unit is false); compiled layers "
+                           "scale their products there (BLOCKSCALE), so they need one")
     from . import moe as moe_mod
     if not isinstance(module, torch.nn.Module):
         raise CompileError(f"compile() takes a torch.nn.Module, not {type(module).__name__}")

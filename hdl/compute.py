@@ -221,33 +221,44 @@ class ComputeUnit(wiring.Component):
             m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
                          a_line.eq(nxt.a_addr), issue_addr.eq(nxt.acc_addr)]
 
-        # ---- EPILOGUE and BLOCKSCALE in the vector unit; compute-side SYNC ----
-        m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)
+        # ---- EPILOGUE and BLOCKSCALE in the vector unit (if built); compute-side SYNC ----
         other = st_busy & ~st_is_mm
-        is_vector = (mm.opcode == Op.EPILOGUE) | (mm.opcode == Op.BLOCKSCALE)
         vu_started = Signal(name="vu_started")
-        m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
-        with m.If(vu.busy):                                 # the array is empty while it runs
-            m.d.comb += acc_r.addr.eq(vu.rd_addr)
-        with m.If(other & active & array_empty & ~vu_started):
-            with m.If(is_vector):
-                m.d.comb += vu.start.eq(1)
-                m.d.sync += vu_started.eq(1)
-            with m.Else():                                  # SYNC
-                m.d.comb += push_now.eq(Cat(mm.push_prev, mm.push_next))
-                m.d.sync += st_busy.eq(0)
-        with m.If(vu.done):
+        if cfg.vector_unit:
+            m.submodules.vector = vu = VectorUnit(C, cfg.vector_lanes_built)
+            is_vector = (mm.opcode == Op.EPILOGUE) | (mm.opcode == Op.BLOCKSCALE)
+            m.d.comb += [vu.cmd.eq(st_cmd), vu.en.eq(active), vu.rd_data.eq(acc_r.data[0:32 * C])]
+            with m.If(vu.busy):                                 # the array is empty while it runs
+                m.d.comb += acc_r.addr.eq(vu.rd_addr)
+
+        def finish_sync():
             m.d.comb += push_now.eq(Cat(mm.push_prev, mm.push_next))
-            m.d.sync += [st_busy.eq(0), vu_started.eq(0)]
+            m.d.sync += st_busy.eq(0)
+
+        with m.If(other & active & array_empty & ~vu_started):
+            if cfg.vector_unit:
+                with m.If(is_vector):
+                    m.d.comb += vu.start.eq(1)
+                    m.d.sync += vu_started.eq(1)
+                with m.Else():                              # SYNC
+                    finish_sync()
+            else:                       # SYNC: the checker refuses EPILOGUE and BLOCKSCALE
+                finish_sync()
+        if cfg.vector_unit:
+            with m.If(vu.done):
+                m.d.comb += push_now.eq(Cat(mm.push_prev, mm.push_next))
+                m.d.sync += [st_busy.eq(0), vu_started.eq(0)]
 
         # accumulator write port: array results, vector unit rows, else the load unit
         arr_wr = arr.out_commit if block else arr.out_valid
         with m.If(arr_wr):
             m.d.comb += [acc_w.en.eq(-1), acc_w.addr.eq(arr.out_addr), acc_w.data.eq(arr.out_acc)]
-        with m.Elif(vu.wr_en):
-            m.d.comb += [acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data),
-                         acc_w.en.eq(vu.wr_lanes if cfg.vector_passes > 1 else 1)]
-        compute_writing = arr_wr | vu.wr_en
+        compute_writing = arr_wr
+        if cfg.vector_unit:
+            with m.Elif(vu.wr_en):
+                m.d.comb += [acc_w.addr.eq(vu.wr_addr), acc_w.data.eq(vu.wr_data),
+                             acc_w.en.eq(vu.wr_lanes if cfg.vector_passes > 1 else 1)]
+            compute_writing = arr_wr | vu.wr_en
 
         m.d.comb += [
             self.idle.eq(~wl_busy & ~st_next_valid & ~st_busy & array_empty & ~pushes_pending),

@@ -88,6 +88,12 @@ class NPUConfig:
     store_lanes : int
         binary32-to-FP8 lanes of the store unit's requantizer, as :attr:`vector_lanes`: a row
         stored to FP8 takes ceil(cols / lanes) extra cycles instead of one.
+    vector_unit : bool
+        Build the vector unit. Without it (for small FPGAs) EPILOGUE and BLOCKSCALE are refused
+        with BAD_OPCODE, and :attr:`vector_lanes` must be 0.
+    fp8_store : bool
+        Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
+        BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
     """
 
     rows: int = 8
@@ -105,6 +111,8 @@ class NPUConfig:
     dsp_columns: int = 0
     vector_lanes: int = 0
     store_lanes: int = 0
+    vector_unit: bool = True
+    fp8_store: bool = True
 
     def __post_init__(self):
         def integer(name, lo, hi, pow2=False):
@@ -146,6 +154,13 @@ class NPUConfig:
             if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.cols):
                 raise ValueError(f"{name} must be an integer from 0 (one per column) to cols ({self.cols}), "
                                  f"not {_short(v)}")
+        for name, lanes in (("vector_unit", "vector_lanes"), ("fp8_store", "store_lanes")):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, not {_short(v)}")
+            if not v and getattr(self, lanes):
+                raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
+                                 f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))

@@ -264,7 +264,7 @@ class StoreUnit(wiring.Component):
         row = Signal(16, name="s_row")
         row_addr = Signal(32, name="s_row_addr")
         row_bytes = Signal(8, name="s_row_bytes")
-        m.d.comb += row_bytes.eq(Mux(cur.fmt == 0, cur.cols << 2, cur.cols))
+        m.d.comb += row_bytes.eq(Mux(cur.fmt == 0, cur.cols << 2, cur.cols) if cfg.fp8_store else cur.cols << 2)
         beats_row = Signal(8, name="s_beats_row")        # registered when the command starts
         left = Signal(8, name="s_left")                  # beats of the row not yet in a burst
         nbeats_max = max(1, -(-4 * C // B))
@@ -289,29 +289,34 @@ class StoreUnit(wiring.Component):
         # the line that arrives is registered in ``buf``: FP32 rows are written from there as they
         # are; FP8 rows pass the requantizer from there (the block RAM's output never meets the
         # conversion logic in one cycle) in S passes of Q columns, and the codes replace the line
-        Q, S = cfg.store_lanes_built, cfg.store_passes
-        m.submodules.requantizer = rq = Requantizer(Q)
-        conv_wait = Signal(range(Requantizer.LATENCY + S), name="s_conv_wait")
         line = self.acc_read.data
-        m.d.comb += rq.x.eq(pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass"))
-        m.d.comb += [rq.scale.eq(cur.scale), rq.e5m2.eq(cur.fmt == 2), rq.saturate.eq(cur.saturate)]
-        codes = rq.y
-        if S > 1:                           # earlier passes' codes, the oldest at the bottom
-            done_codes = Signal(8 * Q * (S - 1), name="s_codes")
-            m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
-            codes = Cat(done_codes, rq.y)
+        if cfg.fp8_store:
+            Q, S = cfg.store_lanes_built, cfg.store_passes
+            m.submodules.requantizer = rq = Requantizer(Q)
+            conv_wait = Signal(range(Requantizer.LATENCY + S), name="s_conv_wait")
+            m.d.comb += rq.x.eq(pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass"))
+            m.d.comb += [rq.scale.eq(cur.scale), rq.e5m2.eq(cur.fmt == 2), rq.saturate.eq(cur.saturate)]
+            codes = rq.y
+            if S > 1:                           # earlier passes' codes, the oldest at the bottom
+                done_codes = Signal(8 * Q * (S - 1), name="s_codes")
+                m.d.sync += done_codes.eq(Cat(done_codes[8 * Q:], rq.y))
+                codes = Cat(done_codes, rq.y)
         with m.If(busy & (state == S_.ARRIVE)):
-            m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), left.eq(beats_row), w_addr.eq(row_addr),
-                         conv_wait.eq(0)]
-            with m.If(cur.fmt == 0):
+            m.d.sync += [buf.eq(line[0:32 * C]), beat.eq(0), left.eq(beats_row), w_addr.eq(row_addr)]
+            if cfg.fp8_store:
+                m.d.sync += conv_wait.eq(0)
+                with m.If(cur.fmt == 0):
+                    m.d.sync += state.eq(S_.ADDRESS)
+                with m.Else():
+                    m.d.sync += state.eq(S_.CONVERT)
+            else:                               # the checker refuses FP8 stores
                 m.d.sync += state.eq(S_.ADDRESS)
-            with m.Else():
-                m.d.sync += state.eq(S_.CONVERT)
-        with m.If(busy & (state == S_.CONVERT)):
-            with m.If(conv_wait == Requantizer.LATENCY + S - 1):
-                m.d.sync += [buf.eq(codes[:8 * C]), state.eq(S_.ADDRESS)]
-            with m.Else():
-                m.d.sync += conv_wait.eq(conv_wait + 1)
+        if cfg.fp8_store:
+            with m.If(busy & (state == S_.CONVERT)):
+                with m.If(conv_wait == Requantizer.LATENCY + S - 1):
+                    m.d.sync += [buf.eq(codes[:8 * C]), state.eq(S_.ADDRESS)]
+                with m.Else():
+                    m.d.sync += conv_wait.eq(conv_wait + 1)
         # AW: one burst at a time (rows are bus aligned; split at max_burst and 4 KB)
         m.d.comb += blen.eq(burst_len(left, w_addr, B, cfg.max_burst))
         aw_go = busy & (state == S_.ADDRESS) & active

@@ -28,7 +28,7 @@ __all__ = [
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
     "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
-    "DecodeError", "ERROR_TEXT",
+    "DecodeError", "ERROR_TEXT", "field_ranges", "unit_opcodes",
 ]
 
 COMMAND_BITS = 256
@@ -112,9 +112,9 @@ class ErrorCode(enum.IntEnum):
     """Value of the ERROR register; the first error stops the NPU."""
 
     NONE = 0
-    BAD_OPCODE = 1       # opcode not in Opcode
+    BAD_OPCODE = 1       # opcode not in Opcode, or its unit not built (EPILOGUE, BLOCKSCALE without a vector unit)
     BAD_FIELD = 2        # reserved bit set, field value out of its range, or a token flag the unit lacks
-    BAD_FORMAT = 3       # an FP8 format this configuration does not support
+    BAD_FORMAT = 3       # an FP8 format this configuration does not support (STORE: or no FP8 stores built)
     SRAM_RANGE = 4       # scratchpad or accumulator lines beyond the SRAM
     MISALIGNED = 5       # DRAM address or stride not a multiple of the AXI bus width in bytes
     DRAM_WINDOW = 6      # a DRAM byte outside [WIN_BASE, WIN_LIMIT)
@@ -127,7 +127,7 @@ class ErrorCode(enum.IntEnum):
 
 ERROR_TEXT = {
     ErrorCode.NONE: "no error",
-    ErrorCode.BAD_OPCODE: "unknown opcode",
+    ErrorCode.BAD_OPCODE: "unknown opcode, or one this NPU configuration does not build",
     ErrorCode.BAD_FIELD: "a reserved bit is set or a field is out of range",
     ErrorCode.BAD_FORMAT: "FP8 format not supported by this NPU configuration",
     ErrorCode.SRAM_RANGE: "SRAM lines out of range",
@@ -300,6 +300,25 @@ def _all_fields(opcode):
     return COMMON_FIELDS + FIELDS.get(opcode, ())
 
 
+def field_ranges(opcodes):
+    """The command bits that the common fields and the fields of ``opcodes`` occupy, as merged
+    ``(lsb, width)`` ranges in increasing order: what a queue of those commands must keep
+    once the checks (which read every bit) have passed."""
+    spans = sorted((f.lsb, f.msb + 1) for op in opcodes for f in _all_fields(Opcode(op)))
+    merged = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi - lo) for lo, hi in merged)
+
+
+def unit_opcodes(unit):
+    """The opcodes a unit of the chain executes (besides SYNC, which only moves its tokens)."""
+    return tuple(op for op, u in OPCODE_UNIT.items() if u == unit)
+
+
 def encode(opcode, pop_prev=0, pop_next=0, push_prev=0, push_next=0, **values):
     """Encode one command to 32 bytes. Unknown field names or values too wide raise DecodeError."""
     table = _ENCODE_TABLES.get(opcode)
@@ -386,6 +405,8 @@ def validate(cmd, cfg, win_base, win_limit):
         op = Opcode(cmd.opcode)
     except ValueError:
         return ErrorCode.BAD_OPCODE
+    if op in (Opcode.EPILOGUE, Opcode.BLOCKSCALE) and not cfg.vector_unit:
+        return ErrorCode.BAD_OPCODE
     f = cmd.fields
     if f.get("_reserved", 0):
         return ErrorCode.BAD_FIELD
@@ -415,7 +436,8 @@ def validate(cmd, cfg, win_base, win_limit):
         names = ("e4m3", "e5m2")
         if not cfg.supports(names[f["fmt_a"]]) or not cfg.supports(names[f["fmt_b"]]):
             return ErrorCode.BAD_FORMAT
-    if op == Opcode.STORE and f["fmt"] in (1, 2) and not cfg.supports(("e4m3", "e5m2")[f["fmt"] - 1]):
+    if op == Opcode.STORE and f["fmt"] in (1, 2) and (not cfg.fp8_store
+                                                      or not cfg.supports(("e4m3", "e5m2")[f["fmt"] - 1])):
         return ErrorCode.BAD_FORMAT
     # SRAM ranges
     sp, acc = cfg.sp_lines, cfg.acc_lines
@@ -532,6 +554,8 @@ CONFIG_FIELDS = (
     ("sp", 13, 5, "log2 scratchpad lines"), ("acc", 18, 5, "log2 accumulator lines"),
     ("e4m3", 23, 1, "E4M3 supported"), ("e5m2", 24, 1, "E5M2 supported"),
     ("block", 25, 1, "block accumulation"), ("acc_block", 26, 3, "log2 acc_block (block accumulation)"),
+    ("no_vector", 29, 1, "no vector unit (EPILOGUE, BLOCKSCALE refused)"),
+    ("no_fp8_store", 30, 1, "no FP8 stores (STORE to E4M3/E5M2 refused)"),
 )
 REGISTER_DOC[Register.CONFIG] = "R: the configuration built: " + ", ".join(
     f"{what} in [{lsb + width - 1}:{lsb}]" if width > 1 else f"{what} in [{lsb}]"
@@ -545,7 +569,8 @@ def config_word(cfg):
               "sp": cfg.sp_lines.bit_length() - 1, "acc": cfg.acc_lines.bit_length() - 1,
               "e4m3": int(cfg.supports("e4m3")), "e5m2": int(cfg.supports("e5m2")),
               "block": int(cfg.accumulation == "block"),
-              "acc_block": cfg.acc_block.bit_length() - 1 if cfg.accumulation == "block" else 0}
+              "acc_block": cfg.acc_block.bit_length() - 1 if cfg.accumulation == "block" else 0,
+              "no_vector": int(not cfg.vector_unit), "no_fp8_store": int(not cfg.fp8_store)}
     return sum(values[name] << lsb for name, lsb, _, _ in CONFIG_FIELDS)
 
 
@@ -559,8 +584,10 @@ def describe_config_word(word):
     v = config_fields(word)
     formats = "+".join(f for f in ("e4m3", "e5m2") if v[f]) or "no formats"
     accumulation = f"block accumulation of {1 << v['acc_block']}" if v["block"] else "sequential accumulation"
+    missing = "".join(text for name, text in (("no_vector", ", no vector unit"), ("no_fp8_store", ", no FP8 stores"))
+                      if v[name])
     return (f"{v['rows']}x{v['cols']} array, {8 << v['bus']}-bit bus, {1 << v['sp']} scratchpad lines, "
-            f"{1 << v['acc']} accumulator lines, {formats}, {accumulation}")
+            f"{1 << v['acc']} accumulator lines, {formats}, {accumulation}{missing}")
 
 
 def config_mismatch(word, cfg):

@@ -58,7 +58,7 @@ from .checks import CommandChecker, fld
 from .compute import ComputeUnit
 from .config import NPUConfig
 from .dma import LoadUnit, StoreUnit, axi_write_members
-from .units import QUEUE_ENTRY
+from .units import pack_fields, unpack_fields
 
 __all__ = ["NPU", "NPUCore", "hardware_problem"]
 
@@ -250,7 +250,10 @@ class NPUCore(wiring.Component):
         # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
         # Fetched commands pass a register and the checks (CommandChecker.LATENCY cycles) on their way into the queue;
         # an entry holds the command, its verdict, its address and whether the bus refused a beat.
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=CMD + 8 + 33, depth=4)
+        # The checks have read every bit by then: the buffer keeps the bits of the ISA's fields only.
+        fetch_ranges = isa.field_ranges(list(isa.Opcode))
+        fetch_bits = sum(w for _, w in fetch_ranges)
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=4)
         beats_per_cmd = max(CMD // D, 1)
         f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
@@ -307,22 +310,26 @@ class NPUCore(wiring.Component):
             valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
             m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]
             v_valid, v_carry = valid_q, carry_q
-        m.d.comb += [fq.w_en.eq(v_valid & ~stopped), fq.w_data.eq(Cat(v_out_cmd, verdict, v_carry)), f_got.eq(v_valid)]
+        m.d.comb += [fq.w_en.eq(v_valid & ~stopped), fq.w_data.eq(Cat(pack_fields(v_out_cmd, fetch_ranges), verdict, v_carry)), f_got.eq(v_valid)]
 
         # ---------------- unit queues ---------------------------------------------------------
-        # entries: the command and its address (where its errors are reported)
-        queues = {}
+        # entries: the command and its address (where its errors are reported); a queue keeps the
+        # bits of its unit's fields (isa.field_ranges), the unit sees the command at ISA positions
+        queues, unit_ranges = {}, {}
         for u, unit in units.items():
-            q = SyncFIFOBuffered(width=QUEUE_ENTRY.size, depth=cfg.queue_depth)
+            ranges = unit_ranges[u] = isa.field_ranges(isa.unit_opcodes(u))
+            q = SyncFIFOBuffered(width=sum(w for _, w in ranges) + 32, depth=cfg.queue_depth)
             m.submodules[f"{u.name.lower()}_q"] = queues[u] = q
-            m.d.comb += [unit.commands.payload.eq(q.r_data), unit.commands.valid.eq(q.r_rdy),
-                         q.r_en.eq(unit.commands.ready)]
+            packed = q.r_data[:-32]
+            m.d.comb += [unit.commands.payload.cmd.eq(unpack_fields(packed, ranges)),
+                         unit.commands.payload.addr.eq(q.r_data[-32:]),
+                         unit.commands.valid.eq(q.r_rdy), q.r_en.eq(unit.commands.ready)]
 
         # ---------------- dispatcher --------------------------------------------------------
-        cmd = fq.r_data[0:CMD]
-        verdict = fq.r_data[CMD:CMD + 8]
-        cmd_addr = fq.r_data[CMD + 8:CMD + 40]
-        fetch_refused = fq.r_data[CMD + 40]
+        cmd = unpack_fields(fq.r_data[0:fetch_bits], fetch_ranges)
+        verdict = fq.r_data[fetch_bits:fetch_bits + 8]
+        cmd_addr = fq.r_data[fetch_bits + 8:fetch_bits + 40]
+        fetch_refused = fq.r_data[fetch_bits + 40]
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
         target = Signal(range(len(isa.UNIT_CHAIN)))       # the unit that takes the command
@@ -343,8 +350,8 @@ class NPUCore(wiring.Component):
                 with m.Case(u):
                     m.d.comb += q_ready.eq(q.w_rdy)
         blocked_on_queue = Signal()
-        for q in queues.values():
-            m.d.comb += q.w_data.eq(Cat(cmd, cmd_addr))
+        for u, q in queues.items():
+            m.d.comb += q.w_data.eq(Cat(pack_fields(cmd, unit_ranges[u]), cmd_addr))
         # program-order token balances (isa.token_check): pushes minus pops of dispatched commands
         bal_bits = (isa.TOKEN_LIMIT + 1).bit_length() + (cfg.queue_depth + 2).bit_length() + 1
         balance = [Signal(range(-(1 << (bal_bits - 1)), 1 << (bal_bits - 1)), name=f"tok_balance{i}")

@@ -28,7 +28,7 @@ from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "QUEUE_ENTRY", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
+__all__ = ["command_layout", "pack_fields", "unpack_fields", "QUEUE_ENTRY", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
            "burst_len", "ceil_div_pow2", "pick_slice", "VectorUnit", "Requantizer"]
 
 
@@ -37,6 +37,25 @@ def command_layout(opcode):
     the common fields and the opcode's own, at their ISA positions."""
     fields = isa.COMMON_FIELDS + isa.FIELDS[isa.Opcode(opcode)]
     return data.FlexibleLayout(isa.COMMAND_BITS, {f.name: data.Field(unsigned(f.width), f.lsb) for f in fields})
+
+
+def pack_fields(cmd, ranges):
+    """The bits of ``cmd`` (a command's :data:`~fp8npu.hdl.isa.COMMAND_BITS` bits) in ``ranges``
+    (:func:`fp8npu.hdl.isa.field_ranges`), side by side: what a queue stores."""
+    return Cat(*(cmd[lsb:lsb + width] for lsb, width in ranges))
+
+
+def unpack_fields(packed, ranges):
+    """The command :func:`pack_fields` packed, back at its ISA bit positions (0 elsewhere)."""
+    parts, at, pos = [], 0, 0
+    for lsb, width in ranges:
+        if lsb > at:
+            parts.append(Const(0, lsb - at))
+        parts.append(packed[pos:pos + width])
+        at, pos = lsb + width, pos + width
+    if at < isa.COMMAND_BITS:
+        parts.append(Const(0, isa.COMMAND_BITS - at))
+    return Cat(*parts)
 
 
 #: An entry of a unit's command queue: the command and the address it was fetched from (the

@@ -38,6 +38,12 @@ def test_json_round_trip(tmp_path):
     ({"accumulation": "block", "multipliers": "mixed", "cols": 1, "dsp_columns": 1},
      r"^multipliers 'mixed' needs at least 2 columns; a 1-column array takes 'dsp' or 'lut'$"),
     ({"multipliers": "lut"}, r"^multipliers 'lut' needs accumulation 'block'; sequential mode takes 'dsp'$"),
+    ({"vector_unit": 0}, r"^vector_unit must be true or false, not 0$"),
+    ({"fp8_store": "no"}, r"^fp8_store must be true or false, not 'no'$"),
+    ({"vector_unit": False, "vector_lanes": 2},
+     r"^vector_lanes applies to a built vector unit; with vector_unit false it must be 0, not 2$"),
+    ({"fp8_store": False, "store_lanes": 1},
+     r"^store_lanes applies to a built requantizer; with fp8_store false it must be 0, not 1$"),
 ])
 def test_invalid_values_are_one_sentence(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -70,6 +76,7 @@ def test_npu_generates(rows, cols):
     NPUConfig(rows=1, cols=1, axi_data_bits=32, sp_lines=16, acc_lines=16, formats=("e5m2",)),
     NPUConfig(rows=5, cols=12, accumulation="block", acc_block=128, formats=("e4m3",)),
     NPUConfig(accumulation="block", acc_block=1),
+    NPUConfig(rows=2, cols=2, vector_unit=False), NPUConfig(fp8_store=False),
 ])
 def test_config_register_holds_the_whole_configuration(cfg):
     """CONFIG's fields give back every value a program depends on, and configurations that
@@ -87,3 +94,7 @@ def test_config_register_holds_the_whole_configuration(cfg):
     assert isa.config_mismatch(word, other) is not None
     assert isa.config_mismatch(word, cfg) is None
     assert f"{cfg.rows}x{cfg.cols} array" in isa.describe_config_word(word)
+    assert (f["no_vector"], f["no_fp8_store"]) == (not cfg.vector_unit, not cfg.fp8_store)
+    for name in ("vector_unit", "fp8_store"):
+        other = NPUConfig(**dict(cfg.to_dict(), **{name: not getattr(cfg, name)}))
+        assert isa.config_mismatch(word, other) is not None

@@ -461,7 +461,8 @@ def _checker_command(rng, cfg):
     return bytes(cmd)
 
 
-@pytest.mark.parametrize("kind", ["sequential 8x8 bus 64", "block 5x3 bus 32, E4M3 only"])
+@pytest.mark.parametrize("kind", ["sequential 8x8 bus 64", "block 5x3 bus 32, E4M3 only",
+                                  "sequential 4x4 bus 64, no vector unit, no FP8 stores"])
 def test_command_checker_alone(kind, rng):
     """CommandChecker in the Amaranth simulator, one command per cycle, against isa.validate
     (the functional simulator's checks) on 3,000 random commands and two DMA windows: the
@@ -469,7 +470,9 @@ def test_command_checker_alone(kind, rng):
     from fp8npu.hdl import isa
     from fp8npu.hdl.checks import CommandChecker
     from fp8npu.hdl.config import NPUConfig
-    if kind.startswith("sequential"):
+    if kind.endswith("no FP8 stores"):
+        cfg = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, vector_unit=False, fp8_store=False)
+    elif kind.startswith("sequential"):
         cfg = NPUConfig(sp_lines=1024, acc_lines=256)
     else:
         cfg = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, accumulation="block",
@@ -504,3 +507,59 @@ def test_command_checker_alone(kind, rng):
     assert not bad, f"command {bad[0][0]}: hardware {bad[0][1]}, isa.validate {bad[0][2]}"
     assert all(g[1] == int.from_bytes(c, "little") for g, c in zip(got, commands))
     assert len(codes) >= 6
+
+
+def test_queues_keep_every_field_bit(rng):
+    """A unit's queue keeps the bits of its opcodes' fields and nothing else (isa.field_ranges):
+    every field lies inside the ranges, the ranges hold no bit outside a field, and packing then
+    unpacking a random command in the simulator gives back exactly its field bits."""
+    from amaranth.hdl import Module, Signal
+
+    from fp8npu.hdl import isa
+    from fp8npu.hdl.units import pack_fields, unpack_fields
+    groups = [isa.unit_opcodes(u) for u in isa.UNIT_CHAIN] + [list(isa.Opcode)]
+    for opcodes in groups:
+        ranges = isa.field_ranges(opcodes)
+        kept = 0
+        for lsb, width in ranges:
+            kept |= ((1 << width) - 1) << lsb
+        fields = 0
+        for op in opcodes:
+            for f in isa.COMMON_FIELDS + isa.FIELDS[op]:
+                fields |= ((1 << f.width) - 1) << f.lsb
+        assert kept == fields, opcodes
+        assert sum(w for _, w in ranges) < isa.COMMAND_BITS
+        m = Module()
+        cmd, out = Signal(isa.COMMAND_BITS), Signal(isa.COMMAND_BITS)
+        packed = pack_fields(cmd, ranges)
+        assert len(packed) == bin(kept).count("1")
+        m.d.comb += out.eq(unpack_fields(packed, ranges))
+        words = [int.from_bytes(rng.bytes(32), "little") for _ in range(20)] + [(1 << 256) - 1]
+
+        async def bench(ctx, words=words, kept=kept):
+            for w in words:
+                ctx.set(cmd, w)
+                await ctx.delay(1e-6)
+                assert ctx.get(out) == w & kept
+
+        sim = Simulator(m)
+        sim.add_testbench(bench)
+        sim.run()
+
+
+def test_units_not_built_are_refused():
+    """Without a vector unit EPILOGUE and BLOCKSCALE are unknown opcodes; without FP8 stores a
+    STORE to E4M3 or E5M2 has a format the NPU lacks; both pass on the full configuration."""
+    from fp8npu.hdl import isa
+    from fp8npu.hdl.config import NPUConfig
+    full, trimmed = NPUConfig(), NPUConfig(vector_unit=False, fp8_store=False)
+    E = isa.ErrorCode
+    cases = [(isa.encode(isa.Opcode.EPILOGUE, rows=1, use_scale=1), E.BAD_OPCODE),
+             (isa.encode(isa.Opcode.BLOCKSCALE, rows=1, src=0, dst=1, row_scale=2, col_scale=3), E.BAD_OPCODE),
+             (isa.encode(isa.Opcode.STORE, fmt=1, rows=1, cols=8, dram_addr=0, scale=0x3F800000), E.BAD_FORMAT),
+             (isa.encode(isa.Opcode.STORE, fmt=2, rows=1, cols=8, dram_addr=0), E.BAD_FORMAT),
+             (isa.encode(isa.Opcode.STORE, fmt=0, rows=1, cols=8, dram_addr=0), E.NONE)]
+    for raw, code in cases:
+        cmd = isa.decode(raw)
+        assert isa.validate(cmd, full, 0, 1 << 20) == E.NONE
+        assert isa.validate(cmd, trimmed, 0, 1 << 20) == code

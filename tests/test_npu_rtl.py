@@ -503,3 +503,37 @@ def test_block_flags_on_the_hardware():
         fs = funcsim.run(None, dram, cfg, 0x1000, 0, len(dram), prog_len=2)
         rtl = npu(cfg).run(dram, 0x1000, 2, 0, len(dram), max_cycles=100_000)
         assert fs.error == rtl.error == code, (cfg.accumulation, prog[:4].hex())
+
+
+#: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
+#: FP8 stores, a 32-bit bus and shallow queues.
+TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=128, acc_lines=32, axi_data_bits=32, queue_depth=2, max_burst=4,
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
+
+
+def test_trimmed_npu_without_vector_unit_and_fp8_stores():
+    """Plain GEMMs (K across several exact blocks, M in several blocks) are bit-exact on the RTL,
+    the functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
+    BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines."""
+    rng = np.random.default_rng(77)
+    a, b = _codes(rng, (19, 21)), _codes(rng, (21, 5))
+    g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3")
+    want = reference_gemm(a, b, "e4m3", "e4m3", accumulation="block", acc_block=8)
+    check_gemm(g, _i64(want), "fp32", cfg=TRIMMED, backpressure=0.3)
+    with pytest.raises(ValueError, match="^this NPU configuration has no vector unit"):
+        build_gemm(TRIMMED, a, b, "e4m3", "e4m3", bias=torch.ones(5))
+    with pytest.raises(ValueError, match="^this NPU configuration has no FP8 stores"):
+        build_gemm(TRIMMED, a, b, "e4m3", "e4m3", out="e4m3")
+    cases = [(_cmd(Opcode.EPILOGUE, rows=1, use_scale=1), ErrorCode.BAD_OPCODE),
+             (_cmd(Opcode.BLOCKSCALE, rows=1, dst=1), ErrorCode.BAD_OPCODE),
+             (_cmd(Opcode.STORE, fmt=1, rows=1, cols=2, dram_addr=0x2000, scale=0x3F800000), ErrorCode.BAD_FORMAT)]
+    for bad, code in cases:
+        program = b"".join([_cmd(Opcode.SYNC, unit=1), _cmd(Opcode.STORE, rows=1, cols=2, dram_addr=0x2000), bad,
+                            _cmd(Opcode.END)])
+        dram = bytearray(0x4000)
+        dram[0x1000:0x1000 + len(program)] = program
+        fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=4)
+        rtl = npu(TRIMMED).run(dram, 0x1000, 4, 0, len(dram), max_cycles=100_000)
+        assert not rtl.hung
+        assert (fs.error, fs.error_addr) == (code, 0x1000 + 64)
+        assert (rtl.error, rtl.error_addr) == (code, 0x1000 + 64)
