@@ -514,7 +514,6 @@ def test_queues_keep_every_field_bit(rng):
     every field lies inside the ranges, the ranges hold no bit outside a field, and packing then
     unpacking a random command in the simulator gives back exactly its field bits."""
     from amaranth.hdl import Module, Signal
-
     from fp8npu.hdl import isa
     from fp8npu.hdl.units import pack_fields, unpack_fields
     groups = [isa.unit_opcodes(u) for u in isa.UNIT_CHAIN] + [list(isa.Opcode)]
@@ -536,7 +535,7 @@ def test_queues_keep_every_field_bit(rng):
         m.d.comb += out.eq(unpack_fields(packed, ranges))
         words = [int.from_bytes(rng.bytes(32), "little") for _ in range(20)] + [(1 << 256) - 1]
 
-        async def bench(ctx, words=words, kept=kept):
+        async def bench(ctx, words=words, kept=kept, cmd=cmd, out=out):
             for w in words:
                 ctx.set(cmd, w)
                 await ctx.delay(1e-6)
