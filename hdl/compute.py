@@ -123,11 +123,16 @@ class ComputeUnit(wiring.Component):
                 m.d.sync += [w_pending.eq(1), w_row_q.eq(wl_row), wl_row.eq(wl_row + 1)]
             with m.Else():
                 m.d.sync += [wl_state.eq(WeightState.HAND_OVER), shadow_full.eq(1)]
-        m.d.comb += [arr.w_we.eq(w_pending), arr.w_row.eq(w_row_q), arr.w_data.eq(sp_rb.data[0:8 * C])]
+        # the line read is registered before the array decodes it (the scratchpad's block RAM
+        # outputs, cascaded over its depth, never meet the decoder in one cycle); the write to
+        # the shadow weights is one cycle later, long before the next MATMUL swaps them in
+        w_we, w_row, w_data = Signal(name="w_we"), Signal(range(R + 1), name="w_row"), Signal(8 * C, name="w_data")
+        m.d.sync += [w_we.eq(w_pending), w_row.eq(w_row_q), w_data.eq(sp_rb.data[0:8 * C])]
+        m.d.comb += [arr.w_we.eq(w_we), arr.w_row.eq(w_row), arr.w_data.eq(w_data)]
         if block:                                   # the weights' format (B), decoded as they are written
-            w_fmt_q = Signal(name="w_fmt_q")
-            m.d.sync += w_fmt_q.eq(wl.fmt_b)
-            m.d.comb += arr.w_fmt.eq(w_fmt_q)
+            w_fmt_q, w_fmt = Signal(name="w_fmt_q"), Signal(name="w_fmt")
+            m.d.sync += [w_fmt_q.eq(wl.fmt_b), w_fmt.eq(w_fmt_q)]
+            m.d.comb += arr.w_fmt.eq(w_fmt)
         with m.If(wl_busy & (wl_state == WeightState.HAND_OVER) & ~st_next_valid):
             m.d.sync += [st_next.eq(wl_cmd), st_next_valid.eq(1), wl_busy.eq(0), wl_state.eq(WeightState.TOKENS)]
 

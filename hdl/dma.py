@@ -295,7 +295,11 @@ class StoreUnit(wiring.Component):
             m.submodules.requantizer = rq = Requantizer(Q)
             conv_wait = Signal(range(Requantizer.LATENCY + S), name="s_conv_wait")
             m.d.comb += rq.x.eq(pick_slice(m, buf[:32 * C], 32 * Q, S, conv_wait, "s_pass"))
-            m.d.comb += [rq.scale.eq(cur.scale), rq.e5m2.eq(cur.fmt == 2), rq.saturate.eq(cur.saturate)]
+            # the command's conversion settings, registered (steady from the second cycle of a
+            # command, long before its first line reaches the requantizer)
+            rq_scale, rq_e5m2, rq_sat = Signal(32, name="s_rq_scale"), Signal(name="s_rq_e5m2"), Signal(name="s_rq_sat")
+            m.d.sync += [rq_scale.eq(cur.scale), rq_e5m2.eq(cur.fmt == 2), rq_sat.eq(cur.saturate)]
+            m.d.comb += [rq.scale.eq(rq_scale), rq.e5m2.eq(rq_e5m2), rq.saturate.eq(rq_sat)]
             codes = rq.y
             if S > 1:                           # earlier passes' codes, the oldest at the bottom
                 done_codes = Signal(8 * Q * (S - 1), name="s_codes")
