@@ -142,7 +142,7 @@ Every row pitch is a multiple of the bus width; padding bytes are zero and never
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 import numpy as np
@@ -151,7 +151,7 @@ from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
 from fp8npu.hdl.formats import format_by_name
 from fp8npu.hdl.isa import Opcode, Unit
-from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs
+from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs, finish_gemm, scale_bits
 from fp8npu.sim.reference import f32_bits as _f32_bits
 
 from .program import Command, Layout, Program, allocate
@@ -329,6 +329,7 @@ class GemmProgram:
     a_chunks: int = 0
     ir: Program = None          # the program as commands over buffers (compiler.program)
     layout: Layout = None       # where its buffers lie
+    op: "GemmOp" = None         # the lowered GEMM (the host's part, when it finishes the GEMM)
 
     @property
     def out_stride(self):
@@ -338,6 +339,8 @@ class GemmProgram:
     def read_output(self, dram):
         """The [M, N] result from a DRAM image: int32 FP32 bits, or uint8 FP8 codes."""
         data = memoryview(dram)[self.out_addr:self.out_addr + self.out_layout.nbytes]
+        if self.op is not None and self.op.host:
+            return self.op.finish(data)
         return torch.from_numpy(self.out_layout.unpack(data))
 
 
@@ -467,7 +470,7 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     regions = {name: (layout.address(b), b.nbytes) for name, b in prog.buffers.items()}
     return GemmProgram(cfg, program, dram, prog_addr, len(prog), base, len(dram), g.out,
                        layout.address(op.buffers["c"]), op.layouts["c"], plan.m_block, steps, regions,
-                       "a_resident" if plan.resident else "a_reload", len(plan.a_chunks), prog, layout)
+                       "a_resident" if plan.resident else "a_reload", len(plan.a_chunks), prog, layout, op)
 
 
 #: Operands of a GEMM that can be filled by the host at run time instead of at compile time.
@@ -488,6 +491,39 @@ class GemmOp:
     layouts: dict
     note: str
     block_k: int = BLOCK_K
+    #: When the host finishes this GEMM (the NPU lacks the vector unit or FP8 stores it needs):
+    #: ``runtime``, the roles of :data:`HOST_ROLES` given to :meth:`finish` at run time;
+    #: ``consts``, the others' int32 FP32 bits (lists, with their shape); ``out``,
+    #: ``out_scale``, ``saturate``. None when the NPU computes the whole GEMM.
+    host: dict = None
+
+    @property
+    def host_roles(self):
+        """Runtime roles the host applies itself (:meth:`finish` takes them) instead of packing them."""
+        return tuple(self.host["runtime"]) if self.host else ()
+
+    def finish(self, data, values=None):
+        """The [M, N] output from the bytes of buffer ``c`` (see :meth:`unpack`); for a GEMM the
+        host finishes, the NPU's FP32 product with the scales, column scale, bias and output
+        conversion applied by the contract (:func:`fp8npu.sim.reference.finish_gemm`),
+        ``values`` holding the :attr:`host_roles` as :meth:`pack` takes them."""
+        out = self.unpack(data)
+        if not self.host:
+            return out
+        m, k, n = self.shape
+        values = values or {}
+        missing = [r for r in self.host_roles if r not in values]
+        if missing:
+            raise ValueError(f"{self.note}: the host finishes this GEMM and needs {', '.join(missing)}")
+        fields = {role: torch.tensor(bits, dtype=torch.int64).to(torch.int32).reshape(shape)
+                  for role, (shape, bits) in self.host["consts"].items()}
+        for role in self.host_roles:
+            if role in ("row_scales", "col_scales"):
+                fields[role] = scale_bits(role, values[role], m, k, n, self.block_k)
+            else:
+                fields[role] = _f32_bits(values[role], role, (n,))
+        return finish_gemm([out], out=self.host["out"], out_scale=self.host["out_scale"],
+                           saturate=self.host["saturate"], **fields)
 
     def pack(self, role, values):
         """The bytes of buffer ``role`` for ``values``: ``a`` [M, K] / ``b`` [K, N] uint8 FP8
@@ -495,6 +531,9 @@ class GemmOp:
         columns), ``col_scale`` / ``bias`` [N] (int32 FP32 bits or float tensors); KB =
         ceil(K / block_k)."""
         m, k, n = self.shape
+        if role in self.host_roles or (self.host and role in HOST_ROLES):
+            raise ValueError(f"{self.note}: the host applies {role} itself on this NPU configuration; it has no "
+                             f"buffer (pass it to finish)")
         if role in ("a", "b"):
             arr = np.ascontiguousarray(np.asarray(values, dtype=np.uint8))
             want = (m, k) if role == "a" else (k, n)
@@ -518,15 +557,18 @@ class GemmOp:
 
     def to_spec(self):
         """What a host needs to pack and unpack this GEMM's buffers, as JSON-able data."""
-        return {"shape": list(self.shape), "out": self.out, "note": self.note, "block_k": self.block_k,
+        spec = {"shape": list(self.shape), "out": self.out, "note": self.note, "block_k": self.block_k,
                 "layouts": {role: layout_to_dict(lay) for role, lay in self.layouts.items()}}
+        if self.host:
+            spec["host"] = self.host
+        return spec
 
     @classmethod
     def from_spec(cls, cfg, spec):
         """The host side of a GEMM (pack / unpack) from :meth:`to_spec`'s data."""
         return cls(cfg, tuple(spec["shape"]), spec["out"], None, {},
                    {role: layout_from_dict(d) for role, d in spec["layouts"].items()}, spec["note"],
-                   int(spec.get("block_k", BLOCK_K)))
+                   int(spec.get("block_k", BLOCK_K)), spec.get("host"))
 
 
 def layout_to_dict(layout):
@@ -614,25 +656,53 @@ def _check_formats(cfg, g):
         if not cfg.supports(f.spec.name):
             raise ValueError(f"this NPU configuration does not support {f.spec.name} (formats: "
                              f"{', '.join(cfg.formats)})")
-    if g.out != "fp32" and not cfg.fp8_store:
-        raise ValueError(f"this NPU configuration has no FP8 stores (fp8_store is false): the output must "
-                         f"be fp32, not {g.out}")
-    if not cfg.vector_unit:
-        needs = [what for what, used in (("block scales", g.blocked), ("a column scale", g.col_scale is not None),
-                                         ("a bias", g.bias is not None)) if used]
-        if needs:
-            raise ValueError(f"this NPU configuration has no vector unit (vector_unit is false), which "
-                             f"{' and '.join(needs)} need; a GEMM without them runs")
+    if _host_finishes(cfg, g) and g.blocked and g.row_scales.shape[1] > 1:
+        m, k, n = g.shape
+        raise ValueError(f"this NPU configuration has no vector unit (vector_unit is false), so the host applies "
+                         f"the scales, which it can for one K block only, not {g.row_scales.shape[1]} (K = {k} in "
+                         f"blocks of {g.block_k}): use per-tensor, per-channel or per-token scales")
+
+
+def _host_finishes(cfg, g):
+    """Whether the host finishes GEMM ``g`` (scales, column scale, bias, FP8 conversion): when
+    it needs what this configuration does not build (the vector unit, FP8 stores). The NPU
+    then computes the plain product and stores it as FP32."""
+    return ((not cfg.vector_unit and (g.blocked or g.col_scale is not None or g.bias is not None))
+            or (g.out != "fp32" and not cfg.fp8_store))
+
+
+def _host_spec(g, runtime):
+    """:attr:`GemmOp.host` for GEMM ``g`` with ``runtime`` roles: what the host applies."""
+    m, k, n = g.shape
+    present = {"row_scales": g.row_scales, "col_scales": g.col_scales, "col_scale": g.col_scale, "bias": g.bias}
+    present = {role: v for role, v in present.items() if v is not None}
+    return {"runtime": [r for r in HOST_ROLES if r in present and r in runtime],
+            "consts": {r: [list(v.shape), v.flatten().tolist()] for r, v in present.items() if r not in runtime},
+            "out": g.out, "out_scale": g.out_scale, "saturate": g.saturate}
+
+
+def _device_args(g):
+    """What the NPU computes of a GEMM the host finishes: the plain product, stored as FP32."""
+    return replace(g, out="fp32", out_scale=0x3F800000, saturate=True, col_scale=None, bias=None,
+                   row_scales=None, col_scales=None)
+
+
+#: The GEMM operands the host applies itself when it finishes a GEMM.
+HOST_ROLES = ("row_scales", "col_scales", "col_scale", "bias")
 
 
 def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=None, block_k=BLOCK_K):
     """The packed bytes of a GEMM's weight-side operands (``b``, and ``col_scale`` or
     ``col_scales``) as :func:`lower_gemm` lays them out for ``m`` rows, for buffers to be shared
     by programs of other row counts (``shared=``). Raises ValueError if the GEMM does not fit the
-    A-resident schedule, whose B layout does not depend on the row count."""
+    A-resident schedule, whose B layout does not depend on the row count. Where the host
+    finishes the GEMM (no vector unit), the scales have no buffer: only ``b``."""
     k = b_codes.shape[0]
     g = GemmArgs.from_args(np.zeros((m, k), np.uint8), b_codes, a_fmt, b_fmt, "fp32", 1.0, True, col_scale, None,
                            block_scales, block_k)
+    _check_formats(cfg, g)
+    if _host_finishes(cfg, g):
+        g = _device_args(g)
     plan = _plan(cfg, g)
     if not plan.resident:
         raise ValueError(f"a {m}x{k}x{g.shape[2]} GEMM does not fit the A-resident schedule of this configuration")
@@ -673,14 +743,19 @@ def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
     loads overlap this one's compute); otherwise each is its own stream, fenced."""
     g = gs[0]
     m, k, n = g.shape
-    plan = _plan(cfg, g)
+    host = _host_finishes(cfg, g)
+    if host:                       # the NPU computes the plain product, the host the rest
+        finish = [_host_spec(g_b, runtime) for g_b in gs]
+        gs = [_device_args(g_b) for g_b in gs]
+    g_dev = gs[0]
+    plan = _plan(cfg, g_dev)
     bus = cfg.bus_bytes
-    lay = _layouts(cfg, g, plan)
+    lay = _layouts(cfg, g_dev, plan)
     ops, addrs = [], []
     zero = None
-    for g_b, base_name, shared_b in zip(gs, base_names, shared):
+    for i, (g_b, base_name, shared_b) in enumerate(zip(gs, base_names, shared)):
         note = f"{base_name.rstrip('.') or 'gemm'} {m}x{k}x{n}"
-        op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note, g.block_k)
+        op = GemmOp(cfg, (m, k, n), g.out, plan, {}, lay, note, g.block_k, finish[i] if host else None)
         if shared_b.get("b") is not None and not plan.resident:
             raise ValueError(f"{note}: a shared B operand needs the A-resident schedule (its layout must not "
                              f"depend on M), and this GEMM does not fit it")
@@ -717,12 +792,12 @@ def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
         addrs.append(addr)
     with prog.noting(ops[0].note if len(ops) == 1 else f"{ops[0].note} (x{len(ops)})"):
         if plan.resident:
-            prog.extend(_commands_resident(cfg, g, plan, lay, addrs))
+            prog.extend(_commands_resident(cfg, g_dev, plan, lay, addrs))
         else:
             for i, addr in enumerate(addrs):
                 if i:
                     fence(prog)
-                prog.extend(_commands_reload(cfg, g, plan, lay, addr))
+                prog.extend(_commands_reload(cfg, g_dev, plan, lay, addr))
     return ops
 
 

@@ -166,7 +166,7 @@ class Segment:
 
     @property
     def host_to_npu_bytes(self):
-        return sum(b[r][1] for b in self.buffers for r in self.runtime)
+        return sum(b[r][1] for b in self.buffers for r in self.runtime if r in b)     # host-applied roles: none
 
     @property
     def npu_to_host_bytes(self):
@@ -433,9 +433,6 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
     if quant.format not in cfg.formats:
         raise CompileError(f"the NPU configuration does not support {quant.format} (formats: "
                            f"{', '.join(cfg.formats)})")
-    if not cfg.vector_unit:
-        raise CompileError("the NPU configuration has no vector unit (vector_unit is false); compiled layers "
-                           "scale their products there (BLOCKSCALE), so they need one")
     from . import moe as moe_mod
     if not isinstance(module, torch.nn.Module):
         raise CompileError(f"compile() takes a torch.nn.Module, not {type(module).__name__}")
@@ -837,12 +834,15 @@ def _lower_node(prog, cfg, quant, node, params, path, line, resident):
     if batch == 0:
         raise CompileError(f"{where}: an empty batch cannot run on the NPU")
     with prog.noting(node.name):
-        if kind == "bmm":
-            ops = lower_gemm_batch(prog, cfg, batch, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols),
-                                   block_k=block_k, runtime=runtime, name=node.name)
-        else:
-            ops = [lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), block_k=block_k,
-                              bias=bias, runtime=runtime, name=node.name)]
+        try:
+            if kind == "bmm":
+                ops = lower_gemm_batch(prog, cfg, batch, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols),
+                                       block_k=block_k, runtime=runtime, name=node.name)
+            else:
+                ops = [lower_gemm(prog, cfg, zeros_a, b_codes, fmt, fmt, block_scales=(rows, cols), block_k=block_k,
+                                  bias=bias, runtime=runtime, name=node.name)]
+        except ValueError as exc:
+            raise CompileError(f"{where}: {exc}") from None
         for b, op in enumerate(ops):
             for role, buf in op.buffers.items():
                 if role != "zero":

@@ -26,7 +26,13 @@ import torch
 from fp8npu.hdl.isa import Opcode
 from fp8npu.sim import golden
 from fp8npu.sim import quant as q
-from fp8npu.sim.reference import gemm_scales, quantize_operands, reference_qmatmul, scale_block
+from fp8npu.sim.reference import (
+    gemm_scales,
+    quantize_operands,
+    reference_qmatmul,
+    scale_block,
+    weight_col_scales,
+)
 
 from .model import CompiledModel
 
@@ -182,6 +188,7 @@ class Session:
         t0 = time.perf_counter()
         keep = seg.persistent_roles
         sent = 0
+        host_values = []             # per element: the roles the host applies itself (GemmOp.finish)
         for b, (xb, wb) in enumerate(zip(xs, ws)):
             if seg.kind == "linear":
                 a_codes, a_scales = q.quantize_activation(xb, quant.format, quant.activations, quant.scales)
@@ -194,7 +201,10 @@ class Session:
                     raise RunError(f"internal: segment {seg.node} was compiled for K blocks of {op.block_k}, "
                                    f"not {block_k}")
                 values = {"a": a_codes, "row_scales": rows, "b": b_codes, "col_scales": cols}
+            host_values.append({role: values[role] for role in op.host_roles})
             for role in seg.runtime:
+                if role in op.host_roles:
+                    continue
                 addr, _ = seg.buffers[b][role]
                 sent += self._upload(addr, op.pack(role, values[role]), role in keep)
         result = self.driver.launch(seg.prog_addr, seg.prog_len)
@@ -203,7 +213,7 @@ class Session:
         outs = []
         for b in range(seg.batch):
             addr, nbytes = seg.buffers[b]["c"]
-            outs.append(golden.bits_to_f32(op.unpack(self.driver.read(addr, nbytes))))
+            outs.append(golden.bits_to_f32(op.finish(self.driver.read(addr, nbytes), host_values[b])))
         record = {"segment": seg.node, "cycles": result.cycles, "mac_ops": result.mac_ops,
                   "utilization": result.utilization, "wall_seconds": time.perf_counter() - t0,
                   "host_to_npu_bytes": sent, "npu_to_host_bytes": seg.npu_to_host_bytes}
@@ -253,9 +263,13 @@ class Session:
             addresses = {b: bufs[f"{which}.{expert}.{r}"][0] for r, b in shared.items()}
             block_k = scale_block(quant.activations, quant.weights, k)
             kb_n = -(-k // block_k)
+            # the weights' column scales (the shared buffer holds them packed; an NPU without a
+            # vector unit has no such buffer, and the host applies them)
+            _, w_scales = q.quantize_weight(w, quant.format, quant.weights, quant.scales)
+            cols = weight_col_scales(w_scales, quant.weights, k, n, block_k)
             prog = Program(cfg)
             op = lower_gemm(prog, cfg, torch.zeros(m_b, k, dtype=torch.uint8), torch.zeros(k, n, dtype=torch.uint8),
-                            quant.format, quant.format, block_scales=(torch.ones(m_b, kb_n), torch.ones(kb_n, n)),
+                            quant.format, quant.format, block_scales=(torch.ones(m_b, kb_n), cols),
                             block_k=block_k, runtime=("a", "row_scales"),
                             name=f"{record['node']}.{which}.{expert}", shared=shared)
             prog.emit(Opcode.END)
@@ -268,7 +282,8 @@ class Session:
             program = prog.verify(layout, 0, self.driver.transport.memory_bytes)
             consts = [(layout.address(b), b.data) for b in prog.buffers.values() if b.data is not None]
             consts.append((layout.address(code), program))
-            io_addr = {r: (layout.address(op.buffers[r]), op.buffers[r].nbytes) for r in ("a", "row_scales", "c")}
+            io_addr = {r: (layout.address(op.buffers[r]), op.buffers[r].nbytes) for r in ("a", "row_scales", "c")
+                       if r in op.buffers}
             entry = cache[key] = (op, consts, io_addr, layout.address(code), len(prog))
         op, consts, io_addr, prog_addr, prog_len = entry
         padded = torch.zeros((m_b, k), dtype=torch.float32)
@@ -280,16 +295,18 @@ class Session:
         for addr, data in consts:
             self.driver.write(addr, bytes(data))
         self.driver.write(io_addr["a"][0], bytes(op.pack("a", a_codes)))
-        self.driver.write(io_addr["row_scales"][0], bytes(op.pack("row_scales", rows)))
+        if "row_scales" in io_addr:
+            self.driver.write(io_addr["row_scales"][0], bytes(op.pack("row_scales", rows)))
         result = self.driver.launch(prog_addr, prog_len)
         if not result.ok:
             raise RunError(f"expert {expert} {which} of the MoE layer {record['node']} stopped with "
                            f"{result.describe()}")
-        y = golden.bits_to_f32(op.unpack(self.driver.read(*io_addr["c"])))[:m]
+        y = golden.bits_to_f32(op.finish(self.driver.read(*io_addr["c"]),
+                                         {r: rows for r in op.host_roles}))[:m]
         self.launches.append({"segment": f"{record['node']}.{which}.{expert}", "cycles": result.cycles,
                               "mac_ops": result.mac_ops, "utilization": result.utilization,
                               "wall_seconds": time.perf_counter() - t0,
-                              "host_to_npu_bytes": io_addr["a"][1] + io_addr["row_scales"][1],
+                              "host_to_npu_bytes": io_addr["a"][1] + io_addr.get("row_scales", (0, 0))[1],
                               "npu_to_host_bytes": io_addr["c"][1]})
         return y
 

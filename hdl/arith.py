@@ -10,7 +10,7 @@ from amaranth.lib import wiring
 
 from .formats import Format
 
-__all__ = ["check_stages", "pipe", "leading_zeros", "unpack_fp8", "Registered", "SerialPorts"]
+__all__ = ["check_stages", "pipe", "leading_zeros", "unpack_fp8", "Registered", "SerialPorts", "SlicedMemory"]
 
 
 def check_stages(stages, allowed, block, component=None):
@@ -140,4 +140,47 @@ class SerialPorts(wiring.Component):
             sig = Signal(self.output_bits, name="so_signature")
             m.d.sync += sig.eq(Cat(Const(0, 1), sig[:-1]) ^ Cat(*outs))
             m.d.comb += self.so.eq(sig[-1])
+        return m
+
+
+#: Data width of an ECP5 DP16KD block RAM at each depth (16K x 1 up to 512 x 36).
+_BRAM_WIDTH = {16384: 1, 8192: 2, 4096: 4, 2048: 9, 1024: 18, 512: 36}
+
+
+class SlicedMemory(wiring.Component):
+    """A memory with one write port and ``read_ports`` read ports (synchronous, as
+    :class:`amaranth.lib.memory.Memory`'s), built from side-by-side slices, each as wide as one
+    block RAM is at this depth (16,384 lines: 1 bit; 2,048: 9 bits; see :data:`_BRAM_WIDTH`).
+    Synthesis then maps each slice to block RAMs of its full depth, so no read passes a
+    multiplexer chain over block RAMs cascaded in depth (which is what a wide, deep memory
+    otherwise gets). Depths past 16,384 lines still cascade.
+
+    Members
+    -------
+    write : Out(WritePort.Signature)        the write port (one line per write)
+    read0 .. read{read_ports - 1} : Out(ReadPort.Signature)   read ports, data one cycle after addr
+    """
+
+    def __init__(self, width, depth, read_ports):
+        from amaranth.lib.memory import ReadPort, WritePort
+        self.width, self.depth, self.read_ports = width, depth, read_ports
+        self.slice = _BRAM_WIDTH.get(depth, 1 if depth > 16384 else 36)
+        abits = max(1, (depth - 1).bit_length())
+        members = {"write": wiring.Out(WritePort.Signature(addr_width=abits, shape=width))}
+        for i in range(read_ports):
+            members[f"read{i}"] = wiring.Out(ReadPort.Signature(addr_width=abits, shape=width))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        from amaranth.lib.memory import Memory
+        m = Module()
+        reads = [getattr(self, f"read{i}") for i in range(self.read_ports)]
+        for lo in range(0, self.width, self.slice):
+            w = min(self.slice, self.width - lo)
+            m.submodules[f"bits{lo}"] = mem = Memory(shape=w, depth=self.depth, init=[])
+            wp = mem.write_port()
+            m.d.comb += [wp.addr.eq(self.write.addr), wp.en.eq(self.write.en), wp.data.eq(self.write.data[lo:lo + w])]
+            for port in reads:
+                rp = mem.read_port()
+                m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en), port.data[lo:lo + w].eq(rp.data)]
         return m

@@ -53,6 +53,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from . import isa
+from .arith import SlicedMemory
 from .axi import AxiLiteRegs, axi4_master_members
 from .checks import CommandChecker, fld
 from .compute import ComputeUnit
@@ -164,10 +165,8 @@ class NPUCore(wiring.Component):
         # ---------------- memories --------------------------------------------------------
         Lsp = cfg.line_bytes
         AV = cfg.acc_line_values
-        m.submodules.sp = sp = Memory(shape=8 * Lsp, depth=cfg.sp_lines, init=[])
-        sp_w = sp.write_port()
-        sp_ra = sp.read_port()
-        sp_rb = sp.read_port()
+        m.submodules.sp = sp = SlicedMemory(8 * Lsp, cfg.sp_lines, read_ports=2)
+        sp_w, sp_ra, sp_rb = sp.write, sp.read0, sp.read1
         m.submodules.acc = acc = Memory(shape=32 * AV, depth=cfg.acc_lines, init=[])
         # per-value write enables when the vector unit writes a row in several passes
         acc_w = acc.write_port(granularity=32 if cfg.vector_passes > 1 else None)

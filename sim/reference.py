@@ -19,7 +19,7 @@ from fp8npu.hdl.isa import StoreFormat
 
 from . import golden
 
-__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm", "scale_block", "weight_col_scales", "gemm_scales",
+__all__ = ["BLOCK_K", "OUTPUTS", "GemmArgs", "f32_bits", "reference_gemm", "finish_gemm", "scale_bits", "scale_block", "weight_col_scales", "gemm_scales",
            "quantize_operands", "reference_qmatmul"]
 
 #: Width of a fine-grained scaling block along K (row scales) and along N (column scales).
@@ -65,6 +65,19 @@ def f32_bits(x, name, shape):
     return bits.contiguous()
 
 
+def scale_bits(role, values, m, k, n, block_k):
+    """Block scales of an M x K x N GEMM as int32 FP32 bits: ``row_scales`` [M, KB], or
+    ``col_scales`` [KB, N] from [KB, N] or [KB, NB] (one per 128 columns); KB = ceil(K /
+    block_k), NB = ceil(N / 128). A wrong shape raises ValueError naming the one expected."""
+    kb, nb = math.ceil(k / block_k), math.ceil(n / BLOCK_K)
+    if role == "row_scales":
+        return f32_bits(values, "row_scales", (m, kb))
+    cs = torch.as_tensor(values)
+    if tuple(cs.shape) == (kb, n):
+        return f32_bits(cs, "col_scales", (kb, n))
+    return f32_bits(cs, "col_scales", (kb, nb))[:, torch.arange(n) // BLOCK_K]
+
+
 @dataclass
 class GemmArgs:
     """The checked arguments of a GEMM (shared by ``compiler.gemm.build_gemm`` and :func:`reference_gemm`)."""
@@ -90,6 +103,11 @@ class GemmArgs:
     def blocked(self):
         return self.row_scales is not None
 
+    def finish_fields(self):
+        """The arguments of :func:`finish_gemm` for this GEMM."""
+        return {"row_scales": self.row_scales, "col_scales": self.col_scales, "col_scale": self.col_scale,
+                "bias": self.bias, "out": self.out, "out_scale": self.out_scale, "saturate": self.saturate}
+
     @classmethod
     def from_args(cls, a_codes, b_codes, fmt_a, fmt_b, out, out_scale, saturate, col_scale, bias, block_scales,
                   block_k=BLOCK_K):
@@ -101,8 +119,8 @@ class GemmArgs:
             raise ValueError(f"every GEMM dimension must be at least 1, not M={m} K={k} N={n}")
         if out not in OUTPUTS:
             raise ValueError(f"out must be one of {', '.join(OUTPUTS)}, not {out!r}")
-        scale_bits = int(f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
-        if out == "fp32" and scale_bits != 0x3F800000:
+        out_bits = int(f32_bits(out_scale, "out_scale", ())) & 0xFFFFFFFF
+        if out == "fp32" and out_bits != 0x3F800000:
             raise ValueError("out_scale applies only to FP8 outputs (out='e4m3' or 'e5m2')")
         if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1:
             raise ValueError(f"block_k must be a positive number of K positions, not {block_k!r}")
@@ -110,15 +128,10 @@ class GemmArgs:
         if block_scales is not None:
             if not isinstance(block_scales, (tuple, list)) or len(block_scales) != 2:
                 raise ValueError("block_scales must be a pair (row_scales[M, KB], col_scales[KB, NB] or [KB, N])")
-            kb, nb = math.ceil(k / block_k), math.ceil(n / BLOCK_K)
-            rs = f32_bits(block_scales[0], "row_scales", (m, kb))
-            cs = torch.as_tensor(block_scales[1])
-            if tuple(cs.shape) == (kb, n):
-                cs = f32_bits(cs, "col_scales", (kb, n))
-            else:
-                cs = f32_bits(cs, "col_scales", (kb, nb))[:, torch.arange(n) // BLOCK_K]
+            rs = scale_bits("row_scales", block_scales[0], m, k, n, block_k)
+            cs = scale_bits("col_scales", block_scales[1], m, k, n, block_k)
         return cls(
-            a, b, _format(fmt_a, "fmt_a"), _format(fmt_b, "fmt_b"), out, scale_bits, bool(saturate),
+            a, b, _format(fmt_a, "fmt_a"), _format(fmt_b, "fmt_b"), out, out_bits, bool(saturate),
             None if col_scale is None else f32_bits(col_scale, "col_scale", (n,)),
             None if bias is None else f32_bits(bias, "bias", (n,)), rs, cs.contiguous() if cs is not None else None,
             block_k)
@@ -150,23 +163,37 @@ def reference_gemm(a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, sa
     a, b = torch.from_numpy(g.a), torch.from_numpy(g.b)
     fa, fb = g.fmt_a.value, g.fmt_b.value
     if not g.blocked:
-        acc = dot(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)
+        return finish_gemm([dot(a.T.unsqueeze(2), b.unsqueeze(1), fa, fb)], **g.finish_fields())
+    partials = []
+    for kb in range(g.row_scales.shape[1]):
+        ks = slice(kb * g.block_k, min(k, (kb + 1) * g.block_k))
+        partials.append(dot(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb))
+    return finish_gemm(partials, **g.finish_fields())
+
+
+def finish_gemm(partials, row_scales=None, col_scales=None, col_scale=None, bias=None, out="fp32",
+                out_scale=0x3F800000, saturate=True):
+    """A GEMM's output from its K-block partial sums by the contract (the fields of a
+    :class:`GemmArgs`, as int32 FP32 bits): ``partials`` holds one [M, N] sum per K block
+    (``row_scales`` [M, KB], ``col_scales`` [KB, N]; then ``acc = fp32(acc + fp32(p *
+    fp32(row_scale * col_scale)))`` from +0, block by block), or, unscaled, the one
+    accumulator; then the column scale, the bias and the output conversion. The reference and
+    the host side of a GEMM on an NPU without a vector unit both use it."""
+    if row_scales is None:
+        (acc,) = partials
     else:
-        acc = torch.zeros((m, n), dtype=torch.int32)                 # +0
-        col = g.col_scales
-        for kb in range(g.row_scales.shape[1]):
-            ks = slice(kb * g.block_k, min(k, (kb + 1) * g.block_k))
-            partial = dot(a[:, ks].T.unsqueeze(2), b[ks].unsqueeze(1), fa, fb)
-            scale = golden.mul_f32(g.row_scales[:, kb:kb + 1], col[kb].unsqueeze(0))
+        acc = torch.zeros(partials[0].shape, dtype=torch.int32)     # +0
+        for kb, partial in enumerate(partials):
+            scale = golden.mul_f32(row_scales[:, kb:kb + 1], col_scales[kb].unsqueeze(0))
             acc = golden.add(acc, golden.mul_f32(partial, scale))
-    if g.col_scale is not None:
-        acc = golden.mul_f32(acc, g.col_scale.unsqueeze(0))
-    if g.bias is not None:
-        acc = golden.add(acc, g.bias.unsqueeze(0))
-    if g.out == "fp32":
+    if col_scale is not None:
+        acc = golden.mul_f32(acc, col_scale.unsqueeze(0))
+    if bias is not None:
+        acc = golden.add(acc, bias.unsqueeze(0))
+    if out == "fp32":
         return acc
-    scale = torch.tensor([g.out_scale], dtype=torch.int64).to(torch.int32)   # two's complement wrap
-    return golden.quantize(golden.mul_f32(acc, scale), g.out, saturate=g.saturate)
+    scale = torch.tensor([out_scale], dtype=torch.int64).to(torch.int32)   # two's complement wrap
+    return golden.quantize(golden.mul_f32(acc, scale), out, saturate=saturate)
 
 
 # ---- quantized matrix products --------------------------------------------------------------

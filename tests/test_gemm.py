@@ -541,3 +541,34 @@ def test_block_flags_are_refused_where_not_built():
         NPUConfig(accumulation="block", acc_block=96)
     with pytest.raises(ValueError, match="accumulation must be one of sequential, block, not 'kahan'"):
         NPUConfig(accumulation="kahan")
+
+
+@pytest.mark.parametrize("accumulation", ["sequential", "block"])
+def test_host_finishes_what_the_npu_lacks(accumulation):
+    """On an NPU without a vector unit (and without FP8 stores) the NPU computes the plain
+    product and the host applies scales, column scale, bias and FP8 conversion by the contract:
+    the outputs equal reference_gemm bit for bit; the program holds no EPILOGUE, BLOCKSCALE or
+    FP8 STORE. Scales over several K blocks are refused in one sentence."""
+    cfg = NPUConfig(rows=4, cols=4, sp_lines=256, acc_lines=64, vector_unit=False, fp8_store=False,
+                    accumulation=accumulation, formats=("e4m3",) if accumulation == "block" else ("e4m3", "e5m2"))
+    gen = torch.Generator().manual_seed(11)
+    m, k, n = 19, 37, 10
+    a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e4m3", "normal", gen)
+    kw = dict(block_scales=(pow2_scales((m, 1), gen), pow2_scales((1, n), gen)), block_k=k,
+              col_scale=f32_values(n, gen, specials=False), bias=f32_values(n, gen), out="e4m3", out_scale=0.25,
+              accumulation=accumulation)
+    for args in (kw, {k2: v for k2, v in kw.items() if k2 in ("bias", "accumulation")},
+                 dict(block_scales=kw["block_scales"], block_k=k, accumulation=accumulation)):
+        build = {k2: v for k2, v in args.items() if k2 != "accumulation"}
+        g = build_gemm(cfg, a, b, "e4m3", "e4m3", **build)
+        ops = {c.opcode for c in commands_of(g)}
+        assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
+        assert all(c.fmt == 0 for c in commands_of(g) if c.opcode == Opcode.STORE)
+        r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+        assert r.ok, r.error.name
+        want = reference_gemm(a, b, "e4m3", "e4m3", **args)
+        got = g.read_output(r.dram)
+        assert not bool(golden.mismatches(got, want, KIND[args.get("out", "fp32")]).any())
+    with pytest.raises(ValueError, match=r"^this NPU configuration has no vector unit \(vector_unit is false\), "
+                                         r"so the host applies the scales, which it can for one K block only, not 2"):
+        build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(m, 2), torch.ones(2, 1)), block_k=32)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from fp8npu.compiler import model as cm
 from fp8npu.compiler.examples import RMSNorm, rotate_half
+from fp8npu.compiler.gemm import GemmOp
 from fp8npu.compiler.model import CompileError, ModelFileError, QuantConfig, compile, load
 from fp8npu.compiler.runtime import RunError, Session, npu_totals, run
 from fp8npu.hdl.config import NPUConfig
@@ -287,3 +288,40 @@ def test_transformer_block_accuracy_d256():
     cos = F.cosine_similarity(got.flatten(), block(x).flatten(), dim=0).item()
     print(f"transformer block d_model 256: cosine {cos:.6f}")
     assert cos >= 0.999
+
+
+#: An NPU for small FPGAs: no vector unit, no FP8 stores (the host applies scales and bias).
+TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
+
+
+@pytest.mark.parametrize("quant", ["weights=channel,activations=token", "weights=tensor,activations=tensor,scales=fp32"])
+def test_models_run_on_an_npu_without_vector_unit(quant):
+    """The host finishes each product (scales, bias) that the NPU computes plainly: the
+    functional simulator equals the contract bit for bit, for linear layers and products of
+    activations, and for a transformer block with attention; fine-grained scaling (several K
+    blocks) is refused in one sentence."""
+    module, (x,) = _block(3)
+    model = compile(module, (x,), TRIMMED, quant, estimate=False)
+    assert all(GemmOp.from_spec(TRIMMED, s.gemm).host for s in model.segments.values())
+    x2 = torch.randn_like(x)
+    assert _same(run(model, x2), run(model, x2, backend="reference"))
+    torch.manual_seed(6)
+    block = Llama().eval()
+    x = torch.randn(1, 8, 32)
+    model = compile(block, (x,), TRIMMED, quant, estimate=False)
+    assert _same(run(model, x), run(model, x, backend="reference"))
+
+
+def test_fine_grained_scaling_needs_the_vector_unit():
+    module = torch.nn.Linear(256, 8)
+    with pytest.raises(CompileError, match=r"^aten.linear.default at .*: this NPU configuration has no vector unit \(vector_unit "
+                                           r"is false\), so the host applies the scales, which it can for one K "
+                                           r"block only, not 2 .*per-token scales$"):
+        compile(module, (torch.randn(3, 256),), TRIMMED, "weights=block,activations=tile", estimate=False)
+
+
+def test_rtl_without_vector_unit_equals_functional_simulator():
+    module, (x,) = _block(2)
+    model = compile(module, (x,), TRIMMED, estimate=False)
+    assert _same(run(model, x, backend="rtl", fast=True), run(model, x))

@@ -216,3 +216,17 @@ def test_routing_agrees_with_float32():
     print(f"identical top-2 choice for {same:.1%} of tokens")
     assert used_f32.sum(dim=1).eq(2).all()
     assert same == 1.0
+
+
+def test_moe_on_an_npu_without_vector_unit():
+    """Expert projections on an NPU without a vector unit (the host applies their scales) equal
+    the contract bit for bit."""
+    cfg = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
+    torch.manual_seed(3)
+    block = Block(QwenMoE(experts=4)).eval()
+    x = torch.randn(1, 6, 32)
+    model = compile(block, (x,), cfg, estimate=False)
+    got, session = run(model, x, details=True)
+    assert torch.equal(got.view(torch.int32), run(model, x, backend="reference").view(torch.int32))
+    assert len(session.launches) > 4
