@@ -291,7 +291,8 @@ def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False
             echo(line)
         if breakdown:
             progress(f"{rows}x{cols} {mode}: yosys, not flattened, for the breakdown")
-            parts = npu_breakdown(cfg)
+            from fp8npu.fpga.synth import DEVICES
+            parts = npu_breakdown(cfg, DEVICES[pnr][0] if pnr else "ecp5")
             row["breakdown"] = [dict(zip(("part", "luts", "ff", "dsps", "brams"), p)) for p in parts]
             total = sum(p[1] for p in parts)
             if not as_json:

@@ -101,7 +101,8 @@ BOARDS = {b.name: b for b in (
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _small(1, 1),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
-          notes="no NPU fits yet: the smallest needs about 14k LUT4"),
+          notes="no NPU fits with margin yet: the smallest (2x2, no vector unit, no FP8 stores) needs "
+                "about 10k LUT4 with the board design, 86 % of the device"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
           _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
           uart_pins=("0", "1"), clock_hz=30_000_000,
@@ -109,7 +110,8 @@ BOARDS = {b.name: b for b in (
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
           _small(1, 1), 16384, 1_000_000, ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
-          notes="no NPU fits yet: the smallest needs about 14k LUT4, the iCE40UP5K has 5,280 cells"),
+          notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores) needs about 8.7k "
+                "LUT4 and 8k flip-flops, the iCE40UP5K has 5,280 cells"),
 )}
 
 
