@@ -658,9 +658,10 @@ def _check_formats(cfg, g):
                              f"{', '.join(cfg.formats)})")
     if _host_finishes(cfg, g) and g.blocked and g.row_scales.shape[1] > 1:
         m, k, n = g.shape
-        raise ValueError(f"this NPU configuration has no vector unit (vector_unit is false), so the host applies "
-                         f"the scales, which it can for one K block only, not {g.row_scales.shape[1]} (K = {k} in "
-                         f"blocks of {g.block_k}): use per-tensor, per-channel or per-token scales")
+        lacks = "no vector unit (vector_unit is false)" if not cfg.vector_unit else "no FP8 stores (fp8_store is false)"
+        raise ValueError(f"this NPU configuration has {lacks}, so the host applies the scales, which it can for "
+                         f"one K block only, not {g.row_scales.shape[1]} (K = {k} in blocks of {g.block_k}): use "
+                         f"per-tensor, per-channel or per-token scales")
 
 
 def _host_finishes(cfg, g):

@@ -543,13 +543,14 @@ def test_block_flags_are_refused_where_not_built():
         NPUConfig(accumulation="kahan")
 
 
-@pytest.mark.parametrize("accumulation", ["sequential", "block"])
-def test_host_finishes_what_the_npu_lacks(accumulation):
-    """On an NPU without a vector unit (and without FP8 stores) the NPU computes the plain
-    product and the host applies scales, column scale, bias and FP8 conversion by the contract:
-    the outputs equal reference_gemm bit for bit; the program holds no EPILOGUE, BLOCKSCALE or
-    FP8 STORE. Scales over several K blocks are refused in one sentence."""
-    cfg = NPUConfig(rows=4, cols=4, sp_lines=256, acc_lines=64, vector_unit=False, fp8_store=False,
+@pytest.mark.parametrize("accumulation, vector_unit", [("sequential", False), ("block", False), ("block", True)])
+def test_host_finishes_what_the_npu_lacks(accumulation, vector_unit):
+    """On an NPU without a vector unit or without FP8 stores, a GEMM that needs them is split:
+    the NPU computes the plain product and the host applies scales, column scale, bias and FP8
+    conversion by the contract. The outputs equal reference_gemm bit for bit; such a program
+    holds no EPILOGUE, BLOCKSCALE or FP8 STORE. Scales over several K blocks are refused in one
+    sentence."""
+    cfg = NPUConfig(rows=4, cols=4, sp_lines=256, acc_lines=64, vector_unit=vector_unit, fp8_store=False,
                     accumulation=accumulation, formats=("e4m3",) if accumulation == "block" else ("e4m3", "e5m2"))
     gen = torch.Generator().manual_seed(11)
     m, k, n = 19, 37, 10
@@ -562,13 +563,17 @@ def test_host_finishes_what_the_npu_lacks(accumulation):
         build = {k2: v for k2, v in args.items() if k2 != "accumulation"}
         g = build_gemm(cfg, a, b, "e4m3", "e4m3", **build)
         ops = {c.opcode for c in commands_of(g)}
-        assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
+        assert bool(g.op.host) == (not vector_unit or "out" in build)
+        if g.op.host:
+            assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
         assert all(c.fmt == 0 for c in commands_of(g) if c.opcode == Opcode.STORE)
         r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
         assert r.ok, r.error.name
         want = reference_gemm(a, b, "e4m3", "e4m3", **args)
         got = g.read_output(r.dram)
         assert not bool(golden.mismatches(got, want, KIND[args.get("out", "fp32")]).any())
-    with pytest.raises(ValueError, match=r"^this NPU configuration has no vector unit \(vector_unit is false\), "
-                                         r"so the host applies the scales, which it can for one K block only, not 2"):
-        build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(m, 2), torch.ones(2, 1)), block_k=32)
+    if not vector_unit:
+        with pytest.raises(ValueError, match=r"^this NPU configuration has no vector unit \(vector_unit is false\), "
+                                             r"so the host applies the scales, which it can for one K block only, "
+                                             r"not 2"):
+            build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(m, 2), torch.ones(2, 1)), block_k=32)
