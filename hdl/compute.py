@@ -18,7 +18,7 @@ Latency of one MATMUL row: 1 (SRAM read) + the array's latency; throughput one r
 back-to-back MATMULs without a bubble.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, enum, wiring
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
@@ -152,15 +152,28 @@ class ComputeUnit(wiring.Component):
         m.d.sync += [fl_valid[0].eq(issue), fl_addr[0].eq(issue_addr)]
         for i in range(1, depth):
             m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
-        hazard = Signal(name="st_hazard")
-        m.d.comb += hazard.eq(0)
         # A row that reads a line waits while a row that writes it is in flight: until the write
         # (sequential: the line is read at issue), or until the write is visible where the
-        # block array reads the line, at its partial read stage R + 1.
+        # block array reads the line, at its partial read stage R + 1. That is, the row at
+        # issue_addr waits while fl_valid[i] & fl_addr[i] == issue_addr for some i < window.
+        # The test is made a cycle ahead and registered (``hazard``): for each address the next
+        # cycle's issue_addr can have (the same, the next, the next command's first), against
+        # the in-flight rows as they will have moved; the issue decision then only selects.
         window = depth - 1 if not block else arr.latency - (R + 1)
-        for i in range(window):
-            with m.If(fl_valid[i] & (fl_addr[i] == issue_addr)):
-                m.d.comb += hazard.eq(1)
+        hazard = Signal(name="st_hazard")
+        nxt_acc = data.View(command_layout(Op.MATMUL), st_next).acc_addr
+
+        def in_flight_next(addr):
+            """A row in flight in the next cycle, in the window, writes ``addr`` (rows older than
+            the one issued in this cycle; that one is tested by the caller)."""
+            hit = Const(0)
+            for i in range(window - 1):
+                hit = hit | (fl_valid[i] & (fl_addr[i] == addr))
+            return hit
+
+        h_same, h_next, h_new, new_eq = (Signal(name=f"st_hazard_{n}") for n in ("same", "next", "new", "new_eq"))
+        m.d.comb += [h_same.eq(in_flight_next(issue_addr)), h_next.eq(in_flight_next((issue_addr + 1)[:16])),
+                     h_new.eq(in_flight_next(nxt_acc)), new_eq.eq((issue_addr == nxt_acc) if window > 0 else 0)]
         array_empty = Signal(name="array_empty")
         m.d.comb += array_empty.eq(~Cat(*fl_valid).any())
 
@@ -221,7 +234,12 @@ class ComputeUnit(wiring.Component):
             m.d.comb += push_now.eq(Cat(mm.push_prev, mm.push_next))
             m.d.sync += st_busy.eq(0)
         # take the next command (after the statements above, so it wins)
-        with m.If((~st_busy | mm_finish) & st_next_valid & active):
+        take = Signal(name="st_take")
+        m.d.comb += take.eq((~st_busy | mm_finish) & st_next_valid & active)
+        # the row issued now is in flight next cycle too: it writes issue_addr, which the next
+        # row (issue_addr + 1) never is, and the next command's first row may be
+        m.d.sync += hazard.eq(Mux(take, h_new | (issue & new_eq), Mux(issue, h_next, h_same)))
+        with m.If(take):
             nxt = data.View(command_layout(Op.MATMUL), st_next)
             m.d.sync += [st_cmd.eq(st_next), st_busy.eq(1), st_next_valid.eq(0), st_i.eq(0),
                          a_line.eq(nxt.a_addr), issue_addr.eq(nxt.acc_addr)]
