@@ -674,7 +674,6 @@ def _host_finishes(cfg, g):
 
 def _host_spec(g, runtime):
     """:attr:`GemmOp.host` for GEMM ``g`` with ``runtime`` roles: what the host applies."""
-    m, k, n = g.shape
     present = {"row_scales": g.row_scales, "col_scales": g.col_scales, "col_scale": g.col_scale, "bias": g.bias}
     present = {role: v for role, v in present.items() if v is not None}
     return {"runtime": [r for r in HOST_ROLES if r in present and r in runtime],
