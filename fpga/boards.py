@@ -101,8 +101,8 @@ BOARDS = {b.name: b for b in (
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _small(1, 1),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
-          notes="no NPU fits with margin yet: the smallest (2x2, no vector unit, no FP8 stores) needs "
-                "about 10k LUT4 with the board design, 86 % of the device"),
+          notes="no NPU fits with margin yet: the smallest (2x2, no vector unit, no FP8 stores) is "
+                "estimated at 11,640 LUT4 with the board design, 96 % of the device"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
           _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
           uart_pins=("0", "1"), clock_hz=30_000_000,
@@ -233,20 +233,25 @@ def fit_problem(cfg, board, memory_bytes=None, margin=1.0):
     problem = hardware_problem(cfg)
     if problem:
         return problem
-    est = estimate(cfg, board, memory_bytes)
     cap = CAPACITY[board.device]
-    over = est.problems(board.device) if margin == 1.0 else (
-        [f"about {est.luts:,} LUT4, more than {margin:.0%} of {cap['luts']:,}"] if est.luts > margin * cap["luts"]
-        else [])
+
+    def over_of(c):
+        est = estimate(c, board, memory_bytes)
+        if margin == 1.0:
+            return est.problems(board.device)
+        return [f"about {est.luts:,} LUT4, more than {margin:.0%} of {cap['luts']:,}"] if est.luts > margin * cap["luts"] \
+            else []
+
+    over = over_of(cfg)
     if not over:
         return None
     best = None
-    for n in range(16, 0, -1):
+    for n in range(16, 0, -1):       # the largest square array that passes the same test
         try:
             trial = replace(cfg, rows=n, cols=n, vector_lanes=min(cfg.vector_lanes, n), store_lanes=min(cfg.store_lanes, n))
         except ValueError:
             continue
-        if not estimate(trial, board, memory_bytes).problems(board.device):
+        if not over_of(trial):
             best = trial
             break
     hint = (f"the largest that would is {best.rows}x{best.cols} (with this configuration's other settings)"

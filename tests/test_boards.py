@@ -107,3 +107,19 @@ def test_smallest_board_bitstream_end_to_end(tmp_path):
     assert abs(report.estimate_luts - used) <= 0.25 * used, (report.estimate_luts, used)
     again = boards.build("ulx3s-25f", out_dir=tmp_path)
     assert again.cached and again.bitstream == report.bitstream
+
+
+def test_the_suggested_array_passes_the_same_margin():
+    """With a margin, the array named as the largest that fits passes that margin itself, and a
+    refused array is never named as the one that would fit."""
+    import re
+    board = BOARDS["ulx3s-12f"]
+    trimmed = replace(board.config, rows=2, cols=2, vector_lanes=0, store_lanes=0, vector_unit=False,
+                      fp8_store=False)
+    problem = boards.fit_problem(trimmed, board, margin=0.8)
+    assert problem.startswith("a 2x2 NPU does not fit the Radiona ULX3S, LFE5U-12F: it needs about ")
+    assert "the largest that would" not in problem or "is 1x1" in problem
+    found = re.search(r"the largest that would is (\d+)x\1", problem)
+    if found:
+        n = int(found.group(1))
+        assert boards.fit_problem(replace(trimmed, rows=n, cols=n), board, margin=0.8) is None
