@@ -24,10 +24,10 @@ in_a : In(8 * R)          A row, element kk in bits [8kk, 8kk+8)
 in_acc : In(32 * C)       starting accumulators
 in_k : In(range(R + 1))   reduction length of this row (stages >= k pass through)
 in_fmt_a, in_fmt_b : In(1)
-in_addr : In(16)          accumulator line tag, returned with the result
+in_addr : In(addr_bits)   accumulator line tag, returned with the result (16 bits unless given)
 in_swap : In(1)           this row uses the shadow weights (first row of a new tile)
 w_we : In(1), w_row : In(range(R)), w_data : In(8 * C)
-out_valid : Out(1), out_addr : Out(16), out_acc : Out(32 * C)
+out_valid : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C)
 """
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed
@@ -42,14 +42,14 @@ __all__ = ["MACArray", "BlockArray", "partial_width"]
 
 
 class MACArray(wiring.Component):
-    def __init__(self, rows, cols):
+    def __init__(self, rows, cols, addr_bits=16):
         self.rows, self.cols = rows, cols
         self.latency = rows
         super().__init__({
             "in_valid": In(1), "in_a": In(8 * rows), "in_acc": In(32 * cols), "in_k": In(range(rows + 1)),
-            "in_fmt_a": In(1), "in_fmt_b": In(1), "in_addr": In(16), "in_swap": In(1),
+            "in_fmt_a": In(1), "in_fmt_b": In(1), "in_addr": In(addr_bits), "in_swap": In(1),
             "w_we": In(1), "w_row": In(range(max(rows, 2))), "w_data": In(8 * cols),
-            "out_valid": Out(1), "out_addr": Out(16), "out_acc": Out(32 * cols),
+            "out_valid": Out(1), "out_addr": Out(addr_bits), "out_acc": Out(32 * cols),
         })
 
     def elaborate(self, platform):
@@ -147,28 +147,41 @@ class BlockArray(wiring.Component):
     Formats: a weight is decoded by ``w_fmt`` as it is written, an activation row by its
     ``in_fmt`` (0 E4M3, 1 E5M2, as the MATMUL's ``fmt_b``/``fmt_a``; ignored with one format).
 
+    ``rounders``: how many of those rounding-and-addition pipelines are built (0: one per
+    column). With fewer than C, a commit row's C sums take ``passes`` = ceil(C / rounders)
+    cycles through them (pass ``p`` handles columns ``p * rounders ...``); the first pass's
+    columns come straight from the sums, later ones from a register holding the row's sums, and
+    each pass's results wait in a register until the last is done. Every row then takes
+    ``passes - 1`` cycles more, and commit rows must enter at least ``passes`` cycles apart
+    (the compute unit spaces them); other rows enter every cycle.
+
     ``product`` chooses how the PEs form their products (:data:`~.blockpe.PRODUCTS`: on
     multipliers or in LUTs), for the whole array or as one form per column (a tuple: an array
     larger than the FPGA's multiplier count puts some columns on multipliers, the rest in LUTs).
 
     Latency :attr:`latency` = R + 1 + :attr:`~.blockpe.BlockPE.LATENCY` + ``round_stages`` +
-    ``add_stages`` cycles from ``in_valid`` to ``out_valid``; throughput one row (R x C MACs)
-    per cycle.
+    ``add_stages`` + ``passes`` - 1 cycles from ``in_valid`` to ``out_valid``; throughput one
+    row (R x C MACs) per cycle, a commit row one per ``passes`` cycles.
 
     Members
     -------
     in_valid, in_swap : In(1)
-    in_a : In(8 * R), in_fmt : In(1), in_k : In(range(R + 1)), in_addr : In(16)
+    in_a : In(8 * R), in_fmt : In(1), in_k : In(range(R + 1)), in_addr : In(addr_bits)   (16 unless given)
     in_accum, in_commit, in_fresh : In(1)       the MATMUL's accumulate, commit, fresh
     w_we : In(1), w_fmt : In(1), w_row : In(range(R)), w_data : In(8 * C)
-    part_rd_en : Out(1), part_rd_addr : Out(16), part_data : In(C * part_bits)
-    acc_rd_en : Out(1), acc_rd_addr : Out(16), acc_data : In(32 * C)
-    out_valid, out_commit : Out(1), out_addr : Out(16), out_acc : Out(32 * C), out_part : Out(C * part_bits)
+    part_rd_en : Out(1), part_rd_addr : Out(addr_bits), part_data : In(C * part_bits)
+    acc_rd_en : Out(1), acc_rd_addr : Out(addr_bits), acc_data : In(32 * C)
+    out_valid, out_commit : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C), out_part : Out(C * part_bits)
     """
 
-    def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",)):
+    def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",),
+                 addr_bits=16, rounders=0):
         if add_stages not in (1, 2, 3, 4, 5):
             raise ValueError(f"add_stages must be 1 to 5, not {add_stages!r}")
+        if not (isinstance(rounders, int) and 0 <= rounders <= cols):
+            raise ValueError(f"rounders must be 0 (one per column) to {cols}, not {rounders!r}")
+        self.rounders = rounders or cols
+        self.passes = -(-cols // self.rounders)
         self.rows, self.cols = rows, cols
         self.formats = formats = tuple(formats)
         self.numbers = nums = block_numbers(formats)
@@ -186,14 +199,14 @@ class BlockArray(wiring.Component):
                              f"{product!r}")
         self.product = product
         self.products = products
-        self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages
+        self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages + self.passes - 1
         super().__init__({
             "in_valid": In(1), "in_a": In(8 * rows), "in_fmt": In(1), "in_k": In(range(rows + 1)),
-            "in_addr": In(16), "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
+            "in_addr": In(addr_bits), "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
             "w_we": In(1), "w_fmt": In(1), "w_row": In(range(max(rows, 2))), "w_data": In(8 * cols),
-            "part_rd_en": Out(1), "part_rd_addr": Out(16), "part_data": In(cols * pb),
-            "acc_rd_en": Out(1), "acc_rd_addr": Out(16), "acc_data": In(32 * cols),
-            "out_valid": Out(1), "out_commit": Out(1), "out_addr": Out(16), "out_acc": Out(32 * cols),
+            "part_rd_en": Out(1), "part_rd_addr": Out(addr_bits), "part_data": In(cols * pb),
+            "acc_rd_en": Out(1), "acc_rd_addr": Out(addr_bits), "acc_data": In(32 * cols),
+            "out_valid": Out(1), "out_commit": Out(1), "out_addr": Out(addr_bits), "out_acc": Out(32 * cols),
             "out_part": Out(cols * pb),
         })
 
@@ -285,10 +298,16 @@ class BlockArray(wiring.Component):
         # ... with +0 for a fresh line folded into that register (not a multiplexer in front of
         # the adder's operand ordering)
         acc_q = Signal(32 * C, name="acc_q")
-        m.d.sync += acc_q.eq(Mux(ctrl[sum_at - 1]["fresh"], 0, self.acc_data))
+        acc_next = Mux(ctrl[sum_at - 1]["fresh"], 0, self.acc_data)
+        if self.passes == 1:
+            m.d.sync += acc_q.eq(acc_next)
+        else:                       # kept while the row's passes use it
+            with m.If(ctrl[sum_at - 1]["valid"] & ctrl[sum_at - 1]["commit"]):
+                m.d.sync += acc_q.eq(acc_next)
         out = ctrl[self.latency]
         m.d.comb += [self.out_valid.eq(out["valid"]), self.out_commit.eq(out["valid"] & out["commit"]),
                      self.out_addr.eq(out["addr"])]
+        sums = []
         for j in range(C):
             pe = above[j]
             old = self.part_data[pb * j:pb * (j + 1)]
@@ -311,9 +330,67 @@ class BlockArray(wiring.Component):
                 m.d.sync += r.eq(part)
                 part = r
             m.d.comb += self.out_part[pb * j:pb * (j + 1)].eq(part)
-            m.submodules[f"round{j}"] = rnd = BlockRound(pw, rs, self.numbers.frac, self.numbers.e5m2)
-            m.d.comb += rnd.total.eq(total)
-            m.d.comb += [getattr(rnd, f).eq(flag) for f, flag in flags.items()]
-            s = fp32_add(m, acc_q[32 * j:32 * j + 32], rnd.result, STAGE_REGS[ad], prefix=f"col{j}_")
-            m.d.comb += self.out_acc[32 * j:32 * j + 32].eq(s)
+            sums.append(Cat(total, *flags.values()))
+        self._round_and_add(m, sums, acc_q, ctrl[bottom + 1])
         return m
+
+    def _round_and_add(self, m, sums, acc_q, first):
+        """Below the columns: each new partial (``sums``, registered at stage bottom + 1 where
+        ``first`` is its row's control) rounded once and added to its accumulator value
+        (``acc_q``, at stage bottom + 1 + round_stages), on :attr:`rounders` pipelines in
+        :attr:`passes` passes; the results go to ``out_acc`` at stage :attr:`latency`."""
+        C, Rn, P, pw = self.cols, self.rounders, self.passes, self.pw
+        rs, ad = self.round_stages, self.add_stages
+        # the pass whose columns enter the rounders in this cycle: 0 with the commit row itself,
+        # then 1 .. P - 1 from the held sums (commit rows are at least P cycles apart)
+        cur = Signal(range(P), name="round_pass")
+        held = sums
+        if P > 1:
+            count = Signal(range(P), name="round_pass_next")
+            start = first["valid"] & first["commit"]
+            m.d.comb += cur.eq(Mux(start, 0, count))
+            with m.If(start):
+                m.d.sync += count.eq(1)
+            with m.Elif(count != 0):
+                m.d.sync += count.eq(Mux(count == P - 1, 0, count + 1))
+            held = [Signal(len(v), name=f"round_held{c}") for c, v in enumerate(sums)]
+            with m.If(start):
+                m.d.sync += [h.eq(v) for h, v in zip(held[Rn:], sums[Rn:])]
+        # the pass number travels beside the values: to the adders' inputs, then to their outputs
+        at_add, at_out = cur, cur
+        for n in range(rs + ad if P > 1 else 0):
+            r = Signal(range(P), name=f"round_pass_s{n + 1}")
+            m.d.sync += r.eq(at_out)
+            at_out = r
+            if n + 1 == rs:
+                at_add = r
+        results = {}
+        for i in range(Rn):
+            cols = list(range(i, C, Rn))            # pass p takes column i + p * Rn
+            rnd = BlockRound(pw, rs, self.numbers.frac, self.numbers.e5m2)
+            m.submodules[f"round{i}"] = rnd
+            value = Signal(len(sums[i]), name=f"round_in{i}")
+            acc = Signal(32, name=f"add_in{i}")
+            if len(cols) == 1:
+                m.d.comb += [value.eq(sums[i]), acc.eq(acc_q[32 * i:32 * i + 32])]
+            else:
+                with m.Switch(cur):
+                    for p, c in enumerate(cols):
+                        with m.Case(p):
+                            m.d.comb += value.eq(sums[c] if p == 0 else held[c])
+                with m.Switch(at_add):
+                    for p, c in enumerate(cols):
+                        with m.Case(p):
+                            m.d.comb += acc.eq(acc_q[32 * c:32 * c + 32])
+            m.d.comb += rnd.total.eq(value[0:pw])
+            m.d.comb += [getattr(rnd, f).eq(value[pw + n]) for n, f in enumerate(self.part_flags)]
+            out = fp32_add(m, acc, rnd.result, STAGE_REGS[ad], prefix=f"col{i}_")
+            for p, c in enumerate(cols):
+                if p == P - 1:                      # the last pass: straight to the output
+                    results[c] = out
+                else:                               # earlier passes wait for it
+                    r = results[c] = Signal(32, name=f"add_out{c}")
+                    with m.If(at_out == p):
+                        m.d.sync += r.eq(out)
+        for c in range(C):
+            m.d.comb += self.out_acc[32 * c:32 * c + 32].eq(results[c])

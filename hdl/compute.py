@@ -72,10 +72,12 @@ class ComputeUnit(wiring.Component):
         R, C = cfg.rows, cfg.cols
         Op = isa.Opcode
         block = cfg.accumulation == "block"
+        aw = cfg.acc_addr_bits          # accumulator line addresses (the checker keeps rows in range)
         if block:
             # exact partial sums beside the accumulator lines; the array reads and writes them
-            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, product=cfg.column_products,
-                                                        formats=cfg.formats)
+            m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, cfg.round_stages, cfg.add_stages,
+                                                 product=cfg.column_products, formats=cfg.formats, addr_bits=aw,
+                                                 rounders=cfg.rounders)
             m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
             part_w, part_r = part.write_port(), part.read_port()
             m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
@@ -83,7 +85,7 @@ class ComputeUnit(wiring.Component):
             with m.If(arr.acc_rd_en):
                 m.d.comb += acc_r.addr.eq(arr.acc_rd_addr)
         else:
-            m.submodules.array = arr = MACArray(R, C)
+            m.submodules.array = arr = MACArray(R, C, aw)
 
         # ---- stage 1: weight loader (takes commands from the queue, pops tokens) ----
         wl_cmd = Signal(CMD, name="wl_cmd")
@@ -146,9 +148,9 @@ class ComputeUnit(wiring.Component):
         # in-flight accumulator writes: issue stage + the array + the write cycle
         depth = arr.latency + 2
         fl_valid = [Signal(name=f"fl_v{i}") for i in range(depth)]
-        fl_addr = [Signal(16, name=f"fl_a{i}") for i in range(depth)]
+        fl_addr = [Signal(aw, name=f"fl_a{i}") for i in range(depth)]
         issue = Signal(name="st_issue")
-        issue_addr = Signal(16, name="st_issue_addr")      # acc_addr + st_i, kept in a register
+        issue_addr = Signal(aw, name="st_issue_addr")      # acc_addr + st_i, kept in a register
         m.d.sync += [fl_valid[0].eq(issue), fl_addr[0].eq(issue_addr)]
         for i in range(1, depth):
             m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
@@ -161,7 +163,7 @@ class ComputeUnit(wiring.Component):
         # the in-flight rows as they will have moved; the issue decision then only selects.
         window = depth - 1 if not block else arr.latency - (R + 1)
         hazard = Signal(name="st_hazard")
-        nxt_acc = data.View(command_layout(Op.MATMUL), st_next).acc_addr
+        nxt_acc = data.View(command_layout(Op.MATMUL), st_next).acc_addr[:aw]
 
         def in_flight_next(addr):
             """A row in flight in the next cycle, in the window, writes ``addr`` (rows older than
@@ -172,7 +174,7 @@ class ComputeUnit(wiring.Component):
             return hit
 
         h_same, h_next, h_new, new_eq = (Signal(name=f"st_hazard_{n}") for n in ("same", "next", "new", "new_eq"))
-        m.d.comb += [h_same.eq(in_flight_next(issue_addr)), h_next.eq(in_flight_next((issue_addr + 1)[:16])),
+        m.d.comb += [h_same.eq(in_flight_next(issue_addr)), h_next.eq(in_flight_next((issue_addr + 1)[:aw])),
                      h_new.eq(in_flight_next(nxt_acc)), new_eq.eq((issue_addr == nxt_acc) if window > 0 else 0)]
         array_empty = Signal(name="array_empty")
         m.d.comb += array_empty.eq(~Cat(*fl_valid).any())
@@ -192,6 +194,14 @@ class ComputeUnit(wiring.Component):
         row_go = st_busy & st_is_mm & (st_i < mm.m) & active
         reads = mm.accumulate | (mm.commit & ~mm.fresh) if block else mm.accumulate
         row_ok = row_go & ~(hazard & reads)
+        if block and arr.passes > 1:
+            # a committing row takes the rounders for arr.passes cycles: the next waits that long
+            gap = Signal(range(arr.passes), name="st_commit_gap")
+            row_ok = row_go & ~(hazard & reads) & ~(mm.commit & (gap != 0))
+            with m.If(row_ok & mm.commit):
+                m.d.sync += gap.eq(arr.passes - 1)
+            with m.Elif(gap != 0):
+                m.d.sync += gap.eq(gap - 1)
         m.d.comb += sp_ra.addr.eq(a_line)
         if not block:
             m.d.comb += acc_r.addr.eq(issue_addr)
@@ -208,7 +218,7 @@ class ComputeUnit(wiring.Component):
         in_accum = Signal(name="arr_in_accum")
         in_k = Signal(range(R + 1), name="arr_in_k")
         in_fa, in_fb = Signal(name="arr_in_fa"), Signal(name="arr_in_fb")
-        in_addr = Signal(16, name="arr_in_addr")
+        in_addr = Signal(aw, name="arr_in_addr")
         m.d.sync += [in_valid.eq(row_ok), in_first.eq(st_i == 0), in_accum.eq(mm.accumulate), in_k.eq(mm.k),
                      in_fa.eq(mm.fmt_a), in_fb.eq(mm.fmt_b), in_addr.eq(issue_addr)]
         m.d.comb += [arr.in_valid.eq(in_valid), arr.in_swap.eq(in_first), arr.in_k.eq(in_k),

@@ -94,6 +94,19 @@ class NPUConfig:
     fp8_store : bool
         Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
         BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
+    round_stages, add_stages : int
+        Block mode: pipeline registers below each column, in the rounding of the exact block
+        sum (0..4) and in the binary32 accumulation (1..5). The defaults (4 and 5) are for the
+        fastest clock; a board clocked slowly (an iCE40 at 12-24 MHz) builds fewer, which saves
+        flip-flops in every column and shortens the compute unit's hazard window. Results are the
+        same; a MATMUL's results and token pushes are ready ``rows + MATMUL_FILL +``
+        :attr:`block_fill` cycles after its last row. Sequential mode takes the defaults.
+    rounders : int
+        Block mode: rounding-and-accumulation pipelines below the array (a BlockRound and a
+        binary32 adder each), 1..cols, or 0 for one per column. With fewer than cols a
+        committing MATMUL row takes ceil(cols / rounders) cycles instead of one (other rows
+        still one); the largest block of logic after the processing elements, so small FPGAs
+        build one. Sequential mode takes 0.
     """
 
     rows: int = 8
@@ -113,6 +126,9 @@ class NPUConfig:
     store_lanes: int = 0
     vector_unit: bool = True
     fp8_store: bool = True
+    round_stages: int = 4
+    add_stages: int = 5
+    rounders: int = 0
 
     def __post_init__(self):
         def integer(name, lo, hi, pow2=False):
@@ -161,6 +177,16 @@ class NPUConfig:
             if not v and getattr(self, lanes):
                 raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
                                  f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
+        integer("round_stages", 0, 4)
+        integer("add_stages", 1, 5)
+        if self.accumulation != "block" and (self.round_stages, self.add_stages) != (4, 5):
+            raise ValueError(f"round_stages and add_stages apply to accumulation 'block'; sequential mode "
+                             f"takes 4 and 5, not {self.round_stages} and {self.add_stages}")
+        v = self.rounders
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.cols):
+            raise ValueError(f"rounders must be an integer from 0 (one per column) to cols ({self.cols}), not {_short(v)}")
+        if self.accumulation != "block" and v:
+            raise ValueError(f"rounders applies to accumulation 'block'; sequential mode takes 0, not {_short(v)}")
         formats = self.formats
         if isinstance(formats, list):
             object.__setattr__(self, "formats", tuple(formats))
@@ -217,6 +243,17 @@ class NPUConfig:
     def store_passes(self):
         """Passes of a row through the requantizer."""
         return -(-self.cols // self.store_lanes_built)
+
+    @property
+    def block_fill(self):
+        """Block mode: cycles the array takes beyond ``rows`` (hdl.array.BlockArray.latency -
+        rows): the column's partial read, the PEs, the rounding and the binary32 addition."""
+        return 1 + 3 + self.round_stages + self.add_stages + self.round_passes - 1
+
+    @property
+    def round_passes(self):
+        """Block mode: cycles a committing MATMUL row takes through the rounders."""
+        return -(-self.cols // (self.rounders or self.cols))
 
     @property
     def column_products(self):

@@ -21,7 +21,7 @@ Block diagram::
                    |  +------------------------------------------------+ (store reads)
 
 * **Fetch** reads the program (``PROG_ADDR``, ``PROG_LEN`` commands of 32 bytes) with AXI
-  ID 0 into a 4-entry buffer.
+  ID 0 into a buffer of min(4, ``queue_depth``) entries.
 * **Dispatcher** takes each command with the verdict of the :class:`~.checks.CommandChecker`
   (the rules of :func:`fp8npu.hdl.isa.validate` in the same order, on the way from fetch to the
   dispatcher), then queues it for its unit, or stops with the error code and the command's
@@ -252,7 +252,9 @@ class NPUCore(wiring.Component):
         # The checks have read every bit by then: the buffer keeps the bits of the ISA's fields only.
         fetch_ranges = isa.field_ranges(list(isa.Opcode))
         fetch_bits = sum(w for _, w in fetch_ranges)
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=4)
+        # as deep as a unit's queue, at most 4 (a small NPU with shallow queues keeps fewer)
+        fetch_depth = min(4, cfg.queue_depth)
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=fetch_depth)
         beats_per_cmd = max(CMD // D, 1)
         f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
@@ -265,7 +267,7 @@ class NPUCore(wiring.Component):
             m.d.sync += f_started.eq(1)
             with m.If(~fetch_ok):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.FETCH_WINDOW), raise_addr.eq(self.prog_addr)]
-        room = (fq.w_level + f_inflight) < 4
+        room = (fq.w_level + f_inflight) < fetch_depth
         m.d.comb += [
             f_ar_valid.eq(f_started & fetch_ok & (f_issued < self.prog_len) & room & active),
             f_ar_addr.eq(self.prog_addr + (f_issued << 5)),

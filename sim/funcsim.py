@@ -58,12 +58,13 @@ and an end time ``start + duration``; the tokens it pushes become available at i
 * LOAD: ``DMA_LATENCY`` + per row its beats plus one cycle per burst (``max_burst`` beats);
 * STORE: the same plus ``STORE_ROW_OVERHEAD`` cycles per row (and ``STORE_CONVERT`` more to FP8,
   plus one per requantizer pass after the first: ``NPUConfig.store_passes``);
-* MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle;
+* MATMUL: the unit is busy ``max(m, k + WEIGHT_LOAD_EXTRA)`` cycles (one A row per cycle; in
+  block mode a committing row ``NPUConfig.round_passes`` cycles, so ``m`` times that;
   the next MATMUL's k weight lines load meanwhile, so consecutive MATMULs stream back to back
   unless they are shorter than their weight load, as in decoding one token); its results,
   and the tokens it pushes, are ready ``rows + MATMUL_FILL`` cycles after its last row
-  (``+ BLOCK_FILL`` in block accumulation: the column sum, rounding and FP32 addition below
-  the array);
+  (``+ NPUConfig.block_fill`` in block accumulation: the column sum, rounding and FP32
+  addition below the array);
 * EPILOGUE (``vector_passes`` cycles a row), BLOCKSCALE (max(3, ``vector_passes``) a row, and
   the last row's passes), plus ``VECTOR_FILL``, as hdl.units.VectorUnit.command_cycles; they
   start after the array has drained. SYNC, and commands that move no data: 1.
@@ -91,7 +92,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import golden
 
-__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "BLOCK_FILL", "STORE_CONVERT",
+__all__ = ["Result", "Token", "run", "DMA_LATENCY", "STORE_ROW_OVERHEAD", "MATMUL_FILL", "STORE_CONVERT",
            "WEIGHT_LOAD_EXTRA", "VECTOR_FILL"]
 
 #: Cycles from the start of a LOAD or STORE to its first data beat, and to wrap up.
@@ -103,8 +104,6 @@ STORE_ROW_OVERHEAD = 3
 STORE_CONVERT = 10
 #: Cycles from a MATMUL's last row entering the array to its results in the accumulator, beyond ``rows``.
 MATMUL_FILL = 3
-#: Extra cycles of the block-accumulation array (hdl.array.BlockArray.latency - rows).
-BLOCK_FILL = 13
 #: Cycles a MATMUL's weight load takes beyond its k lines (command hand-over), measured on the RTL.
 WEIGHT_LOAD_EXTRA = 4
 #: Cycles of an EPILOGUE or BLOCKSCALE beyond its per-row cycles: scale and bias reads, the
@@ -286,8 +285,9 @@ class _Datapath:
         # the unit streams one row a cycle and takes the next command at once, once the weight
         # loader has filled its weights (k lines, overlapped with the previous command's rows);
         # results (and the tokens the command pushes) are ready when the last row leaves the array
-        busy = max(m, k + WEIGHT_LOAD_EXTRA)
-        return busy, busy + self.cfg.rows + MATMUL_FILL + (BLOCK_FILL if self.cfg.accumulation == "block" else 0)
+        passes = self.cfg.round_passes if self.cfg.accumulation == "block" and f["commit"] else 1
+        busy = max(m * passes, k + WEIGHT_LOAD_EXTRA)
+        return busy, busy + self.cfg.rows + MATMUL_FILL + (self.cfg.block_fill if self.cfg.accumulation == "block" else 0)
 
     def _matmul_block(self, f, a, w, out):
         """Block accumulation: add the tile's exact products to each output's exact partial

@@ -44,6 +44,10 @@ def test_json_round_trip(tmp_path):
      r"^vector_lanes applies to a built vector unit; with vector_unit false it must be 0, not 2$"),
     ({"fp8_store": False, "store_lanes": 1},
      r"^store_lanes applies to a built requantizer; with fp8_store false it must be 0, not 1$"),
+    ({"accumulation": "block", "round_stages": 5}, r"^round_stages must be an integer from 0 to 4, not 5$"),
+    ({"accumulation": "block", "add_stages": 0}, r"^add_stages must be an integer from 1 to 5, not 0$"),
+    ({"add_stages": 2}, r"^round_stages and add_stages apply to accumulation 'block'; sequential mode takes 4 and 5, "
+                        r"not 4 and 2$"),
 ])
 def test_invalid_values_are_one_sentence(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -382,12 +382,14 @@ def test_npu_benchmark_runs_on_the_default_array_in_both_modes():
 # ---- block accumulation (docs/numerics.md section 3) ----------------------------------------------
 BLOCK = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4, accumulation="block", acc_block=8,
                   formats=("e4m3",), vector_lanes=3)
+#: ... with two rounders for three columns (the second column's alone), no rounding registers
 BLOCK_5x3 = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2,
                       accumulation="block", acc_block=4, formats=("e4m3",), multipliers="mixed", dsp_columns=1,
-                      store_lanes=2)
-#: block mode with both formats (products in LUTs, partial sums in units of 2^-32)
+                      store_lanes=2, rounders=2, round_stages=0, add_stages=2)
+#: block mode with both formats (products in LUTs, partial sums in units of 2^-32); three
+#: rounders for four columns (infinity and NaN flags held for the second pass)
 BLOCK_BOTH = NPUConfig(rows=3, cols=4, sp_lines=512, acc_lines=128, axi_data_bits=32, queue_depth=4,
-                       accumulation="block", acc_block=8, multipliers="lut", vector_lanes=2)
+                       accumulation="block", acc_block=8, multipliers="lut", vector_lanes=2, rounders=3)
 
 
 def _e5m2_spread_codes(rng, shape, infinities=False):
@@ -473,8 +475,13 @@ def test_block_accumulation_gemms(name):
 
 def test_block_array_latency_is_the_functional_simulators():
     from fp8npu.hdl.array import BlockArray
-    for rows, cols in ((4, 4), (5, 3), (16, 16)):
-        assert BlockArray(rows, cols).latency == rows + funcsim.BLOCK_FILL
+    for rows, cols, rs, ad in ((4, 4, 4, 5), (5, 3, 4, 5), (16, 16, 4, 5), (2, 2, 0, 1), (3, 2, 2, 3)):
+        for rounders in {0, 1, (cols + 1) // 2}:
+            cfg = NPUConfig(rows=rows, cols=cols, accumulation="block", round_stages=rs, add_stages=ad,
+                            rounders=rounders)
+            arr = BlockArray(rows, cols, cfg.acc_block, rs, ad, rounders=rounders)
+            arr._MustUse__silence = True
+            assert arr.latency == rows + cfg.block_fill
 
 
 def test_vector_unit_time_is_the_functional_simulators():
@@ -506,9 +513,11 @@ def test_block_flags_on_the_hardware():
 
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
-#: FP8 stores, a 32-bit bus and shallow queues (test_model.py runs models on it: one build).
+#: FP8 stores, a 32-bit bus, shallow queues, one short rounding pipeline for both columns (test_model.py
+#: runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
-                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
+                    round_stages=1, add_stages=1, rounders=1)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
@@ -520,6 +529,11 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3")
     want = reference_gemm(a, b, "e4m3", "e4m3", accumulation="block", acc_block=8)
     check_gemm(g, _i64(want), "fp32", cfg=TRIMMED, backpressure=0.3)
+    # one row: each K tile's row waits for the previous tile's write of its line (the short
+    # pipeline's hazard window)
+    a1, b1 = _codes(rng, (1, 64)), _codes(rng, (64, 3))
+    want = reference_gemm(a1, b1, "e4m3", "e4m3", accumulation="block", acc_block=8)
+    check_gemm(build_gemm(TRIMMED, a1, b1, "e4m3", "e4m3"), _i64(want), "fp32", cfg=TRIMMED)
     # the host finishes what the NPU lacks: bias and FP8 output
     bias = torch.tensor(rng.normal(size=5), dtype=torch.float32)
     g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3", bias=bias, out="e4m3", out_scale=0.5)
