@@ -288,7 +288,7 @@ class BlockArray(wiring.Component):
         m.d.comb += [self.part_rd_en.eq(ctrl[bottom - 1]["valid"] & ctrl[bottom - 1]["accum"]),
                      self.part_rd_addr.eq(ctrl[bottom - 1]["addr"])]
         at = ctrl[bottom]
-        rs, ad = self.round_stages, self.add_stages
+        rs = self.round_stages
         sum_at = bottom + 1 + rs                 # stage of the binary32 addition's inputs
         # the accumulator line is read two cycles ahead and registered (a block RAM's output
         # is slow: it does not go straight into the adder)
