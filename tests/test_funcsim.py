@@ -432,6 +432,23 @@ def test_timing_estimate_of_a_small_program():
     assert regs[Register.PROG_ADDR] == PROG and regs[Register.PROG_LEN] == 2
 
 
+def test_shared_rounders_time_committing_rows():
+    """Block mode with fewer rounders than columns: a committing MATMUL's rows take
+    round_passes cycles each and the array's fill grows by passes - 1; rows that only add to
+    the partials still take one cycle; results are the same."""
+    def cycles(rounders, commit):
+        cfg = NPUConfig(rows=4, cols=4, accumulation="block", acc_block=4, rounders=rounders)
+        mm = cmd(Opcode.MATMUL, a_addr=0, a_stride=1, b_addr=0, acc_addr=0, m=40, k=4, commit=commit,
+                 fresh=commit)
+        r = run([mm, END], cfg=cfg)
+        assert r.ok
+        return r.cycles, r.dram
+    for commit in (0, 1):
+        (one, d1), (three, d3) = cycles(0, commit), cycles(3, commit)       # 3 rounders: 2 passes
+        assert d1 == d3
+        assert three - one == (40 * (2 - 1) + 1 if commit else 1), (commit, one, three)
+
+
 def test_matmul_overlaps_load():
     """Compute starts when the load's token arrives; the units overlap."""
     load = cmd(Opcode.LOAD, rows=40, row_bytes=4, dram_addr=0x100, dram_stride=8, push_next=1)
