@@ -256,26 +256,31 @@ class NPUCore(wiring.Component):
         fetch_depth = min(4, cfg.queue_depth)
         m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=fetch_depth)
         beats_per_cmd = max(CMD // D, 1)
-        f_issued = Signal(32)        # commands requested
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
         prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
         m.d.comb += prog_end.eq(self.prog_addr + (self.prog_len << 5))
         fetch_ok = ((self.prog_addr & 31) == 0) & ((self.prog_addr & (B - 1)) == 0) \
             & (self.prog_addr >= self.win_base) & (prog_end <= self.win_limit)
+        # The program's window is checked once, as the run starts; from then on the requests
+        # come from registers only (the next address, whether commands are left), never from
+        # the program registers' arithmetic
+        f_go = Signal()              # started, and the program lies inside the window
+        f_left = Signal(32)          # commands not yet requested
+        f_more = Signal()            # f_left != 0
         with m.If(running & ~f_started):
-            m.d.sync += f_started.eq(1)
+            m.d.sync += [f_started.eq(1), f_go.eq(fetch_ok), f_left.eq(self.prog_len), f_more.eq(self.prog_len != 0),
+                         f_ar_addr.eq(self.prog_addr)]
             with m.If(~fetch_ok):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.FETCH_WINDOW), raise_addr.eq(self.prog_addr)]
         room = (fq.w_level + f_inflight) < fetch_depth
         m.d.comb += [
-            f_ar_valid.eq(f_started & fetch_ok & (f_issued < self.prog_len) & room & active),
-            f_ar_addr.eq(self.prog_addr + (f_issued << 5)),
+            f_ar_valid.eq(f_go & f_more & room & active),
             f_ar_len.eq(beats_per_cmd - 1),
         ]
         f_got = Signal()
         with m.If(f_ar_valid & f_ar_ready):
-            m.d.sync += f_issued.eq(f_issued + 1)
+            m.d.sync += [f_left.eq(f_left - 1), f_more.eq(f_left != 1), f_ar_addr.eq(f_ar_addr + 32)]
         m.d.sync += f_inflight.eq(f_inflight + (f_ar_valid & f_ar_ready) - f_got)
         # assemble beats into commands (v_in: one is complete)
         v_in, v_cmd, v_info = Signal(), Signal(CMD), Signal(33)
@@ -384,7 +389,7 @@ class NPUCore(wiring.Component):
         with m.If(head):
             m.d.sync += blocked_addr.eq(cmd_addr)
         # a program that runs out without END
-        with m.If(active & ~at_end & (dispatched == self.prog_len) & f_started & fetch_ok):
+        with m.If(active & ~at_end & (dispatched == self.prog_len) & f_go):
             m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.NO_END),
                          raise_addr.eq(self.prog_addr + (self.prog_len << 5))]
         queues_empty = Cat(*[~q.r_rdy for q in queues.values()]).all()
