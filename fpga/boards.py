@@ -116,7 +116,7 @@ BOARDS = {b.name: b for b in (
           replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512), 16384, 1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
-                "register in its rounding and its addition) synthesizes to 6.4k LUT4 and 5.4k flip-flops "
+                "register in its rounding and its addition) synthesizes to 6.5k LUT4 and 5.5k flip-flops "
                 "without the board design; the iCE40UP5K has 5,280 cells"),
 )}
 
@@ -136,7 +136,7 @@ def get_board(name):
 #: one in all, 4- and 8-byte buses; the board design as nextpnr placed it around those NPUs on
 #: the ULX3S-12F and -25F (SDRAM) and the OrangeCrab (block RAM), less the NPU. Fitted on those
 #: seven syntheses and three builds within 0.2 %; the ULX3S-45F's and -85F's default builds
-#: (21,489 and 32,960 estimated) measured 22,195 and 33,229. The parts of ``fp8npu bench npu
+#: (21,500 and 32,960 estimated) measured 21,927 and 33,229 (the 85F's on earlier hardware). The parts of ``fp8npu bench npu
 #: --breakdown`` are synthesized without flattening and add up to 10-20 % more. iCE40 logic
 #: cells are taken as 1.15 LUT4 each.
 COSTS = {
