@@ -67,23 +67,32 @@ class FP32ToFP8(wiring.Component):
         # ---- decode ----
         x = data.View(FP32Layout, self.x)
         is_e5 = self.fmt == Format.E5M2
-        exp = Signal(signed(10))        # unbiased exponent (FP32 subnormals: -127, they round to 0)
         sig = Signal(24)
-        m.d.comb += [exp.eq(x.exponent - 127), sig.eq(Cat(x.mantissa, x.exponent != 0))]
-        emin = Mux(is_e5, E5M2.emin, E4M3.emin)
-        below = Signal(signed(11))      # how far below the target's normal range
-        m.d.comb += below.eq(emin - exp)
+        m.d.comb += sig.eq(Cat(x.mantissa, x.exponent != 0))
+        # Everything here is a function of the biased exponent e and the format, computed from
+        # e directly (one subtraction and comparisons with constants side by side, no chain):
+        # with c = emin + 127 (the target's smallest normal exponent, biased as in binary32),
+        # ``off`` = e - c is how far above it the value is (below it when negative), the
+        # dropped bits are 23 - man_bits, plus -off in the target's subnormal range, at most 26
+        # (from e < c - (26 - (23 - man_bits)) on), and the value overflows for sure when its
+        # unbiased exponent is above 16.
+        c = {f: f.emin + 127 for f in (E4M3, E5M2)}
+        dropped = {E4M3: 23 - E4M3.man_bits, E5M2: 23 - E5M2.man_bits}
+        off = Signal(signed(10))
+        m.d.comb += off.eq(Mux(is_e5, x.exponent - c[E5M2], x.exponent - c[E4M3]))
+        below = off < 0
+        lowest = Mux(is_e5, x.exponent < c[E5M2] - (26 - dropped[E5M2]), x.exponent < c[E4M3] - (26 - dropped[E4M3]))
+        base_shift = Mux(is_e5, dropped[E5M2], dropped[E4M3])
         shift = Signal(range(32))       # dropped bits: 23 - man_bits, plus denormalisation
-        shift_raw = Mux(is_e5, 21, 20) + Mux(below > 0, below, 0)
-        m.d.comb += shift.eq(Mux(shift_raw > 26, 26, shift_raw))
-        # Codes are monotonic in magnitude: normal code = ((exp + bias - 1) << m) + 1.mmm,
-        # subnormal code = 0.mmm; a rounding carry moves naturally into the exponent field.
+        m.d.comb += shift.eq(Mux(lowest, 26, Mux(below, base_shift - off, base_shift)))
+        # Codes are monotonic in magnitude: normal code = ((exp + bias - 1) << m) + 1.mmm (exp
+        # unbiased; exp + bias - 1 = off), subnormal code = 0.mmm; a rounding carry moves
+        # naturally into the exponent field.
         base = Signal(signed(14))
-        m.d.comb += base.eq(Mux(below > 0, 0, Mux(is_e5, (exp + (E5M2.bias - 1)) << 2,
-                                                  (exp + (E4M3.bias - 1)) << 3)))
+        m.d.comb += base.eq(Mux(below, 0, Mux(is_e5, off << E5M2.man_bits, off << E4M3.man_bits)))
         # the dropped bits below the guard bit are all zero when the trailing zeros reach it
         tz = leading_zeros(m, sig[::-1], "conv_tz")
-        v = section({"sig": sig, "shift": shift, "tz": tz, "base": base, "big": exp > 16, "sign": x.sign,
+        v = section({"sig": sig, "shift": shift, "tz": tz, "base": base, "big": x.exponent > 127 + 16, "sign": x.sign,
                      "nan": (x.exponent == 0xFF) & (x.mantissa != 0), "inf": (x.exponent == 0xFF) & (x.mantissa == 0),
                      "is_e5": is_e5, "saturate": self.saturate}, S >= 3, "conv_d")
 
