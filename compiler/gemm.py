@@ -92,10 +92,12 @@ Commands are emitted so that every token a command pops was pushed by a command 
 the program: the in-order dispatcher never deadlocks, whatever ``queue_depth``. Every
 counter ends at zero.
 
-* compute <-> store (both schedules): output region ``step % 2``. The step's last compute
-  command pushes to store (``push_next``), the first command writing the region pops from
-  store (``pop_next``); STORE pops (``pop_prev``) and gives the region back (``push_prev``,
-  except for the last two steps). Two SYNCs on the store unit with ``push_prev`` prime it.
+* compute <-> store (both schedules): output region ``u % 2`` for output unit u (one per
+  output tile; for a GEMM the host finishes with several scaling blocks, one per output tile
+  and K block, each followed by its STORE). The unit's last compute command pushes to store
+  (``push_next``), the first command writing the region pops from store (``pop_next``); STORE
+  pops (``pop_prev``) and gives the region back (``push_prev``, except for the last two
+  units). Two SYNCs on the store unit with ``push_prev`` prime it.
 * load <-> compute, A-resident: a load *group* ends with a LOAD that pushes (``push_next``).
   Groups: the B tile (+ auxiliary lines) of a step, and each A chunk (+ the row scales of the
   K blocks that end in it); the B group of a block's first step has no push of its own: it
@@ -134,7 +136,9 @@ col_scale, bias       one FP32 row each, in N tiles (only when given)
 row scales            ``row_scales[i][kb]`` at region offset ``(kb * M + i) * bus_bytes`` (a bus word each)
 col scales            KB FP32 rows in N tiles; column j of row kb holds ``col_scales[kb][j]``
 zero                  one zero scratchpad line (block scaling only)
-C                     M rows of N values (FP32 little-endian or FP8 codes) in N tiles
+C                     M rows of N values (FP32 little-endian or FP8 codes) in N tiles; for a
+                      GEMM the host finishes with KB > 1 scaling blocks, KB x M FP32 rows
+                      (K block kb's partial sum in rows ``kb * M ..``)
 program               the commands; PROG_ADDR = this address
 ====================  ======================================================================
 
@@ -185,18 +189,24 @@ def _tiles(n, width, block=None):
     return tuple(out)
 
 
-def _acc_flags(cfg, g, k0, kw):
+def _chain(g, plan):
+    """K positions summed into one target before it is scaled or stored (a scaling block's
+    partial, or a partial the host finishes), or None when the whole K is one chain."""
+    return g.block_k if g.blocked else plan.part_k or None
+
+
+def _acc_flags(cfg, g, k0, kw, chain):
     """The accumulation flags of the MATMUL of K tile ``[k0, k0 + kw)`` into its target (the
-    output, or with block scaling the scaling block's partial): sequential mode, ``accumulate``
-    unless the tile starts the target's chain; block mode (docs/numerics.md section 3), exact
-    blocks start at multiples of ``acc_block`` and at the chain's start, ``commit`` at their
-    end, ``fresh`` on the chain's first commit."""
+    output, or the partial of a chain of ``chain`` K positions, see :func:`_chain`): sequential
+    mode, ``accumulate`` unless the tile starts the target's chain; block mode
+    (docs/numerics.md section 3), exact blocks start at multiples of ``acc_block`` and at the
+    chain's start, ``commit`` at their end, ``fresh`` on the chain's first commit."""
     k_total = g.shape[1]
-    first = (k0 // g.block_k) * g.block_k if g.blocked else 0
+    first = (k0 // chain) * chain if chain else 0
     if cfg.accumulation != "block":
         return {"accumulate": int(k0 != first)}
     ab = cfg.acc_block
-    last = min(k_total, first + g.block_k) if g.blocked else k_total
+    last = min(k_total, first + chain) if chain else k_total
     end = k0 + kw
     commit = end % ab == 0 or end == last
     first_end = min(last, (first // ab + 1) * ab)
@@ -365,6 +375,8 @@ class _Plan:
     sp_b: tuple = ()         # R: first scratchpad line of B buffer 0, 1
     a_chunks: tuple = ()     # R: (first K tile, tiles) of each A chunk
     acc_rs: int = 0          # R: first accumulator line of the row-scale region
+    part_k: int = 0          # K positions per stored partial (the host finishes the GEMM), 0: one output
+    parts: int = 1           # partials stored per output tile (ceil(K / part_k))
 
 
 def _m_blocks(m, m_max):
@@ -374,13 +386,16 @@ def _m_blocks(m, m_max):
     return mb, tuple((s, min(mb, m - s)) for s in range(0, m, mb))
 
 
-def _plan(cfg, g):
-    """Choose the schedule, tile sizes and the SRAM line map (see the module docstring)."""
+def _plan(cfg, g, part_k=0):
+    """Choose the schedule, tile sizes and the SRAM line map (see the module docstring).
+    ``part_k``: the NPU stores a partial sum per ``part_k`` K positions instead of one output
+    (a GEMM with several scaling blocks that the host finishes)."""
     m, k, n = g.shape
-    k_tiles = _tiles(k, cfg.rows, (g.block_k if g.blocked else None,
+    k_tiles = _tiles(k, cfg.rows, (g.block_k if g.blocked else None, part_k or None,
                                    cfg.acc_block if cfg.accumulation == "block" else None))
     n_tiles = _tiles(n, cfg.cols)
-    return _plan_resident(cfg, g, k_tiles, n_tiles) or _plan_reload(cfg, g, k_tiles, n_tiles)
+    plan = _plan_resident(cfg, g, k_tiles, n_tiles) or _plan_reload(cfg, g, k_tiles, n_tiles)
+    return replace(plan, part_k=part_k, parts=math.ceil(k / part_k) if part_k else 1)
 
 
 def _plan_resident(cfg, g, k_tiles, n_tiles):
@@ -494,7 +509,8 @@ class GemmOp:
     #: When the host finishes this GEMM (the NPU lacks the vector unit or FP8 stores it needs):
     #: ``runtime``, the roles of :data:`HOST_ROLES` given to :meth:`finish` at run time;
     #: ``consts``, the others' int32 FP32 bits (lists, with their shape); ``out``,
-    #: ``out_scale``, ``saturate``. None when the NPU computes the whole GEMM.
+    #: ``out_scale``, ``saturate``; ``parts``, the partial sums buffer ``c`` holds (one per
+    #: scaling block, each from +0). None when the NPU computes the whole GEMM.
     host: dict = None
 
     @property
@@ -522,7 +538,8 @@ class GemmOp:
                 fields[role] = scale_bits(role, values[role], m, k, n, self.block_k)
             else:
                 fields[role] = _f32_bits(values[role], role, (n,))
-        return finish_gemm([out], out=self.host["out"], out_scale=self.host["out_scale"],
+        parts = int(self.host.get("parts", 1))          # partial p: rows p*M .. (p+1)*M-1 of buffer c
+        return finish_gemm(list(out.reshape(parts, m, n)), out=self.host["out"], out_scale=self.host["out_scale"],
                            saturate=self.host["saturate"], **fields)
 
     def pack(self, role, values):
@@ -552,7 +569,8 @@ class GemmOp:
         return self.layouts["vec"].pack(bits.numpy()[None])
 
     def unpack(self, data):
-        """The [M, N] output from the bytes of buffer ``c``: int32 FP32 bits or uint8 FP8 codes."""
+        """The [M, N] output from the bytes of buffer ``c``: int32 FP32 bits or uint8 FP8 codes
+        (for a GEMM the host finishes with several scaling blocks, the [KB * M, N] partials)."""
         return torch.from_numpy(self.layouts["c"].unpack(memoryview(data)[:self.layouts["c"].nbytes]))
 
     def to_spec(self):
@@ -656,12 +674,6 @@ def _check_formats(cfg, g):
         if not cfg.supports(f.spec.name):
             raise ValueError(f"this NPU configuration does not support {f.spec.name} (formats: "
                              f"{', '.join(cfg.formats)})")
-    if _host_finishes(cfg, g) and g.blocked and g.row_scales.shape[1] > 1:
-        m, k, n = g.shape
-        lacks = "no vector unit (vector_unit is false)" if not cfg.vector_unit else "no FP8 stores (fp8_store is false)"
-        raise ValueError(f"this NPU configuration has {lacks}, so the host applies the scales, which it can for "
-                         f"one K block only, not {g.row_scales.shape[1]} (K = {k} in blocks of {g.block_k}): use "
-                         f"per-tensor, per-channel or per-token scales")
 
 
 def _host_finishes(cfg, g):
@@ -678,13 +690,17 @@ def _host_spec(g, runtime):
     present = {role: v for role, v in present.items() if v is not None}
     return {"runtime": [r for r in HOST_ROLES if r in present and r in runtime],
             "consts": {r: [list(v.shape), v.flatten().tolist()] for r, v in present.items() if r not in runtime},
-            "out": g.out, "out_scale": g.out_scale, "saturate": g.saturate}
+            "out": g.out, "out_scale": g.out_scale, "saturate": g.saturate,
+            "parts": g.row_scales.shape[1] if g.blocked else 1}
 
 
 def _device_args(g):
-    """What the NPU computes of a GEMM the host finishes: the plain product, stored as FP32."""
+    """What the NPU computes of a GEMM the host finishes: the plain product, stored as FP32;
+    with several scaling blocks, one partial per block (each summed from +0, as BLOCKSCALE
+    would take it), so ``part_k`` (the second value) is the block length, else 0."""
+    part_k = g.block_k if g.blocked and g.row_scales.shape[1] > 1 else 0
     return replace(g, out="fp32", out_scale=0x3F800000, saturate=True, col_scale=None, bias=None,
-                   row_scales=None, col_scales=None)
+                   row_scales=None, col_scales=None), part_k
 
 
 #: The GEMM operands the host applies itself when it finishes a GEMM.
@@ -701,9 +717,10 @@ def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=
     g = GemmArgs.from_args(np.zeros((m, k), np.uint8), b_codes, a_fmt, b_fmt, "fp32", 1.0, True, col_scale, None,
                            block_scales, block_k)
     _check_formats(cfg, g)
+    part_k = 0
     if _host_finishes(cfg, g):
-        g = _device_args(g)
-    plan = _plan(cfg, g)
+        g, part_k = _device_args(g)
+    plan = _plan(cfg, g, part_k)
     if not plan.resident:
         raise ValueError(f"a {m}x{k}x{g.shape[2]} GEMM does not fit the A-resident schedule of this configuration")
     op = GemmOp(cfg, g.shape, "fp32", plan, {}, _layouts(cfg, g, plan), "weights", g.block_k)
@@ -719,7 +736,7 @@ def _layouts(cfg, g, plan):
     m, k, n = g.shape
     bus = cfg.bus_bytes
     lay = {
-        "c": TiledLayout.build(m, plan.n_tiles, 4 if g.out == "fp32" else 1, bus),
+        "c": TiledLayout.build(plan.parts * m, plan.n_tiles, 4 if g.out == "fp32" else 1, bus),
         "vec": TiledLayout.build(1, plan.n_tiles, 4, bus),
     }
     if plan.resident:
@@ -744,11 +761,13 @@ def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
     g = gs[0]
     m, k, n = g.shape
     host = _host_finishes(cfg, g)
-    if host:                       # the NPU computes the plain product, the host the rest
+    part_k = 0
+    if host:                       # the NPU computes the plain product (per scaling block), the host the rest
         finish = [_host_spec(g_b, runtime) for g_b in gs]
-        gs = [_device_args(g_b) for g_b in gs]
+        gs = [_device_args(g_b)[0] for g_b in gs]
+        part_k = _device_args(g)[1]
     g_dev = gs[0]
-    plan = _plan(cfg, g_dev)
+    plan = _plan(cfg, g_dev, part_k)
     bus = cfg.bus_bytes
     lay = _layouts(cfg, g_dev, plan)
     ops, addrs = [], []
@@ -806,12 +825,13 @@ def _cmd(op, **fields):
     return Command(op if type(op) is Opcode else Opcode(op), fields)
 
 
-def _prologue(cfg, g, plan, addr, n_steps):
-    """The zero-line LOAD (block scaling) and the SYNCs that prime the output regions."""
+def _prologue(cfg, g, plan, addr, n_outputs):
+    """The zero-line LOAD (block scaling) and the SYNCs that prime the output regions
+    (``n_outputs``: the STOREs of the stream)."""
     out = [] if not g.blocked else [_cmd(
         Opcode.LOAD, dst=0, sram_addr=plan.sp_zero, rows=1, row_bytes=cfg.line_bytes,
         dram_addr=addr["zero"], dram_stride=0)]
-    return out + [_cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_steps)
+    return out + [_cmd(Opcode.SYNC, unit=Unit.STORE, push_prev=1)] * min(2, n_outputs)
 
 
 def _store(g, lay, addr, acc_out, m0, m, ni, nw, push):
@@ -837,6 +857,7 @@ def _commands_resident(cfg, g, plan, lay, addrs):
     GEMM ``bi // per``), so loads of the next GEMM overlap the compute of this one."""
     m_total, k_total, _ = g.shape
     fmts = {"fmt_a": g.fmt_a.value, "fmt_b": g.fmt_b.value}
+    chain = _chain(g, plan)
     per = len(plan.m_blocks)
     blocks = [plan.m_blocks[i % per] for i in range(per * len(addrs))]
     steps = [(bi, m0, m, ni, nw) for bi, (m0, m) in enumerate(blocks)
@@ -894,18 +915,22 @@ def _commands_resident(cfg, g, plan, lay, addrs):
         return out
 
     def compute(s):
+        """Step s's compute commands, one list per output unit (its partials, see _Plan.parts):
+        unit u = s * parts + p uses output region u % 2."""
         bi, m0, m, ni, nw = steps[s]
         first_step = ni == 0
-        buf, aux, acc_out = plan.sp_b[s % 2], plan.acc_aux[s % 2], plan.acc_out[s % 2]
-        cmds = []
+        buf, aux = plan.sp_b[s % 2], plan.acc_aux[s % 2]
+        units, cmds = [], []
         for ti, (k0, kw) in enumerate(plan.k_tiles):
             t0, n = plan.a_chunks[chunk_of[ti]]
             kb = k0 // g.block_k
+            part = k0 // plan.part_k if plan.part_k else 0
+            acc_out = plan.acc_out[(s * plan.parts + part) % 2]
             last_k = ti == len(plan.k_tiles) - 1
             pop = ti == 0 or (first_step and ti == t0)
             mm = dict(fmts, a_addr=m * t0 + ti - t0, a_stride=n, b_addr=buf + k0, m=m, k=kw, pop_prev=int(pop))
             if g.blocked:
-                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw), acc_addr=plan.acc_temp)))
+                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw, chain), acc_addr=plan.acc_temp)))
                 if ti == 0:   # after the first pop, so the zero line is loaded
                     cmds.append((Opcode.MATMUL, dict(
                         fmts, **_zero_flags(cfg), a_addr=plan.sp_zero, a_stride=0, b_addr=plan.sp_zero,
@@ -915,34 +940,42 @@ def _commands_resident(cfg, g, plan, lay, addrs):
                         src=plan.acc_temp, dst=acc_out, rows=m, row_scale=plan.acc_rs + kb * m,
                         col_scale=aux + plan.aux_col + kb)))
             else:
-                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw), acc_addr=acc_out,
-                                                 pop_next=int(ti == 0))))
+                part_first = k0 == part * plan.part_k
+                cmds.append((Opcode.MATMUL, dict(mm, **_acc_flags(cfg, g, k0, kw, chain), acc_addr=acc_out,
+                                                 pop_next=int(part_first))))
             if last_k and (g.col_scale is not None or g.bias is not None):
                 cmds.append((Opcode.EPILOGUE, dict(
                     use_scale=int(g.col_scale is not None), use_bias=int(g.bias is not None), src=acc_out,
                     dst=acc_out, rows=m, scale_addr=aux + plan.aux_scale if g.col_scale is not None else 0,
                     bias_addr=aux + plan.aux_bias if g.bias is not None else 0)))
-        cmds[-1][1]["push_prev"] = int(s + 2 < n_steps)      # B buffer s % 2 is free again
-        cmds[-1][1]["push_next"] = 1                         # output region s % 2 is ready
-        out = [_cmd(op, **f) for op, f in cmds]
+            if last_k or (plan.part_k and (k0 + kw) % plan.part_k == 0):
+                cmds[-1][1]["push_next"] = 1                 # the unit's output region is ready
+                units.append(cmds)
+                cmds = []
+        units[-1][-1][1]["push_prev"] = int(s + 2 < n_steps)     # B buffer s % 2 is free again
+        out = [[_cmd(op, **f) for op, f in unit] for unit in units]
         if ni == n_nt - 1 and bi + 1 < n_blocks:             # the A block is free again
-            out.append(_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
+            out[-1].append(_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1))
         return out
 
     # compute commands address SRAM only, so steps alike share them: (rows, first step of a
-    # block, buffer, returns its B buffer, frees the A block)
+    # block, buffer, first output region, returns its B buffer, frees the A block)
     computed = {}
-    out = _prologue(cfg, g, plan, addrs[0], n_steps)
+    n_units = n_steps * plan.parts
+    out = _prologue(cfg, g, plan, addrs[0], n_units)
     out += a_block(0, b_loads(0))
     for s, (bi, m0, m, ni, nw) in enumerate(steps):
         next_first = s + 1 < n_steps and steps[s + 1][3] == 0
         if s + 1 < n_steps:     # prefetch the next B tile; a block's first B shares A chunk 0's token
             out += _group(b_loads(s + 1), pop=s + 1 >= 2, push=not next_first)
-        key = (m, ni == 0, s % 2, s + 2 < n_steps, ni == n_nt - 1 and bi + 1 < n_blocks)
+        key = (m, ni == 0, s % 2, s * plan.parts % 2, s + 2 < n_steps, ni == n_nt - 1 and bi + 1 < n_blocks)
         if key not in computed:
             computed[key] = compute(s)
-        out += computed[key]
-        out.append(_store(g, lay, addrs[bi // per], plan.acc_out[s % 2], m0, m, ni, nw, push=s + 2 < n_steps))
+        for part, unit in enumerate(computed[key]):      # each unit's STORE follows its compute
+            u = s * plan.parts + part
+            out += unit
+            out.append(_store(g, lay, addrs[bi // per], plan.acc_out[u % 2], part * m_total + m0, m, ni, nw,
+                              push=u + 2 < n_units))
         if next_first:
             out += a_block(bi + 1, [])
     return out
@@ -952,16 +985,20 @@ def _commands_reload(cfg, g, plan, lay, addr):
     """The A-reload command stream (a list of encoded commands), step by step; see the module docstring."""
     m_total = g.shape[0]
     fmts = {"fmt_a": g.fmt_a.value, "fmt_b": g.fmt_b.value}
+    chain = _chain(g, plan)
     n_tiles_total = len(plan.m_blocks) * len(plan.n_tiles)
     n_steps = n_tiles_total * len(plan.k_tiles)
-    out = _prologue(cfg, g, plan, addr, n_tiles_total)
+    n_units = n_tiles_total * plan.parts          # output units: one per output tile and partial
+    out = _prologue(cfg, g, plan, addr, n_units)
     out += [_cmd(Opcode.SYNC, unit=Unit.COMPUTE, push_prev=1)] * min(2, n_steps)
-    step = 0
-    for tile, ((m0, m), (ni, (_, nw))) in enumerate(product(plan.m_blocks, enumerate(plan.n_tiles))):
-        acc_out = plan.acc_out[tile % 2]
+    step = unit = 0
+    for (m0, m), (ni, (_, nw)) in product(plan.m_blocks, enumerate(plan.n_tiles)):
         for ti, (k0, kw) in enumerate(plan.k_tiles):
+            acc_out = plan.acc_out[unit % 2]
             buf, aux = plan.sp_buf[step % 2], plan.acc_aux[step % 2]
             last_k = ti == len(plan.k_tiles) - 1
+            part = k0 // plan.part_k if plan.part_k else 0
+            unit_end = last_k or (plan.part_k and (k0 + kw) % plan.part_k == 0)
             kb = k0 // g.block_k
             block_last = last_k or (k0 + kw) % g.block_k == 0
             a, b = lay["a"], lay["b"]
@@ -974,7 +1011,7 @@ def _commands_reload(cfg, g, plan, lay, addr):
             compute = []
             if g.blocked:
                 compute.append((Opcode.MATMUL, dict(
-                    fmts, **_acc_flags(cfg, g, k0, kw), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
+                    fmts, **_acc_flags(cfg, g, k0, kw, chain), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
                     acc_addr=plan.acc_temp, m=m, k=kw)))
                 if ti == 0:   # after the first pop, so the zero line is loaded
                     compute.append((Opcode.MATMUL, dict(
@@ -992,8 +1029,8 @@ def _commands_reload(cfg, g, plan, lay, addr):
                         src=plan.acc_temp, dst=acc_out, rows=m, row_scale=aux, col_scale=aux + plan.aux_col)))
             else:
                 compute.append((Opcode.MATMUL, dict(
-                    fmts, **_acc_flags(cfg, g, k0, kw), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
-                    acc_addr=acc_out, m=m, k=kw, pop_next=int(ti == 0))))
+                    fmts, **_acc_flags(cfg, g, k0, kw, chain), a_addr=buf, a_stride=1, b_addr=buf + plan.m_block,
+                    acc_addr=acc_out, m=m, k=kw, pop_next=int(k0 == part * plan.part_k))))
             if last_k and (g.col_scale is not None or g.bias is not None):
                 for name, line in (("col_scale", plan.aux_scale), ("bias", plan.aux_bias)):
                     if name in addr:
@@ -1005,9 +1042,11 @@ def _commands_reload(cfg, g, plan, lay, addr):
                     bias_addr=aux + plan.aux_bias if g.bias is not None else 0)))
             compute[0][1]["pop_prev"] = 1
             compute[-1][1]["push_prev"] = int(step + 2 < n_steps)
-            compute[-1][1]["push_next"] = int(last_k)
+            compute[-1][1]["push_next"] = int(unit_end)
             out += _group(loads, pop=True, push=True)
             out += [_cmd(op, **f) for op, f in compute]
             step += 1
-        out.append(_store(g, lay, addr, acc_out, m0, m, ni, nw, push=tile + 2 < n_tiles_total))
+            if unit_end:
+                out.append(_store(g, lay, addr, acc_out, part * m_total + m0, m, ni, nw, push=unit + 2 < n_units))
+                unit += 1
     return out

@@ -106,7 +106,7 @@ BOARDS = {b.name: b for b in (
     Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _TRIMMED_2X2,
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
           notes="no vector unit and no FP8 stores: the host applies scales and bias and converts "
-                "results (per-tensor, per-channel and per-token scaling); one rounder for both columns"),
+                "results, fine-grained block scaling included; one rounder for both columns"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
           _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
           uart_pins=("0", "1"), clock_hz=30_000_000,

@@ -546,34 +546,36 @@ def test_block_flags_are_refused_where_not_built():
 @pytest.mark.parametrize("accumulation, vector_unit", [("sequential", False), ("block", False), ("block", True)])
 def test_host_finishes_what_the_npu_lacks(accumulation, vector_unit):
     """On an NPU without a vector unit or without FP8 stores, a GEMM that needs them is split:
-    the NPU computes the plain product and the host applies scales, column scale, bias and FP8
-    conversion by the contract. The outputs equal reference_gemm bit for bit; such a program
-    holds no EPILOGUE, BLOCKSCALE or FP8 STORE. Scales over several K blocks are refused in one
-    sentence."""
-    cfg = NPUConfig(rows=4, cols=4, sp_lines=256, acc_lines=64, vector_unit=vector_unit, fp8_store=False,
-                    accumulation=accumulation, formats=("e4m3",) if accumulation == "block" else ("e4m3", "e5m2"))
+    the NPU computes the plain product (one partial per scaling block when there are several)
+    and the host applies scales, column scale, bias and FP8 conversion by the contract. The
+    outputs equal reference_gemm bit for bit on both schedules; such a program holds no
+    EPILOGUE, BLOCKSCALE or FP8 STORE."""
     gen = torch.Generator().manual_seed(11)
     m, k, n = 19, 37, 10
     a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e4m3", "normal", gen)
-    kw = dict(block_scales=(pow2_scales((m, 1), gen), pow2_scales((1, n), gen)), block_k=k,
-              col_scale=f32_values(n, gen, specials=False), bias=f32_values(n, gen), out="e4m3", out_scale=0.25,
-              accumulation=accumulation)
-    for args in (kw, {k2: v for k2, v in kw.items() if k2 in ("bias", "accumulation")},
-                 dict(block_scales=kw["block_scales"], block_k=k, accumulation=accumulation)):
-        build = {k2: v for k2, v in args.items() if k2 != "accumulation"}
-        g = build_gemm(cfg, a, b, "e4m3", "e4m3", **build)
-        ops = {c.opcode for c in commands_of(g)}
-        assert bool(g.op.host) == (not vector_unit or "out" in build)
-        if g.op.host:
-            assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
-        assert all(c.fmt == 0 for c in commands_of(g) if c.opcode == Opcode.STORE)
-        r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
-        assert r.ok, r.error.name
-        want = reference_gemm(a, b, "e4m3", "e4m3", **args)
-        got = g.read_output(r.dram)
-        assert not bool(golden.mismatches(got, want, KIND[args.get("out", "fp32")]).any())
-    if not vector_unit:
-        with pytest.raises(ValueError, match=r"^this NPU configuration has no vector unit \(vector_unit is false\), "
-                                             r"so the host applies the scales, which it can for one K block only, "
-                                             r"not 2"):
-            build_gemm(cfg, a, b, "e4m3", "e4m3", block_scales=(torch.ones(m, 2), torch.ones(2, 1)), block_k=32)
+    col_scale, bias = f32_values(n, gen, specials=False), f32_values(n, gen)
+    one_block = (pow2_scales((m, 1), gen), pow2_scales((1, n), gen))
+    three_blocks = (pow2_scales((m, 3), gen), pow2_scales((3, n), gen))     # K = 16 + 16 + 5
+    cases = [dict(block_scales=one_block, block_k=k, col_scale=col_scale, bias=bias, out="e4m3", out_scale=0.25),
+             dict(bias=bias), dict(block_scales=one_block, block_k=k),
+             dict(block_scales=three_blocks, block_k=16),
+             dict(block_scales=three_blocks, block_k=16, col_scale=col_scale, bias=bias, out="e4m3", out_scale=0.25)]
+    for sp_lines, schedule in ((256, "a_resident"), (64, "a_reload")):
+        cfg = NPUConfig(rows=4, cols=4, sp_lines=sp_lines, acc_lines=256, vector_unit=vector_unit, fp8_store=False,
+                        accumulation=accumulation,
+                        formats=("e4m3",) if accumulation == "block" else ("e4m3", "e5m2"))
+        for build in cases:
+            g = build_gemm(cfg, a, b, "e4m3", "e4m3", **build)
+            assert g.schedule == schedule
+            ops = [c.opcode for c in commands_of(g)]
+            assert bool(g.op.host) == (not vector_unit or "out" in build)
+            if g.op.host:
+                assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
+                parts = 3 if build.get("block_k") == 16 else 1
+                assert ops.count(Opcode.STORE) == parts * len(g.op.plan.n_tiles) * len(g.op.plan.m_blocks)
+            assert all(c.fmt == 0 for c in commands_of(g) if c.opcode == Opcode.STORE)
+            r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
+            assert r.ok, r.error.name
+            want = reference_gemm(a, b, "e4m3", "e4m3", accumulation=accumulation, **build)
+            got = g.read_output(r.dram)
+            assert not bool(golden.mismatches(got, want, KIND[build.get("out", "fp32")]).any()), (schedule, build.keys())

@@ -300,8 +300,7 @@ TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=
 def test_models_run_on_an_npu_without_vector_unit(quant):
     """The host finishes each product (scales, bias) that the NPU computes plainly: the
     functional simulator equals the contract bit for bit, for linear layers and products of
-    activations, and for a transformer block with attention; fine-grained scaling (several K
-    blocks) is refused in one sentence."""
+    activations, and for a transformer block with attention."""
     module, (x,) = _block(3)
     model = compile(module, (x,), TRIMMED, quant, estimate=False)
     assert all(GemmOp.from_spec(TRIMMED, s.gemm).host for s in model.segments.values())
@@ -314,12 +313,28 @@ def test_models_run_on_an_npu_without_vector_unit(quant):
     assert _same(run(model, x), run(model, x, backend="reference"))
 
 
-def test_fine_grained_scaling_needs_the_vector_unit():
-    module = torch.nn.Linear(256, 8)
-    with pytest.raises(CompileError, match=r"^aten.linear.default at .*: this NPU configuration has no vector unit \(vector_unit "
-                                           r"is false\), so the host applies the scales, which it can for one K "
-                                           r"block only, not 2 .*per-token scales$"):
-        compile(module, (torch.randn(3, 256),), TRIMMED, "weights=block,activations=tile", estimate=False)
+@pytest.mark.parametrize("quant", ["weights=block,activations=tile", "weights=block,activations=token,scales=fp32"])
+def test_fine_grained_scaling_without_vector_unit(quant):
+    """Fine-grained scaling over several K blocks on an NPU without a vector unit: the NPU
+    stores one partial sum per 128-wide K block, the host scales and adds them by the contract;
+    bit for bit the reference, for a linear layer (K = 320: three blocks, the last one short)
+    and a product of two activations."""
+    torch.manual_seed(8)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(320, 24)
+
+        def forward(self, x, y):
+            return self.fc(x) + x @ y
+
+    x, y = torch.randn(5, 320), torch.randn(320, 24)
+    model = compile(Two().eval(), (x, y), TRIMMED, quant, estimate=False)
+    specs = [GemmOp.from_spec(TRIMMED, s.gemm) for s in model.segments.values()]
+    assert all(op.host and op.host["parts"] == 3 for op in specs)
+    x2, y2 = torch.randn_like(x), torch.randn_like(y)
+    assert _same(run(model, (x2, y2)), run(model, (x2, y2), backend="reference"))
 
 
 def test_rtl_without_vector_unit_equals_functional_simulator():

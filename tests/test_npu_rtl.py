@@ -521,8 +521,9 @@ TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
-    """Plain GEMMs (K across several exact blocks) are bit-exact on the RTL,
-    the functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
+    """Plain GEMMs (K across several exact blocks), and GEMMs the host finishes (bias, FP8
+    output, fine-grained scales over several K blocks), are bit-exact on the RTL, the
+    functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
     BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines."""
     rng = np.random.default_rng(77)
     a, b = _codes(rng, (19, 21)), _codes(rng, (21, 5))
@@ -541,6 +542,19 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     want = reference_gemm(a, b, "e4m3", "e4m3", bias=bias, out="e4m3", out_scale=0.5, accumulation="block",
                           acc_block=8)
     assert torch.equal(g.read_output(bytearray(rtl.dram)), want)
+    # fine-grained scaling over several K blocks: the NPU stores a partial per block, the host
+    # scales and sums them; both schedules (K = 21: blocks 8 + 8 + 5, A-resident; K = 120: 15
+    # blocks, A-reload), under backpressure
+    for (m, k, n), schedule in (((19, 21, 5), "a_resident"), ((17, 120, 3), "a_reload")):
+        a2, b2 = _codes(rng, (m, k)), _codes(rng, (k, n))
+        kb = -(-k // 8)
+        scales = (torch.tensor(2.0 ** rng.integers(-3, 4, (m, kb)), dtype=torch.float32),
+                  torch.tensor(rng.uniform(0.5, 2.0, (kb, n)), dtype=torch.float32))
+        g = build_gemm(TRIMMED, a2, b2, "e4m3", "e4m3", block_scales=scales, block_k=8, bias=bias[:n])
+        assert (g.schedule, g.op.host["parts"]) == (schedule, kb)
+        want = reference_gemm(a2, b2, "e4m3", "e4m3", block_scales=scales, block_k=8, bias=bias[:n],
+                              accumulation="block", acc_block=8)
+        check_gemm(g, _i64(want), "fp32", cfg=TRIMMED, backpressure=0.3)
     cases = [(_cmd(Opcode.EPILOGUE, rows=1, use_scale=1), ErrorCode.BAD_OPCODE),
              (_cmd(Opcode.BLOCKSCALE, rows=1, dst=1), ErrorCode.BAD_OPCODE),
              (_cmd(Opcode.STORE, fmt=1, rows=1, cols=2, dram_addr=0x2000, scale=0x3F800000), ErrorCode.BAD_FORMAT)]
