@@ -230,3 +230,17 @@ def test_moe_on_an_npu_without_vector_unit():
     got, session = run(model, x, details=True)
     assert torch.equal(got.view(torch.int32), run(model, x, backend="reference").view(torch.int32))
     assert len(session.launches) > 4
+
+
+def test_moe_fine_grained_scaling_on_an_npu_without_vector_unit():
+    """Fine-grained scaling with K over several 128-wide blocks (d = 160, f = 136): the
+    experts' NPU programs store one partial per K block, the host scales and sums them; bit
+    for bit the contract."""
+    cfg = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
+    torch.manual_seed(3)
+    block = Block(QwenMoE(d=160, f=136, experts=3), d=160).eval()
+    x = torch.randn(1, 5, 160)
+    model = compile(block, (x,), cfg, "weights=block,activations=tile", estimate=False)
+    got = run(model, x)
+    assert torch.equal(got.view(torch.int32), run(model, x, backend="reference").view(torch.int32))
