@@ -10,9 +10,9 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from . import isa
-from .units import ceil_div_pow2, command_layout
+from .units import ceil_div_pow2, command_layout, pack_fields, unpack_fields
 
-__all__ = ["CommandChecker"]
+__all__ = ["CommandChecker", "reserved_set"]
 
 CMD = isa.COMMAND_BITS
 
@@ -24,6 +24,21 @@ def _reserved_mask(opcode):
     return ((1 << CMD) - 1) & ~used
 
 
+def reserved_set(word, opcode, lsb, cfg):
+    """Whether ``word`` (a piece of a command: its bits ``lsb`` .. ``lsb + len(word) - 1``) sets a
+    bit that is reserved for ``opcode`` (the command's opcode, a signal), for the opcodes
+    ``cfg`` builds (an opcode not built is refused as unknown, whatever its bits). The fetch
+    ORs this over the beats of a command as they arrive, so no register holds a reserved bit."""
+    terms = []
+    for o in isa.Opcode:
+        if o in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE) and not cfg.vector_unit:
+            continue
+        mask = (_reserved_mask(o) >> lsb) & ((1 << len(word)) - 1)
+        if mask:
+            terms.append((opcode == o) & ((word & mask) != 0))
+    return Cat(*terms).any() if terms else Const(0, 1)
+
+
 def fld(cmd, opcode, name):
     """Slice of a command signal holding field ``name`` of ``opcode`` (from the ISA tables)."""
     field = command_layout(opcode)[name]
@@ -33,37 +48,49 @@ def fld(cmd, opcode, name):
 class CommandChecker(wiring.Component):
     """Pipelined mirror of :func:`fp8npu.hdl.isa.validate`: the same rules in the same order
     (opcode, reserved bits and field ranges, formats, SRAM ranges, alignment, DMA window), for
-    the configuration it is built for. The multiplications of the range checks happen in the
-    first cycle (with the DRAM address plus the bytes of a row), the comparisons in the second.
+    the configuration it is built for. The command is registered as it enters; the
+    multiplications of the range checks happen in the second cycle (with the DRAM address plus
+    the bytes of a row), the comparisons in the third.
+
+    Whether the command sets a reserved bit comes with it (``reserved``, from
+    :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives): the
+    checker's registers keep only the bits of the ISA's fields, and ``cmd_out`` holds those
+    (the other bits read as 0).
 
     Members
     -------
     cmd : In(COMMAND_BITS)             a command, one per cycle
+    reserved : In(1)                   it sets a bit reserved for its opcode
     win_base, win_limit : In(32)       the DMA window (held while commands pass)
     verdict : Out(8)                   the ErrorCode of the command that entered LATENCY cycles ago
-    cmd_out : Out(COMMAND_BITS)        ... and that command
+    cmd_out : Out(COMMAND_BITS)        ... and that command's field bits
 
     Latency :attr:`LATENCY` cycles; throughput one command per cycle.
     """
 
     #: Cycles from a command to its verdict.
-    LATENCY = 2
+    LATENCY = 3
 
     def __init__(self, cfg):
         self.cfg = cfg
-        super().__init__({"cmd": In(CMD), "win_base": In(32), "win_limit": In(32), "verdict": Out(8),
-                          "cmd_out": Out(CMD)})
+        super().__init__({"cmd": In(CMD), "reserved": In(1), "win_base": In(32), "win_limit": In(32),
+                          "verdict": Out(8), "cmd_out": Out(CMD)})
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        cmd0 = self.cmd
         Op, E = isa.Opcode, isa.ErrorCode
+        # stage 0: the command's field bits (isa.field_ranges) and its reserved flag, registered
+        cmd0 = Signal(CMD, name="v_cmd0")
+        m.d.sync += cmd0.eq(unpack_fields(pack_fields(self.cmd, isa.field_ranges(list(Op))), isa.field_ranges(list(Op))))
+        reserved0 = Signal(name="v_reserved0")
+        m.d.sync += reserved0.eq(self.reserved)
         # stage A: the command and the products of its range checks
         for name in ("rows", "dram_addr", "dram_stride"):
             assert command_layout(Op.LOAD)[name].offset == command_layout(Op.STORE)[name].offset, name
         cmd = Signal(CMD, name="v_cmd")
-        m.d.sync += cmd.eq(cmd0)
+        reserved = Signal(name="v_reserved")
+        m.d.sync += [cmd.eq(cmd0), reserved.eq(reserved0)]
         dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
         load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
         a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
@@ -84,13 +111,12 @@ class CommandChecker(wiring.Component):
         pp, pn, up, un = (fld(cmd, Op.SYNC, n) for n in ("pop_prev", "pop_next", "push_prev", "push_next"))
         code = self.verdict
         known = Signal()
-        reserved = Signal()
         with m.Switch(op):
             for o in Op:
                 if o in (Op.EPILOGUE, Op.BLOCKSCALE) and not cfg.vector_unit:
                     continue                  # not built: refused as an unknown opcode
                 with m.Case(o):
-                    m.d.comb += [known.eq(1), reserved.eq((cmd & _reserved_mask(o)) != 0)]
+                    m.d.comb += known.eq(1)
 
         def f(o, name):
             return fld(cmd, o, name)

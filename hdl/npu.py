@@ -21,7 +21,8 @@ Block diagram::
                    |  +------------------------------------------------+ (store reads)
 
 * **Fetch** reads the program (``PROG_ADDR``, ``PROG_LEN`` commands of 32 bytes) with AXI
-  ID 0 into a buffer of min(4, ``queue_depth``) entries.
+  ID 0 into a buffer of min(4, ``queue_depth``) entries (at least 3 on a 256-bit bus, where
+  a command is one beat).
 * **Dispatcher** takes each command with the verdict of the :class:`~.checks.CommandChecker`
   (the rules of :func:`fp8npu.hdl.isa.validate` in the same order, on the way from fetch to the
   dispatcher), then queues it for its unit, or stops with the error code and the command's
@@ -55,7 +56,7 @@ from amaranth.lib.wiring import In, Out
 from . import isa
 from .arith import SlicedMemory
 from .axi import AxiLiteRegs, axi4_master_members
-from .checks import CommandChecker, fld
+from .checks import CommandChecker, fld, reserved_set
 from .compute import ComputeUnit
 from .config import NPUConfig
 from .dma import LoadUnit, StoreUnit, axi_write_members
@@ -247,15 +248,21 @@ class NPUCore(wiring.Component):
         # ---------------- fetch ------------------------------------------------------------
         # entries: command, its address, and whether the bus refused any of its beats (that is
         # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
-        # Fetched commands pass a register and the checks (CommandChecker.LATENCY cycles) on their way into the queue;
+        # Fetched commands pass the checks (CommandChecker.LATENCY cycles) on their way into the queue;
         # an entry holds the command, its verdict, its address and whether the bus refused a beat.
-        # The checks have read every bit by then: the buffer keeps the bits of the ISA's fields only.
+        # Reserved bits are checked as the beats arrive: from there on only the ISA's fields are kept.
         fetch_ranges = isa.field_ranges(list(isa.Opcode))
         fetch_bits = sum(w for _, w in fetch_ranges)
-        # as deep as a unit's queue, at most 4 (a small NPU with shallow queues keeps fewer)
-        fetch_depth = min(4, cfg.queue_depth)
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=fetch_depth)
+        # as deep as a unit's queue, at most 4 (a small NPU with shallow queues keeps fewer). The
+        # buffer is written without a ready test (requests are only made while it has room for
+        # their commands), and a SyncFIFOBuffered of depth 2 takes no write in the cycle after
+        # one: so when a command is one beat (a 256-bit bus) and commands can arrive back to
+        # back, it is at least 3 deep.
         beats_per_cmd = max(CMD // D, 1)
+        fetch_depth = min(4, cfg.queue_depth)
+        if beats_per_cmd == 1:
+            fetch_depth = max(3, fetch_depth)
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=fetch_depth)
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
         prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
@@ -282,36 +289,47 @@ class NPUCore(wiring.Component):
         with m.If(f_ar_valid & f_ar_ready):
             m.d.sync += [f_left.eq(f_left - 1), f_more.eq(f_left != 1), f_ar_addr.eq(f_ar_addr + 32)]
         m.d.sync += f_inflight.eq(f_inflight + (f_ar_valid & f_ar_ready) - f_got)
-        # assemble beats into commands (v_in: one is complete)
-        v_in, v_cmd, v_info = Signal(), Signal(CMD), Signal(33)
-        f_buf = Signal(CMD)
+        # assemble beats into commands (v_in: one is complete). Each beat is written to its own
+        # place (no shift register), so only the bits of the ISA's fields are kept; whether a beat
+        # sets a bit reserved for the command's opcode (from the first beat) is found as it arrives.
+        v_in, v_cmd, v_info, v_reserved = Signal(), Signal(CMD), Signal(33), Signal()
         f_beat = Signal(range(beats_per_cmd + 1))
         f_recv = Signal(32)          # commands fetched so far
         f_bad = Signal()             # a beat of the command being assembled was refused
         f_addr = (self.prog_addr + (f_recv << 5))[:32]
+        rdata = ax("rdata")
         m.d.comb += f_r_ready.eq(1)
         with m.If(r_fetch & ~stopped):
             if beats_per_cmd == 1:
-                m.d.comb += [v_in.eq(1), v_cmd.eq(ax("rdata")[0:CMD]), v_info.eq(Cat(f_addr, r_refused))]
+                m.d.comb += [v_in.eq(1), v_cmd.eq(rdata[0:CMD]), v_info.eq(Cat(f_addr, r_refused)),
+                             v_reserved.eq(reserved_set(rdata[0:CMD], rdata[0:8], 0, cfg))]
                 m.d.sync += f_recv.eq(f_recv + 1)
             else:
-                new = Signal(CMD)
-                m.d.comb += new.eq(Cat(f_buf[D:], ax("rdata")))
-                m.d.sync += [f_buf.eq(new), f_beat.eq(f_beat + 1)]
+                f_buf = Signal(CMD - D)      # the beats before the last
+                f_op = f_buf[0:8]
+                f_resv = Signal()            # an earlier beat set a reserved bit
+                beat_resv = Signal()
+                with m.Switch(f_beat):
+                    for i in range(beats_per_cmd):
+                        with m.Case(i):
+                            if i < beats_per_cmd - 1:
+                                m.d.sync += f_buf[i * D:(i + 1) * D].eq(rdata)
+                            m.d.comb += beat_resv.eq(reserved_set(rdata, rdata[0:8] if i == 0 else f_op, i * D, cfg))
+                m.d.sync += f_beat.eq(f_beat + 1)
                 with m.If(f_beat == beats_per_cmd - 1):
-                    m.d.comb += [v_in.eq(1), v_cmd.eq(new), v_info.eq(Cat(f_addr, f_bad | r_refused))]
-                    m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1), f_bad.eq(0)]
+                    m.d.comb += [v_in.eq(1), v_cmd.eq(Cat(f_buf, rdata)), v_info.eq(Cat(f_addr, f_bad | r_refused)),
+                                 v_reserved.eq(f_resv | beat_resv)]
+                    m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1), f_bad.eq(0), f_resv.eq(0)]
                 with m.Else():
-                    m.d.sync += f_bad.eq(f_bad | r_refused)
+                    m.d.sync += [f_bad.eq(f_bad | r_refused), f_resv.eq(f_resv | beat_resv)]
 
-        # an assembled command is registered before the checker (the last beat's assembly and the
-        # checker's range products would be one path otherwise)
-        c_in, c_cmd, c_info = Signal(), Signal(CMD), Signal(33)
-        m.d.sync += [c_in.eq(v_in & ~stopped), c_cmd.eq(v_cmd), c_info.eq(v_info)]
+        # the checker registers the assembled command as it enters (the last beat's assembly
+        # and its range products would be one path otherwise)
         m.submodules.checker = checker = CommandChecker(cfg)
-        m.d.comb += [checker.cmd.eq(c_cmd), checker.win_base.eq(self.win_base), checker.win_limit.eq(self.win_limit)]
+        m.d.comb += [checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
+                     checker.win_limit.eq(self.win_limit)]
         verdict, v_out_cmd = checker.verdict, checker.cmd_out
-        v_valid, v_carry = c_in, c_info
+        v_valid, v_carry = v_in, v_info
         for stage in range(CommandChecker.LATENCY):
             valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
             m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]

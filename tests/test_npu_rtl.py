@@ -267,6 +267,12 @@ def _cmd(op, **kw):
     return isa.encode(op, **kw)
 
 
+def _with_bit(command, bit):
+    word = bytearray(command)
+    word[bit // 8] |= 1 << (bit % 8)
+    return word
+
+
 @pytest.mark.parametrize("name, program, code, index", [
     ("deadlock at END", [_cmd(Opcode.SYNC, unit=1, pop_prev=1), _cmd(Opcode.END)], ErrorCode.DEADLOCK, 1),
     ("deadlock on a full queue", [_cmd(Opcode.SYNC, unit=1, pop_next=1)] * 8
@@ -338,11 +344,21 @@ def test_bus_errors(name, backpressure):
     NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=128, queue_depth=2, max_burst=4),
     NPUConfig(rows=3, cols=5, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2, max_burst=8,
               vector_lanes=2, store_lanes=4),
-], ids=["2x2-bus128", "3x5-bus32-lanes"])
+    NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=256, queue_depth=2, max_burst=2),
+], ids=["2x2-bus128", "3x5-bus32-lanes", "2x2-bus256"])
 def test_other_geometries_and_bus_widths(cfg):
     """Lines narrower than a bus beat (several lines per beat) and wider (several beats per line),
     non-power-of-two arrays, short bursts and shallow queues; 3x5 with fewer vector and store
-    lanes than columns (rows in 3 and 2 passes, the last one partly past the columns)."""
+    lanes than columns (rows in 3 and 2 passes, the last one partly past the columns); a
+    command in one beat (256-bit bus), two or eight. A reserved bit in any beat of a command is
+    BAD_FIELD at its address, as the fetch finds it beat by beat."""
+    for bit in (14, 100, 255):                   # SYNC's reserved bits in the first, a middle and the last beat
+        program = _cmd(Opcode.SYNC, unit=0) + bytes(_with_bit(_cmd(Opcode.SYNC, unit=1), bit)) + _cmd(Opcode.END)
+        dram = bytearray(0x2000)
+        dram[0x1000:0x1000 + len(program)] = program
+        rtl = npu(cfg).run(dram, 0x1000, 3, 0, len(dram), max_cycles=100_000)
+        fs = funcsim.run(None, dram, cfg, 0x1000, 0, len(dram), prog_len=3)
+        assert (rtl.error, rtl.error_addr) == (fs.error, fs.error_addr) == (ErrorCode.BAD_FIELD, 0x1020), bit
     rng = np.random.default_rng(cfg.rows * 10 + cfg.cols)
     a, b = _codes(rng, (11, 13)), _codes(rng, (13, 7))
     bias = torch.tensor(rng.normal(size=7), dtype=torch.float32)
