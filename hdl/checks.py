@@ -24,19 +24,22 @@ def _reserved_mask(opcode):
     return ((1 << CMD) - 1) & ~used
 
 
-def reserved_set(word, opcode, lsb, cfg):
-    """Whether ``word`` (a piece of a command: its bits ``lsb`` .. ``lsb + len(word) - 1``) sets a
-    bit that is reserved for ``opcode`` (the command's opcode, a signal), for the opcodes
-    ``cfg`` builds (an opcode not built is refused as unknown, whatever its bits). The fetch
-    ORs this over the beats of a command as they arrive, so no register holds a reserved bit."""
-    terms = []
-    for o in isa.Opcode:
-        if o in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE) and not cfg.vector_unit:
-            continue
-        mask = (_reserved_mask(o) >> lsb) & ((1 << len(word)) - 1)
-        if mask:
-            terms.append((opcode == o) & ((word & mask) != 0))
-    return Cat(*terms).any() if terms else Const(0, 1)
+def reserved_set(word, opcode, beat=0):
+    """Whether ``word`` sets a bit reserved for ``opcode`` (a signal): ``word`` is beat ``beat``
+    (an int or a signal) of a command that arrives in beats of ``len(word)`` bits. Only the
+    opcode's low bits that tell the ISA's opcodes apart are looked at: an opcode that is not
+    one of them is refused as unknown before its reserved bits matter. The fetch ORs this over
+    the beats of a command as they arrive, so no register holds a reserved bit."""
+    width = len(word)
+    beats = isa.COMMAND_BITS // width
+    ob = max(isa.Opcode).bit_length()
+    masks = {o.value: _reserved_mask(o) for o in isa.Opcode}
+    table = Array([Const((masks.get(o, 0) >> (i * width)) & ((1 << width) - 1), width)
+                   for i in range(beats) for o in range(1 << ob)])
+    if beats == 1:
+        return (word & table[opcode[0:ob]]) != 0
+    beat = Const(beat, (beats - 1).bit_length()) if isinstance(beat, int) else beat[:(beats - 1).bit_length()]
+    return (word & table[Cat(opcode[0:ob], beat)]) != 0
 
 
 def fld(cmd, opcode, name):
@@ -53,7 +56,8 @@ class CommandChecker(wiring.Component):
     the bytes of a row), the comparisons in the third.
 
     Whether the command sets a reserved bit comes with it (``reserved``, from
-    :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives): the
+    :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives; it
+    matters only for a known opcode): the
     checker's registers keep only the bits of the ISA's fields, and ``cmd_out`` holds those
     (the other bits read as 0).
 

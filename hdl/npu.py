@@ -302,19 +302,17 @@ class NPUCore(wiring.Component):
         with m.If(r_fetch & ~stopped):
             if beats_per_cmd == 1:
                 m.d.comb += [v_in.eq(1), v_cmd.eq(rdata[0:CMD]), v_info.eq(Cat(f_addr, r_refused)),
-                             v_reserved.eq(reserved_set(rdata[0:CMD], rdata[0:8], 0, cfg))]
+                             v_reserved.eq(reserved_set(rdata[0:CMD], rdata[0:8]))]
                 m.d.sync += f_recv.eq(f_recv + 1)
             else:
                 f_buf = Signal(CMD - D)      # the beats before the last
                 f_op = f_buf[0:8]
                 f_resv = Signal()            # an earlier beat set a reserved bit
-                beat_resv = Signal()
+                beat_resv = reserved_set(rdata, Mux(f_beat == 0, rdata[0:8], f_op), f_beat)
                 with m.Switch(f_beat):
-                    for i in range(beats_per_cmd):
+                    for i in range(beats_per_cmd - 1):
                         with m.Case(i):
-                            if i < beats_per_cmd - 1:
-                                m.d.sync += f_buf[i * D:(i + 1) * D].eq(rdata)
-                            m.d.comb += beat_resv.eq(reserved_set(rdata, rdata[0:8] if i == 0 else f_op, i * D, cfg))
+                            m.d.sync += f_buf[i * D:(i + 1) * D].eq(rdata)
                 m.d.sync += f_beat.eq(f_beat + 1)
                 with m.If(f_beat == beats_per_cmd - 1):
                     m.d.comb += [v_in.eq(1), v_cmd.eq(Cat(f_buf, rdata)), v_info.eq(Cat(f_addr, f_bad | r_refused)),

@@ -485,7 +485,7 @@ def test_command_checker_alone(kind, rng):
     from fp8npu.hdl.checks import _reserved_mask
     built = [o for o in isa.Opcode if cfg.vector_unit or o not in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE)]
 
-    def reserved(word):        # what the fetch's reserved_set gives (tested on the NPU: test_npu_rtl)
+    def reserved(word):        # what the fetch's reserved_set gives for a known opcode (tested on the NPU: test_npu_rtl)
         return int(word[0] in built and int.from_bytes(word, "little") & _reserved_mask(isa.Opcode(word[0])) != 0)
 
     fields = sum(((1 << w) - 1) << lsb for lsb, w in isa.field_ranges(list(isa.Opcode)))
