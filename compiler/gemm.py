@@ -39,7 +39,10 @@ schedules exist; :attr:`GemmProgram.schedule` says which one a program uses.
     for each M block:          load the whole A block [m x K] once
         for each N tile:       load the B column tile [K x cols] into B buffer (step % 2)
             for each K tile:   MATMUL: the block's m resident A rows x the tile's B lines
-            BLOCKSCALE (per K block), EPILOGUE, then STORE from output region (step % 2)
+            BLOCKSCALE (per K block), EPILOGUE, then STORE from output region (u % 2)
+
+(u counts output units, one per step; a GEMM the host finishes with several scaling blocks
+has one per step and K block, each stored as the block's partial: see "Tokens".)
 
 One *step* per (M block, N tile). A is read from DRAM once and B once per M block, and
 every LOAD moves long contiguous DRAM rows, so the AXI bursts are long (the old per-K-tile
@@ -64,7 +67,7 @@ SRAM use, A-resident
   ``a_stride`` = tiles per row). Then two B buffers of K lines each (line k = B row k, the
   tile's K values in bytes 0..cols-1; a K tile is lines ``k0 .. k0+k-1``); with block scaling
   one zero line after them.
-* accumulator: output regions 0 and 1 (``m_block`` lines each, used by alternate steps); with
+* accumulator: output regions 0 and 1 (``m_block`` lines each, used by alternate output units); with
   block scaling a temporary region (``m_block`` lines) for the K-block partial sums and the
   row-scale region (KB x ``m_block`` lines: line ``kb*m + i`` holds ``row_scales[i][kb]`` in
   lane 0, loaded with the A block); then two auxiliary areas (one per B buffer) holding the KB
@@ -76,7 +79,7 @@ SRAM use, A-reload
   its K values in bytes 0..k-1), then ``rows`` lines of B (row kk of the tile in line kk);
   with block scaling, one zero line after the two buffers;
 * accumulator: output regions 0 and 1 (``m_block`` lines each, used by alternate output
-  tiles); with block scaling a temporary region (``m_block`` lines) for the K-block partial
+  units); with block scaling a temporary region (``m_block`` lines) for the K-block partial
   sums; then two auxiliary areas (one per buffer) holding the row scales (``m_block`` lines,
   value in lane 0) and the column scale line of a K block, and the epilogue scale and bias
   lines.
@@ -107,9 +110,10 @@ counter ends at zero.
   (``push_prev``, unless ``s + 2 >= steps``) and the A block (and row scales) back with a
   SYNC after the block's last step (unless it is the last block); the B group of step s pops
   (``pop_next``) iff ``s >= 2``, an A block's first chunk iff it is not the first block.
-  Emission order: B(0), A chunks of block 0, then per step s: B(s+1), compute(s), [SYNC],
-  STORE(s), [A chunks of the next block after its last step]; so B(s+1) is queued before
-  compute(s) and loads while step s computes.
+  Emission order: B(0), A chunks of block 0, then per step s: B(s+1), then per output unit
+  of the step its compute commands and its STORE (the SYNC that frees the A block before
+  the last unit's STORE), [A chunks of the next block after its last step]; so B(s+1) is
+  queued before compute(s) and loads while step s computes.
 * load <-> compute, A-reload: the load unit fills buffer b and pushes a token to compute
   (``push_next`` on the last LOAD of the step); compute pops it (``pop_prev`` on the step's
   first command) and gives the buffer back (``push_prev`` on the step's last command); the
@@ -548,7 +552,7 @@ class GemmOp:
         columns), ``col_scale`` / ``bias`` [N] (int32 FP32 bits or float tensors); KB =
         ceil(K / block_k)."""
         m, k, n = self.shape
-        if role in self.host_roles or (self.host and role in HOST_ROLES):
+        if self.host and (role in self.host_roles or role in self.host["consts"]):
             raise ValueError(f"{self.note}: the host applies {role} itself on this NPU configuration; it has no "
                              f"buffer (pass it to finish)")
         if role in ("a", "b"):
@@ -677,27 +681,32 @@ def _check_formats(cfg, g):
 
 
 def _host_finishes(cfg, g):
-    """Whether the host finishes GEMM ``g`` (scales, column scale, bias, FP8 conversion): when
-    it needs what this configuration does not build (the vector unit, FP8 stores). The NPU
-    then computes the plain product and stores it as FP32."""
+    """Whether the host finishes GEMM ``g``: when it needs what this configuration does not
+    build. Without the vector unit the NPU computes the plain product (a partial per scaling
+    block) and the host applies scales, column scale, bias and the FP8 conversion; with the
+    vector unit but without FP8 stores the NPU computes everything but the conversion."""
     return ((not cfg.vector_unit and (g.blocked or g.col_scale is not None or g.bias is not None))
             or (g.out != "fp32" and not cfg.fp8_store))
 
 
-def _host_spec(g, runtime):
+def _host_spec(cfg, g, runtime):
     """:attr:`GemmOp.host` for GEMM ``g`` with ``runtime`` roles: what the host applies."""
     present = {"row_scales": g.row_scales, "col_scales": g.col_scales, "col_scale": g.col_scale, "bias": g.bias}
-    present = {role: v for role, v in present.items() if v is not None}
+    present = {role: v for role, v in present.items() if v is not None and not cfg.vector_unit}
+    part_k = _device_args(cfg, g)[1]
     return {"runtime": [r for r in HOST_ROLES if r in present and r in runtime],
             "consts": {r: [list(v.shape), v.flatten().tolist()] for r, v in present.items() if r not in runtime},
             "out": g.out, "out_scale": g.out_scale, "saturate": g.saturate,
-            "parts": g.row_scales.shape[1] if g.blocked else 1}
+            "parts": math.ceil(g.shape[1] / part_k) if part_k else 1}
 
 
-def _device_args(g):
-    """What the NPU computes of a GEMM the host finishes: the plain product, stored as FP32;
-    with several scaling blocks, one partial per block (each summed from +0, as BLOCKSCALE
-    would take it), so ``part_k`` (the second value) is the block length, else 0."""
+def _device_args(cfg, g):
+    """What the NPU computes of a GEMM the host finishes, stored as FP32: with the vector unit,
+    all but the FP8 conversion; without it, the plain product, with several scaling blocks one
+    partial per block (each summed from +0, as BLOCKSCALE would take it), so ``part_k`` (the
+    second value) is the block length, else 0."""
+    if cfg.vector_unit:
+        return replace(g, out="fp32", out_scale=0x3F800000, saturate=True), 0
     part_k = g.block_k if g.blocked and g.row_scales.shape[1] > 1 else 0
     return replace(g, out="fp32", out_scale=0x3F800000, saturate=True, col_scale=None, bias=None,
                    row_scales=None, col_scales=None), part_k
@@ -719,7 +728,7 @@ def weight_operands(cfg, m, a_fmt, b_codes, b_fmt, col_scale=None, block_scales=
     _check_formats(cfg, g)
     part_k = 0
     if _host_finishes(cfg, g):
-        g, part_k = _device_args(g)
+        g, part_k = _device_args(cfg, g)
     plan = _plan(cfg, g, part_k)
     if not plan.resident:
         raise ValueError(f"a {m}x{k}x{g.shape[2]} GEMM does not fit the A-resident schedule of this configuration")
@@ -763,11 +772,12 @@ def _lower_batch(prog, cfg, gs, base_names, runtime, shared):
     host = _host_finishes(cfg, g)
     part_k = 0
     if host:                       # the NPU computes the plain product (per scaling block), the host the rest
-        finish = [_host_spec(g_b, runtime) for g_b in gs]
-        gs = [_device_args(g_b)[0] for g_b in gs]
-        part_k = _device_args(g)[1]
+        finish = [_host_spec(cfg, g_b, runtime) for g_b in gs]
+        gs = [_device_args(cfg, g_b)[0] for g_b in gs]
+        part_k = _device_args(cfg, g)[1]
     g_dev = gs[0]
     plan = _plan(cfg, g_dev, part_k)
+    assert not host or all(f["parts"] == plan.parts for f in finish), "partials of the host and the plan differ"
     bus = cfg.bus_bytes
     lay = _layouts(cfg, g_dev, plan)
     ops, addrs = [], []

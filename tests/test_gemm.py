@@ -545,11 +545,11 @@ def test_block_flags_are_refused_where_not_built():
 
 @pytest.mark.parametrize("accumulation, vector_unit", [("sequential", False), ("block", False), ("block", True)])
 def test_host_finishes_what_the_npu_lacks(accumulation, vector_unit):
-    """On an NPU without a vector unit or without FP8 stores, a GEMM that needs them is split:
-    the NPU computes the plain product (one partial per scaling block when there are several)
-    and the host applies scales, column scale, bias and FP8 conversion by the contract. The
-    outputs equal reference_gemm bit for bit on both schedules; such a program holds no
-    EPILOGUE, BLOCKSCALE or FP8 STORE."""
+    """On an NPU without a vector unit or without FP8 stores, a GEMM that needs them is split.
+    Without the vector unit the NPU computes the plain product (one partial per scaling block
+    when there are several) and the host applies scales, column scale, bias and FP8
+    conversion by the contract; with it, the NPU computes all but the FP8 conversion. The
+    outputs equal reference_gemm bit for bit on both schedules; no program holds an FP8 STORE."""
     gen = torch.Generator().manual_seed(11)
     m, k, n = 19, 37, 10
     a, b = codes((m, k), "e4m3", "normal", gen), codes((k, n), "e4m3", "normal", gen)
@@ -569,10 +569,14 @@ def test_host_finishes_what_the_npu_lacks(accumulation, vector_unit):
             assert g.schedule == schedule
             ops = [c.opcode for c in commands_of(g)]
             assert bool(g.op.host) == (not vector_unit or "out" in build)
-            if g.op.host:
+            if g.op.host and not vector_unit:      # the NPU computes the plain product (partials)
                 assert Opcode.EPILOGUE not in ops and Opcode.BLOCKSCALE not in ops
                 parts = 3 if build.get("block_k") == 16 else 1
-                assert ops.count(Opcode.STORE) == parts * len(g.op.plan.n_tiles) * len(g.op.plan.m_blocks)
+            else:                                  # the NPU computes all but an FP8 conversion
+                assert (Opcode.BLOCKSCALE in ops) == ("block_scales" in build)
+                assert (Opcode.EPILOGUE in ops) == ("bias" in build)
+                parts = 1
+            assert ops.count(Opcode.STORE) == parts * len(g.op.plan.n_tiles) * len(g.op.plan.m_blocks)
             assert all(c.fmt == 0 for c in commands_of(g) if c.opcode == Opcode.STORE)
             r = funcsim.run(g.program, g.dram, cfg, g.prog_addr, g.win_base, g.win_limit)
             assert r.ok, r.error.name
