@@ -193,10 +193,13 @@ def cmd_bench(args):
                 if problem:
                     raise UsageError(f"array {rows}x{cols} ({mode}): {problem}")
         if args.synth:
+            if args.seeds != 1 and not args.pnr:
+                raise UsageError("--seeds goes with --pnr (bench npu --synth RxC,... --pnr DEVICE --seeds N)")
             return run_npu_synth(args.synth, modes=modes, pnr=args.pnr, as_json=args.json, breakdown=args.breakdown,
-                                 base=base)
-        if args.pnr or args.json or args.breakdown:
-            raise UsageError("--pnr, --breakdown and --json go with --synth (bench npu --synth RxC,... --pnr DEVICE)")
+                                 base=base, seeds=args.seeds)
+        if args.pnr or args.json or args.breakdown or args.seeds != 1:
+            raise UsageError("--pnr, --seeds, --breakdown and --json go with --synth "
+                             "(bench npu --synth RxC,... --pnr DEVICE)")
         return run_npu_bench(sizes=args.sizes or (128, 256, 512), arrays=args.arrays or ((4, 4), (8, 8)),
                              modes=modes, base=base)
     return run_mac_bench(synth=not args.no_synth, sim=not args.no_sim, fmax=args.fmax,
@@ -607,6 +610,9 @@ def build_parser():
     bench.add_argument("--pnr", choices=sorted(DEVICES), metavar="DEVICE",
                        help="npu --synth: also place and route with nextpnr on DEVICE "
                             f"({', '.join(DEVICES)}) and print Fmax, GOPS and the critical path (slow)")
+    bench.add_argument("--seeds", type=_ranged(1, 16), default=1, metavar="N",
+                       help="npu --synth --pnr: place and route N times (nextpnr seeds 1..N) and print the mean "
+                            "Fmax, as placement alone moves it by a few percent (default 1)")
     bench.add_argument("--breakdown", action="store_true",
                        help="npu --synth: also show where the LUTs go (PEs, array, vector unit, queues, control)")
     bench.add_argument("--json", action="store_true", help="npu --synth, board: print the figures as JSON")

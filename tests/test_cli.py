@@ -64,6 +64,27 @@ def test_bench_synth_refuses_what_hardware_does_not_build(tmp_path, capsys):
         "[\"e4m3\"]\n")
 
 
+def test_bench_pnr_seeds_average_fmax(monkeypatch):
+    """bench npu --pnr --seeds N places and routes N times (seeds 1..N) and reports the mean
+    Fmax, each seed's, and the slowest run's critical path (tools replaced by stand-ins)."""
+    from fp8npu.compiler import bench
+    from fp8npu.fpga import synth
+    from fp8npu.hdl.config import NPUConfig
+    seeds = []
+
+    def fake_pnr(netlist, device, seed=1, timeout=None):
+        seeds.append(seed)
+        path = [("logic", 1.0, f"seed{seed}.Q -> x.D")]
+        return synth.PnrResult(device, {1: 60.0, 2: 70.0, 3: 65.0}[seed], {"TRELLIS_COMB": (100, 83640)}, path, 1.0)
+
+    monkeypatch.setattr(bench, "synthesize", lambda *a, **k: synth.SynthResult("ecp5", {"LUT4": 10}))
+    monkeypatch.setattr(synth, "place_and_route", fake_pnr)
+    row, line = bench.npu_synth_line(NPUConfig(rows=1, cols=1), pnr="LFE5U-85F", seeds=3)
+    assert seeds == [1, 2, 3]
+    assert (row["fmax_mhz"], row["fmax_seeds"], row["gops"]) == (65.0, [60.0, 70.0, 65.0], 0.13)
+    assert "seed1.Q" in row["critical_path"] and "Fmax over 3 seeds: 60.0, 70.0, 65.0 MHz" in line
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["generate", "fpu"], "argument unit: invalid choice: 'fpu'"),
     (["generate", "mac", "--stages", "two"], "argument --stages: must be an integer, not 'two'"),
@@ -72,6 +93,8 @@ def test_bench_synth_refuses_what_hardware_does_not_build(tmp_path, capsys):
     (["bench", "npu", "--arrays", "4by4"], "argument --arrays: must be ROWSxCOLS sizes separated by commas"),
     (["bench", "npu", "--sizes", "128,x"], "argument --sizes: must be integers from 1 to 4096 separated by commas"),
     (["bench", "npu", "--synth", "40x40"], "fp8npu: error: array 40x40: rows must be an integer from 1 to 16"),
+    (["bench", "npu", "--synth", "2x2", "--seeds", "2"], "fp8npu: error: --seeds goes with --pnr"),
+    (["bench", "npu", "--seeds", "0"], "argument --seeds: must be an integer from 1 to 16, not '0'"),
 ])
 def test_argument_errors(args, fragment):
     proc = run_cli(*args)
