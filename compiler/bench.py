@@ -184,7 +184,7 @@ def npu_synth_line(cfg, pnr=None, progress=None, seeds=1):
     (a dict of the figures, one table line)."""
     import tempfile
 
-    from fp8npu.fpga.synth import DEVICES, place_and_route
+    from fp8npu.fpga.synth import DEVICES, LOGIC_CELL, pack, place_and_route
     from fp8npu.hdl.arith import SerialPorts
     from fp8npu.hdl.npu import NPU
     say = progress or (lambda text: None)
@@ -206,6 +206,13 @@ def npu_synth_line(cfg, pnr=None, progress=None, seeds=1):
         line = (f"  {row['array']:>5} {cfg.accumulation:>10} | {r.luts:>9,} {r.carries:>6,} {r.ffs:>6,} "
                 f"{r.brams:>6} {r.dsps:>6} | {t_synth:>5.0f} s")
         if pnr:
+            cells = LOGIC_CELL[family]
+            used, available = pack(netlist, pnr).get(cells, (0, 0))
+            if available and used > available:       # placing would only fail, after minutes
+                row.update(device=pnr, fits=False, utilization={cells: (used, available)})
+                line += (f" | does not fit {pnr}: nextpnr packs it into {used:,} {cells} of {available:,} "
+                         f"({used / available:.0%}); not placed")
+                return row, line
             runs = []
             for seed in range(1, seeds + 1):
                 say(f"{name}: nextpnr on {pnr}" + (f", seed {seed} of {seeds}" if seeds > 1 else "")
@@ -215,7 +222,7 @@ def npu_synth_line(cfg, pnr=None, progress=None, seeds=1):
             fmax = sum(r.fmax for r in runs) / len(runs)
             gops = 2 * row["macs"] * fmax / 1000
             seconds = sum(r.seconds for r in runs)
-            row.update(device=pnr, fmax_mhz=round(fmax, 2), gops=round(gops, 3),
+            row.update(device=pnr, fits=True, fmax_mhz=round(fmax, 2), gops=round(gops, 3),
                        logic_share=round(p.logic_share, 4),
                        utilization={k: v for k, v in p.utilization.items() if v[0]},
                        pnr_seconds=round(seconds, 1), critical_path=p.path_summary(),

@@ -216,6 +216,24 @@ def place_and_route(netlist_json, device="LFE5U-85F", freq=100, seed=1, timeout=
     return _pnr_result(device, report, proc.stdout + proc.stderr, time.perf_counter() - t0)
 
 
+def pack(netlist_json, device="LFE5U-85F", timeout=600):
+    """Pack a synthesized netlist into ``device``'s cells with nextpnr (``--pack-only``, seconds
+    where placing takes minutes); return {nextpnr cell type: (used, available)}. It tells
+    whether a design fits before a long place and route: on iCE40 a logic cell holds one LUT4
+    and one flip-flop, and a flip-flop shares it only with a LUT that feeds it alone, so the
+    cells used can be far more than the LUTs."""
+    if device not in DEVICES:
+        raise ToolError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    family, option, package = DEVICES[device]
+    nextpnr = find_tool(f"nextpnr-{family}")
+    with tempfile.TemporaryDirectory(prefix="fp8npu-pack-") as tmp:
+        shutil.copy(Path(netlist_json).resolve(), Path(tmp, "netlist.json"))
+        _run(nextpnr + [option, "--package", package, "--json", "netlist.json", "--pack-only", "--report",
+                        "report.json"], tmp, f"nextpnr-{family} packing for {device}", timeout)
+        report = json.loads(Path(tmp, "report.json").read_text())
+    return {cell: (v.get("used", 0), v.get("available", 0)) for cell, v in report.get("utilization", {}).items()}
+
+
 def _pnr_result(device, report, log, seconds):
     fmax = [v.get("achieved") for v in report.get("fmax", {}).values() if v.get("achieved")]
     if not fmax:

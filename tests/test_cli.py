@@ -66,7 +66,8 @@ def test_bench_synth_refuses_what_hardware_does_not_build(tmp_path, capsys):
 
 def test_bench_pnr_seeds_average_fmax(monkeypatch):
     """bench npu --pnr --seeds N places and routes N times (seeds 1..N) and reports the mean
-    Fmax, each seed's, and the slowest run's critical path (tools replaced by stand-ins)."""
+    Fmax, each seed's, and the slowest run's critical path; a design that packs into more
+    logic cells than the device has is reported, not placed (tools replaced by stand-ins)."""
     from fp8npu.compiler import bench
     from fp8npu.fpga import synth
     from fp8npu.hdl.config import NPUConfig
@@ -79,10 +80,17 @@ def test_bench_pnr_seeds_average_fmax(monkeypatch):
 
     monkeypatch.setattr(bench, "synthesize", lambda *a, **k: synth.SynthResult("ecp5", {"LUT4": 10}))
     monkeypatch.setattr(synth, "place_and_route", fake_pnr)
+    monkeypatch.setattr(synth, "pack", lambda netlist, device: {"TRELLIS_COMB": (100, 83640)})
     row, line = bench.npu_synth_line(NPUConfig(rows=1, cols=1), pnr="LFE5U-85F", seeds=3)
     assert seeds == [1, 2, 3]
     assert (row["fmax_mhz"], row["fmax_seeds"], row["gops"]) == (65.0, [60.0, 70.0, 65.0], 0.13)
     assert "seed1.Q" in row["critical_path"] and "Fmax over 3 seeds: 60.0, 70.0, 65.0 MHz" in line
+    # a design that packs into more logic cells than the device has is not placed
+    seeds.clear()
+    monkeypatch.setattr(synth, "pack", lambda netlist, device: {"ICESTORM_LC": (10373, 5280)})
+    row, line = bench.npu_synth_line(NPUConfig(rows=1, cols=1), pnr="iCE40UP5K", seeds=2)
+    assert seeds == [] and row["fits"] is False and "fmax_mhz" not in row
+    assert "does not fit iCE40UP5K: nextpnr packs it into 10,373 ICESTORM_LC of 5,280 (196%); not placed" in line
 
 
 @pytest.mark.parametrize("args, fragment", [

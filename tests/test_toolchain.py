@@ -115,6 +115,19 @@ def test_place_and_route_reports_fmax_utilization_and_path(device, tmp_path):
     assert "ns" in r.path_summary()
 
 
+@pytest.mark.parametrize("device", ["LFE5U-25F", "iCE40UP5K"])
+def test_packing_reports_the_cells_a_design_takes(device, tmp_path):
+    """nextpnr --pack-only: the logic cells of an FP8 multiplier, in seconds."""
+    from fp8npu.hdl.arith import SerialPorts
+    from fp8npu.hdl.fpmul import FP8Multiplier
+    from fp8npu.sim.rtl import to_verilog
+    family = synth.DEVICES[device][0]
+    netlist = tmp_path / "netlist.json"
+    synth.synthesize(to_verilog(SerialPorts(FP8Multiplier(stages=1)), "top"), "top", family, json_out=netlist)
+    used, available = synth.pack(netlist, device)[synth.LOGIC_CELL[family]]
+    assert 10 < used < available
+
+
 def test_place_and_route_refuses_an_unknown_device(tmp_path):
     with pytest.raises(synth.ToolError, match=r"^device must be one of LFE5U-85F, .*iCE40UP5K, not 'XC7'$"):
         synth.place_and_route(tmp_path / "n.json", "XC7")
