@@ -137,7 +137,7 @@ def get_board(name):
 #: one in all, 4- and 8-byte buses; the board design as nextpnr placed it around those NPUs on
 #: the ULX3S-12F and -25F (SDRAM) and the OrangeCrab (block RAM), less the NPU. Fitted on those
 #: seven syntheses and three builds within 0.2 %; the ULX3S-45F's and -85F's default builds
-#: (21,500 and 32,960 estimated) measured 21,927 and 33,229 (the 85F's on earlier hardware). The parts of ``fp8npu bench npu
+#: (21,500 and 32,960 estimated) measured 21,927 and 34,261. The parts of ``fp8npu bench npu
 #: --breakdown`` are synthesized without flattening and add up to 10-20 % more. iCE40 logic
 #: cells are taken as 1.15 LUT4 each.
 COSTS = {
