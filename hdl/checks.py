@@ -57,9 +57,8 @@ class CommandChecker(wiring.Component):
 
     Whether the command sets a reserved bit comes with it (``reserved``, from
     :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives; it
-    matters only for a known opcode): the
-    checker's registers keep only the bits of the ISA's fields, and ``cmd_out`` holds those
-    (the other bits read as 0).
+    matters only for a known opcode), so the checker's registers keep only the bits of the
+    ISA's fields, and ``cmd_out`` holds those (the other bits read as 0).
 
     Members
     -------
@@ -85,8 +84,9 @@ class CommandChecker(wiring.Component):
         cfg = self.cfg
         Op, E = isa.Opcode, isa.ErrorCode
         # stage 0: the command's field bits (isa.field_ranges) and its reserved flag, registered
+        ranges = isa.field_ranges(list(Op))
         cmd0 = Signal(CMD, name="v_cmd0")
-        m.d.sync += cmd0.eq(unpack_fields(pack_fields(self.cmd, isa.field_ranges(list(Op))), isa.field_ranges(list(Op))))
+        m.d.sync += cmd0.eq(unpack_fields(pack_fields(self.cmd, ranges), ranges))
         reserved0 = Signal(name="v_reserved0")
         m.d.sync += reserved0.eq(self.reserved)
         # stage A: the command and the products of its range checks
