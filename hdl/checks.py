@@ -58,7 +58,8 @@ class CommandChecker(wiring.Component):
     Whether the command sets a reserved bit comes with it (``reserved``, from
     :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives; it
     matters only for a known opcode), so the checker's registers keep only the bits of the
-    ISA's fields, and ``cmd_out`` holds those (the other bits read as 0).
+    ISA's fields. The command itself does not come out: the fetch buffers it as it enters, and
+    its verdict follows it into a buffer of its own.
 
     Members
     -------
@@ -66,7 +67,6 @@ class CommandChecker(wiring.Component):
     reserved : In(1)                   it sets a bit reserved for its opcode
     win_base, win_limit : In(32)       the DMA window (held while commands pass)
     verdict : Out(8)                   the ErrorCode of the command that entered LATENCY cycles ago
-    cmd_out : Out(COMMAND_BITS)        ... and that command's field bits
 
     Latency :attr:`LATENCY` cycles; throughput one command per cycle.
     """
@@ -77,7 +77,7 @@ class CommandChecker(wiring.Component):
     def __init__(self, cfg):
         self.cfg = cfg
         super().__init__({"cmd": In(CMD), "reserved": In(1), "win_base": In(32), "win_limit": In(32),
-                          "verdict": Out(8), "cmd_out": Out(CMD)})
+                          "verdict": Out(8)})
 
     def elaborate(self, platform):
         m = Module()
@@ -196,8 +196,6 @@ class CommandChecker(wiring.Component):
         failed = [Signal(name=f"v_fail_{e.name.lower()}") for e in (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT,
                                                                      E.SRAM_RANGE, E.MISALIGNED, E.DRAM_WINDOW)]
         m.d.sync += [q.eq(c) for q, c in zip(failed, checks)]
-        cmd_out = self.cmd_out
-        m.d.sync += cmd_out.eq(cmd)
         # the first failed check wins: later statements override earlier ones, so go backwards
         m.d.comb += code.eq(E.NONE)
         for fail, error in reversed(list(zip(failed, (E.BAD_OPCODE, E.BAD_FIELD, E.BAD_FORMAT, E.SRAM_RANGE,

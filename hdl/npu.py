@@ -21,8 +21,8 @@ Block diagram::
                    |  +------------------------------------------------+ (store reads)
 
 * **Fetch** reads the program (``PROG_ADDR``, ``PROG_LEN`` commands of 32 bytes) with AXI
-  ID 0 into a buffer of min(4, ``queue_depth``) entries (at least 3 on a 256-bit bus, where
-  a command is one beat).
+  ID 0 into a buffer of ``queue_depth`` entries, at least 2 and at most 4 (at least 3 on a
+  256-bit bus, where a command is one beat).
 * **Dispatcher** takes each command with the verdict of the :class:`~.checks.CommandChecker`
   (the rules of :func:`fp8npu.hdl.isa.validate` in the same order, on the way from fetch to the
   dispatcher), then queues it for its unit, or stops with the error code and the command's
@@ -253,16 +253,20 @@ class NPUCore(wiring.Component):
         # Reserved bits are checked as the beats arrive: from there on only the ISA's fields are kept.
         fetch_ranges = isa.field_ranges(list(isa.Opcode))
         fetch_bits = sum(w for _, w in fetch_ranges)
-        # as deep as a unit's queue, at most 4 (a small NPU with shallow queues keeps fewer). The
-        # buffer is written without a ready test (requests are only made while it has room for
-        # their commands), and a SyncFIFOBuffered of depth 2 takes no write in the cycle after
-        # one: so when a command is one beat (a 256-bit bus) and commands can arrive back to
-        # back, it is at least 3 deep.
+        # as deep as a unit's queue, from 2 (so one command is fetched while another waits) to 4.
+        # The buffer is written without a ready test (requests are only made while it has room
+        # for their commands), and a SyncFIFOBuffered of depth 2 takes no write in the cycle
+        # after one: so when a command is one beat (a 256-bit bus) and commands can arrive back
+        # to back, it is at least 3 deep.
         beats_per_cmd = max(CMD // D, 1)
-        fetch_depth = min(4, cfg.queue_depth)
+        fetch_depth = max(2, min(4, cfg.queue_depth))
         if beats_per_cmd == 1:
             fetch_depth = max(3, fetch_depth)
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits + 8 + 33, depth=fetch_depth)
+        # two buffers in step: the commands' field bits, written as a command is assembled, and
+        # (CommandChecker.LATENCY cycles later) each command's verdict, address and refused flag;
+        # so no register carries a command through the checker's stages
+        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits, depth=fetch_depth)
+        m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + 33, depth=fetch_depth)
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
         prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
@@ -280,7 +284,7 @@ class NPUCore(wiring.Component):
                          f_ar_addr.eq(self.prog_addr)]
             with m.If(~fetch_ok):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.FETCH_WINDOW), raise_addr.eq(self.prog_addr)]
-        room = (fq.w_level + f_inflight) < fetch_depth
+        room = (vq.w_level + f_inflight) < fetch_depth
         m.d.comb += [
             f_ar_valid.eq(f_go & f_more & room & active),
             f_ar_len.eq(beats_per_cmd - 1),
@@ -326,13 +330,13 @@ class NPUCore(wiring.Component):
         m.submodules.checker = checker = CommandChecker(cfg)
         m.d.comb += [checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
                      checker.win_limit.eq(self.win_limit)]
-        verdict, v_out_cmd = checker.verdict, checker.cmd_out
+        m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]
         v_valid, v_carry = v_in, v_info
         for stage in range(CommandChecker.LATENCY):
             valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
             m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]
             v_valid, v_carry = valid_q, carry_q
-        m.d.comb += [fq.w_en.eq(v_valid & ~stopped), fq.w_data.eq(Cat(pack_fields(v_out_cmd, fetch_ranges), verdict, v_carry)), f_got.eq(v_valid)]
+        m.d.comb += [vq.w_en.eq(v_valid & ~stopped), vq.w_data.eq(Cat(checker.verdict, v_carry)), f_got.eq(v_valid)]
 
         # ---------------- unit queues ---------------------------------------------------------
         # entries: the command and its address (where its errors are reported); a queue keeps the
@@ -348,10 +352,11 @@ class NPUCore(wiring.Component):
                          unit.commands.valid.eq(q.r_rdy), q.r_en.eq(unit.commands.ready)]
 
         # ---------------- dispatcher --------------------------------------------------------
-        cmd = unpack_fields(fq.r_data[0:fetch_bits], fetch_ranges)
-        verdict = fq.r_data[fetch_bits:fetch_bits + 8]
-        cmd_addr = fq.r_data[fetch_bits + 8:fetch_bits + 40]
-        fetch_refused = fq.r_data[fetch_bits + 40]
+        # the verdict buffer's head is the command buffer's head (written LATENCY cycles earlier)
+        cmd = unpack_fields(fq.r_data, fetch_ranges)
+        verdict = vq.r_data[0:8]
+        cmd_addr = vq.r_data[8:40]
+        fetch_refused = vq.r_data[40]
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
         target = Signal(range(len(isa.UNIT_CHAIN)))       # the unit that takes the command
@@ -365,7 +370,7 @@ class NPUCore(wiring.Component):
         m.d.comb += self.commands.eq(dispatched)
         at_end = Signal()
         units_idle = Signal()
-        head = fq.r_rdy & active & ~at_end
+        head = vq.r_rdy & active & ~at_end
         q_ready = Signal()
         with m.Switch(target):
             for u, q in queues.items():
@@ -389,10 +394,10 @@ class NPUCore(wiring.Component):
             with m.Elif(over_limit & (op != isa.Opcode.END)):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.TOKEN_LIMIT), raise_addr.eq(cmd_addr)]
             with m.Elif(op == isa.Opcode.END):
-                m.d.comb += fq.r_en.eq(1)
+                m.d.comb += [fq.r_en.eq(1), vq.r_en.eq(1)]
                 m.d.sync += [at_end.eq(1), dispatched.eq(dispatched + 1)]
             with m.Elif(q_ready):
-                m.d.comb += fq.r_en.eq(1)
+                m.d.comb += [fq.r_en.eq(1), vq.r_en.eq(1)]
                 with m.Switch(target):
                     for u, q in queues.items():
                         with m.Case(u):

@@ -466,7 +466,7 @@ def _checker_command(rng, cfg):
 def test_command_checker_alone(kind, rng):
     """CommandChecker in the Amaranth simulator, one command per cycle, against isa.validate
     (the functional simulator's checks) on 3,000 random commands and two DMA windows: the
-    same error code for every command, and the command's field bits passed through."""
+    same error code for every command."""
     from fp8npu.hdl import isa
     from fp8npu.hdl.checks import CommandChecker
     from fp8npu.hdl.config import NPUConfig
@@ -488,8 +488,6 @@ def test_command_checker_alone(kind, rng):
     def reserved(word):        # what the fetch's reserved_set gives for a known opcode (tested on the NPU: test_npu_rtl)
         return int(word[0] in built and int.from_bytes(word, "little") & _reserved_mask(isa.Opcode(word[0])) != 0)
 
-    fields = sum(((1 << w) - 1) << lsb for lsb, w in isa.field_ranges(list(isa.Opcode)))
-
     async def bench(ctx):
         L = CommandChecker.LATENCY
         for w, (base, limit) in enumerate(windows):
@@ -502,18 +500,17 @@ def test_command_checker_alone(kind, rng):
                     ctx.set(dut.reserved, reserved(part[t]))
                 await ctx.tick()
                 if t >= L - 1 and len(got) < (w + 1) * n:
-                    got.append((ctx.get(dut.verdict), ctx.get(dut.cmd_out)))
+                    got.append(ctx.get(dut.verdict))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
     want = [isa.validate(isa.decode(c), cfg, *windows[i // n]) for i, c in enumerate(commands)]
-    bad = [(i, got[i][0], int(w)) for i, w in enumerate(want) if got[i][0] != w]
+    bad = [(i, got[i], int(w)) for i, w in enumerate(want) if got[i] != w]
     codes = {isa.ErrorCode(w).name for w in want}
     print(f"{kind}: {len(commands)} commands checked ({', '.join(sorted(codes))}), {len(bad)} mismatches")
     assert not bad, f"command {bad[0][0]}: hardware {bad[0][1]}, isa.validate {bad[0][2]}"
-    assert all(g[1] == int.from_bytes(c, "little") & fields for g, c in zip(got, commands))
     assert len(codes) >= 6
 
 

@@ -220,8 +220,8 @@ def test_routing_agrees_with_float32():
 
 def test_moe_on_an_npu_without_vector_unit():
     """Expert projections on an NPU without a vector unit (the host applies their scales) equal
-    the contract bit for bit."""
-    cfg = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
+    the contract bit for bit (queues one command deep)."""
+    cfg = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=1, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False)
     torch.manual_seed(3)
     block = Block(QwenMoE(experts=4)).eval()

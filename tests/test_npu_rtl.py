@@ -529,9 +529,9 @@ def test_block_flags_on_the_hardware():
 
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
-#: FP8 stores, a 32-bit bus, shallow queues, one short rounding pipeline for both columns (test_model.py
+#: FP8 stores, a 32-bit bus, queues one command deep, one short rounding pipeline for both columns (test_model.py
 #: runs models on it: one build).
-TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=2, max_burst=4,
+TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=1, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
                     round_stages=1, add_stages=1, rounders=1)
 
@@ -540,7 +540,9 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     """Plain GEMMs (K across several exact blocks), and GEMMs the host finishes (bias, FP8
     output, fine-grained scales over several K blocks), are bit-exact on the RTL, the
     functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
-    BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines."""
+    BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines;
+    with queues one command deep, the third command for a unit blocked on a token is a
+    DEADLOCK at its address (the unit holds one, its queue the second)."""
     rng = np.random.default_rng(77)
     a, b = _codes(rng, (19, 21)), _codes(rng, (21, 5))
     g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3")
@@ -584,3 +586,10 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
         assert not rtl.hung
         assert (fs.error, fs.error_addr) == (code, 0x1000 + 64)
         assert (rtl.error, rtl.error_addr) == (code, 0x1000 + 64)
+    program = b"".join([_cmd(Opcode.SYNC, unit=1, pop_next=1)] * 4 + [_cmd(Opcode.SYNC, unit=2, push_prev=1),
+                                                                        _cmd(Opcode.END)])
+    dram = bytearray(0x4000)
+    dram[0x1000:0x1000 + len(program)] = program
+    fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=6)
+    rtl = npu(TRIMMED).run(dram, 0x1000, 6, 0, len(dram), max_cycles=100_000)
+    assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DEADLOCK, 0x1000 + 64)
