@@ -95,8 +95,8 @@ class ComputeUnit(wiring.Component):
         shadow_full = Signal(name="shadow_full")
         st_next = Signal(CMD, name="st_next")
         st_next_valid = Signal(name="st_next_valid")
+        m.d.comb += self.commands.ready.eq(~wl_busy & active)
         with m.If(~wl_busy & self.commands.valid & active):
-            m.d.comb += self.commands.ready.eq(1)
             m.d.sync += [wl_cmd.eq(self.commands.payload.cmd), self.cmd_addr.eq(self.commands.payload.addr),
                          wl_busy.eq(1), wl_state.eq(WeightState.TOKENS)]
         wl = data.View(command_layout(Op.MATMUL), wl_cmd)

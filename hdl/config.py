@@ -60,9 +60,11 @@ class NPUConfig:
     axi_addr_bits : int
         AXI4 address width (32).
     queue_depth : int
-        Depth of each unit's command queue (load, compute, store), 1 to 64; a unit holds the
-        command it runs besides. 1 is for the smallest FPGAs: each queue is then one register
-        (it takes a command every other cycle, far faster than commands are fetched).
+        Depth of each unit's command queue (load, compute, store): 0 or a power of two up to
+        64; a unit holds the command it runs besides. 0 and 1 are for the smallest FPGAs: with
+        1 each queue is one register, with 0 there are no queues (the dispatcher hands a
+        command to its unit when the unit is free, so a unit takes its next command while the
+        others run theirs, never two ahead).
     max_burst : int
         Longest AXI4 INCR burst the DMA issues, in beats (1..256, a power of two).
     accumulation : str
@@ -150,7 +152,9 @@ class NPUConfig:
             raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {_short(self.axi_data_bits)}")
         if self.axi_addr_bits != 32 or type(self.axi_addr_bits) is not int:
             raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
-        integer("queue_depth", 1, 64, pow2=True)
+        qd = self.queue_depth
+        if not (type(qd) is int and (qd == 0 or (qd <= 64 and qd & (qd - 1) == 0 and qd > 0))):
+            raise ValueError(f"queue_depth must be 0 (no queues) or a power of two from 1 to 64, not {_short(qd)}")
         integer("max_burst", 1, 256, pow2=True)
         if self.accumulation not in ACCUMULATIONS:
             raise ValueError(f"accumulation must be one of {', '.join(ACCUMULATIONS)}, not {_short(self.accumulation)}")

@@ -47,7 +47,7 @@ follow from those tables.
 Latency of one MATMUL row: 1 (SRAM read) + R (array) cycles; throughput one row per cycle.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -84,6 +84,22 @@ def _check_buildable(cfg, component):
     if problem:
         component._MustUse__used = True
         raise ValueError(problem)
+
+
+class _Handover(Elaboratable):
+    """A unit's queue when ``queue_depth`` is 0: none. The dispatcher hands a command straight
+    to its unit, in the cycle the unit is free (the ports of a ``SyncFIFOBuffered``; the
+    consumer's ``r_en`` is its ready, which does not wait for ``r_rdy``)."""
+
+    def __init__(self, width):
+        self.width = width
+        self.w_data, self.w_en, self.w_rdy = Signal(width), Signal(), Signal()
+        self.r_data, self.r_en, self.r_rdy = Signal(width), Signal(), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += [self.r_data.eq(self.w_data), self.r_rdy.eq(self.w_en), self.w_rdy.eq(self.r_en)]
+        return m
 
 
 class NPUCore(wiring.Component):
@@ -344,7 +360,8 @@ class NPUCore(wiring.Component):
         queues, unit_ranges = {}, {}
         for u, unit in units.items():
             ranges = unit_ranges[u] = isa.field_ranges(isa.unit_opcodes(u))
-            q = SyncFIFOBuffered(width=sum(w for _, w in ranges) + 32, depth=cfg.queue_depth)
+            width = sum(w for _, w in ranges) + 32
+            q = SyncFIFOBuffered(width=width, depth=cfg.queue_depth) if cfg.queue_depth else _Handover(width)
             m.submodules[f"{u.name.lower()}_q"] = queues[u] = q
             packed = q.r_data[:-32]
             m.d.comb += [unit.commands.payload.cmd.eq(unpack_fields(packed, ranges)),

@@ -74,7 +74,8 @@ TOKEN_PORT = wiring.Signature({
 def unit_members():
     """The members every unit of the chain has.
 
-    commands : In(stream of :data:`QUEUE_ENTRY`)   its queue; taken when the unit is free
+    commands : In(stream of :data:`QUEUE_ENTRY`)   its queue; ready when the unit is free and
+                  active, whether or not an entry is valid
     tokens : Out(:data:`TOKEN_PORT`)
     active : In(1)        the core runs (no error, not done): a unit starts nothing otherwise
     stopped : In(1)       the core stopped on an error: a unit drops its command
@@ -89,11 +90,12 @@ def unit_members():
 def take_command(m, unit, prefix):
     """A unit's held command: when the unit is not busy, take the next entry of its command
     stream. Returns (the command's bits, busy); the unit clears busy when it is done, and
-    ``unit.cmd_addr`` holds the command's address."""
+    ``unit.cmd_addr`` holds the command's address. The stream's ready does not wait for its
+    valid (a core without queues hands commands straight to the units)."""
     cur = Signal(isa.COMMAND_BITS, name=f"{prefix}_cmd")
     busy = Signal(name=f"{prefix}_busy")
+    m.d.comb += unit.commands.ready.eq(~busy & unit.active)
     with m.If(~busy & unit.commands.valid & unit.active):
-        m.d.comb += unit.commands.ready.eq(1)
         m.d.sync += [cur.eq(unit.commands.payload.cmd), unit.cmd_addr.eq(unit.commands.payload.addr), busy.eq(1)]
     return cur, busy
 

@@ -341,14 +341,14 @@ def test_bus_errors(name, backpressure):
 
 
 @pytest.mark.parametrize("cfg", [
-    NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=128, queue_depth=2, max_burst=4),
+    NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=128, queue_depth=1, max_burst=4),
     NPUConfig(rows=3, cols=5, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2, max_burst=8,
               vector_lanes=2, store_lanes=4),
     NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, axi_data_bits=256, queue_depth=2, max_burst=2),
 ], ids=["2x2-bus128", "3x5-bus32-lanes", "2x2-bus256"])
 def test_other_geometries_and_bus_widths(cfg):
     """Lines narrower than a bus beat (several lines per beat) and wider (several beats per line),
-    non-power-of-two arrays, short bursts and shallow queues; 3x5 with fewer vector and store
+    non-power-of-two arrays, short bursts and shallow queues (one command deep on the 128-bit bus); 3x5 with fewer vector and store
     lanes than columns (rows in 3 and 2 passes, the last one partly past the columns); a
     command in one beat (256-bit bus), two or eight. A reserved bit in any beat of a command is
     BAD_FIELD at its address, as the fetch finds it beat by beat."""
@@ -529,9 +529,9 @@ def test_block_flags_on_the_hardware():
 
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
-#: FP8 stores, a 32-bit bus, queues one command deep, one short rounding pipeline for both columns (test_model.py
+#: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns (test_model.py
 #: runs models on it: one build).
-TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=1, max_burst=4,
+TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
                     round_stages=1, add_stages=1, rounders=1)
 
@@ -541,8 +541,8 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     output, fine-grained scales over several K blocks), are bit-exact on the RTL, the
     functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
     BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines;
-    with queues one command deep, the third command for a unit blocked on a token is a
-    DEADLOCK at its address (the unit holds one, its queue the second)."""
+    without queues, the second command for a unit blocked on a token is a DEADLOCK at its
+    address (the unit holds the first)."""
     rng = np.random.default_rng(77)
     a, b = _codes(rng, (19, 21)), _codes(rng, (21, 5))
     g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3")
@@ -592,4 +592,4 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     dram[0x1000:0x1000 + len(program)] = program
     fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=6)
     rtl = npu(TRIMMED).run(dram, 0x1000, 6, 0, len(dram), max_cycles=100_000)
-    assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DEADLOCK, 0x1000 + 64)
+    assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DEADLOCK, 0x1000 + 32)
