@@ -63,20 +63,26 @@ class CommandChecker(wiring.Component):
 
     Members
     -------
-    cmd : In(COMMAND_BITS)             a command, one per cycle
+    valid : In(1)                      a command enters (at most one per ``spacing`` cycles)
+    cmd : In(COMMAND_BITS)             the command
     reserved : In(1)                   it sets a bit reserved for its opcode
     win_base, win_limit : In(32)       the DMA window (held while commands pass)
     verdict : Out(8)                   the ErrorCode of the command that entered LATENCY cycles ago
 
-    Latency :attr:`LATENCY` cycles; throughput one command per cycle.
+    ``spacing``: the fewest cycles between two commands (1: one per cycle). From 2 on, the
+    command stays in its first register until its checks are done, and the checker keeps no
+    second copy of it (an NPU whose commands come in two or more bus beats).
+
+    Latency :attr:`LATENCY` cycles; throughput one command per ``spacing`` cycles.
     """
 
     #: Cycles from a command to its verdict.
     LATENCY = 3
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, spacing=1):
         self.cfg = cfg
-        super().__init__({"cmd": In(CMD), "reserved": In(1), "win_base": In(32), "win_limit": In(32),
+        self.spacing = spacing
+        super().__init__({"valid": In(1), "cmd": In(CMD), "reserved": In(1), "win_base": In(32), "win_limit": In(32),
                           "verdict": Out(8)})
 
     def elaborate(self, platform):
@@ -86,15 +92,18 @@ class CommandChecker(wiring.Component):
         # stage 0: the command's field bits (isa.field_ranges) and its reserved flag, registered
         ranges = isa.field_ranges(list(Op))
         cmd0 = Signal(CMD, name="v_cmd0")
-        m.d.sync += cmd0.eq(unpack_fields(pack_fields(self.cmd, ranges), ranges))
         reserved0 = Signal(name="v_reserved0")
-        m.d.sync += reserved0.eq(self.reserved)
+        with m.If(self.valid):
+            m.d.sync += [cmd0.eq(unpack_fields(pack_fields(self.cmd, ranges), ranges)), reserved0.eq(self.reserved)]
         # stage A: the command and the products of its range checks
         for name in ("rows", "dram_addr", "dram_stride"):
             assert command_layout(Op.LOAD)[name].offset == command_layout(Op.STORE)[name].offset, name
-        cmd = Signal(CMD, name="v_cmd")
-        reserved = Signal(name="v_reserved")
-        m.d.sync += [cmd.eq(cmd0), reserved.eq(reserved0)]
+        if self.spacing >= 2:       # the next command enters no earlier than the checks below
+            cmd, reserved = cmd0, reserved0
+        else:
+            cmd = Signal(CMD, name="v_cmd")
+            reserved = Signal(name="v_reserved")
+            m.d.sync += [cmd.eq(cmd0), reserved.eq(reserved0)]
         dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
         load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
         a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL

@@ -343,8 +343,8 @@ class NPUCore(wiring.Component):
 
         # the checker registers the assembled command as it enters (the last beat's assembly
         # and its range products would be one path otherwise)
-        m.submodules.checker = checker = CommandChecker(cfg)
-        m.d.comb += [checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
+        m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd)
+        m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
                      checker.win_limit.eq(self.win_limit)]
         m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]
         v_valid, v_carry = v_in, v_info
