@@ -123,7 +123,8 @@ class BlockArray(wiring.Component):
 
     1. ``P = (accumulate ? PART : exact 0) + column sum``, exactly (the one's-complement
        corrections the PEs counted are added here). ``P`` is written back to the line's partial
-       (``out_part``) whatever the flags.
+       (``out_part`` at ``part_wr_addr`` with ``part_we``, the cycle after it is summed, not
+       carried down to the row's output) whatever the flags.
     2. With ``commit``: ``s = round32(P)`` (:class:`~.blockpe.BlockRound`, ``round_stages``
        registers), then ``ACC = fp32((fresh ? +0 : ACC) + s)`` (one binary32 RNE addition,
        ``add_stages`` registers) and ``out_commit`` asks for the accumulator line to be written.
@@ -171,7 +172,9 @@ class BlockArray(wiring.Component):
     w_we : In(1), w_fmt : In(1), w_row : In(range(R)), w_data : In(8 * C)
     part_rd_en : Out(1), part_rd_addr : Out(addr_bits), part_data : In(C * part_bits)
     acc_rd_en : Out(1), acc_rd_addr : Out(addr_bits), acc_data : In(32 * C)
-    out_valid, out_commit : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C), out_part : Out(C * part_bits)
+    out_valid, out_commit : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C)
+    part_we : Out(1), part_wr_addr : Out(addr_bits), out_part : Out(C * part_bits)   the new partial line,
+              R + 2 + BlockPE.LATENCY cycles after ``in_valid``
     """
 
     def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",),
@@ -207,7 +210,7 @@ class BlockArray(wiring.Component):
             "part_rd_en": Out(1), "part_rd_addr": Out(addr_bits), "part_data": In(cols * pb),
             "acc_rd_en": Out(1), "acc_rd_addr": Out(addr_bits), "acc_data": In(32 * cols),
             "out_valid": Out(1), "out_commit": Out(1), "out_addr": Out(addr_bits), "out_acc": Out(32 * cols),
-            "out_part": Out(cols * pb),
+            "part_we": Out(1), "part_wr_addr": Out(addr_bits), "out_part": Out(cols * pb),
         })
 
     def elaborate(self, platform):
@@ -288,6 +291,7 @@ class BlockArray(wiring.Component):
         m.d.comb += [self.part_rd_en.eq(ctrl[bottom - 1]["valid"] & ctrl[bottom - 1]["accum"]),
                      self.part_rd_addr.eq(ctrl[bottom - 1]["addr"])]
         at = ctrl[bottom]
+        m.d.comb += [self.part_we.eq(ctrl[bottom + 1]["valid"]), self.part_wr_addr.eq(ctrl[bottom + 1]["addr"])]
         rs = self.round_stages
         sum_at = bottom + 1 + rs                 # stage of the binary32 addition's inputs
         # the accumulator line is read two cycles ahead and registered (a block RAM's output
@@ -323,13 +327,8 @@ class BlockArray(wiring.Component):
                     m.d.sync += flag.eq(pe.neg_zero_out & (~at["accum"] | old_flag))
                 else:
                     m.d.sync += flag.eq(getattr(pe, f"{f}_out") | (at["accum"] & old_flag))
-            # stage bottom + 1: the new partial, kept to the output
-            part = Cat(total, *flags.values())
-            for s in range(bottom + 1, self.latency):
-                r = Signal(pb, name=f"part{j}_s{s + 1}")
-                m.d.sync += r.eq(part)
-                part = r
-            m.d.comb += self.out_part[pb * j:pb * (j + 1)].eq(part)
+            # stage bottom + 1: the new partial, written back at once
+            m.d.comb += self.out_part[pb * j:pb * (j + 1)].eq(Cat(total, *flags.values()))
             sums.append(Cat(total, *flags.values()))
         self._round_and_add(m, sums, acc_q, ctrl[bottom + 1])
         return m

@@ -81,7 +81,7 @@ class ComputeUnit(wiring.Component):
             m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
             part_w, part_r = part.write_port(), part.read_port()
             m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),
-                         part_w.en.eq(arr.out_valid), part_w.addr.eq(arr.out_addr), part_w.data.eq(arr.out_part)]
+                         part_w.en.eq(arr.part_we), part_w.addr.eq(arr.part_wr_addr), part_w.data.eq(arr.out_part)]
             with m.If(arr.acc_rd_en):
                 m.d.comb += acc_r.addr.eq(arr.acc_rd_addr)
         else:
