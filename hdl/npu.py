@@ -347,11 +347,21 @@ class NPUCore(wiring.Component):
         m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
                      checker.win_limit.eq(self.win_limit)]
         m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]
+        # the command's address and refused flag wait beside the checks: in one register when
+        # the next command cannot enter before the verdict is out, else in a register per stage
         v_valid, v_carry = v_in, v_info
+        if beats_per_cmd >= CommandChecker.LATENCY:
+            v_carry = Signal(33, name="v_info")
+            with m.If(v_in):
+                m.d.sync += v_carry.eq(v_info)
         for stage in range(CommandChecker.LATENCY):
-            valid_q, carry_q = Signal(name=f"v_valid{stage + 1}"), Signal(33, name=f"v_info{stage + 1}")
-            m.d.sync += [valid_q.eq(v_valid & ~stopped), carry_q.eq(v_carry)]
-            v_valid, v_carry = valid_q, carry_q
+            valid_q = Signal(name=f"v_valid{stage + 1}")
+            m.d.sync += valid_q.eq(v_valid & ~stopped)
+            v_valid = valid_q
+            if beats_per_cmd < CommandChecker.LATENCY:
+                carry_q = Signal(33, name=f"v_info{stage + 1}")
+                m.d.sync += carry_q.eq(v_carry)
+                v_carry = carry_q
         m.d.comb += [vq.w_en.eq(v_valid & ~stopped), vq.w_data.eq(Cat(checker.verdict, v_carry)), f_got.eq(v_valid)]
 
         # ---------------- unit queues ---------------------------------------------------------
