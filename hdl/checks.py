@@ -104,7 +104,10 @@ class CommandChecker(wiring.Component):
             cmd = Signal(CMD, name="v_cmd")
             reserved = Signal(name="v_reserved")
             m.d.sync += [cmd.eq(cmd0), reserved.eq(reserved0)]
-        dram_span = Signal(48, name="v_dram_span")       # (rows - 1) * dram_stride, LOAD and STORE
+        # (rows - 1) * dram_stride, LOAD and STORE, as two products by the stride's halves (not
+        # summed: beyond 2**32 only whether the span is that large matters)
+        span_lo = Signal(32, name="v_span_lo")
+        span_hi = Signal(32, name="v_span_hi")
         load_lines = Signal(33, name="v_load_lines")     # rows * SRAM lines per row, LOAD
         a_span = Signal(32, name="v_a_span")             # (m - 1) * a_stride, MATMUL
         dram_tail = Signal(33, name="v_dram_tail")       # dram_addr + the bytes of a row, LOAD and STORE
@@ -112,12 +115,14 @@ class CommandChecker(wiring.Component):
         lines0 = Mux(fld(cmd0, Op.LOAD, "dst"), ceil_div_pow2(rb0, cfg.acc_line_bytes),
                      ceil_div_pow2(rb0, cfg.line_bytes))
         st_fmt0, st_cols0 = fld(cmd0, Op.STORE, "fmt"), fld(cmd0, Op.STORE, "cols")
+        rows_less0 = (fld(cmd0, Op.LOAD, "rows") - 1)[0:16]      # rows - 1, 16 bits (rows 0 checks no window)
         row_bytes0 = Mux(cmd0[0:8] == Op.LOAD, rb0, Mux(st_fmt0 == 0, st_cols0 << 2, st_cols0))
         m.d.sync += [
-            dram_span.eq((fld(cmd0, Op.LOAD, "rows") - 1) * fld(cmd0, Op.LOAD, "dram_stride")),
+            span_lo.eq(rows_less0 * fld(cmd0, Op.LOAD, "dram_stride")[0:16]),
+            span_hi.eq(rows_less0 * fld(cmd0, Op.LOAD, "dram_stride")[16:32]),
             dram_tail.eq(fld(cmd0, Op.LOAD, "dram_addr") + row_bytes0),
             load_lines.eq(fld(cmd0, Op.LOAD, "rows") * lines0),
-            a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1) * fld(cmd0, Op.MATMUL, "a_stride")),
+            a_span.eq((fld(cmd0, Op.MATMUL, "m") - 1)[0:16] * fld(cmd0, Op.MATMUL, "a_stride")),   # m 0: no A
         ]
         # stage B: the checks, registered
         op = cmd[0:8]
@@ -145,10 +150,13 @@ class CommandChecker(wiring.Component):
 
         def dram_check(o, row_bytes):
             rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
-            end = Signal(64, name=f"end_{o.name.lower()}")
-            m.d.comb += end.eq(dram_tail + dram_span)     # rows >= 1: no wrap in dram_span
+            end = Signal(34, name=f"end_{o.name.lower()}")
+            # rows >= 1: no wrap in the span. A span of 2**32 or more ends past any window
+            # (win_limit < 2**32); below that the last row's end is exact in 34 bits
+            m.d.comb += end.eq(dram_tail + span_lo + (span_hi[0:16] << 16))
+            far = span_hi[16:32] != 0
             m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)
-            m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | (end > wl)))
+            m.d.comb += window.eq((rows != 0) & (row_bytes != 0) & ((addr < wb) | far | (end > wl)))
 
         with m.Switch(op):
             with m.Case(Op.END):
@@ -179,18 +187,19 @@ class CommandChecker(wiring.Component):
                 m.d.comb += sram.eq((f(Op.MATMUL, "b_addr") + k > cfg.sp_lines)
                                     | ((mm != 0) & ((last_a >= cfg.sp_lines)
                                                     | (f(Op.MATMUL, "acc_addr") + mm > cfg.acc_lines))))
-            with m.Case(Op.EPILOGUE):
-                rows = f(Op.EPILOGUE, "rows")
-                m.d.comb += sram.eq(((rows != 0) & ((f(Op.EPILOGUE, "src") + rows > cfg.acc_lines)
-                                                    | (f(Op.EPILOGUE, "dst") + rows > cfg.acc_lines)))
-                                    | (f(Op.EPILOGUE, "scale_addr") >= cfg.acc_lines)
-                                    | (f(Op.EPILOGUE, "bias_addr") >= cfg.acc_lines))
-            with m.Case(Op.BLOCKSCALE):
-                rows = f(Op.BLOCKSCALE, "rows")
-                m.d.comb += sram.eq(((rows != 0) & ((f(Op.BLOCKSCALE, "src") + rows > cfg.acc_lines)
-                                                    | (f(Op.BLOCKSCALE, "dst") + rows > cfg.acc_lines)
-                                                    | (f(Op.BLOCKSCALE, "row_scale") + rows > cfg.acc_lines)))
-                                    | (f(Op.BLOCKSCALE, "col_scale") >= cfg.acc_lines))
+            if cfg.vector_unit:             # else they are refused as unknown opcodes, first
+                with m.Case(Op.EPILOGUE):
+                    rows = f(Op.EPILOGUE, "rows")
+                    m.d.comb += sram.eq(((rows != 0) & ((f(Op.EPILOGUE, "src") + rows > cfg.acc_lines)
+                                                        | (f(Op.EPILOGUE, "dst") + rows > cfg.acc_lines)))
+                                        | (f(Op.EPILOGUE, "scale_addr") >= cfg.acc_lines)
+                                        | (f(Op.EPILOGUE, "bias_addr") >= cfg.acc_lines))
+                with m.Case(Op.BLOCKSCALE):
+                    rows = f(Op.BLOCKSCALE, "rows")
+                    m.d.comb += sram.eq(((rows != 0) & ((f(Op.BLOCKSCALE, "src") + rows > cfg.acc_lines)
+                                                        | (f(Op.BLOCKSCALE, "dst") + rows > cfg.acc_lines)
+                                                        | (f(Op.BLOCKSCALE, "row_scale") + rows > cfg.acc_lines)))
+                                        | (f(Op.BLOCKSCALE, "col_scale") >= cfg.acc_lines))
             with m.Case(Op.SYNC):
                 # a unit outside the chain, or a token flag the unit has no counter for
                 with m.Switch(f(Op.SYNC, "unit")):

@@ -418,8 +418,8 @@ _SRAM_FIELDS = ("sram_addr", "acc_addr", "b_addr", "a_addr", "src", "dst", "row_
 def _checker_command(rng, cfg):
     """A random command: mostly plausible field values (so that every check is reached, SRAM
     ranges end right at, before or past the end of an SRAM, and DMA transfers a few bytes
-    before, at or past a window's limit), now and then any value of a field's width, token
-    flags, unknown opcodes and reserved bits."""
+    before, at or past a window's limit, or spanning about 2**32 bytes), now and then any
+    value of a field's width, token flags, unknown opcodes and reserved bits."""
     from fp8npu.hdl import isa
     if rng.random() < 0.02:
         return rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
@@ -450,6 +450,12 @@ def _checker_command(rng, cfg):
         extent = (fields["rows"] - 1) * fields["dram_stride"] + row
         limit = int(rng.choice([40_000, 1 << 20]))
         fields["dram_addr"] = max(0, ((limit - extent) & ~7) + 8 * int(rng.integers(-1, 3))) & 0xFFFFFFFF
+    elif op in (isa.Opcode.LOAD, isa.Opcode.STORE) and rng.random() < 0.1:
+        # rows spanning about 2**32 bytes: past any window, though the span's low 32 bits may
+        # end inside one
+        fields["rows"] = int(rng.choice([2, 3, 5]))
+        fields["dram_stride"] = min((1 << 32) // (fields["rows"] - 1) + 8 * int(rng.integers(-1, 2)), (1 << 32) - 8)
+        fields["dram_addr"] = 8 * int(rng.integers(0, 100))
     if op == isa.Opcode.MATMUL and cfg.accumulation != "block" and rng.random() < 0.9:
         fields["commit"] = fields["fresh"] = 0
     flags = {f: int(rng.random() < 0.04) for f in ("pop_prev", "pop_next", "push_prev", "push_next")}
