@@ -246,7 +246,8 @@ NPU_PARTS = (
     ("store unit (AXI writes)", ("top.core.store_unit",)),
     ("load unit (AXI reads into lines)", ("top.core.load_unit",)),
     ("command checker", ("top.core.checker",)),
-    ("command queues", ("top.core.fetch_q", "top.core.load_q", "top.core.compute_q", "top.core.store_q")),
+    ("command queues and fetch buffers", ("top.core.fetch_q", "top.core.verdict_q", "top.core.load_q",
+                                          "top.core.compute_q", "top.core.store_q")),
     ("register block (AXI4-Lite)", ("top.regs",)),
     ("fetch, dispatch, tokens, control", ("top",)),
 )

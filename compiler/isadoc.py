@@ -194,7 +194,11 @@ finished. Tokens let DMA overlap compute (double buffering) while keeping every 
 write it depends on: a consumer pops what its producer pushed, and a producer can pop a token
 that says a buffer is free again. `SYNC` moves tokens without doing work. `END` takes no token
 flags; it waits until every unit has finished. If every unit waits for a token that no command
-can give, the NPU stops with `{E.DEADLOCK.name}`.
+can give, the NPU stops with `{E.DEADLOCK.name}`. Besides commands whose tokens it has taken, a
+unit holds one command waiting for its tokens and `queue_depth` more in its queue (none with
+`queue_depth` 0); the command decoder waits while the next command's unit has no room. So
+whether a program whose pops come before their pushes deadlocks depends on the queue depth; a
+program in which every pop has an earlier push, as the compiler makes them, never deadlocks.
 
 Each of the four token counters ({", ".join(f"`{t.name}`" for t in isa.Token)}) has a limit
 that does not depend on timing: over every first part of the program, the pushes to one

@@ -113,12 +113,13 @@ BOARDS = {b.name: b for b in (
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
-          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512), 16384, 1_000_000,
+          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512, queue_depth=0), 16384,
+          1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
-                "register in its rounding and its addition) synthesizes to 6.4k LUT4 and 5.2k flip-flops, "
-                "which nextpnr packs into 10.4k logic cells without the board design; the iCE40UP5K has "
-                "5,280"),
+                "register in its rounding and its addition, no command queues) synthesizes to 6.3k LUT4 and "
+                "3.9k flip-flops, which nextpnr packs into 8.9k logic cells without the board design; the "
+                "iCE40UP5K has 5,280"),
 )}
 
 

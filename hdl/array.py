@@ -174,7 +174,7 @@ class BlockArray(wiring.Component):
     acc_rd_en : Out(1), acc_rd_addr : Out(addr_bits), acc_data : In(32 * C)
     out_valid, out_commit : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C)
     part_we : Out(1), part_wr_addr : Out(addr_bits), out_part : Out(C * part_bits)   the new partial line,
-              R + 2 + BlockPE.LATENCY cycles after ``in_valid``
+              R + 1 + BlockPE.LATENCY cycles after ``in_valid``
     """
 
     def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",),

@@ -1,8 +1,9 @@
 """The command checker: the rules of :func:`fp8npu.hdl.isa.validate` in hardware, pipelined.
 
-Every fetched command passes it on its way to the dispatcher; the verdict (an
-:class:`~fp8npu.hdl.isa.ErrorCode`, NONE for a good command) travels with the command, and the
-dispatcher stops the NPU on the first command with a bad verdict, in program order.
+Every fetched command enters it as it is assembled; its verdict (an
+:class:`~fp8npu.hdl.isa.ErrorCode`, NONE for a good command) follows the command, which the
+fetch buffers meanwhile, into a buffer of its own, and the dispatcher stops the NPU on the
+first command with a bad verdict, in program order.
 """
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal

@@ -155,8 +155,9 @@ class ComputeUnit(wiring.Component):
         for i in range(1, depth):
             m.d.sync += [fl_valid[i].eq(fl_valid[i - 1]), fl_addr[i].eq(fl_addr[i - 1])]
         # A row that reads a line waits while a row that writes it is in flight: until the write
-        # (sequential: the line is read at issue), or until the write is visible where the
-        # block array reads the line, at its partial read stage R + 1. That is, the row at
+        # (sequential: the line is read at issue), or (block) until the accumulator write at the
+        # array's output is visible where the array reads lines, from its partial read stage
+        # R + 1 on (the partial line itself is written back earlier). That is, the row at
         # issue_addr waits while fl_valid[i] & fl_addr[i] == issue_addr for some i < window.
         # The test is made a cycle ahead and registered (``hazard``): for each address the next
         # cycle's issue_addr can have (the same, the next, the next command's first), against

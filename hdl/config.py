@@ -61,10 +61,10 @@ class NPUConfig:
         AXI4 address width (32).
     queue_depth : int
         Depth of each unit's command queue (load, compute, store): 0 or a power of two up to
-        64; a unit holds the command it runs besides. 0 and 1 are for the smallest FPGAs: with
-        1 each queue is one register, with 0 there are no queues (the dispatcher hands a
-        command to its unit when the unit is free, so a unit takes its next command while the
-        others run theirs, never two ahead).
+        64; a unit holds one command waiting for its tokens besides (and the compute unit the
+        ones whose tokens it has taken). 0 and 1 are for the smallest FPGAs: with 1 each queue
+        is one register, with 0 there are no queues (the dispatcher hands a command to its
+        unit when the unit has room for it).
     max_burst : int
         Longest AXI4 INCR burst the DMA issues, in beats (1..256, a power of two).
     accumulation : str

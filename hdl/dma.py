@@ -226,7 +226,6 @@ class StoreUnit(wiring.Component):
     acc_read : read port of the accumulator (synchronous, a line per read)
     m_axi_aw*, m_axi_w*, m_axi_b* : the AXI4 write channels (ID 2)
     writes_pending : Out(1)     write bursts without a response, or a burst's beats being sent
-    bytes_written : Out(32)     performance counter
 
     Per row: 1 cycle to read the line, 1 for it to arrive (FP8: ``STORE_CONVERT + passes - 1``
     more), then per burst one AW cycle and one W beat per cycle.
@@ -242,7 +241,7 @@ class StoreUnit(wiring.Component):
             **unit_members(),
             "acc_read": In(ReadPort.Signature(addr_width=cfg.acc_addr_bits, shape=8 * cfg.acc_line_bytes)),
             **axi_write_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits),
-            "writes_pending": Out(1), "bytes_written": Out(32),
+            "writes_pending": Out(1),
         })
 
     def ax(self, name):
@@ -345,8 +344,7 @@ class StoreUnit(wiring.Component):
                      ax("wlast").eq(burst_left == 1)]
         w_fire = ax("wvalid") & ax("wready")
         with m.If(w_fire):
-            m.d.sync += [self.bytes_written.eq(self.bytes_written + B), beat.eq(beat + 1),
-                         burst_left.eq(burst_left - 1)]
+            m.d.sync += [beat.eq(beat + 1), burst_left.eq(burst_left - 1)]
             with m.If(burst_left == 1):
                 with m.If(beat + 1 == beats_row):
                     m.d.sync += row.eq(row + 1)

@@ -250,10 +250,9 @@ class NPUCore(wiring.Component):
         # LOAD beat stops the core whether or not the load unit takes it in this cycle: neither
         # depends on the load unit's ready, whose line arithmetic is a long path.
         r_refused = ax("rvalid") & (ax("rresp") != 0)
-        dma_rd = Signal(32)
-        with m.If(r_fire):
-            m.d.sync += dma_rd.eq(dma_rd + B)
-        m.d.comb += self.dma_bytes.eq(dma_rd + store.bytes_written)
+        # bytes moved: a bus word per read beat (fetch and LOAD) and per write beat (STORE)
+        w_fire = ax("wvalid") & ax("wready")
+        m.d.sync += self.dma_bytes.eq(self.dma_bytes + (Cat(r_fire, 0) + w_fire) * B)
         # the store unit has the write channels to itself
         for name, member in axi_write_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits).items():
             if member.flow == Out:
@@ -262,11 +261,11 @@ class NPUCore(wiring.Component):
                 m.d.comb += getattr(store, name).eq(getattr(self, name))
 
         # ---------------- fetch ------------------------------------------------------------
-        # entries: command, its address, and whether the bus refused any of its beats (that is
-        # reported as BUS_ERROR when the command reaches the dispatcher, in program order)
-        # Fetched commands pass the checks (CommandChecker.LATENCY cycles) on their way into the queue;
-        # an entry holds the command, its verdict, its address and whether the bus refused a beat.
-        # Reserved bits are checked as the beats arrive: from there on only the ISA's fields are kept.
+        # A fetched command is buffered as it is assembled (the ISA's field bits only: reserved
+        # bits are checked as the beats arrive) and enters the checks at the same time; its
+        # verdict, its address and whether the bus refused a beat (reported as BUS_ERROR when the
+        # command reaches the dispatcher, in program order) follow CommandChecker.LATENCY cycles
+        # later into a second buffer.
         fetch_ranges = isa.field_ranges(list(isa.Opcode))
         fetch_bits = sum(w for _, w in fetch_ranges)
         # as deep as a unit's queue, from 2 (so one command is fetched while another waits) to 4.

@@ -593,3 +593,10 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=6)
     rtl = npu(TRIMMED).run(dram, 0x1000, 6, 0, len(dram), max_cycles=100_000)
     assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DEADLOCK, 0x1000 + 32)
+    # DMA_BYTES: the fetched commands, two LOAD rows and a STORE row, a bus word per beat
+    program = b"".join([_cmd(Opcode.LOAD, rows=2, row_bytes=8, dram_addr=0x2000, dram_stride=8),
+                        _cmd(Opcode.STORE, rows=1, cols=2, dram_addr=0x2100), _cmd(Opcode.END)])
+    dram[0x1000:0x1000 + len(program)] = program
+    fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=3)
+    rtl = npu(TRIMMED).run(dram, 0x1000, 3, 0, len(dram), max_cycles=100_000)
+    assert rtl.registers["DMA_BYTES"] == fs.dma_bytes == 3 * 32 + 16 + 8
