@@ -153,7 +153,7 @@ class NPUConfig:
         if self.axi_addr_bits != 32 or type(self.axi_addr_bits) is not int:
             raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
         qd = self.queue_depth
-        if not (type(qd) is int and (qd == 0 or (qd <= 64 and qd & (qd - 1) == 0 and qd > 0))):
+        if not (type(qd) is int and 0 <= qd <= 64 and qd & (qd - 1) == 0):     # 0 or a power of two
             raise ValueError(f"queue_depth must be 0 (no queues) or a power of two from 1 to 64, not {_short(qd)}")
         integer("max_burst", 1, 256, pow2=True)
         if self.accumulation not in ACCUMULATIONS:

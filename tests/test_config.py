@@ -27,6 +27,9 @@ def test_json_round_trip(tmp_path):
     ({"rows": True}, r"^rows must be an integer from 1 to 16, not True$"),
     ({"sp_lines": 1000}, r"^sp_lines must be a power of two from 16 to 65536, not 1000$"),
     ({"axi_data_bits": 48}, r"^axi_data_bits must be one of 32, 64, 128, 256, not 48$"),
+    ({"queue_depth": 3}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not 3$"),
+    ({"queue_depth": 128}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not 128$"),
+    ({"queue_depth": False}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not False$"),
     ({"formats": ("e4m3", "fp4")}, r"^formats must be a non-empty list of distinct names from e4m3, e5m2, "
                                    r"not \('e4m3', 'fp4'\)$"),
     ({"multipliers": "bram"}, r"^multipliers must be one of dsp, lut, mixed, not 'bram'$"),
