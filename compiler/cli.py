@@ -374,7 +374,7 @@ def cmd_sim(args):
     import time
 
     from fp8npu.compiler.asm import assemble
-    from fp8npu.hdl.isa import ADDRESS_SPACE, COMMAND_BYTES, DecodeError, ErrorCode, Register, launch_problem
+    from fp8npu.hdl.isa import COMMAND_BYTES, DecodeError, ErrorCode, Register, launch_problem
 
     # everything is checked before memory is allocated or a model is built
     cfg = load_cfg(args.config)
@@ -410,11 +410,13 @@ def cmd_sim(args):
         raise UsageError(f"--prog-addr must be a multiple of 32 and of the bus width, not {prog_addr:#x}")
     end = prog_addr + len(program)
     size = max(len(image), end, args.dram_size or 0)
-    if end > ADDRESS_SPACE:
-        raise UsageError(f"the program ({len(program):,} bytes at {prog_addr:#x}) ends past the 32-bit "
-                         f"address space (4 GiB)")
-    if size > ADDRESS_SPACE:
-        raise UsageError(f"--dram-size {size:#x} is beyond the 32-bit address space (at most 0x100000000)")
+    space, bits = cfg.address_space, cfg.axi_addr_bits
+    if end > space:
+        raise UsageError(f"the program ({len(program):,} bytes at {prog_addr:#x}) ends past the NPU's {bits}-bit "
+                         f"address space ({space:#x} bytes; axi_addr_bits sets it)")
+    if size > space:
+        raise UsageError(f"a DRAM of {size:#x} bytes is beyond the NPU's {bits}-bit address space (at most "
+                         f"{space:#x} bytes; axi_addr_bits sets it)")
     win_base, win_limit = 0, size
     if args.window is not None:
         try:
@@ -422,7 +424,7 @@ def cmd_sim(args):
         except ValueError:
             raise UsageError(f"--window must be BASE:LIMIT (for example 0:0x100000), not {_shown(args.window)}") from None
     n = len(program) // COMMAND_BYTES
-    problem = launch_problem(size, prog_addr, n, win_base, win_limit)
+    problem = launch_problem(size, prog_addr, n, win_base, win_limit, space)
     if problem:
         raise UsageError(problem)
     from fp8npu.sim.host import Driver, FuncTransport, RTLTransport

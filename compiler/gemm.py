@@ -162,7 +162,7 @@ from fp8npu.hdl.isa import Opcode, Unit
 from fp8npu.sim.reference import BLOCK_K, OUTPUTS, GemmArgs, finish_gemm, scale_bits
 from fp8npu.sim.reference import f32_bits as _f32_bits
 
-from .program import Command, Layout, Program, allocate
+from .program import Command, Layout, Program, address_space_problem, allocate
 
 __all__ = ["BLOCK_K", "MIN_RESIDENT_ROWS", "TiledLayout", "TileMajorLayout", "GemmProgram", "GemmOp", "build_gemm",
            "lower_gemm", "lower_gemm_batch", "fence", "weight_operands", "RUNTIME_OPERANDS"]
@@ -480,6 +480,9 @@ def build_gemm(cfg, a_codes, b_codes, fmt_a, fmt_b, out="fp32", out_scale=1.0, s
     prog.emit(Opcode.END, note=op.note)
     code = prog.buffer("program", nbytes=len(prog) * isa.COMMAND_BYTES, kind="program")
     layout = allocate(list(prog.buffers.values()), base)
+    problem = address_space_problem(layout, cfg)
+    if problem:
+        raise ValueError(problem)
     program = prog.verify(layout)
     dram = layout.image(prog.buffers.values())
     prog_addr = layout.address(code)

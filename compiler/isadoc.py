@@ -238,7 +238,10 @@ failure with that error code (`isa.validate`; hardware and simulator apply the s
 the program runs. `{E.FETCH_WINDOW.name}` (at `PROG_ADDR`): `PROG_ADDR` is not a multiple of 32, or
 [`PROG_ADDR`, `PROG_ADDR` + 32 x `PROG_LEN`) does not lie inside [`WIN_BASE`, `WIN_LIMIT`)
 (for `PROG_LEN` = 0: `PROG_ADDR` < `WIN_BASE` or `PROG_ADDR` > `WIN_LIMIT`); the sum is
-computed without truncation. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
+computed without truncation. It is also `{E.FETCH_WINDOW.name}` when `WIN_LIMIT` is past the NPU's
+address space (2^`axi_addr_bits` bytes, `NPUConfig.address_space`): a run reaches only the
+addresses its configuration's AXI address bits can name, and the address registers and
+arithmetic inside the NPU are that wide. For `{E.BUS_ERROR.name}` (a read or write answered SLVERR or DECERR), `ERROR_ADDR` is the
 `LOAD` or `STORE` whose transfer was refused, or the command whose fetch was refused. A refused
 fetch is reported when that command's turn comes, after the commands before it have been
 checked (the NPU fetches ahead; a refused fetch past `END` is not an error). A refused
@@ -249,8 +252,13 @@ error, as AXI requires.
 The NPU fetches commands ahead of running them, so a program that stores over its own
 commands has undefined results.
 
+`PROG_ADDR`, `PROG_LEN`, `WIN_BASE` and `WIN_LIMIT` drop writes while `STATUS` shows busy: a run
+keeps the program and the window it started with.
+
 The host (fp8npu's simulators and drivers) never starts the NPU with a DMA window that reaches
-past the memory: [`WIN_BASE`, `WIN_LIMIT`) must lie inside the DRAM (`isa.launch_problem`). The
+past the memory, nor with a memory larger than the NPU's address space: [`WIN_BASE`,
+`WIN_LIMIT`) must lie inside the DRAM, and the DRAM inside the address space
+(`isa.launch_problem`). The
 simulated DRAMs answer SLVERR to any access past their memory and never wrap an address
 around. The performance counters (`CYCLES`, `MAC_BUSY`, `DMA_BYTES`, `STALL`, `COMMANDS`) are
 32 bits and count modulo 2^32."""

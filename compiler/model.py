@@ -46,7 +46,7 @@ from fp8npu.sim import quant as q
 from fp8npu.sim.reference import scale_block, weight_col_scales
 
 from .gemm import GemmOp, lower_gemm, lower_gemm_batch
-from .program import Program, VerifyError, allocate
+from .program import Program, VerifyError, address_space_problem, allocate
 
 __all__ = ["QuantConfig", "CompiledModel", "Graph", "Segment", "CompileError", "ModelFileError", "compile", "load",
            "MAGIC", "FORMAT_VERSION"]
@@ -499,6 +499,9 @@ def compile(module, example_inputs, config=None, quant=None, estimate=True, prog
                 first[key] = b
     order = sorted(buffers, key=lambda b: (b.kind not in ("const", "program"), b in lifetimes))
     layout = allocate(buffers, 0, lifetimes, order=order)
+    problem = address_space_problem(layout, cfg)
+    if problem:
+        raise CompileError(problem)
     for b, same in alias.items():
         layout.addresses[b] = layout.addresses[same]
     dram = layout.image(buffers)

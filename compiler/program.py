@@ -332,3 +332,12 @@ def allocate(buffers, base=0, lifetimes=None, order=None):
     if end > isa.ADDRESS_SPACE:
         raise ValueError(f"the buffers need {end - base:,} bytes of DRAM, more than the 32-bit address space")
     return Layout(base, addresses, end)
+
+
+def address_space_problem(layout, cfg):
+    """None if ``layout``'s buffers lie inside the address space of ``cfg``'s NPU
+    (``NPUConfig.address_space``), else one sentence saying how much DRAM they need."""
+    if layout.end > cfg.address_space:
+        return (f"the buffers need DRAM up to byte {layout.end:,}, past the {cfg.address_space:,} bytes the NPU "
+                f"can address with axi_addr_bits {cfg.axi_addr_bits}")
+    return None

@@ -113,7 +113,8 @@ BOARDS = {b.name: b for b in (
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
-          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512, queue_depth=0), 16384,
+          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, sp_lines=512, queue_depth=0,
+                  axi_addr_bits=14), 16384,
           1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
@@ -253,6 +254,11 @@ def fit_problem(cfg, board, memory_bytes=None, margin=1.0):
     problem = hardware_problem(cfg)
     if problem:
         return problem
+    memory = memory_bytes or board.memory_bytes
+    if memory > cfg.address_space:
+        need = (memory - 1).bit_length()
+        return (f"the {board.name}'s {memory:,}-byte memory needs axi_addr_bits {need} or more, not "
+                f"{cfg.axi_addr_bits}")
     cap = CAPACITY[board.device]
 
     def over_of(c):

@@ -61,8 +61,9 @@ class AxiLiteRegs(wiring.Component):
 
     One write at a time (address and data accepted together), one read at a time; both answer
     OKAY. ``regs`` maps byte offsets to ``(signal, writable)``; a write to a writable register
-    stores ``wdata`` (all strobes), a write to offset ``strobe_offset`` pulses ``strobe``
-    with the written data on ``strobe_data``. Reads of unmapped offsets return 0.
+    stores ``wdata`` (all strobes) unless ``locked`` is high (the write is answered and
+    dropped), a write to offset ``strobe_offset`` pulses ``strobe`` with the written data on
+    ``strobe_data``. Reads of unmapped offsets return 0.
 
     Latency: write response 1 cycle after the handshake; read data 1 cycle after ``arvalid``.
     """
@@ -71,7 +72,7 @@ class AxiLiteRegs(wiring.Component):
         self.regs = regs
         self.strobe_offset = strobe_offset
         self.prefix = prefix
-        super().__init__({**axil_slave_members(prefix), "strobe": Out(1), "strobe_data": Out(32)})
+        super().__init__({**axil_slave_members(prefix), "strobe": Out(1), "strobe_data": Out(32), "locked": In(1)})
 
     def p(self, name):
         return getattr(self, f"{self.prefix}_{name}")
@@ -85,7 +86,7 @@ class AxiLiteRegs(wiring.Component):
             m.d.sync += p("bvalid").eq(1)
             for offset, (sig, writable) in self.regs.items():
                 if writable:
-                    with m.If(p("awaddr") == offset):
+                    with m.If((p("awaddr") == offset) & ~self.locked):
                         m.d.sync += sig.eq(p("wdata"))
         with m.Elif(p("bvalid") & p("bready")):
             m.d.sync += p("bvalid").eq(0)

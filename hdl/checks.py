@@ -67,7 +67,8 @@ class CommandChecker(wiring.Component):
     valid : In(1)                      a command enters (at most one per ``spacing`` cycles)
     cmd : In(COMMAND_BITS)             the command
     reserved : In(1)                   it sets a bit reserved for its opcode
-    win_base, win_limit : In(32)       the DMA window (held while commands pass)
+    win_base, win_limit : In(axi_addr_bits + 1)   the DMA window, inside the address space (held
+                                       while commands pass)
     verdict : Out(8)                   the ErrorCode of the command that entered LATENCY cycles ago
 
     ``spacing``: the fewest cycles between two commands (1: one per cycle). From 2 on, the
@@ -83,7 +84,8 @@ class CommandChecker(wiring.Component):
     def __init__(self, cfg, spacing=1):
         self.cfg = cfg
         self.spacing = spacing
-        super().__init__({"valid": In(1), "cmd": In(CMD), "reserved": In(1), "win_base": In(32), "win_limit": In(32),
+        super().__init__({"valid": In(1), "cmd": In(CMD), "reserved": In(1), "win_base": In(cfg.axi_addr_bits + 1),
+                          "win_limit": In(cfg.axi_addr_bits + 1),
                           "verdict": Out(8)})
 
     def elaborate(self, platform):
@@ -153,7 +155,7 @@ class CommandChecker(wiring.Component):
             rows, addr, stride = f(o, "rows"), f(o, "dram_addr"), f(o, "dram_stride")
             end = Signal(34, name=f"end_{o.name.lower()}")
             # rows >= 1: no wrap in the span. A span of 2**32 or more ends past any window
-            # (win_limit < 2**32); below that the last row's end is exact in 34 bits
+            # (win_limit <= 2**axi_addr_bits); below that the last row's end is exact in 34 bits
             m.d.comb += end.eq(dram_tail + span_lo + (span_hi[0:16] << 16))
             far = span_hi[16:32] != 0
             m.d.comb += misaligned.eq(((addr | stride) & (cfg.bus_bytes - 1)) != 0)

@@ -57,7 +57,7 @@ class ComputeUnit(wiring.Component):
         self.cfg = cfg
         sp = ReadPort.Signature(addr_width=cfg.sp_addr_bits, shape=8 * cfg.line_bytes)
         super().__init__({
-            **unit_members(),
+            **unit_members(cfg.axi_addr_bits),
             "sp_a": In(sp), "sp_b": In(sp),
             "acc_read": In(ReadPort.Signature(addr_width=cfg.acc_addr_bits, shape=8 * cfg.acc_line_bytes)),
             "acc_write": In(WritePort.Signature(addr_width=cfg.acc_addr_bits, shape=8 * cfg.acc_line_bytes,

@@ -58,7 +58,11 @@ class NPUConfig:
     axi_data_bits : int
         AXI4 data bus width (32, 64, 128 or 256).
     axi_addr_bits : int
-        AXI4 address width (32).
+        AXI4 address width, 12 to 32: the NPU reaches the first ``2**axi_addr_bits`` bytes of
+        DRAM (:attr:`address_space`), and its address registers and arithmetic are that wide.
+        Narrower addresses are for small FPGAs whose memory is on chip (the iCEBreaker's 16 KB
+        need 14 bits); a run whose DMA window reaches past the address space stops as it starts
+        (FETCH_WINDOW), and the hosts refuse a DRAM larger than it.
     queue_depth : int
         Depth of each unit's command queue (load, compute, store): 0 or a power of two up to
         64; a unit holds one command waiting for its tokens besides (and the compute unit the
@@ -150,8 +154,7 @@ class NPUConfig:
         integer("acc_lines", 16, 65536, pow2=True)
         if self.axi_data_bits not in (32, 64, 128, 256) or type(self.axi_data_bits) is not int:
             raise ValueError(f"axi_data_bits must be one of 32, 64, 128, 256, not {_short(self.axi_data_bits)}")
-        if self.axi_addr_bits != 32 or type(self.axi_addr_bits) is not int:
-            raise ValueError(f"axi_addr_bits must be 32, not {_short(self.axi_addr_bits)}")
+        integer("axi_addr_bits", 12, 32)
         qd = self.queue_depth
         if not (type(qd) is int and 0 <= qd <= 64 and qd & (qd - 1) == 0):     # 0 or a power of two
             raise ValueError(f"queue_depth must be 0 (no queues) or a power of two from 1 to 64, not {_short(qd)}")
@@ -221,6 +224,11 @@ class NPUConfig:
     @property
     def bus_bytes(self):
         return self.axi_data_bits // 8
+
+    @property
+    def address_space(self):
+        """Bytes of DRAM the NPU can address: ``2**axi_addr_bits``."""
+        return 1 << self.axi_addr_bits
 
     @property
     def sp_addr_bits(self):

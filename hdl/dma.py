@@ -38,8 +38,10 @@ __all__ = ["LoadUnit", "StoreUnit", "LoadState", "StoreState", "axi_write_member
 
 CMD = isa.COMMAND_BITS
 
-#: An AXI4 read request of the load unit: start address and AxLEN (beats - 1).
-READ_REQUEST = data.StructLayout({"addr": 32, "len": 8})
+def read_request(addr_bits=32):
+    """An AXI4 read request of the load unit: start address (``addr_bits`` wide) and AxLEN
+    (beats - 1)."""
+    return data.StructLayout({"addr": addr_bits, "len": 8})
 
 
 class LoadState(enum.Enum, shape=2):
@@ -72,7 +74,7 @@ class LoadUnit(wiring.Component):
 
     Members (besides :func:`~.units.unit_members`)
     ------------------------------------------------
-    ar : Out(stream of READ_REQUEST)      AXI4 read requests (the core adds ID, size, burst)
+    ar : Out(stream of read_request())    AXI4 read requests (the core adds ID, size, burst)
     r : In(stream of axi_data_bits)       the read data of this unit's requests, in order
     sp_write : write port of the scratchpad (a line per write)
     acc_write : write port of the accumulator (a line per write)
@@ -84,8 +86,8 @@ class LoadUnit(wiring.Component):
     def __init__(self, cfg):
         self.cfg = cfg
         super().__init__({
-            **unit_members(),
-            "ar": Out(stream.Signature(READ_REQUEST)),
+            **unit_members(cfg.axi_addr_bits),
+            "ar": Out(stream.Signature(read_request(cfg.axi_addr_bits))),
             "r": In(stream.Signature(cfg.axi_data_bits)),
             "sp_write": In(WritePort.Signature(addr_width=cfg.sp_addr_bits, shape=8 * cfg.line_bytes)),
             "acc_write": In(WritePort.Signature(addr_width=cfg.acc_addr_bits, shape=8 * cfg.acc_line_bytes)),
@@ -120,8 +122,8 @@ class LoadUnit(wiring.Component):
         # it: the burst arithmetic stays one comparison deep.
         i_row = Signal(16, name="ld_i_row")
         left = Signal(17, name="ld_left")
-        i_addr = Signal(32, name="ld_i_addr")
-        row_base = Signal(32, name="ld_row_base")
+        i_addr = Signal(cfg.axi_addr_bits, name="ld_i_addr")
+        row_base = Signal(cfg.axi_addr_bits, name="ld_row_base")
         issued_all = Signal(name="ld_issued_all")
         outstanding = Signal(10, name="ld_outstanding")
         blen = Signal(9, name="ld_blen")
@@ -238,7 +240,7 @@ class StoreUnit(wiring.Component):
     def __init__(self, cfg):
         self.cfg = cfg
         super().__init__({
-            **unit_members(),
+            **unit_members(cfg.axi_addr_bits),
             "acc_read": In(ReadPort.Signature(addr_width=cfg.acc_addr_bits, shape=8 * cfg.acc_line_bytes)),
             **axi_write_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits),
             "writes_pending": Out(1),
@@ -261,7 +263,7 @@ class StoreUnit(wiring.Component):
         is_store = cur.opcode == isa.Opcode.STORE
         ready_tok = tokens_ready(cur, self.tokens)
         row = Signal(16, name="s_row")
-        row_addr = Signal(32, name="s_row_addr")
+        row_addr = Signal(cfg.axi_addr_bits, name="s_row_addr")
         row_bytes = Signal(8, name="s_row_bytes")
         m.d.comb += row_bytes.eq(Mux(cur.fmt == 0, cur.cols << 2, cur.cols) if cfg.fp8_store else cur.cols << 2)
         beats_row = Signal(8, name="s_beats_row")        # registered when the command starts
@@ -271,7 +273,7 @@ class StoreUnit(wiring.Component):
         beat = Signal(8, name="s_beat")
         blen = Signal(9, name="s_blen")
         burst_left = Signal(9, name="s_burst_left")
-        w_addr = Signal(32, name="s_w_addr")
+        w_addr = Signal(cfg.axi_addr_bits, name="s_w_addr")
         with m.If(busy & (state == S_.TOKENS)):
             with m.If(ready_tok & active):
                 m.d.comb += self.tokens.pop_prev.eq(cur.pop_prev)

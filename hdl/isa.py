@@ -27,7 +27,7 @@ __all__ = [
     "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
-    "ADDRESS_SPACE", "launch_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
+    "ADDRESS_SPACE", "launch_problem", "memory_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
     "DecodeError", "ERROR_TEXT", "field_ranges", "unit_opcodes",
 ]
 
@@ -608,20 +608,32 @@ def _show_int(value):
     return text if len(text) <= 20 else f"{text[:12]}... ({value.bit_length()} bits)"
 
 
-def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit):
+def launch_problem(memory_bytes, prog_addr, prog_len, win_base, win_limit, address_space=ADDRESS_SPACE):
     """Why the host must not start the NPU with these register values on a memory of
     ``memory_bytes`` (one sentence), or None. Every engine and host path applies this one rule:
-    registers are 32-bit, memory fits the 32-bit address space, and the DMA window lies inside
-    the memory, so no access can reach past it."""
+    registers are 32-bit, memory fits the NPU's address space (``address_space`` bytes:
+    ``NPUConfig.address_space``), and the DMA window lies inside the memory, so no access can
+    reach past it."""
     for name, value in (("PROG_ADDR", prog_addr), ("PROG_LEN", prog_len), ("WIN_BASE", win_base),
                         ("WIN_LIMIT", win_limit)):
         if not isinstance(value, int) or not 0 <= value < ADDRESS_SPACE:
             return f"{name} must be a 32-bit register value (0 to 0xffffffff), not {_show_int(value)}"
-    if memory_bytes > ADDRESS_SPACE:
-        return f"a DRAM of {_show_int(memory_bytes)} bytes does not fit the 32-bit address space (at most 4 GiB)"
+    problem = memory_problem(memory_bytes, address_space)
+    if problem:
+        return problem
     if not win_base <= win_limit <= memory_bytes:
         return (f"the DMA window [{_show_int(win_base)}, {_show_int(win_limit)}) must lie inside the "
                 f"{memory_bytes}-byte DRAM image")
+    return None
+
+
+def memory_problem(memory_bytes, address_space=ADDRESS_SPACE):
+    """None if a DRAM of ``memory_bytes`` fits an NPU's address space of ``address_space``
+    bytes (``NPUConfig.address_space``), else one sentence saying why not."""
+    if memory_bytes > address_space:
+        bits = address_space.bit_length() - 1
+        return (f"a DRAM of {_show_int(memory_bytes)} bytes does not fit the NPU's {bits}-bit address space "
+                f"(at most {address_space} bytes; axi_addr_bits sets it)")
     return None
 
 

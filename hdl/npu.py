@@ -142,6 +142,10 @@ class NPUCore(wiring.Component):
 
         B = cfg.bus_bytes
         D = cfg.axi_data_bits
+        # addresses inside the run are axi_addr_bits wide: the run starts only if its window lies
+        # inside the address space (fetch_ok), so every DRAM address it makes is below 2**A
+        A = cfg.axi_addr_bits
+        max_commands = cfg.address_space // isa.COMMAND_BYTES      # the longest program that fits
         size_code = B.bit_length() - 1
         ax = self.ax
 
@@ -228,7 +232,7 @@ class NPUCore(wiring.Component):
             m.d.sync += tok[t].eq(tok[t] + Cat(*tok_push[t]).any() - Cat(*tok_pop[t]).any())
 
         # ---------------- AXI read arbitration (ID 0 fetch, ID 1 load) --------------------
-        f_ar_valid, f_ar_addr, f_ar_len, f_ar_ready = Signal(), Signal(32), Signal(8), Signal()
+        f_ar_valid, f_ar_addr, f_ar_len, f_ar_ready = Signal(), Signal(A), Signal(8), Signal()
         pick_fetch = f_ar_valid
         m.d.comb += [
             ax("arvalid").eq((f_ar_valid | load.ar.valid) & active),
@@ -281,18 +285,19 @@ class NPUCore(wiring.Component):
         # (CommandChecker.LATENCY cycles later) each command's verdict, address and refused flag;
         # so no register carries a command through the checker's stages
         m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits, depth=fetch_depth)
-        m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + 33, depth=fetch_depth)
+        m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + A + 1, depth=fetch_depth)
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
         prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
         m.d.comb += prog_end.eq(self.prog_addr + (self.prog_len << 5))
         fetch_ok = ((self.prog_addr & 31) == 0) & ((self.prog_addr & (B - 1)) == 0) \
-            & (self.prog_addr >= self.win_base) & (prog_end <= self.win_limit)
+            & (self.prog_addr >= self.win_base) & (prog_end <= self.win_limit) \
+            & (self.win_limit <= cfg.address_space)
         # The program's window is checked once, as the run starts; from then on the requests
         # come from registers only (the next address, whether commands are left), never from
         # the program registers' arithmetic
         f_go = Signal()              # started, and the program lies inside the window
-        f_left = Signal(32)          # commands not yet requested
+        f_left = Signal(range(max_commands + 1))     # commands not yet requested
         f_more = Signal()            # f_left != 0
         with m.If(running & ~f_started):
             m.d.sync += [f_started.eq(1), f_go.eq(fetch_ok), f_left.eq(self.prog_len), f_more.eq(self.prog_len != 0),
@@ -311,11 +316,11 @@ class NPUCore(wiring.Component):
         # assemble beats into commands (v_in: one is complete). Each beat is written to its own
         # place (no shift register), so only the bits of the ISA's fields are kept; whether a beat
         # sets a bit reserved for the command's opcode (from the first beat) is found as it arrives.
-        v_in, v_cmd, v_info, v_reserved = Signal(), Signal(CMD), Signal(33), Signal()
+        v_in, v_cmd, v_info, v_reserved = Signal(), Signal(CMD), Signal(A + 1), Signal()
         f_beat = Signal(range(beats_per_cmd + 1))
-        f_recv = Signal(32)          # commands fetched so far
+        f_recv = Signal(range(max_commands + 1))     # commands fetched so far
         f_bad = Signal()             # a beat of the command being assembled was refused
-        f_addr = (self.prog_addr + (f_recv << 5))[:32]
+        f_addr = (self.prog_addr + (f_recv << 5))[:A]
         rdata = ax("rdata")
         m.d.comb += f_r_ready.eq(1)
         with m.If(r_fetch & ~stopped):
@@ -343,14 +348,14 @@ class NPUCore(wiring.Component):
         # the checker registers the assembled command as it enters (the last beat's assembly
         # and its range products would be one path otherwise)
         m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd)
-        m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base),
-                     checker.win_limit.eq(self.win_limit)]
+        m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base[:A + 1]),
+                     checker.win_limit.eq(self.win_limit[:A + 1])]
         m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]
         # the command's address and refused flag wait beside the checks: in one register when
         # the next command cannot enter before the verdict is out, else in a register per stage
         v_valid, v_carry = v_in, v_info
         if beats_per_cmd >= CommandChecker.LATENCY:
-            v_carry = Signal(33, name="v_info")
+            v_carry = Signal(A + 1, name="v_info")
             with m.If(v_in):
                 m.d.sync += v_carry.eq(v_info)
         for stage in range(CommandChecker.LATENCY):
@@ -358,7 +363,7 @@ class NPUCore(wiring.Component):
             m.d.sync += valid_q.eq(v_valid & ~stopped)
             v_valid = valid_q
             if beats_per_cmd < CommandChecker.LATENCY:
-                carry_q = Signal(33, name=f"v_info{stage + 1}")
+                carry_q = Signal(A + 1, name=f"v_info{stage + 1}")
                 m.d.sync += carry_q.eq(v_carry)
                 v_carry = carry_q
         m.d.comb += [vq.w_en.eq(v_valid & ~stopped), vq.w_data.eq(Cat(checker.verdict, v_carry)), f_got.eq(v_valid)]
@@ -369,20 +374,20 @@ class NPUCore(wiring.Component):
         queues, unit_ranges = {}, {}
         for u, unit in units.items():
             ranges = unit_ranges[u] = isa.field_ranges(isa.unit_opcodes(u))
-            width = sum(w for _, w in ranges) + 32
+            width = sum(w for _, w in ranges) + A
             q = SyncFIFOBuffered(width=width, depth=cfg.queue_depth) if cfg.queue_depth else _Handover(width)
             m.submodules[f"{u.name.lower()}_q"] = queues[u] = q
-            packed = q.r_data[:-32]
+            packed = q.r_data[:-A]
             m.d.comb += [unit.commands.payload.cmd.eq(unpack_fields(packed, ranges)),
-                         unit.commands.payload.addr.eq(q.r_data[-32:]),
+                         unit.commands.payload.addr.eq(q.r_data[-A:]),
                          unit.commands.valid.eq(q.r_rdy), q.r_en.eq(unit.commands.ready)]
 
         # ---------------- dispatcher --------------------------------------------------------
         # the verdict buffer's head is the command buffer's head (written LATENCY cycles earlier)
         cmd = unpack_fields(fq.r_data, fetch_ranges)
         verdict = vq.r_data[0:8]
-        cmd_addr = vq.r_data[8:40]
-        fetch_refused = vq.r_data[40]
+        cmd_addr = vq.r_data[8:8 + A]
+        fetch_refused = vq.r_data[8 + A]
         op = cmd[0:8]
         sync_unit = fld(cmd, isa.Opcode.SYNC, "unit")
         target = Signal(range(len(isa.UNIT_CHAIN)))       # the unit that takes the command
@@ -392,7 +397,7 @@ class NPUCore(wiring.Component):
                     m.d.comb += target.eq(u)
             with m.Case(isa.Opcode.SYNC):
                 m.d.comb += target.eq(sync_unit)
-        dispatched = Signal(32)
+        dispatched = Signal(range(max_commands + 1))
         m.d.comb += self.commands.eq(dispatched)
         at_end = Signal()
         units_idle = Signal()
@@ -432,7 +437,7 @@ class NPUCore(wiring.Component):
                 m.d.sync += [b.eq(b + d) for b, d in zip(balance, deltas)]
             with m.Else():
                 m.d.comb += blocked_on_queue.eq(1)
-        blocked_addr = Signal(32)
+        blocked_addr = Signal(A)
         with m.If(head):
             m.d.sync += blocked_addr.eq(cmd_addr)
         # a program that runs out without END
@@ -533,6 +538,9 @@ class NPU(wiring.Component):
             Rg.CONFIG: (Const(config_word, 32), False), Rg.COMMANDS: (core.commands, False),
         }
         m.submodules.regs = regs_block = AxiLiteRegs(regs, Rg.CTRL)
+        # the run registers hold still while the NPU is busy (writes then are dropped): a run
+        # uses the program and window it started with
+        m.d.comb += regs_block.locked.eq(busy)
         for name in regs_block.signature.members:
             if name.startswith("s_axil_"):
                 port = getattr(self, name)

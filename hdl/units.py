@@ -28,7 +28,7 @@ from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "pack_fields", "unpack_fields", "QUEUE_ENTRY", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
+__all__ = ["command_layout", "pack_fields", "unpack_fields", "QUEUE_ENTRY", "queue_entry", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
            "burst_len", "ceil_div_pow2", "pick_slice", "VectorUnit", "Requantizer"]
 
 
@@ -58,9 +58,15 @@ def unpack_fields(packed, ranges):
     return Cat(*parts)
 
 
-#: An entry of a unit's command queue: the command and the address it was fetched from (the
-#: address an error of the command is reported at).
-QUEUE_ENTRY = data.StructLayout({"cmd": unsigned(isa.COMMAND_BITS), "addr": unsigned(32)})
+def queue_entry(addr_bits=32):
+    """An entry of a unit's command queue: the command and the address it was fetched from (the
+    address an error of the command is reported at), ``addr_bits`` wide
+    (``NPUConfig.axi_addr_bits``)."""
+    return data.StructLayout({"cmd": unsigned(isa.COMMAND_BITS), "addr": unsigned(addr_bits)})
+
+
+#: A queue entry of an NPU with 32-bit addresses.
+QUEUE_ENTRY = queue_entry()
 
 #: A unit's side of the token counters. ``have_prev``/``have_next``: the counter its
 #: ``pop_prev``/``pop_next`` flag takes from is not zero. ``pop_*`` take one token (one cycle),
@@ -71,20 +77,20 @@ TOKEN_PORT = wiring.Signature({
 })
 
 
-def unit_members():
-    """The members every unit of the chain has.
+def unit_members(addr_bits=32):
+    """The members every unit of the chain has (``addr_bits``: ``NPUConfig.axi_addr_bits``).
 
-    commands : In(stream of :data:`QUEUE_ENTRY`)   its queue; ready when the unit is free and
+    commands : In(stream of :func:`queue_entry`)   its queue; ready when the unit is free and
                   active, whether or not an entry is valid
     tokens : Out(:data:`TOKEN_PORT`)
     active : In(1)        the core runs (no error, not done): a unit starts nothing otherwise
     stopped : In(1)       the core stopped on an error: a unit drops its command
     idle : Out(1)         nothing held and nothing in flight
     waiting : Out(1)      blocked on a token (the deadlock detector's input)
-    cmd_addr : Out(32)    where the command the unit holds was fetched from
+    cmd_addr : Out(addr_bits)   where the command the unit holds was fetched from
     """
-    return {"commands": In(stream.Signature(QUEUE_ENTRY)), "tokens": Out(TOKEN_PORT),
-            "active": In(1), "stopped": In(1), "idle": Out(1), "waiting": Out(1), "cmd_addr": Out(32)}
+    return {"commands": In(stream.Signature(queue_entry(addr_bits))), "tokens": Out(TOKEN_PORT),
+            "active": In(1), "stopped": In(1), "idle": Out(1), "waiting": Out(1), "cmd_addr": Out(addr_bits)}
 
 
 def take_command(m, unit, prefix):

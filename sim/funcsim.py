@@ -16,8 +16,9 @@ Execution model (the hardware's)
 --------------------------------
 The host writes the program to DRAM and sets PROG_ADDR, PROG_LEN, WIN_BASE and WIN_LIMIT
 (:class:`~fp8npu.hdl.isa.Register`). The program must be 32-byte aligned and lie inside
-``[WIN_BASE, WIN_LIMIT)`` (an empty program: ``WIN_BASE <= PROG_ADDR <= WIN_LIMIT``), else
-FETCH_WINDOW at PROG_ADDR. A dispatcher then fetches the
+``[WIN_BASE, WIN_LIMIT)`` (an empty program: ``WIN_BASE <= PROG_ADDR <= WIN_LIMIT``), and
+the window inside the address space (``WIN_LIMIT <= cfg.address_space``), else FETCH_WINDOW
+at PROG_ADDR. A dispatcher then fetches the
 commands in order, decodes them and applies :func:`~fp8npu.hdl.isa.validate`; the first
 error stops everything, with ERROR_ADDR = the address of that command. A valid command
 enters its unit's FIFO queue (``cfg.queue_depth`` deep, plus the head command the unit
@@ -462,7 +463,8 @@ class _Simulator:
     # ---- main loop ---------------------------------------------------------------------------
     def run(self):
         prog_end = self.prog_addr + self.prog_len * COMMAND_BYTES
-        if self.prog_addr % COMMAND_BYTES or self.prog_addr < self.win_base or prog_end > self.win_limit:
+        if (self.prog_addr % COMMAND_BYTES or self.prog_addr < self.win_base or prog_end > self.win_limit
+                or self.win_limit > self.cfg.address_space):
             self._stop(ErrorCode.FETCH_WINDOW, self.prog_addr)
             return self._result()
         pc, pending, state = 0, None, "blocked"
@@ -543,7 +545,7 @@ def run(program, dram, cfg, prog_addr=0, win_base=0, win_limit=None, max_command
     elif prog_len is None:
         raise ValueError("prog_len is required when the program is already in DRAM (program=None)")
     win_limit = len(mem) if win_limit is None else win_limit
-    problem = isa.launch_problem(len(mem), prog_addr, prog_len, win_base, win_limit)
+    problem = isa.launch_problem(len(mem), prog_addr, prog_len, win_base, win_limit, cfg.address_space)
     if problem:
         raise ValueError(problem)
     return _Simulator(mem, cfg, prog_addr, prog_len, win_base, win_limit, max_commands).run()

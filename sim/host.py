@@ -117,7 +117,8 @@ class Driver:
         window ``[win_base, win_limit)`` (default: all of DRAM); return a :class:`RunResult`."""
         t = self.transport
         win_limit = t.memory_bytes if win_limit is None else win_limit
-        problem = isa.launch_problem(t.memory_bytes, prog_addr, prog_len, win_base, win_limit)
+        problem = isa.launch_problem(t.memory_bytes, prog_addr, prog_len, win_base, win_limit,
+                                     self.cfg.address_space)
         if problem:
             raise HostError(problem)
         self.check_config()
@@ -141,12 +142,22 @@ class Driver:
         return self.launch(prog_addr, len(program) // isa.COMMAND_BYTES, win_base, win_limit, max_cycles)
 
 
+def _memory_bytes(cfg, memory_bytes):
+    """A simulated DRAM's size: ``memory_bytes``, by default 1 MB or the NPU's whole address
+    space if that is smaller; refused (HostError) if it does not fit the address space."""
+    if memory_bytes is None:
+        return min(1 << 20, cfg.address_space)
+    problem = isa.memory_problem(memory_bytes, cfg.address_space)
+    if problem:
+        raise HostError(problem)
+    return memory_bytes
+
+
 class _Memory:
     """DRAM and a register file kept on the host side, shared by the simulator transports."""
 
     def __init__(self, cfg, memory_bytes, image=b""):
-        if memory_bytes > isa.ADDRESS_SPACE:
-            raise HostError(f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space")
+        memory_bytes = _memory_bytes(cfg, memory_bytes)
         self.cfg = cfg
         self.memory = bytearray(memory_bytes)
         self.memory[:len(image)] = image
@@ -174,7 +185,7 @@ class _Memory:
 class FuncTransport(_Memory):
     """The functional simulator as a transport: a start runs the program at once."""
 
-    def __init__(self, cfg=None, memory_bytes=1 << 20, image=b""):
+    def __init__(self, cfg=None, memory_bytes=None, image=b""):
         super().__init__(cfg or NPUConfig(), memory_bytes, image)
 
     def write_reg(self, reg, value):
@@ -211,11 +222,10 @@ class RTLTransport:
     session (``backpressure``, ``seed``, ``progress``, ``mapped_bytes`` ...).
     """
 
-    def __init__(self, cfg=None, memory_bytes=1 << 20, image=b"", fast=True, waves=False, **options):
-        if memory_bytes > isa.ADDRESS_SPACE:
-            raise HostError(f"a {memory_bytes}-byte DRAM does not fit the 32-bit address space")
+    def __init__(self, cfg=None, memory_bytes=None, image=b"", fast=True, waves=False, **options):
         from .npu_rtl import NPUSimulation
         self.cfg = cfg or NPUConfig()
+        memory_bytes = _memory_bytes(self.cfg, memory_bytes)
         self.memory_bytes = memory_bytes
         image = bytes(image)[:memory_bytes]
         self.sim = NPUSimulation(self.cfg, waves=waves, fast_dram_bytes=memory_bytes if fast else None)

@@ -157,7 +157,8 @@ class NPUSimulation:
                 writes = list(launch)
             regs = dict(writes)
             problem = launch_problem(len(dram), regs.get(Register.PROG_ADDR, 0), regs.get(Register.PROG_LEN, 0),
-                                     regs.get(Register.WIN_BASE, 0), regs.get(Register.WIN_LIMIT, 0))
+                                     regs.get(Register.WIN_BASE, 0), regs.get(Register.WIN_LIMIT, 0),
+                                     self.cfg.address_space)
             if problem:
                 raise ValueError(problem)
             checked.append({"writes": [[int(r), int(v)] for r, v in writes]})
@@ -311,7 +312,8 @@ class RTLSession:
         writes = [[int(r), int(v)] for r, v in writes]
         regs = dict(writes)
         problem = launch_problem(self.size, regs.get(Register.PROG_ADDR, 0), regs.get(Register.PROG_LEN, 0),
-                                 regs.get(Register.WIN_BASE, 0), regs.get(Register.WIN_LIMIT, 0))
+                                 regs.get(Register.WIN_BASE, 0), regs.get(Register.WIN_LIMIT, 0),
+                                 self.sim.cfg.address_space)
         if problem:
             raise ValueError(problem)
         stop = threading.Event()

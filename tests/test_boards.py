@@ -45,8 +45,12 @@ def test_too_large_is_refused_before_building():
     with pytest.raises(BoardError, match="does not fit"):
         boards.build(board, big, "/nonexistent/never-made")
     assert boards.fit_problem(board.config, board) is None
-    small = boards.fit_problem(board.config, BOARDS["icebreaker"])
+    small = boards.fit_problem(replace(board.config, axi_addr_bits=14), BOARDS["icebreaker"])
     assert "no array size fits" in small and "iCE40UP5K" in small
+    # a memory the NPU's addresses cannot reach
+    assert boards.fit_problem(replace(board.config, axi_addr_bits=24), board) == \
+        "the ulx3s-25f's 33,554,432-byte memory needs axi_addr_bits 25 or more, not 24"
+    assert boards.fit_problem(replace(board.config, axi_addr_bits=25), board) is None
 
 
 def test_too_many_multipliers_are_refused_and_mixed_columns_fit():

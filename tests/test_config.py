@@ -10,6 +10,7 @@ def test_defaults_and_geometry():
     assert (cfg.rows, cfg.cols, cfg.line_bytes, cfg.acc_line_values, cfg.bus_bytes) == (8, 8, 8, 8, 8)
     assert NPUConfig(rows=3, cols=5).line_bytes == 8 and NPUConfig(rows=3, cols=5).acc_line_values == 8
     assert NPUConfig(rows=16, cols=1).line_bytes == 16
+    assert NPUConfig().address_space == 1 << 32 and NPUConfig(axi_addr_bits=14).address_space == 16384
 
 
 def test_json_round_trip(tmp_path):
@@ -30,6 +31,9 @@ def test_json_round_trip(tmp_path):
     ({"queue_depth": 3}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not 3$"),
     ({"queue_depth": 128}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not 128$"),
     ({"queue_depth": False}, r"^queue_depth must be 0 \(no queues\) or a power of two from 1 to 64, not False$"),
+    ({"axi_addr_bits": 11}, r"^axi_addr_bits must be an integer from 12 to 32, not 11$"),
+    ({"axi_addr_bits": 33}, r"^axi_addr_bits must be an integer from 12 to 32, not 33$"),
+    ({"axi_addr_bits": "16"}, r"^axi_addr_bits must be an integer from 12 to 32, not '16'$"),
     ({"formats": ("e4m3", "fp4")}, r"^formats must be a non-empty list of distinct names from e4m3, e5m2, "
                                    r"not \('e4m3', 'fp4'\)$"),
     ({"multipliers": "bram"}, r"^multipliers must be one of dsp, lut, mixed, not 'bram'$"),

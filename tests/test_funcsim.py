@@ -337,6 +337,26 @@ def test_fetch_window(prog_addr, win_base, win_limit):
     assert (r.error, r.error_addr, r.commands) == (ErrorCode.FETCH_WINDOW, prog_addr, 0)
 
 
+def test_address_space():
+    """A narrow NPU (axi_addr_bits 14: 16 KB) runs a program and moves data at the top of its
+    address space; the hosts refuse a larger DRAM in one sentence; a window reaching past the
+    address space (only raw register writes can set one) stops the run as it starts."""
+    cfg = NPUConfig(rows=4, cols=4, sp_lines=64, acc_lines=64, axi_addr_bits=14)
+    dram = bytearray(1 << 14)
+    dram[0x3FF0:0x4000] = bytes(range(1, 17))
+    program = b"".join([cmd(Opcode.LOAD, rows=1, row_bytes=16, dram_addr=0x3FF0, sram_addr=1, dst=1),
+                        cmd(Opcode.STORE, rows=1, cols=4, acc_addr=1, dram_addr=0x3FE0), END])
+    r = funcsim.run(program, dram, cfg, 0x1000)
+    assert r.ok and bytes(r.dram[0x3FE0:0x3FF0]) == bytes(range(1, 17))
+    for size in (1 << 15, (1 << 14) + 1):
+        with pytest.raises(ValueError, match=f"^a DRAM of {size:#x} bytes does not fit the NPU's 14-bit address "
+                                             "space \\(at most 16384 bytes; axi_addr_bits sets it\\)$"):
+            funcsim.run(program, bytearray(size), cfg, 0x1000)
+    sim = funcsim._Simulator(bytearray(1 << 15), cfg, 0x1000, 3, 0, (1 << 14) + 32, None)
+    r = sim.run()
+    assert (r.error, r.error_addr, r.commands) == (ErrorCode.FETCH_WINDOW, 0x1000, 0)
+
+
 def test_first_error_wins():
     r = run([SYNC_C, cmd(Opcode.LOAD, rows=1, row_bytes=4, dram_addr=4), bytes(32), END])
     assert (r.error, r.error_addr, r.commands) == (ErrorCode.MISALIGNED, addr_of(1), 1)

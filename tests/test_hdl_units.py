@@ -629,8 +629,79 @@ def test_register_block_decodes_exact_offsets():
         want.update({o: s.init for o, s in ro.items()})
         for a in addrs:
             assert await read(a) == want.get(a, 0), hex(a)
+        # locked: writes are answered and dropped; the strobe still fires
+        ctx.set(dut.locked, 1)
+        for a in (0x00, 0x10, 0x14):
+            assert await write(a, 0x5555) == (a == 0)
+        for a in rw:
+            assert await read(a) == want[a]
 
     sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+async def _axil_write(ctx, dut, addr, value):
+    ctx.set(dut.s_axil_awaddr, addr)
+    ctx.set(dut.s_axil_wdata, value)
+    ctx.set(dut.s_axil_awvalid, 1)
+    ctx.set(dut.s_axil_wvalid, 1)
+    await ctx.tick().until(dut.s_axil_awready)
+    ctx.set(dut.s_axil_awvalid, 0)
+    ctx.set(dut.s_axil_wvalid, 0)
+    ctx.set(dut.s_axil_bready, 1)
+    await ctx.tick().until(dut.s_axil_bvalid)
+    ctx.set(dut.s_axil_bready, 0)
+
+
+async def _axil_read(ctx, dut, addr):
+    ctx.set(dut.s_axil_araddr, addr)
+    ctx.set(dut.s_axil_arvalid, 1)
+    await ctx.tick().until(dut.s_axil_arready)
+    ctx.set(dut.s_axil_arvalid, 0)
+    assert ctx.get(dut.s_axil_rvalid)
+    value = ctx.get(dut.s_axil_rdata)
+    ctx.set(dut.s_axil_rready, 1)
+    await ctx.tick()
+    ctx.set(dut.s_axil_rready, 0)
+    return value
+
+
+def test_npu_address_space_and_run_registers():
+    """An NPU with 14-bit addresses (16 KB): a window reaching past the address space stops
+    the run as it starts (FETCH_WINDOW at the full 32-bit PROG_ADDR), a window ending exactly
+    at 16 KB is allowed, and while the NPU is busy the run registers drop writes (the fetch
+    keeps its request; nothing answers the bus here)."""
+    from fp8npu.hdl.config import NPUConfig
+    from fp8npu.hdl.isa import ErrorCode, Register
+    from fp8npu.hdl.npu import NPU
+    cfg = NPUConfig(rows=2, cols=2, sp_lines=64, acc_lines=16, axi_data_bits=32, queue_depth=0, max_burst=4,
+                    accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
+                    round_stages=1, add_stages=1, rounders=1, multipliers="lut", axi_addr_bits=14)
+    dut = NPU(cfg)
+    assert len(dut.m_axi_araddr) == len(dut.m_axi_awaddr) == 14
+    R = Register
+
+    async def bench(ctx):
+        async def launch(prog_addr, prog_len, win_limit):
+            for reg, value in ((R.PROG_ADDR, prog_addr), (R.PROG_LEN, prog_len), (R.WIN_BASE, 0),
+                               (R.WIN_LIMIT, win_limit), (R.CTRL, 1)):
+                await _axil_write(ctx, dut, reg, value)
+            await ctx.tick().repeat(8)
+            return [await _axil_read(ctx, dut, r) for r in (R.STATUS, R.ERROR, R.ERROR_ADDR)]
+
+        assert await launch(0x1000, 1, 0x4020) == [0b100, ErrorCode.FETCH_WINDOW, 0x1000]
+        assert await launch(0x80000000, 1, 0x4000) == [0b100, ErrorCode.FETCH_WINDOW, 0x80000000]
+        assert await launch(0x4000, 0, 0x4000) == [0b100, ErrorCode.NO_END, 0x4000]
+        status, _, _ = await launch(0x1000, 1, 0x4000)
+        assert status & 1 and ctx.get(dut.m_axi_arvalid) and ctx.get(dut.m_axi_araddr) == 0x1000
+        for reg in (R.PROG_ADDR, R.PROG_LEN, R.WIN_BASE, R.WIN_LIMIT):
+            await _axil_write(ctx, dut, reg, 0xFFFFFFE0)
+        assert [await _axil_read(ctx, dut, r) for r in (R.PROG_ADDR, R.PROG_LEN, R.WIN_BASE, R.WIN_LIMIT)] \
+            == [0x1000, 1, 0, 0x4000]
+
+    sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()

@@ -529,11 +529,11 @@ def test_block_flags_on_the_hardware():
 
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
-#: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns (test_model.py
-#: runs models on it: one build).
+#: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns, 20-bit
+#: addresses (test_model.py runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
-                    round_stages=1, add_stages=1, rounders=1)
+                    round_stages=1, add_stages=1, rounders=1, axi_addr_bits=20)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
@@ -542,7 +542,8 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     functional simulator and the contract; EPILOGUE and BLOCKSCALE stop the NPU with
     BAD_OPCODE and a STORE to E4M3 with BAD_FORMAT, at the command's address, on both engines;
     without queues, the second command for a unit blocked on a token is a DEADLOCK at its
-    address (the unit holds the first)."""
+    address (the unit holds the first); with 20-bit addresses, data moves at the top of the
+    1 MB address space and a LOAD past it is DRAM_WINDOW."""
     rng = np.random.default_rng(77)
     a, b = _codes(rng, (19, 21)), _codes(rng, (21, 5))
     g = build_gemm(TRIMMED, a, b, "e4m3", "e4m3")
@@ -600,3 +601,19 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=3)
     rtl = npu(TRIMMED).run(dram, 0x1000, 3, 0, len(dram), max_cycles=100_000)
     assert rtl.registers["DMA_BYTES"] == fs.dma_bytes == 3 * 32 + 16 + 8
+    # the top of the 20-bit address space: the last 8 bytes loaded into the accumulator and
+    # stored below them; a LOAD past 1 MB is DRAM_WINDOW
+    dram = bytearray(1 << 20)
+    dram[0xFFFF8:] = bytes(range(1, 9))
+    program = b"".join([_cmd(Opcode.LOAD, rows=1, row_bytes=8, dram_addr=0xFFFF8, dst=1, push_next=1),
+                        _cmd(Opcode.SYNC, unit=1, pop_prev=1, push_next=1),
+                        _cmd(Opcode.STORE, rows=1, cols=2, dram_addr=0xFFFF0, pop_prev=1), _cmd(Opcode.END),
+                        _cmd(Opcode.LOAD, rows=1, row_bytes=16, dram_addr=0xFFFF8, dst=1), _cmd(Opcode.END)])
+    dram[0x1000:0x1000 + len(program)] = program
+    fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=4)
+    rtl = npu(TRIMMED).run(dram, 0x1000, 4, 0, len(dram), max_cycles=100_000)
+    assert fs.error == rtl.error == ErrorCode.NONE
+    assert bytes(fs.dram[0xFFFF0:0xFFFF8]) == bytes(rtl.dram[0xFFFF0:0xFFFF8]) == bytes(range(1, 9))
+    fs = funcsim.run(None, dram, TRIMMED, 0x1080, 0, len(dram), prog_len=2)
+    rtl = npu(TRIMMED).run(dram, 0x1080, 2, 0, len(dram), max_cycles=100_000)
+    assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DRAM_WINDOW, 0x1080)

@@ -539,7 +539,7 @@ def test_huge_numbers_never_reach_a_decimal_conversion(tmp_path, capsys):
 
 def test_config_corner_cases(tmp_path):
     for text, message in (('{"rows": ' + "[" * 990 + "]" * 990 + "}", "rows must be an integer|nested too deeply"),
-                          ('{"axi_addr_bits": 32.0}', "axi_addr_bits must be 32, not 32.0"),
+                          ('{"axi_addr_bits": 32.0}', "axi_addr_bits must be an integer from 12 to 32, not 32.0"),
                           ('{"rows": 4, "rows": 8}', "config key 'rows' is given twice")):
         p = tmp_path / "c.json"
         p.write_text(text)
