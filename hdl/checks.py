@@ -75,15 +75,25 @@ class CommandChecker(wiring.Component):
     command stays in its first register until its checks are done, and the checker keeps no
     second copy of it (an NPU whose commands come in two or more bus beats).
 
-    Latency :attr:`LATENCY` cycles; throughput one command per ``spacing`` cycles.
+    ``held``: the command (and ``reserved``) come from a register that holds them for the
+    cycle ``valid`` is high and the next (the fetch assembles commands of several beats in
+    one); the checker registers nothing of the command and its latency is one cycle shorter.
+    ``spacing`` must then be at least 2.
+
+    Latency :attr:`latency` cycles (:attr:`LATENCY`, one less when ``held``); throughput one
+    command per ``spacing`` cycles.
     """
 
-    #: Cycles from a command to its verdict.
+    #: Cycles from a command to its verdict (not held).
     LATENCY = 3
 
-    def __init__(self, cfg, spacing=1):
+    def __init__(self, cfg, spacing=1, held=False):
+        if held and spacing < 2:
+            raise ValueError("a held command needs commands at least 2 cycles apart")
         self.cfg = cfg
         self.spacing = spacing
+        self.held = held
+        self.latency = self.LATENCY - 1 if held else self.LATENCY
         super().__init__({"valid": In(1), "cmd": In(CMD), "reserved": In(1), "win_base": In(cfg.axi_addr_bits + 1),
                           "win_limit": In(cfg.axi_addr_bits + 1),
                           "verdict": Out(8)})
@@ -94,10 +104,14 @@ class CommandChecker(wiring.Component):
         Op, E = isa.Opcode, isa.ErrorCode
         # stage 0: the command's field bits (isa.field_ranges) and its reserved flag, registered
         ranges = isa.field_ranges(list(Op))
-        cmd0 = Signal(CMD, name="v_cmd0")
-        reserved0 = Signal(name="v_reserved0")
-        with m.If(self.valid):
-            m.d.sync += [cmd0.eq(unpack_fields(pack_fields(self.cmd, ranges), ranges)), reserved0.eq(self.reserved)]
+        if self.held:               # the caller's register is the first
+            cmd0, reserved0 = self.cmd, self.reserved
+        else:
+            cmd0 = Signal(CMD, name="v_cmd0")
+            reserved0 = Signal(name="v_reserved0")
+            with m.If(self.valid):
+                m.d.sync += [cmd0.eq(unpack_fields(pack_fields(self.cmd, ranges), ranges)),
+                             reserved0.eq(self.reserved)]
         # stage A: the command and the products of its range checks
         for name in ("rows", "dram_addr", "dram_stride"):
             assert command_layout(Op.LOAD)[name].offset == command_layout(Op.STORE)[name].offset, name

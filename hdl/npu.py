@@ -250,9 +250,10 @@ class NPUCore(wiring.Component):
         m.d.comb += [load.r.valid.eq(ax("rvalid") & (ax("rid") == 1)), load.r.payload.eq(ax("rdata"))]
         f_r_ready = Signal()
         m.d.comb += ax("rready").eq(Mux(ax("rid") == 0, f_r_ready, load.r.ready) | stopped)
-        # a beat with SLVERR or DECERR. Fetch beats are always taken (f_r_ready is 1), and a refused
-        # LOAD beat stops the core whether or not the load unit takes it in this cycle: neither
-        # depends on the load unit's ready, whose line arithmetic is a long path.
+        # a beat with SLVERR or DECERR. A fetch beat's is noted as the beat is taken (f_r_ready
+        # is a register's), and a refused LOAD beat stops the core whether or not the load unit
+        # takes it in this cycle: neither depends on the load unit's ready, whose line
+        # arithmetic is a long path.
         r_refused = ax("rvalid") & (ax("rresp") != 0)
         # bytes moved: a bus word per read beat (fetch and LOAD) and per write beat (STORE)
         w_fire = ax("wvalid") & ax("wready")
@@ -265,11 +266,11 @@ class NPUCore(wiring.Component):
                 m.d.comb += getattr(store, name).eq(getattr(self, name))
 
         # ---------------- fetch ------------------------------------------------------------
-        # A fetched command is buffered as it is assembled (the ISA's field bits only: reserved
+        # A fetched command is buffered when it is complete (the ISA's field bits only: reserved
         # bits are checked as the beats arrive) and enters the checks at the same time; its
         # verdict, its address and whether the bus refused a beat (reported as BUS_ERROR when the
-        # command reaches the dispatcher, in program order) follow CommandChecker.LATENCY cycles
-        # later into a second buffer.
+        # command reaches the dispatcher, in program order) follow the checker's latency later
+        # into a second buffer.
         fetch_ranges = isa.field_ranges(list(isa.Opcode))
         fetch_bits = sum(w for _, w in fetch_ranges)
         # as deep as a unit's queue, from 2 (so one command is fetched while another waits) to 4.
@@ -281,8 +282,8 @@ class NPUCore(wiring.Component):
         fetch_depth = max(2, min(4, cfg.queue_depth))
         if beats_per_cmd == 1:
             fetch_depth = max(3, fetch_depth)
-        # two buffers in step: the commands' field bits, written as a command is assembled, and
-        # (CommandChecker.LATENCY cycles later) each command's verdict, address and refused flag;
+        # two buffers in step: the commands' field bits, written when a command is complete, and
+        # (the checker's latency later) each command's verdict, address and refused flag;
         # so no register carries a command through the checker's stages
         m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits, depth=fetch_depth)
         m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + A + 1, depth=fetch_depth)
@@ -316,53 +317,62 @@ class NPUCore(wiring.Component):
         # assemble beats into commands (v_in: one is complete). Each beat is written to its own
         # place (no shift register), so only the bits of the ISA's fields are kept; whether a beat
         # sets a bit reserved for the command's opcode (from the first beat) is found as it arrives.
+        # A command of one beat (a 256-bit bus) enters the checker as it arrives, and the checker
+        # registers it. A command of several beats is assembled in one register that is the
+        # checker's input (the checker keeps no copy): v_in, the command's address and its flags
+        # are registered with its last beat, and the fetch takes no beat in the cycle after, so
+        # the register holds the command for both of the checker's cycles.
+        held = beats_per_cmd > 1
         v_in, v_cmd, v_info, v_reserved = Signal(), Signal(CMD), Signal(A + 1), Signal()
         f_beat = Signal(range(beats_per_cmd + 1))
         f_recv = Signal(range(max_commands + 1))     # commands fetched so far
         f_bad = Signal()             # a beat of the command being assembled was refused
         f_addr = (self.prog_addr + (f_recv << 5))[:A]
         rdata = ax("rdata")
-        m.d.comb += f_r_ready.eq(1)
-        with m.If(r_fetch & ~stopped):
-            if beats_per_cmd == 1:
+        m.d.comb += f_r_ready.eq(~v_in if held else 1)
+        if held:
+            m.d.sync += v_in.eq(0)
+        with m.If(r_fetch & f_r_ready & ~stopped):
+            if not held:
                 m.d.comb += [v_in.eq(1), v_cmd.eq(rdata[0:CMD]), v_info.eq(Cat(f_addr, r_refused)),
                              v_reserved.eq(reserved_set(rdata[0:CMD], rdata[0:8]))]
                 m.d.sync += f_recv.eq(f_recv + 1)
             else:
-                f_buf = Signal(CMD - D)      # the beats before the last
-                f_op = f_buf[0:8]
+                f_op = v_cmd[0:8]
                 f_resv = Signal()            # an earlier beat set a reserved bit
                 beat_resv = reserved_set(rdata, Mux(f_beat == 0, rdata[0:8], f_op), f_beat)
                 with m.Switch(f_beat):
-                    for i in range(beats_per_cmd - 1):
+                    for i in range(beats_per_cmd):
                         with m.Case(i):
-                            m.d.sync += f_buf[i * D:(i + 1) * D].eq(rdata)
+                            m.d.sync += v_cmd[i * D:(i + 1) * D].eq(rdata)
                 m.d.sync += f_beat.eq(f_beat + 1)
                 with m.If(f_beat == beats_per_cmd - 1):
-                    m.d.comb += [v_in.eq(1), v_cmd.eq(Cat(f_buf, rdata)), v_info.eq(Cat(f_addr, f_bad | r_refused)),
+                    m.d.sync += [v_in.eq(1), v_info.eq(Cat(f_addr, f_bad | r_refused)),
                                  v_reserved.eq(f_resv | beat_resv)]
                     m.d.sync += [f_beat.eq(0), f_recv.eq(f_recv + 1), f_bad.eq(0), f_resv.eq(0)]
                 with m.Else():
                     m.d.sync += [f_bad.eq(f_bad | r_refused), f_resv.eq(f_resv | beat_resv)]
 
-        # the checker registers the assembled command as it enters (the last beat's assembly
-        # and its range products would be one path otherwise)
-        m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd)
+        # the checker registers a command of one beat as it enters (the assembly and the range
+        # products would be one path otherwise)
+        m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd, held=held)
         m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base[:A + 1]),
                      checker.win_limit.eq(self.win_limit[:A + 1])]
         m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]
-        # the command's address and refused flag wait beside the checks: in one register when
-        # the next command cannot enter before the verdict is out, else in a register per stage
+        # the command's address and refused flag wait beside the checks: in their assembly
+        # register (a held command: the next one is complete no earlier than its verdict), else
+        # in one register when the next command cannot enter before the verdict is out, else in
+        # a register per stage
         v_valid, v_carry = v_in, v_info
-        if beats_per_cmd >= CommandChecker.LATENCY:
+        if not held and beats_per_cmd >= checker.latency:
             v_carry = Signal(A + 1, name="v_info")
             with m.If(v_in):
                 m.d.sync += v_carry.eq(v_info)
-        for stage in range(CommandChecker.LATENCY):
+        for stage in range(checker.latency):
             valid_q = Signal(name=f"v_valid{stage + 1}")
             m.d.sync += valid_q.eq(v_valid & ~stopped)
             v_valid = valid_q
-            if beats_per_cmd < CommandChecker.LATENCY:
+            if beats_per_cmd < checker.latency:
                 carry_q = Signal(A + 1, name=f"v_info{stage + 1}")
                 m.d.sync += carry_q.eq(v_carry)
                 v_carry = carry_q
@@ -383,7 +393,7 @@ class NPUCore(wiring.Component):
                          unit.commands.valid.eq(q.r_rdy), q.r_en.eq(unit.commands.ready)]
 
         # ---------------- dispatcher --------------------------------------------------------
-        # the verdict buffer's head is the command buffer's head (written LATENCY cycles earlier)
+        # the verdict buffer's head is the command buffer's head (written the checker's latency earlier)
         cmd = unpack_fields(fq.r_data, fetch_ranges)
         verdict = vq.r_data[0:8]
         cmd_addr = vq.r_data[8:8 + A]

@@ -467,13 +467,15 @@ def _checker_command(rng, cfg):
     return bytes(cmd)
 
 
-@pytest.mark.parametrize("kind, spacing", [("sequential 8x8 bus 64", 1), ("block 5x3 bus 32, E4M3 only", 2),
-                                           ("sequential 4x4 bus 64, no vector unit, no FP8 stores", 1)])
-def test_command_checker_alone(kind, spacing, rng):
+@pytest.mark.parametrize("kind, spacing, held", [("sequential 8x8 bus 64", 1, False),
+                                                 ("block 5x3 bus 32, E4M3 only", 2, False),
+                                                 ("block 5x3 bus 32, E4M3 only", 3, True),
+                                                 ("sequential 4x4 bus 64, no vector unit, no FP8 stores", 1, False)])
+def test_command_checker_alone(kind, spacing, held, rng):
     """CommandChecker in the Amaranth simulator, a command every ``spacing`` cycles (random
-    commands without ``valid`` between them), against isa.validate (the functional
-    simulator's checks) on 3,000 random commands and two DMA windows: the same error code for
-    every command."""
+    commands without ``valid`` between them; a held command stays on the input for the cycle
+    after ``valid`` too), against isa.validate (the functional simulator's checks) on 3,000
+    random commands and two DMA windows: the same error code for every command."""
     from fp8npu.hdl import isa
     from fp8npu.hdl.checks import CommandChecker
     from fp8npu.hdl.config import NPUConfig
@@ -487,7 +489,7 @@ def test_command_checker_alone(kind, spacing, rng):
     windows = [(0, 1 << 20), (4096, 40_000)]
     n = 1500
     commands = [_checker_command(rng, cfg) for _ in range(n * len(windows))]
-    dut = CommandChecker(cfg, spacing=spacing)
+    dut = CommandChecker(cfg, spacing=spacing, held=held)
     got = []
     from fp8npu.hdl.checks import _reserved_mask
     built = [o for o in isa.Opcode if cfg.vector_unit or o not in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE)]
@@ -496,7 +498,8 @@ def test_command_checker_alone(kind, spacing, rng):
         return int(word[0] in built and int.from_bytes(word, "little") & _reserved_mask(isa.Opcode(word[0])) != 0)
 
     async def bench(ctx):
-        L = CommandChecker.LATENCY
+        L = dut.latency
+        assert L == (2 if held else 3)
         for w, (base, limit) in enumerate(windows):
             ctx.set(dut.win_base, base)
             ctx.set(dut.win_limit, limit)
@@ -505,7 +508,8 @@ def test_command_checker_alone(kind, spacing, rng):
             for t in range(n * spacing + L):
                 i = t // spacing
                 enter = t % spacing == 0 and i < n
-                word = part[i] if enter else _checker_command(rng, cfg)
+                kept = held and t % spacing == 1 and i < n
+                word = part[i] if enter or kept else _checker_command(rng, cfg)
                 ctx.set(dut.valid, enter)
                 ctx.set(dut.cmd, int.from_bytes(word, "little"))
                 ctx.set(dut.reserved, reserved(word))
