@@ -22,7 +22,9 @@ Block diagram::
 
 * **Fetch** reads the program (``PROG_ADDR``, ``PROG_LEN`` commands of 32 bytes) with AXI
   ID 0 into a buffer of ``queue_depth`` entries, at least 2 and at most 4 (at least 3 on a
-  256-bit bus, where a command is one beat).
+  256-bit bus, where a command is one beat; none at ``queue_depth`` 0 when a command is
+  several beats: the dispatcher takes it from the register it was assembled in, and the next
+  command is requested after that).
 * **Dispatcher** takes each command with the verdict of the :class:`~.checks.CommandChecker`
   (the rules of :func:`fp8npu.hdl.isa.validate` in the same order, on the way from fetch to the
   dispatcher), then queues it for its unit, or stops with the error code and the command's
@@ -99,6 +101,27 @@ class _Handover(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         m.d.comb += [self.r_data.eq(self.w_data), self.r_rdy.eq(self.w_en), self.w_rdy.eq(self.r_en)]
+        return m
+
+
+class _FetchSlot(Elaboratable):
+    """The fetch buffer when there is none (``queue_depth`` 0 and commands of several beats):
+    the ports of a ``SyncFIFOBuffered`` of one entry that is the writer's data itself. The
+    fetch holds that data still until the entry is read, as it requests the next command only
+    then (``w_level`` counts the entry)."""
+
+    def __init__(self, width):
+        self.w_data, self.w_en, self.w_rdy, self.w_level = Signal(width), Signal(), Signal(), Signal(range(2))
+        self.r_data, self.r_en, self.r_rdy = Signal(width), Signal(), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        full = Signal()
+        with m.If(self.w_en):
+            m.d.sync += full.eq(1)
+        with m.Elif(self.r_en):
+            m.d.sync += full.eq(0)
+        m.d.comb += [self.r_data.eq(self.w_data), self.r_rdy.eq(full), self.w_rdy.eq(~full), self.w_level.eq(full)]
         return m
 
 
@@ -277,16 +300,24 @@ class NPUCore(wiring.Component):
         # The buffer is written without a ready test (requests are only made while it has room
         # for their commands), and a SyncFIFOBuffered of depth 2 takes no write in the cycle
         # after one: so when a command is one beat (a 256-bit bus) and commands can arrive back
-        # to back, it is at least 3 deep.
+        # to back, it is at least 3 deep. Without queues (queue_depth 0) and with commands of
+        # several beats there is no buffer: the dispatcher takes the command from the fetch's
+        # assembly register, and the next command is requested when it has taken it.
         beats_per_cmd = max(CMD // D, 1)
         fetch_depth = max(2, min(4, cfg.queue_depth))
         if beats_per_cmd == 1:
             fetch_depth = max(3, fetch_depth)
+        elif cfg.queue_depth == 0:
+            fetch_depth = 1
         # two buffers in step: the commands' field bits, written when a command is complete, and
         # (the checker's latency later) each command's verdict, address and refused flag;
         # so no register carries a command through the checker's stages
-        m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits, depth=fetch_depth)
-        m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + A + 1, depth=fetch_depth)
+        if fetch_depth == 1:
+            m.submodules.fetch_q = fq = _FetchSlot(fetch_bits)
+            m.submodules.verdict_q = vq = _FetchSlot(8 + A + 1)
+        else:
+            m.submodules.fetch_q = fq = SyncFIFOBuffered(width=fetch_bits, depth=fetch_depth)
+            m.submodules.verdict_q = vq = SyncFIFOBuffered(width=8 + A + 1, depth=fetch_depth)
         f_inflight = Signal(4)       # commands requested, not yet in the buffer
         f_started = Signal()
         prog_end = Signal(38)        # PROG_ADDR + 32 x PROG_LEN, never truncated
