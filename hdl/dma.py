@@ -155,12 +155,18 @@ class LoadUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [left.eq(left - blen), i_addr.eq(i_addr + (blen << (B.bit_length() - 1)))]
 
-        # receive side: chunks of U = min(line, bus) bytes
+        # receive side: chunks of U = min(line, bus) bytes, into scratchpad or accumulator lines;
+        # the row being received, the bytes of it not yet received (a register: the row's end is
+        # one comparison of it) and the line address are counted once for both
         recv_done = Signal(name="ld_recv_done")
+        count = {"c_row": Signal(16, name="ld_c_row"), "rem": Signal(16, name="ld_rem"),
+                 "line_addr": Signal(16, name="ld_line_addr")}
+        with m.If(first):
+            m.d.sync += [count["c_row"].eq(0), count["rem"].eq(cur.row_bytes), count["line_addr"].eq(cur.sram_addr)]
         self._line_assembler(m, "sp", cfg.line_bytes, self.sp_write, cur.dst == 0, cur, xfer, got_beat,
-                             recv_done, first, Const(0, 1))
+                             recv_done, first, Const(0, 1), count)
         self._line_assembler(m, "acc", cfg.acc_line_bytes, self.acc_write, cur.dst == 1, cur, xfer, got_beat,
-                             recv_done, first, self.acc_busy)
+                             recv_done, first, self.acc_busy, count)
         with m.If(first):
             m.d.sync += first.eq(0)
         with m.If(xfer & recv_done & ~first):
@@ -173,20 +179,18 @@ class LoadUnit(wiring.Component):
         m.d.comb += self.idle.eq(~busy)
         return m
 
-    def _line_assembler(self, m, name, L, wport, selected, cur, xfer, got_beat, recv_done, first, port_taken):
-        """Turn incoming R beats into SRAM lines of ``L`` bytes for the LOAD in ``cur``."""
+    def _line_assembler(self, m, name, L, wport, selected, cur, xfer, got_beat, recv_done, first, port_taken,
+                        count):
+        """Turn incoming R beats into SRAM lines of ``L`` bytes for the LOAD in ``cur`` (when
+        ``selected``), with the row, remainder and line counters of ``count``."""
         B = self.cfg.bus_bytes
         U = min(L, B)
-        c_row = Signal(16, name=f"{name}_c_row")       # row being received
-        rem = Signal(16, name=f"{name}_rem")           # bytes of the row not yet received (a register:
-        #                                                the row's end is one comparison of it)
+        c_row, rem, line_addr = count["c_row"], count["rem"], count["line_addr"]
         c_beat = Signal(range(B // U + 1), name=f"{name}_c_beat")   # chunk within beat
         c_line = Signal(range(L // U + 1), name=f"{name}_c_line")   # chunk within line
-        line_addr = Signal(16, name=f"{name}_line_addr")
         line = Signal(8 * L, name=f"{name}_line")
         with m.If(first & selected):
-            m.d.sync += [c_row.eq(0), rem.eq(cur.row_bytes), c_beat.eq(0), c_line.eq(0), line_addr.eq(cur.sram_addr),
-                         line.eq(0)]
+            m.d.sync += [c_beat.eq(0), c_line.eq(0), line.eq(0)]
         active_here = xfer & selected & ~first & (c_row < cur.rows)
         # the chunk of the current beat, masked to the bytes inside the row
         rdata = self.r.payload
