@@ -96,19 +96,23 @@ _ULX3S_PROGRAM = ("openFPGALoader", "--board", "ulx3s", "{bitstream}")
 # 3 Mbaud (10 clocks per bit) on the FT231X, the fastest it runs.
 _ULX3S = dict(clock_hz=30_000_000, sdram="MT48LC16M16A2")
 _SDRAM_BYTES = 32 << 20
+# Each board's NPU addresses its memory and no more (axi_addr_bits: 25 for 32 MB, 15 for 32 KB):
+# narrower address registers and DMA arithmetic, and a run whose window lies past the memory
+# stops as it starts (FETCH_WINDOW) instead of at its first access.
+_A_SDRAM = (_SDRAM_BYTES - 1).bit_length()
 BOARDS = {b.name: b for b in (
-    Board("ulx3s-85f", "Radiona ULX3S, LFE5U-85F", "ulx3s:ULX3S_85F_Platform", "LFE5U-85F", _small(8, 8),
+    Board("ulx3s-85f", "Radiona ULX3S, LFE5U-85F", "ulx3s:ULX3S_85F_Platform", "LFE5U-85F", _small(8, 8, axi_addr_bits=_A_SDRAM),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
-    Board("ulx3s-45f", "Radiona ULX3S, LFE5U-45F", "ulx3s:ULX3S_45F_Platform", "LFE5U-45F", _small(4, 4),
+    Board("ulx3s-45f", "Radiona ULX3S, LFE5U-45F", "ulx3s:ULX3S_45F_Platform", "LFE5U-45F", _small(4, 4, axi_addr_bits=_A_SDRAM),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
-    Board("ulx3s-25f", "Radiona ULX3S, LFE5U-25F", "ulx3s:ULX3S_25F_Platform", "LFE5U-25F", _small(2, 2),
+    Board("ulx3s-25f", "Radiona ULX3S, LFE5U-25F", "ulx3s:ULX3S_25F_Platform", "LFE5U-25F", _small(2, 2, axi_addr_bits=_A_SDRAM),
           _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S),
-    Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F", _TRIMMED_2X2,
-          _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
+    Board("ulx3s-12f", "Radiona ULX3S, LFE5U-12F", "ulx3s:ULX3S_12F_Platform", "LFE5U-12F",
+          replace(_TRIMMED_2X2, axi_addr_bits=_A_SDRAM), _SDRAM_BYTES, 3_000_000, _ULX3S_PROGRAM, ".bit", **_ULX3S,
           notes="no vector unit and no FP8 stores: the host applies scales and bias and converts "
                 "results, fine-grained block scaling included; one rounder for both columns"),
     Board("orangecrab-25f", "OrangeCrab r0.2, LFE5U-25F", "orangecrab_r0_2:OrangeCrabR0_2_25FPlatform", "LFE5U-25F",
-          _small(2, 2), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
+          _small(2, 2, axi_addr_bits=15), 32768, 1_000_000, ("dfu-util", "--alt", "0", "--download", "{bitstream}"), ".bit",
           uart_pins=("0", "1"), clock_hz=30_000_000,
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
@@ -118,9 +122,9 @@ BOARDS = {b.name: b for b in (
           1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
-                "register in its rounding and its addition, no command queues) synthesizes to 6.3k LUT4 and "
-                "3.9k flip-flops, which nextpnr packs into 8.9k logic cells without the board design; the "
-                "iCE40UP5K has 5,280"),
+                "register in its rounding and its addition, no command queues, 14 address bits) synthesizes to "
+                "5.6k LUT4 and 3.0k flip-flops, which nextpnr packs into 7.6k logic cells without the board "
+                "design; the iCE40UP5K has 5,280"),
 )}
 
 

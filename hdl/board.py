@@ -38,6 +38,7 @@ from amaranth.lib.wiring import In, Out
 
 from .axi import ID_BITS, axi4_master_members, axil_slave_members, bridge_port_members, flip
 from .config import NPUConfig
+from .isa import memory_problem
 from .npu import NPU
 
 __all__ = ["SYNC_REQUEST", "SYNC_RESPONSE", "MAX_PAYLOAD", "INFO_BYTES", "PROTOCOL_VERSION", "Op", "Status",
@@ -555,6 +556,9 @@ class BoardSoC(wiring.Component):
             memory_bytes = self.sdram.bytes
         if memory_bytes < B or memory_bytes % B or memory_bytes & (memory_bytes - 1):
             raise ValueError(f"the board memory must be a power of two of at least {B} bytes, not {memory_bytes}")
+        problem = memory_problem(memory_bytes, self.cfg.address_space)
+        if problem:                 # the NPU could not reach all of its memory
+            raise ValueError(problem)
         divisor = round(clock_hz / baud)
         if divisor < 4 or abs(clock_hz / divisor - baud) > 0.02 * baud:
             raise ValueError(f"a {clock_hz / 1e6:g} MHz clock cannot make {baud:,} baud within 2 % (the UART "

@@ -633,7 +633,7 @@ def memory_problem(memory_bytes, address_space=ADDRESS_SPACE):
     if memory_bytes > address_space:
         bits = address_space.bit_length() - 1
         return (f"a DRAM of {_show_int(memory_bytes)} bytes does not fit the NPU's {bits}-bit address space "
-                f"(at most {address_space} bytes; axi_addr_bits sets it)")
+                f"(at most {address_space:#x} bytes; axi_addr_bits sets it)")
     return None
 
 

@@ -41,6 +41,10 @@ class BoardSimulation:
         from fp8npu.hdl.board import BoardSoC
         self.cfg = cfg or NPUConfig()
         problem = hardware_problem(self.cfg)
+        if not problem:
+            from fp8npu.hdl.isa import memory_problem
+            from fp8npu.hdl.sdram import CHIPS
+            problem = memory_problem(CHIPS[sdram].bytes if sdram else memory_bytes, self.cfg.address_space)
         if problem:
             raise RTLError(problem)
         self.divisor = divisor

@@ -3,6 +3,8 @@ bridge protocol, the board memory, and programs and compiled models run through 
 driver and runtime as on a board, bit for bit equal to the functional simulator, with and
 without a noisy line."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,11 @@ from fp8npu.sim import funcsim, golden
 from fp8npu.sim.board_sim import BoardSimulation
 from fp8npu.sim.host import Driver, HostError, NoisyPort, SerialTransport
 from fp8npu.sim.reference import reference_gemm
+from fp8npu.sim.rtl import RTLError
 
 CFG = NPUConfig(rows=2, cols=2, sp_lines=256, acc_lines=64, queue_depth=2, accumulation="block", acc_block=4,
-                formats=("e4m3",), vector_lanes=1, store_lanes=1)
-MEMORY = 16384
+                formats=("e4m3",), vector_lanes=1, store_lanes=1, axi_addr_bits=14)
+MEMORY = 16384                  # 2^14 bytes: the NPU addresses the board memory and no more, as on a board
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,18 @@ def _answer(port):
     rest = port.read(length + 2)
     assert hb.crc16(head[1:] + rest[:length]) == int.from_bytes(rest[length:], "little")
     return head[1], head[2], rest[:length]
+
+
+def test_board_design_refuses_what_it_cannot_build():
+    """One sentence each: a memory size the bus cannot address, a baud rate the clock cannot
+    make, a memory past the NPU's address space."""
+    with pytest.raises(ValueError, match="must be a power of two of at least 8 bytes, not 3000"):
+        hb.BoardSoC(CFG, memory_bytes=3000)
+    with pytest.raises(ValueError, match="cannot make 3,000,000 baud within 2 %"):
+        hb.BoardSoC(CFG, memory_bytes=MEMORY, clock_hz=10_000_000, baud=3_000_000)
+    with pytest.raises(ValueError, match=r"a DRAM of 0x8000 bytes does not fit the NPU.s 14-bit address space \(at most 0x4000 bytes; "):
+        hb.BoardSoC(CFG, memory_bytes=2 * MEMORY)
+    hb.BoardSoC(CFG, memory_bytes=MEMORY)
 
 
 def test_crc_is_ccitt_false():
@@ -142,18 +157,21 @@ def test_gemm_on_an_sdram_board():
     equals the functional simulator bit for bit (the chip starts with random contents)."""
     from fp8npu.hdl.sdram import CHIPS
     chip = CHIPS["MT48LC16M16A2"]
-    with BoardSimulation(CFG, sdram=chip.name, timeout=5.0) as board:
+    with pytest.raises(RTLError, match="does not fit the NPU's 14-bit address space"):
+        BoardSimulation(CFG, sdram=chip.name)
+    cfg = replace(CFG, axi_addr_bits=25)                # 32 MB
+    with BoardSimulation(cfg, sdram=chip.name, timeout=5.0) as board:
         link = SerialTransport(board.port(), quiet=0.05)
         assert link.memory_bytes == chip.bytes
         link.write(chip.bytes - 300, bytes(range(256)) + bytes(44))
         assert link.read(chip.bytes - 300, 300) == bytes(range(256)) + bytes(44)
         a, b, g, bias = _gemm(6)
         n = len(g.dram)
-        driver = Driver(link, CFG)
+        driver = Driver(link, cfg)
         driver.write(0, bytes(g.dram))
         result = driver.launch(g.prog_addr, g.prog_len, 0, n)
         got = driver.read(0, n)
-    fs = funcsim.run(None, bytes(g.dram), CFG, g.prog_addr, 0, n, prog_len=g.prog_len)
+    fs = funcsim.run(None, bytes(g.dram), cfg, g.prog_addr, 0, n, prog_len=g.prog_len)
     print(f"GEMM over the SDRAM board: {n} DRAM bytes compared with the functional simulator")
     assert result.error == ErrorCode.NONE and result.ok
     assert got == fs.dram[:n]

@@ -53,6 +53,13 @@ def test_too_large_is_refused_before_building():
     assert boards.fit_problem(replace(board.config, axi_addr_bits=25), board) is None
 
 
+def test_each_board_addresses_its_memory_and_no_more():
+    """A board's default NPU has the address bits its memory needs: wider would be logic spent
+    on addresses that reach nothing; narrower is refused."""
+    for board in BOARDS.values():
+        assert board.config.address_space == board.memory_bytes, board.name
+
+
 def test_too_many_multipliers_are_refused_and_mixed_columns_fit():
     """An array needing more hardware multipliers than the device has is refused before a
     build, naming the way out; with some columns' products in logic it fits."""

@@ -350,7 +350,7 @@ def test_address_space():
     assert r.ok and bytes(r.dram[0x3FE0:0x3FF0]) == bytes(range(1, 17))
     for size in (1 << 15, (1 << 14) + 1):
         with pytest.raises(ValueError, match=f"^a DRAM of {size:#x} bytes does not fit the NPU's 14-bit address "
-                                             "space \\(at most 16384 bytes; axi_addr_bits sets it\\)$"):
+                                             "space \\(at most 0x4000 bytes; axi_addr_bits sets it\\)$"):
             funcsim.run(program, bytearray(size), cfg, 0x1000)
     sim = funcsim._Simulator(bytearray(1 << 15), cfg, 0x1000, 3, 0, (1 << 14) + 32, None)
     r = sim.run()
