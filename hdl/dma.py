@@ -38,7 +38,7 @@ __all__ = ["LoadUnit", "StoreUnit", "LoadState", "StoreState", "axi_write_member
 
 CMD = isa.COMMAND_BITS
 
-def read_request(addr_bits=32):
+def read_request(addr_bits):
     """An AXI4 read request of the load unit: start address (``addr_bits`` wide) and AxLEN
     (beats - 1)."""
     return data.StructLayout({"addr": addr_bits, "len": 8})
@@ -74,7 +74,7 @@ class LoadUnit(wiring.Component):
 
     Members (besides :func:`~.units.unit_members`)
     ------------------------------------------------
-    ar : Out(stream of read_request())    AXI4 read requests (the core adds ID, size, burst)
+    ar : Out(stream of read_request(axi_addr_bits))   AXI4 read requests (the core adds ID, size, burst)
     r : In(stream of axi_data_bits)       the read data of this unit's requests, in order
     sp_write : write port of the scratchpad (a line per write)
     acc_write : write port of the accumulator (a line per write)

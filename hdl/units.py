@@ -7,7 +7,7 @@ ISA tables (:data:`fp8npu.hdl.isa.FIELDS`): a unit reads ``cmd.rows``, ``cmd.src
 
 Every unit of the chain (:data:`fp8npu.hdl.isa.UNIT_CHAIN`: :class:`~.dma.LoadUnit`,
 :class:`~.compute.ComputeUnit`, :class:`~.dma.StoreUnit`) has the members of
-:func:`unit_members`: a command stream from its queue (:data:`QUEUE_ENTRY` payloads), a token
+:func:`unit_members`: a command stream from its queue (:func:`queue_entry` payloads), a token
 port (:data:`TOKEN_PORT`) that the core wires to the counters of
 :data:`fp8npu.hdl.isa.TOKEN_OF_FLAG`, and the run control and status the core's dispatcher
 and deadlock detector need. A fourth unit joins by having these members and taking its place
@@ -28,7 +28,7 @@ from .fpconv import FP32ToFP8
 from .fpmul32 import STAGE_REGS as MUL_REGS
 from .fpmul32 import fp32_mul
 
-__all__ = ["command_layout", "pack_fields", "unpack_fields", "QUEUE_ENTRY", "queue_entry", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
+__all__ = ["command_layout", "pack_fields", "unpack_fields", "queue_entry", "TOKEN_PORT", "unit_members", "take_command", "tokens_ready",
            "burst_len", "ceil_div_pow2", "pick_slice", "VectorUnit", "Requantizer"]
 
 
@@ -58,15 +58,12 @@ def unpack_fields(packed, ranges):
     return Cat(*parts)
 
 
-def queue_entry(addr_bits=32):
+def queue_entry(addr_bits):
     """An entry of a unit's command queue: the command and the address it was fetched from (the
     address an error of the command is reported at), ``addr_bits`` wide
     (``NPUConfig.axi_addr_bits``)."""
     return data.StructLayout({"cmd": unsigned(isa.COMMAND_BITS), "addr": unsigned(addr_bits)})
 
-
-#: A queue entry of an NPU with 32-bit addresses.
-QUEUE_ENTRY = queue_entry()
 
 #: A unit's side of the token counters. ``have_prev``/``have_next``: the counter its
 #: ``pop_prev``/``pop_next`` flag takes from is not zero. ``pop_*`` take one token (one cycle),
@@ -77,7 +74,7 @@ TOKEN_PORT = wiring.Signature({
 })
 
 
-def unit_members(addr_bits=32):
+def unit_members(addr_bits):
     """The members every unit of the chain has (``addr_bits``: ``NPUConfig.axi_addr_bits``).
 
     commands : In(stream of :func:`queue_entry`)   its queue; ready when the unit is free and
