@@ -236,6 +236,25 @@ def npu_synth_line(cfg, pnr=None, progress=None, seeds=1):
     return row, line
 
 
+def command_rate(cfg, commands=64):
+    """Clock cycles per command that the NPU of ``cfg`` fetches, checks and dispatches, on its
+    RTL (Verilator): a run of ``commands`` SYNC commands against one of twice as many, so the
+    start and the END cancel out. It is the rate at which commands that cost their unit no time
+    pass; on a bus narrower than a command it is bound by the fetch."""
+    from fp8npu.hdl import isa
+    from fp8npu.sim.npu_rtl import NPUSimulation
+    sim = NPUSimulation(cfg)
+    cycles = []
+    for n in (commands, 2 * commands):
+        program = isa.encode_program([(isa.Opcode.SYNC, {"unit": 0})] * n + [(isa.Opcode.END, {})])
+        dram = bytearray(4096) + program
+        run = sim.run(dram, 4096, n + 1, 0, len(dram), max_cycles=100 * n + 10_000)
+        if run.error != isa.ErrorCode.NONE:
+            raise RuntimeError(f"the SYNC run stopped with {run.error.name}")
+        cycles.append(run.registers["CYCLES"])
+    return (cycles[1] - cycles[0]) / commands
+
+
 #: Where the NPU's logic goes: (group, module path prefixes), the first match wins.
 NPU_PARTS = (
     ("processing elements (block mode)", ("top.core.compute_unit.array.pe_",)),

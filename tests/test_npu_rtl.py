@@ -623,3 +623,13 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     fs = funcsim.run(None, dram, TRIMMED, 0x1080, 0, len(dram), prog_len=2)
     rtl = npu(TRIMMED).run(dram, 0x1080, 2, 0, len(dram), max_cycles=100_000)
     assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DRAM_WINDOW, 0x1080)
+
+
+def test_command_rate():
+    """Cycles per command through fetch, checks and dispatch (bench.command_rate, a run of SYNC
+    commands): on the 64-bit bus the four beats of a command and the cycle the fetch pauses
+    while the checker reads the assembled command; on the trimmed NPU's 32-bit bus without
+    queues or fetch buffer, eight beats and the dispatch before the next request."""
+    from fp8npu.compiler.bench import command_rate
+    assert command_rate(CFG) == 5
+    assert command_rate(TRIMMED) == 14
