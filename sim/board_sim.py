@@ -41,14 +41,14 @@ class BoardSimulation:
         from fp8npu.hdl.board import BoardSoC
         self.cfg = cfg or NPUConfig()
         problem = hardware_problem(self.cfg)
-        if not problem:
-            from fp8npu.hdl.isa import memory_problem
-            from fp8npu.hdl.sdram import CHIPS
-            problem = memory_problem(CHIPS[sdram].bytes if sdram else memory_bytes, self.cfg.address_space)
         if problem:
             raise RTLError(problem)
         self.divisor = divisor
         baud = SIM_CLOCK_HZ // divisor
+        try:            # the board design's own checks (memory size and reach, baud), before a build
+            BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram=sdram)
+        except ValueError as exc:
+            raise RTLError(str(exc)) from None
         self.model = RTLModel(lambda: BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram=sdram),
                               f"board_{self.cfg.rows}x{self.cfg.cols}" + ("_sdram" if sdram else ""),
                               identity=f"BoardSoC {memory_bytes} {SIM_CLOCK_HZ} {baud} {sdram} {self.cfg.to_json()}")
