@@ -548,28 +548,47 @@ class BoardSoC(wiring.Component):
 
     def __init__(self, cfg=None, memory_bytes=65536, clock_hz=25_000_000, baud=1_000_000, timeout_bits=200,
                  sdram=None):
-        from .sdram import CHIPS, sdram_pin_members
+        from .sdram import sdram_pin_members
         self.cfg = cfg or NPUConfig()
-        B = self.cfg.bus_bytes
-        self.sdram = CHIPS[sdram] if isinstance(sdram, str) else sdram
+        problem = self.problem(self.cfg, memory_bytes, clock_hz, baud, sdram)
+        if problem:
+            raise ValueError(problem)
+        self.sdram = self._chip(sdram)
         if self.sdram is not None:
             memory_bytes = self.sdram.bytes
-        if memory_bytes < B or memory_bytes % B or memory_bytes & (memory_bytes - 1):
-            raise ValueError(f"the board memory must be a power of two of at least {B} bytes, not {memory_bytes}")
-        problem = memory_problem(memory_bytes, self.cfg.address_space)
-        if problem:                 # the NPU could not reach all of its memory
-            raise ValueError(problem)
         divisor = round(clock_hz / baud)
-        if divisor < 4 or abs(clock_hz / divisor - baud) > 0.02 * baud:
-            raise ValueError(f"a {clock_hz / 1e6:g} MHz clock cannot make {baud:,} baud within 2 % (the UART "
-                             f"divides the clock by a whole number of at least 4): choose a baud rate such as "
-                             f"{clock_hz // max(4, divisor):,}")
         self.memory_bytes, self.clock_hz, self.baud, self.divisor = memory_bytes, clock_hz, baud, divisor
         self.timeout = timeout_bits * divisor
         members = {"rx": In(1), "tx": Out(1, init=1), "leds": Out(8)}
         if self.sdram is not None:
             members.update(sdram_pin_members(self.sdram))
         super().__init__(members)
+
+    @staticmethod
+    def _chip(sdram):
+        from .sdram import CHIPS
+        return CHIPS[sdram] if isinstance(sdram, str) else sdram
+
+    @classmethod
+    def problem(cls, cfg, memory_bytes, clock_hz, baud, sdram=None):
+        """None if this board design can be built, else one sentence saying why not: a memory
+        that is not a power of two of whole bus words, a memory the NPU cannot address, a baud
+        rate the clock cannot make."""
+        B = cfg.bus_bytes
+        chip = cls._chip(sdram)
+        if chip is not None:
+            memory_bytes = chip.bytes
+        if memory_bytes < B or memory_bytes % B or memory_bytes & (memory_bytes - 1):
+            return f"the board memory must be a power of two of at least {B} bytes, not {memory_bytes}"
+        problem = memory_problem(memory_bytes, cfg.address_space)
+        if problem:                 # the NPU could not reach all of its memory
+            return problem
+        divisor = round(clock_hz / baud)
+        if divisor < 4 or abs(clock_hz / divisor - baud) > 0.02 * baud:
+            return (f"a {clock_hz / 1e6:g} MHz clock cannot make {baud:,} baud within 2 % (the UART divides "
+                    f"the clock by a whole number of at least 4): choose a baud rate such as "
+                    f"{clock_hz // max(4, divisor):,}")
+        return None
 
     def elaborate(self, platform):
         from .sdram import SDRAMController, sdram_pin_members

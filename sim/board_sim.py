@@ -45,10 +45,10 @@ class BoardSimulation:
             raise RTLError(problem)
         self.divisor = divisor
         baud = SIM_CLOCK_HZ // divisor
-        try:            # the board design's own checks (memory size and reach, baud), before a build
-            BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram=sdram)
-        except ValueError as exc:
-            raise RTLError(str(exc)) from None
+        # the board design's own checks (memory size and reach, baud), before a build
+        problem = BoardSoC.problem(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram)
+        if problem:
+            raise RTLError(problem)
         self.model = RTLModel(lambda: BoardSoC(self.cfg, memory_bytes, SIM_CLOCK_HZ, baud, sdram=sdram),
                               f"board_{self.cfg.rows}x{self.cfg.cols}" + ("_sdram" if sdram else ""),
                               identity=f"BoardSoC {memory_bytes} {SIM_CLOCK_HZ} {baud} {sdram} {self.cfg.to_json()}")

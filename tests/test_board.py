@@ -61,6 +61,10 @@ def test_board_design_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match=r"a DRAM of 0x8000 bytes does not fit the NPU.s 14-bit address space \(at most 0x4000 bytes; "):
         hb.BoardSoC(CFG, memory_bytes=2 * MEMORY)
     hb.BoardSoC(CFG, memory_bytes=MEMORY)
+    # the same checks without building anything (the simulated board asks before its build)
+    assert hb.BoardSoC.problem(CFG, MEMORY, 25_000_000, 1_000_000) is None
+    assert "cannot make 3,000,000 baud" in hb.BoardSoC.problem(CFG, MEMORY, 10_000_000, 3_000_000)
+    assert "does not fit the NPU" in hb.BoardSoC.problem(CFG, 0, 45_000_000, 3_000_000, sdram="MT48LC16M16A2")
 
 
 def test_crc_is_ccitt_false():
