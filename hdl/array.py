@@ -160,7 +160,9 @@ class BlockArray(wiring.Component):
     multipliers or in LUTs), for the whole array or as one form per column (a tuple: an array
     larger than the FPGA's multiplier count puts some columns on multipliers, the rest in LUTs).
 
-    Latency :attr:`latency` = R + 1 + :attr:`~.blockpe.BlockPE.LATENCY` + ``round_stages`` +
+    ``pe_stages`` (1..3, default :attr:`~.blockpe.BlockPE.LATENCY`) is each PE's latency.
+
+    Latency :attr:`latency` = R + 1 + ``pe_stages`` + ``round_stages`` +
     ``add_stages`` + ``passes`` - 1 cycles from ``in_valid`` to ``out_valid``; throughput one
     row (R x C MACs) per cycle, a commit row one per ``passes`` cycles.
 
@@ -174,11 +176,11 @@ class BlockArray(wiring.Component):
     acc_rd_en : Out(1), acc_rd_addr : Out(addr_bits), acc_data : In(32 * C)
     out_valid, out_commit : Out(1), out_addr : Out(addr_bits), out_acc : Out(32 * C)
     part_we : Out(1), part_wr_addr : Out(addr_bits), out_part : Out(C * part_bits)   the new partial line,
-              R + 1 + BlockPE.LATENCY cycles after ``in_valid``
+              R + 1 + pe_stages cycles after ``in_valid``
     """
 
     def __init__(self, rows, cols, acc_block=128, round_stages=4, add_stages=5, product="dsp", formats=("e4m3",),
-                 addr_bits=16, rounders=0):
+                 addr_bits=16, rounders=0, pe_stages=BlockPE.LATENCY):
         if add_stages not in (1, 2, 3, 4, 5):
             raise ValueError(f"add_stages must be 1 to 5, not {add_stages!r}")
         if not (isinstance(rounders, int) and 0 <= rounders <= cols):
@@ -193,6 +195,9 @@ class BlockArray(wiring.Component):
         self.part_flags = ("nan", "neg_zero") + (("pos_inf", "neg_inf") if nums.e5m2 else ())
         self.part_bits = pb = pw + len(self.part_flags)
         self.round_stages, self.add_stages = round_stages, add_stages
+        if pe_stages not in (1, 2, 3):
+            raise ValueError(f"pe_stages must be 1, 2 or 3, not {pe_stages!r}")
+        self.pe_stages = pe_stages
         products = (product,) * cols if isinstance(product, str) else tuple(product)
         if len(products) != cols or any(p not in PRODUCTS for p in products):
             raise ValueError(f"product must be one of {', '.join(PRODUCTS)} or one of them per column "
@@ -202,7 +207,7 @@ class BlockArray(wiring.Component):
                              f"{product!r}")
         self.product = product
         self.products = products
-        self.latency = rows + 1 + BlockPE.LATENCY + round_stages + add_stages + self.passes - 1
+        self.latency = rows + 1 + pe_stages + round_stages + add_stages + self.passes - 1
         super().__init__({
             "in_valid": In(1), "in_a": In(8 * rows), "in_fmt": In(1), "in_k": In(range(rows + 1)),
             "in_addr": In(addr_bits), "in_swap": In(1), "in_accum": In(1), "in_commit": In(1), "in_fresh": In(1),
@@ -272,7 +277,7 @@ class BlockArray(wiring.Component):
             load = ctrl[kk]["valid"] & ctrl[kk]["swap"]
             row = []
             for j in range(C):
-                pe = BlockPE(width, self.products[j], formats)
+                pe = BlockPE(width, self.products[j], formats, self.pe_stages)
                 m.submodules[f"pe_{kk}_{j}"] = pe
                 connect(pe, "w", shadow[kk][col_at[j]:col_at[j + 1]], col_fields[j], col_fields[j])
                 connect(pe, "a", a, a_fields, col_fields[j])
@@ -287,7 +292,7 @@ class BlockArray(wiring.Component):
             above = row
 
         # below the columns. Stage R + PE latency: the column sums; the partial line read a cycle before.
-        bottom = R + BlockPE.LATENCY
+        bottom = R + self.pe_stages
         m.d.comb += [self.part_rd_en.eq(ctrl[bottom - 1]["valid"] & ctrl[bottom - 1]["accum"]),
                      self.part_rd_addr.eq(ctrl[bottom - 1]["addr"])]
         at = ctrl[bottom]

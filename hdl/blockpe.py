@@ -40,8 +40,9 @@ BlockPE ports
                       -0; the top of a column feeds 1, an idle slot keeps it)
 ==============  ====  ==================================================================
 
-Latency :attr:`BlockPE.LATENCY` = 3 cycles from the activation (the product or its parts, the
-product, the sum) and 1 cycle from ``psum_in``: the PE below takes its activation one cycle
+Latency ``stages`` cycles from the activation (:attr:`BlockPE.LATENCY` = 3 by default: the
+product or its parts, the product, the sum; 2 leaves out the first register, 1 both) and 1
+cycle from ``psum_in``: the PE below takes its activation one cycle
 later, so a column is skewed one cycle per row, like the sequential array. Throughput one
 activation per cycle. ``width`` = product bits (36, or 64 with E5M2) + log2 of the column
 height + 1 holds any column sum exactly (:func:`column_width`). The weight loaded with
@@ -160,16 +161,20 @@ class FP8Decode(wiring.Component):
 class BlockPE(wiring.Component):
     """One processing element of the block-accumulation array (see the module docstring)."""
 
-    #: Cycles from an activation to its product in ``psum_out``.
+    #: Cycles from an activation to its product in ``psum_out`` (the default ``stages``).
     LATENCY = 3
 
-    def __init__(self, width=None, product="dsp", formats=("e4m3",)):
+    def __init__(self, width=None, product="dsp", formats=("e4m3",), stages=LATENCY):
         if product not in PRODUCTS:
             raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, not {product!r}")
+        if stages not in (1, 2, 3):
+            raise ValueError(f"stages must be 1, 2 or 3, not {stages!r}")
         self.numbers = nums = block_numbers(formats)
         self.fields = decoded_fields(product, formats)
         self.width = width = width or column_width(16, formats)
         self.product = product
+        #: cycles from an activation to its product in ``psum_out``
+        self.latency = stages
         members = {"w_load": In(1), "a_valid": In(1), "a_valid_out": Out(1)}
         for name, bits in self.fields:
             members.update({f"w_{name}": In(bits), f"a_{name}": In(bits), f"a_{name}_out": Out(bits)})
@@ -184,6 +189,7 @@ class BlockPE(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         nums = self.numbers
+        regs = self.latency - 1          # registers between the operands and the adder
         fields = [name for name, _ in self.fields]
         w = {name: Signal.like(getattr(self, f"w_{name}"), name=f"w_{name}_q") for name in fields}
         a = {name: getattr(self, f"a_{name}") for name in fields}
@@ -192,7 +198,8 @@ class BlockPE(wiring.Component):
         # pass the activation along the row
         m.d.sync += [self.a_valid_out.eq(self.a_valid)]
         m.d.sync += [getattr(self, f"a_{name}_out").eq(a[name]) for name in fields]
-        # stage 1: the product (or its parts) and its flags, registered; stage 2: the product
+        # (3 stages) stage 1: the product (or its parts) and its flags, registered; stage 2: the
+        # product. Fewer stages leave out the first register, then the second.
         valid = self.a_valid
         sign = a["sign"] ^ w["sign"]
         nan_now = a["nan"] | w["nan"]
@@ -205,20 +212,29 @@ class BlockPE(wiring.Component):
         now["nan"] = valid & nan_now
         late = {}
         for name, value in now.items():
-            s1, s2 = Signal(name=f"{name}1"), Signal(name=name)
-            m.d.sync += [s1.eq(value), s2.eq(s1)]
-            late[name] = s2
-        product = Signal(nums.product_bits)
+            for n in range(regs):
+                r = Signal(name=f"{name}{n + 1}" if n + 1 < regs else name)
+                m.d.sync += r.eq(value)
+                value = r
+            late[name] = value
+
+        def stage(value, name, registered):
+            """``value``, behind a register if ``registered``."""
+            if not registered:
+                return value
+            r = Signal.like(value, name=name)
+            m.d.sync += r.eq(value)
+            return r
         if self.product == "dsp":
-            raw = Signal(2 * MAG_BITS)                   # a MULT18X18D, then two registers
-            m.d.sync += [raw.eq(Mux(valid, a["mag"] * w["mag"], 0)), product.eq(raw)]
+            # a MULT18X18D, then up to two registers
+            raw = stage(Mux(valid, a["mag"] * w["mag"], 0)[:2 * MAG_BITS], "raw", regs == 2)
+            product = stage(raw, "product", regs >= 1)
         else:
             # the 4x4 significand product and the sum of the shifts, then the shift into place
-            sig = Signal(8)
-            shift = Signal(nums.exp_bits + 1)
             partial = [Mux(w["man"][i], a["man"] << i, 0) for i in range(4)]   # in LUTs, not on a multiplier
-            m.d.sync += [sig.eq(Mux(valid, partial[0] + partial[1] + partial[2] + partial[3], 0)),
-                         shift.eq(a["exp"] + w["exp"]), product.eq(sig << shift)]
+            sig = stage(Mux(valid, partial[0] + partial[1] + partial[2] + partial[3], 0)[:8], "sig", regs == 2)
+            shift = stage((a["exp"] + w["exp"])[:nums.exp_bits + 1], "shift", regs == 2)
+            product = stage((sig << shift)[:nums.product_bits], "product", regs >= 1)
         # stage 3: one adder, psum_in from the PE above. A negative product is added as its one's
         # complement (~p = -p - 1); the missing +1s are counted down the column in ``negs`` and
         # added once below the array.

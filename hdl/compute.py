@@ -77,7 +77,7 @@ class ComputeUnit(wiring.Component):
             # exact partial sums beside the accumulator lines; the array reads and writes them
             m.submodules.array = arr = BlockArray(R, C, cfg.acc_block, cfg.round_stages, cfg.add_stages,
                                                  product=cfg.column_products, formats=cfg.formats, addr_bits=aw,
-                                                 rounders=cfg.rounders)
+                                                 rounders=cfg.rounders, pe_stages=cfg.pe_stages)
             m.submodules.part = part = Memory(shape=len(arr.out_part), depth=cfg.acc_lines, init=[])
             part_w, part_r = part.write_port(), part.read_port()
             m.d.comb += [part_r.addr.eq(arr.part_rd_addr), arr.part_data.eq(part_r.data), arr.acc_data.eq(acc_r.data),

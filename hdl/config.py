@@ -102,6 +102,12 @@ class NPUConfig:
     fp8_store : bool
         Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
         BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
+    pe_stages : int
+        Block mode: cycles of each processing element, 1..3 (default 3): the product formed
+        and registered in two steps, then added to the column's sum. 2 forms the product in
+        one step, 1 adds it to the column's sum in the cycle it is formed (no product
+        registers: for a slowly clocked iCE40, where each register is a logic cell). Results
+        are the same; the array's latency is ``rows + block_fill``.
     round_stages, add_stages : int
         Block mode: pipeline registers below each column, in the rounding of the exact block
         sum (0..4) and in the binary32 accumulation (1..5). The defaults (4 and 5) are for the
@@ -134,6 +140,7 @@ class NPUConfig:
     store_lanes: int = 0
     vector_unit: bool = True
     fp8_store: bool = True
+    pe_stages: int = 3
     round_stages: int = 4
     add_stages: int = 5
     rounders: int = 0
@@ -186,11 +193,15 @@ class NPUConfig:
             if not v and getattr(self, lanes):
                 raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
                                  f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
+        integer("pe_stages", 1, 3)
         integer("round_stages", 0, 4)
         integer("add_stages", 1, 5)
         if self.accumulation != "block" and (self.round_stages, self.add_stages) != (4, 5):
             raise ValueError(f"round_stages and add_stages apply to accumulation 'block'; sequential mode "
                              f"takes 4 and 5, not {self.round_stages} and {self.add_stages}")
+        if self.accumulation != "block" and self.pe_stages != 3:
+            raise ValueError(f"pe_stages applies to accumulation 'block'; sequential mode takes 3, not "
+                             f"{self.pe_stages}")
         v = self.rounders
         if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.cols):
             raise ValueError(f"rounders must be an integer from 0 (one per column) to cols ({self.cols}), not {_short(v)}")
@@ -262,7 +273,7 @@ class NPUConfig:
     def block_fill(self):
         """Block mode: cycles the array takes beyond ``rows`` (hdl.array.BlockArray.latency -
         rows): the column's partial read, the PEs, the rounding and the binary32 addition."""
-        return 1 + 3 + self.round_stages + self.add_stages + self.round_passes - 1
+        return 1 + self.pe_stages + self.round_stages + self.add_stages + self.round_passes - 1
 
     @property
     def round_passes(self):

@@ -196,15 +196,16 @@ def test_block_round_against_the_golden_rounding():
         assert len(got) == len(totals) > 1300
 
 
+@pytest.mark.parametrize("stages", (3, 2, 1))
 @pytest.mark.parametrize("product", PRODUCTS)
-def test_pe_product_on_every_pair_of_codes(product):
+def test_pe_product_on_every_pair_of_codes(product, stages):
     """One PE on all 65,536 (weight, activation) E4M3 code pairs: psum_out + negs_out is the
     exact product in units of 2^-18 (golden.block_partial), the NaN flag and the negative-zero
     flag as the golden model says; a PE above it feeds a fixed partial sum that must come
-    through."""
+    through. For each PE latency (``pe_stages``)."""
     width = column_width(16)
     m = Module()
-    m.submodules.pe = pe = BlockPE(width, product)
+    m.submodules.pe = pe = BlockPE(width, product, stages=stages)
     m.submodules.dw = dw = FP8Decode()
     m.submodules.da = da = FP8Decode()
     for name, _ in decoded_fields(product):
@@ -218,10 +219,10 @@ def test_pe_product_on_every_pair_of_codes(product):
             ctx.set(pe.w_load, 1)
             await ctx.tick()
             ctx.set(pe.w_load, 0)
-            for a in range(256 + BlockPE.LATENCY - 1):
+            for a in range(256 + pe.latency - 1):
                 ctx.set(da.code, a & 0xFF)
                 await ctx.tick()
-                if a >= BlockPE.LATENCY - 1:
+                if a >= pe.latency - 1:
                     got.append((ctx.get(pe.psum_out) + ctx.get(pe.negs_out) + 12345, ctx.get(pe.nan_out),
                                 ctx.get(pe.neg_zero_out)))
 

@@ -404,10 +404,11 @@ def test_npu_benchmark_runs_on_the_default_array_in_both_modes():
 # ---- block accumulation (docs/numerics.md section 3) ----------------------------------------------
 BLOCK = NPUConfig(rows=4, cols=4, sp_lines=1024, acc_lines=256, queue_depth=4, accumulation="block", acc_block=8,
                   formats=("e4m3",), vector_lanes=3)
-#: ... with two rounders for three columns (the second column's alone), no rounding registers
+#: ... with two rounders for three columns (the second column's alone), no rounding registers,
+#: PEs of two cycles
 BLOCK_5x3 = NPUConfig(rows=5, cols=3, sp_lines=256, acc_lines=64, axi_data_bits=32, queue_depth=2,
                       accumulation="block", acc_block=4, formats=("e4m3",), multipliers="mixed", dsp_columns=1,
-                      store_lanes=2, rounders=2, round_stages=0, add_stages=2)
+                      store_lanes=2, rounders=2, round_stages=0, add_stages=2, pe_stages=2)
 #: block mode with both formats (products in LUTs, partial sums in units of 2^-32); three
 #: rounders for four columns (infinity and NaN flags held for the second pass)
 BLOCK_BOTH = NPUConfig(rows=3, cols=4, sp_lines=512, acc_lines=128, axi_data_bits=32, queue_depth=4,
@@ -497,11 +498,12 @@ def test_block_accumulation_gemms(name):
 
 def test_block_array_latency_is_the_functional_simulators():
     from fp8npu.hdl.array import BlockArray
-    for rows, cols, rs, ad in ((4, 4, 4, 5), (5, 3, 4, 5), (16, 16, 4, 5), (2, 2, 0, 1), (3, 2, 2, 3)):
+    for rows, cols, rs, ad, ps in ((4, 4, 4, 5, 3), (5, 3, 4, 5, 2), (16, 16, 4, 5, 3), (2, 2, 0, 1, 1),
+                                   (3, 2, 2, 3, 2)):
         for rounders in {0, 1, (cols + 1) // 2}:
             cfg = NPUConfig(rows=rows, cols=cols, accumulation="block", round_stages=rs, add_stages=ad,
-                            rounders=rounders)
-            arr = BlockArray(rows, cols, cfg.acc_block, rs, ad, rounders=rounders)
+                            rounders=rounders, pe_stages=ps)
+            arr = BlockArray(rows, cols, cfg.acc_block, rs, ad, rounders=rounders, pe_stages=ps)
             arr._MustUse__silence = True
             assert arr.latency == rows + cfg.block_fill
 
@@ -535,11 +537,11 @@ def test_block_flags_on_the_hardware():
 
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
-#: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns, 20-bit
-#: addresses (test_model.py runs models on it: one build).
+#: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns, PEs
+#: of one cycle, 20-bit addresses (test_model.py runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
-                    round_stages=1, add_stages=1, rounders=1, axi_addr_bits=20)
+                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, axi_addr_bits=20)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
