@@ -54,7 +54,7 @@ class CommandChecker(wiring.Component):
     (opcode, reserved bits and field ranges, formats, SRAM ranges, alignment, DMA window), for
     the configuration it is built for. The command is registered as it enters; the
     multiplications of the range checks happen in the second cycle (with the DRAM address plus
-    the bytes of a row), the comparisons in the third.
+    the bytes of a row), the comparisons in the third (both in the second with ``stages`` 1).
 
     Whether the command sets a reserved bit comes with it (``reserved``, from
     :func:`reserved_set`, which the fetch evaluates beat by beat as a command arrives; it
@@ -80,20 +80,26 @@ class CommandChecker(wiring.Component):
     one); the checker registers nothing of the command and its latency is one cycle shorter.
     ``spacing`` must then be at least 2.
 
-    Latency :attr:`latency` cycles (:attr:`LATENCY`, one less when ``held``); throughput one
-    command per ``spacing`` cycles.
+    ``stages``: 2 (the default) as above; 1 makes the multiplications and comparisons in one
+    cycle, without the registers between them (for a slowly clocked FPGA: ``cfg.check_stages``).
+
+    Latency :attr:`latency` cycles (:attr:`LATENCY` with 2 stages, one less with 1 stage, one
+    less when ``held``); throughput one command per ``spacing`` cycles.
     """
 
-    #: Cycles from a command to its verdict (not held).
+    #: Cycles from a command to its verdict (not held, 2 stages).
     LATENCY = 3
 
-    def __init__(self, cfg, spacing=1, held=False):
+    def __init__(self, cfg, spacing=1, held=False, stages=2):
         if held and spacing < 2:
             raise ValueError("a held command needs commands at least 2 cycles apart")
+        if stages not in (1, 2):
+            raise ValueError(f"stages must be 1 or 2, not {stages!r}")
         self.cfg = cfg
         self.spacing = spacing
         self.held = held
-        self.latency = self.LATENCY - 1 if held else self.LATENCY
+        self.stages = stages
+        self.latency = self.LATENCY - (2 - stages) - (1 if held else 0)
         super().__init__({"valid": In(1), "cmd": In(CMD), "reserved": In(1), "win_base": In(cfg.axi_addr_bits + 1),
                           "win_limit": In(cfg.axi_addr_bits + 1),
                           "verdict": Out(8)})
@@ -115,7 +121,7 @@ class CommandChecker(wiring.Component):
         # stage A: the command and the products of its range checks
         for name in ("rows", "dram_addr", "dram_stride"):
             assert command_layout(Op.LOAD)[name].offset == command_layout(Op.STORE)[name].offset, name
-        if self.spacing >= 2:       # the next command enters no earlier than the checks below
+        if self.spacing >= 2 or self.stages == 1:    # the next command enters no earlier than the checks below
             cmd, reserved = cmd0, reserved0
         else:
             cmd = Signal(CMD, name="v_cmd")
@@ -134,7 +140,8 @@ class CommandChecker(wiring.Component):
         st_fmt0, st_cols0 = fld(cmd0, Op.STORE, "fmt"), fld(cmd0, Op.STORE, "cols")
         rows_less0 = (fld(cmd0, Op.LOAD, "rows") - 1)[0:16]      # rows - 1, 16 bits (rows 0 checks no window)
         row_bytes0 = Mux(cmd0[0:8] == Op.LOAD, rb0, Mux(st_fmt0 == 0, st_cols0 << 2, st_cols0))
-        m.d.sync += [
+        stage_a = m.d.sync if self.stages == 2 else m.d.comb
+        stage_a += [
             span_lo.eq(rows_less0 * fld(cmd0, Op.LOAD, "dram_stride")[0:16]),
             span_hi.eq(rows_less0 * fld(cmd0, Op.LOAD, "dram_stride")[16:32]),
             dram_tail.eq(fld(cmd0, Op.LOAD, "dram_addr") + row_bytes0),

@@ -102,6 +102,11 @@ class NPUConfig:
     fp8_store : bool
         Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
         BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
+    check_stages : int
+        Cycles of the command checker after the command's register, 1..2 (default 2): the
+        range checks' multiplications, then the comparisons. 1 makes both in one cycle (no
+        registers between them, for a slowly clocked FPGA); a command's verdict is then a
+        cycle earlier, its checks the same.
     pe_stages : int
         Block mode: cycles of each processing element, 1..3 (default 3): the product formed
         and registered in two steps, then added to the column's sum. 2 forms the product in
@@ -140,6 +145,7 @@ class NPUConfig:
     store_lanes: int = 0
     vector_unit: bool = True
     fp8_store: bool = True
+    check_stages: int = 2
     pe_stages: int = 3
     round_stages: int = 4
     add_stages: int = 5
@@ -193,6 +199,7 @@ class NPUConfig:
             if not v and getattr(self, lanes):
                 raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
                                  f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
+        integer("check_stages", 1, 2)
         integer("pe_stages", 1, 3)
         integer("round_stages", 0, 4)
         integer("add_stages", 1, 5)

@@ -386,7 +386,7 @@ class NPUCore(wiring.Component):
 
         # the checker registers a command of one beat as it enters (the assembly and the range
         # products would be one path otherwise)
-        m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd, held=held)
+        m.submodules.checker = checker = CommandChecker(cfg, spacing=beats_per_cmd, held=held, stages=cfg.check_stages)
         m.d.comb += [checker.valid.eq(v_in), checker.cmd.eq(v_cmd), checker.reserved.eq(v_reserved), checker.win_base.eq(self.win_base[:A + 1]),
                      checker.win_limit.eq(self.win_limit[:A + 1])]
         m.d.comb += [fq.w_en.eq(v_in & ~stopped), fq.w_data.eq(pack_fields(v_cmd, fetch_ranges))]

@@ -467,15 +467,19 @@ def _checker_command(rng, cfg):
     return bytes(cmd)
 
 
-@pytest.mark.parametrize("kind, spacing, held", [("sequential 8x8 bus 64", 1, False),
-                                                 ("block 5x3 bus 32, E4M3 only", 2, False),
-                                                 ("block 5x3 bus 32, E4M3 only", 3, True),
-                                                 ("sequential 4x4 bus 64, no vector unit, no FP8 stores", 1, False)])
-def test_command_checker_alone(kind, spacing, held, rng):
+@pytest.mark.parametrize("kind, spacing, held, stages", [("sequential 8x8 bus 64", 1, False, 2),
+                                                         ("block 5x3 bus 32, E4M3 only", 2, False, 2),
+                                                         ("block 5x3 bus 32, E4M3 only", 3, True, 2),
+                                                         ("block 5x3 bus 32, E4M3 only", 2, True, 1),
+                                                         ("sequential 8x8 bus 64", 1, False, 1),
+                                                         ("sequential 4x4 bus 64, no vector unit, no FP8 stores", 1,
+                                                          False, 2)])
+def test_command_checker_alone(kind, spacing, held, stages, rng):
     """CommandChecker in the Amaranth simulator, a command every ``spacing`` cycles (random
     commands without ``valid`` between them; a held command stays on the input for the cycle
-    after ``valid`` too), against isa.validate (the functional simulator's checks) on 3,000
-    random commands and two DMA windows: the same error code for every command."""
+    after ``valid`` too; the checks in 2 stages or in 1), against isa.validate (the functional
+    simulator's checks) on 3,000 random commands and two DMA windows: the same error code for
+    every command."""
     from fp8npu.hdl import isa
     from fp8npu.hdl.checks import CommandChecker
     from fp8npu.hdl.config import NPUConfig
@@ -489,7 +493,7 @@ def test_command_checker_alone(kind, spacing, held, rng):
     windows = [(0, 1 << 20), (4096, 40_000)]
     n = 1500
     commands = [_checker_command(rng, cfg) for _ in range(n * len(windows))]
-    dut = CommandChecker(cfg, spacing=spacing, held=held)
+    dut = CommandChecker(cfg, spacing=spacing, held=held, stages=stages)
     got = []
     from fp8npu.hdl.checks import _reserved_mask
     built = [o for o in isa.Opcode if cfg.vector_unit or o not in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE)]
@@ -499,7 +503,7 @@ def test_command_checker_alone(kind, spacing, held, rng):
 
     async def bench(ctx):
         L = dut.latency
-        assert L == (2 if held else 3)
+        assert L == (2 if held else 3) - (2 - stages)
         for w, (base, limit) in enumerate(windows):
             ctx.set(dut.win_base, base)
             ctx.set(dut.win_limit, limit)
@@ -682,7 +686,7 @@ def test_npu_address_space_and_run_registers():
     from fp8npu.hdl.npu import NPU
     cfg = NPUConfig(rows=2, cols=2, sp_lines=64, acc_lines=16, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
-                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, multipliers="lut", axi_addr_bits=14)
+                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, multipliers="lut", axi_addr_bits=14)
     dut = NPU(cfg)
     assert len(dut.m_axi_araddr) == len(dut.m_axi_awaddr) == 14
     R = Register

@@ -538,10 +538,10 @@ def test_block_flags_on_the_hardware():
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
 #: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns, PEs
-#: of one cycle, 20-bit addresses (test_model.py runs models on it: one build).
+#: and command checks of one cycle, 20-bit addresses (test_model.py runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
-                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, axi_addr_bits=20)
+                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, axi_addr_bits=20)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
