@@ -449,6 +449,8 @@ def cmd_sim(args):
     r = run.registers
     if args.engine == "func":
         summary = f"estimated cycles {run.cycles:,}"
+    elif not cfg.perf_counters:
+        summary = f"cycles {r[Register.CYCLES]:,} (this NPU is built without its other performance counters)"
     else:
         summary = (f"cycles {r[Register.CYCLES]:,}, MAC ops {r[Register.MAC_BUSY]:,} (utilization "
                    f"{run.utilization:.1%}), DMA bytes {r[Register.DMA_BYTES]:,}, compute stalls {r[Register.STALL]:,}")

@@ -261,7 +261,8 @@ past the memory, nor with a memory larger than the NPU's address space: [`WIN_BA
 (`isa.launch_problem`). The
 simulated DRAMs answer SLVERR to any access past their memory and never wrap an address
 around. The performance counters (`CYCLES`, `MAC_BUSY`, `DMA_BYTES`, `STALL`, `COMMANDS`) are
-32 bits and count modulo 2^32."""
+32 bits and count modulo 2^32. An NPU built with `perf_counters` false (for small FPGAs) has no
+`MAC_BUSY`, `DMA_BYTES` and `STALL` counters: they read 0."""
 
 
 def _assembly():

@@ -118,7 +118,7 @@ BOARDS = {b.name: b for b in (
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
-          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, pe_stages=1, check_stages=1, sp_lines=512, queue_depth=0,
+          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, pe_stages=1, check_stages=1, perf_counters=False, sp_lines=512, queue_depth=0,
                   axi_addr_bits=14), 16384,
           1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",

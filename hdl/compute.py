@@ -211,9 +211,9 @@ class ComputeUnit(wiring.Component):
             m.d.sync += [st_i.eq(st_i + 1), a_line.eq(a_line + mm.a_stride), issue_addr.eq(issue_addr + 1)]
             with m.If(st_i == 0):
                 m.d.sync += shadow_full.eq(0)
-        stalls = self.stalls
-        with m.If(active & ~row_ok & ~(st_busy & ~st_is_mm)):
-            m.d.sync += stalls.eq(stalls + 1)
+        if cfg.perf_counters:
+            with m.If(active & ~row_ok & ~(st_busy & ~st_is_mm)):
+                m.d.sync += self.stalls.eq(self.stalls + 1)
         in_valid = Signal(name="arr_in_valid")
         in_first = Signal(name="arr_in_first")
         in_accum = Signal(name="arr_in_accum")
@@ -232,8 +232,9 @@ class ComputeUnit(wiring.Component):
         else:
             m.d.comb += [arr.in_fmt_a.eq(in_fa), arr.in_fmt_b.eq(in_fb),
                          arr.in_acc.eq(Mux(in_accum, acc_r.data[0:32 * C], 0))]
-        with m.If(in_valid):
-            m.d.sync += self.mac_ops.eq(self.mac_ops + in_k * C)
+        if cfg.perf_counters:
+            with m.If(in_valid):
+                m.d.sync += self.mac_ops.eq(self.mac_ops + in_k * C)
         # A MATMUL finishes in the cycle its last row issues (or at once when m = 0: the loaded
         # weights are then discarded); the next command is taken in that same cycle, so
         # back-to-back MATMULs stream without a bubble.

@@ -102,6 +102,10 @@ class NPUConfig:
     fp8_store : bool
         Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
         BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
+    perf_counters : bool
+        Build the MAC_BUSY, DMA_BYTES and STALL counters (default true). Without them (for
+        small FPGAs) those registers read 0; CYCLES and COMMANDS are always built (the host's
+        watchdog and progress use them).
     check_stages : int
         Cycles of the command checker after the command's register, 1..2 (default 2): the
         range checks' multiplications, then the comparisons. 1 makes both in one cycle (no
@@ -145,6 +149,7 @@ class NPUConfig:
     store_lanes: int = 0
     vector_unit: bool = True
     fp8_store: bool = True
+    perf_counters: bool = True
     check_stages: int = 2
     pe_stages: int = 3
     round_stages: int = 4
@@ -199,6 +204,8 @@ class NPUConfig:
             if not v and getattr(self, lanes):
                 raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
                                  f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
+        if not isinstance(self.perf_counters, bool):
+            raise ValueError(f"perf_counters must be true or false, not {_short(self.perf_counters)}")
         integer("check_stages", 1, 2)
         integer("pe_stages", 1, 3)
         integer("round_stages", 0, 4)

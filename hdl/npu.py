@@ -280,7 +280,8 @@ class NPUCore(wiring.Component):
         r_refused = ax("rvalid") & (ax("rresp") != 0)
         # bytes moved: a bus word per read beat (fetch and LOAD) and per write beat (STORE)
         w_fire = ax("wvalid") & ax("wready")
-        m.d.sync += self.dma_bytes.eq(self.dma_bytes + (Cat(r_fire, 0) + w_fire) * B)
+        if cfg.perf_counters:
+            m.d.sync += self.dma_bytes.eq(self.dma_bytes + (Cat(r_fire, 0) + w_fire) * B)
         # the store unit has the write channels to itself
         for name, member in axi_write_members("m_axi", cfg.axi_data_bits, cfg.axi_addr_bits).items():
             if member.flow == Out:
@@ -574,10 +575,13 @@ class NPU(wiring.Component):
         regs = {
             Rg.STATUS: (status, False), Rg.ERROR: (core.error_code, False), Rg.ERROR_ADDR: (core.error_addr, False),
             Rg.PROG_ADDR: (prog_addr, True), Rg.PROG_LEN: (prog_len, True), Rg.WIN_BASE: (win_base, True),
-            Rg.WIN_LIMIT: (win_limit, True), Rg.CYCLES: (core.cycles, False), Rg.MAC_BUSY: (core.mac_ops, False),
-            Rg.DMA_BYTES: (core.dma_bytes, False), Rg.STALL: (core.stalls, False),
+            Rg.WIN_LIMIT: (win_limit, True), Rg.CYCLES: (core.cycles, False),
             Rg.CONFIG: (Const(config_word, 32), False), Rg.COMMANDS: (core.commands, False),
         }
+        # (without perf_counters those registers are not built and read 0)
+        if cfg.perf_counters:
+            regs.update({Rg.MAC_BUSY: (core.mac_ops, False), Rg.DMA_BYTES: (core.dma_bytes, False),
+                         Rg.STALL: (core.stalls, False)})
         m.submodules.regs = regs_block = AxiLiteRegs(regs, Rg.CTRL)
         # the run registers hold still while the NPU is busy (writes then are dropped): a run
         # uses the program and window it started with

@@ -163,9 +163,10 @@ class Result:
             Register.WIN_BASE: self.win_base,
             Register.WIN_LIMIT: self.win_limit,
             Register.CYCLES: self.cycles,
-            Register.MAC_BUSY: self.mac_ops,
-            Register.DMA_BYTES: self.dma_bytes,
-            Register.STALL: self.stall_cycles,
+            # (not built without perf_counters: they read 0)
+            Register.MAC_BUSY: self.mac_ops if cfg.perf_counters else 0,
+            Register.DMA_BYTES: self.dma_bytes if cfg.perf_counters else 0,
+            Register.STALL: self.stall_cycles if cfg.perf_counters else 0,
             Register.CONFIG: isa.config_word(cfg),
             Register.COMMANDS: self.commands,
         }

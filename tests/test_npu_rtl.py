@@ -15,7 +15,7 @@ import torch
 from fp8npu.compiler.gemm import build_gemm
 from fp8npu.hdl import isa
 from fp8npu.hdl.config import NPUConfig
-from fp8npu.hdl.isa import ErrorCode, Opcode
+from fp8npu.hdl.isa import ErrorCode, Opcode, Register
 from fp8npu.sim import funcsim, golden
 from fp8npu.sim.npu_rtl import NPUSimulation
 from fp8npu.sim.reference import reference_gemm
@@ -62,9 +62,14 @@ def check_gemm(g, want, kind, cfg=CFG, backpressure=0.0, fast=None):
           f"funcsim estimate {fs.cycles}, utilization {rtl.utilization:.1%}")
     assert bad == 0
     assert rtl.dram[:g.win_limit] == fs.dram[:g.win_limit], "RTL and functional simulator DRAM differ"
-    assert rtl.registers["MAC_BUSY"] == fs.mac_ops
     assert rtl.registers["COMMANDS"] == fs.commands
-    assert rtl.utilization == fs.mac_ops / (rtl.cycles * cfg.rows * cfg.cols)
+    if cfg.perf_counters:
+        assert rtl.registers["MAC_BUSY"] == fs.mac_ops
+        assert rtl.utilization == fs.mac_ops / (rtl.cycles * cfg.rows * cfg.cols)
+    else:                   # not built: they read 0, on both engines
+        fs_regs = fs.registers()
+        for name in ("MAC_BUSY", "DMA_BYTES", "STALL"):
+            assert rtl.registers[name] == fs_regs[Register[name]] == 0, name
     return rtl, fs
 
 
@@ -541,7 +546,8 @@ def test_block_flags_on_the_hardware():
 #: and command checks of one cycle, 20-bit addresses (test_model.py runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
-                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, axi_addr_bits=20)
+                    round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, perf_counters=False,
+                    axi_addr_bits=20)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
@@ -602,13 +608,17 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=6)
     rtl = npu(TRIMMED).run(dram, 0x1000, 6, 0, len(dram), max_cycles=100_000)
     assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DEADLOCK, 0x1000 + 32)
-    # DMA_BYTES: the fetched commands, two LOAD rows and a STORE row, a bus word per beat
+    # DMA_BYTES: the fetched commands, two LOAD rows and a STORE row, a bus word per beat (on
+    # a 32-bit NPU with performance counters; this one has none, and reads 0 on both engines)
     program = b"".join([_cmd(Opcode.LOAD, rows=2, row_bytes=8, dram_addr=0x2000, dram_stride=8),
                         _cmd(Opcode.STORE, rows=1, cols=2, dram_addr=0x2100), _cmd(Opcode.END)])
     dram[0x1000:0x1000 + len(program)] = program
-    fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=3)
-    rtl = npu(TRIMMED).run(dram, 0x1000, 3, 0, len(dram), max_cycles=100_000)
-    assert rtl.registers["DMA_BYTES"] == fs.dma_bytes == 3 * 32 + 16 + 8
+    assert not TRIMMED.perf_counters and BLOCK_5x3.perf_counters and BLOCK_5x3.bus_bytes == TRIMMED.bus_bytes
+    for cfg, want in ((TRIMMED, 0), (BLOCK_5x3, 3 * 32 + 16 + 8)):
+        fs = funcsim.run(None, dram, cfg, 0x1000, 0, len(dram), prog_len=3)
+        rtl = npu(cfg).run(dram, 0x1000, 3, 0, len(dram), max_cycles=100_000)
+        assert rtl.registers["DMA_BYTES"] == fs.registers()[Register.DMA_BYTES] == want, cfg
+        assert fs.dma_bytes == 3 * 32 + 16 + 8
     # the top of the 20-bit address space: the last 8 bytes loaded into the accumulator and
     # stored below them; a LOAD past 1 MB is DRAM_WINDOW
     dram = bytearray(1 << 20)
