@@ -118,14 +118,15 @@ BOARDS = {b.name: b for b in (
           notes="serial on feather pins 0 (RX) and 1 (TX) through a 3.3 V USB-serial adapter; block RAM "
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
-          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, pe_stages=1, check_stages=1, perf_counters=False, sp_lines=512, queue_depth=0,
-                  axi_addr_bits=14), 16384,
+          replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, pe_stages=1, check_stages=1,
+                  perf_counters=False, sp_lines=512, queue_depth=0, axi_addr_bits=14), 16384,
           1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
-                "register in its rounding and its addition, no command queues, 14 address bits) synthesizes to "
-                "5.6k LUT4 and 3.0k flip-flops, which nextpnr packs into 7.6k logic cells without the board "
-                "design; the iCE40UP5K has 5,280"),
+                "register in its rounding and its addition, PEs and command checks of one cycle, no MAC, DMA "
+                "or stall counters, no command queues, 14 address bits) synthesizes to 5.3k LUT4 and 2.5k "
+                "flip-flops, which nextpnr packs into 6.9k logic cells without the board design; the "
+                "iCE40UP5K has 5,280"),
 )}
 
 

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat",
+    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat", "field_bits",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
     "ADDRESS_SPACE", "launch_problem", "memory_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
@@ -300,11 +300,62 @@ def _all_fields(opcode):
     return COMMON_FIELDS + FIELDS.get(opcode, ())
 
 
-def field_ranges(opcodes):
+def _index_bits(n):
+    """Bits of a value below ``n``."""
+    return max(1, (n - 1).bit_length())
+
+
+#: Fields the checks bound, with the bits a command that passed them needs: ``cfg -> bits``.
+#: Each bound holds for every command :func:`validate` passes that its unit does something
+#: with; a command its unit does nothing with (a LOAD of no rows or no bytes, a STORE or a
+#: MATMUL of no rows) may have more bits set there, and its unit never reads them.
+_FIELD_BOUNDS = {
+    # LOAD (rows >= 1, row_bytes >= 1): sram_addr + rows * lines <= the SRAM's lines, the DMA
+    # span inside the window, which lies inside the address space
+    (Opcode.LOAD, "sram_addr"): lambda c: _index_bits(max(c.sp_lines, c.acc_lines)),
+    (Opcode.LOAD, "rows"): lambda c: max(c.sp_lines, c.acc_lines).bit_length(),
+    (Opcode.LOAD, "row_bytes"): lambda c: max(c.sp_lines * c.line_bytes, c.acc_lines * c.acc_line_bytes).bit_length(),
+    (Opcode.LOAD, "dram_addr"): lambda c: c.axi_addr_bits,
+    (Opcode.LOAD, "dram_stride"): lambda c: c.axi_addr_bits,      # read with two rows or more
+    # STORE (rows >= 1; cols is 1..cols always)
+    (Opcode.STORE, "acc_addr"): lambda c: _index_bits(c.acc_lines),
+    (Opcode.STORE, "rows"): lambda c: c.acc_lines.bit_length(),
+    (Opcode.STORE, "cols"): lambda c: c.cols.bit_length(),
+    (Opcode.STORE, "dram_addr"): lambda c: c.axi_addr_bits,
+    (Opcode.STORE, "dram_stride"): lambda c: c.axi_addr_bits,
+    # MATMUL (k is 1..rows always; b_addr + k <= sp_lines always; with m >= 1 the A lines and
+    # the accumulator lines inside their SRAMs, so a_stride < sp_lines from two rows on)
+    (Opcode.MATMUL, "k"): lambda c: c.rows.bit_length(),
+    (Opcode.MATMUL, "b_addr"): lambda c: _index_bits(c.sp_lines),
+    (Opcode.MATMUL, "m"): lambda c: c.acc_lines.bit_length(),
+    (Opcode.MATMUL, "a_addr"): lambda c: _index_bits(c.sp_lines),
+    (Opcode.MATMUL, "a_stride"): lambda c: _index_bits(c.sp_lines),
+    (Opcode.MATMUL, "acc_addr"): lambda c: _index_bits(c.acc_lines),
+    # EPILOGUE and BLOCKSCALE (rows >= 1: the lines read and written inside the accumulator;
+    # the scale and bias lines always)
+    **{(op, name): (lambda c: c.acc_lines.bit_length()) if name == "rows" else (lambda c: _index_bits(c.acc_lines))
+       for op, names in ((Opcode.EPILOGUE, ("src", "dst", "rows", "scale_addr", "bias_addr")),
+                         (Opcode.BLOCKSCALE, ("src", "dst", "rows", "row_scale", "col_scale")))
+       for name in names},
+}
+
+
+def field_bits(cfg, opcode, name):
+    """The low bits of field ``name`` of ``opcode`` that a command the checks passed for ``cfg``
+    can need where its unit reads the field (:data:`_FIELD_BOUNDS`; the field's width where
+    the checks do not bound it). The hardware's queues and units keep only these."""
+    field = next(f for f in _all_fields(Opcode(opcode)) if f.name == name)
+    bound = _FIELD_BOUNDS.get((Opcode(opcode), name))
+    return field.width if bound is None else min(field.width, bound(cfg))
+
+
+def field_ranges(opcodes, cfg=None):
     """The command bits that the common fields and the fields of ``opcodes`` occupy, as merged
     ``(lsb, width)`` ranges in increasing order: what a queue of those commands must keep
-    once the checks (which read every bit) have passed."""
-    spans = sorted((f.lsb, f.msb + 1) for op in opcodes for f in _all_fields(Opcode(op)))
+    once the checks (which read every bit) have passed. With ``cfg``, only the low
+    :func:`field_bits` of each field the checks bound for that configuration."""
+    spans = sorted((f.lsb, f.lsb + (f.width if cfg is None else field_bits(cfg, op, f.name)))
+                   for op in opcodes for f in _all_fields(Opcode(op)))
     merged = []
     for lo, hi in spans:
         if merged and lo <= merged[-1][1]:
@@ -314,9 +365,12 @@ def field_ranges(opcodes):
     return tuple((lo, hi - lo) for lo, hi in merged)
 
 
-def unit_opcodes(unit):
-    """The opcodes a unit of the chain executes (besides SYNC, which only moves its tokens)."""
-    return tuple(op for op, u in OPCODE_UNIT.items() if u == unit)
+def unit_opcodes(unit, cfg=None):
+    """The opcodes a unit of the chain executes (besides SYNC, which only moves its tokens);
+    with ``cfg``, those that configuration builds (no EPILOGUE or BLOCKSCALE without a vector
+    unit: the checks refuse them)."""
+    return tuple(op for op, u in OPCODE_UNIT.items()
+                 if u == unit and (cfg is None or cfg.vector_unit or op not in (Opcode.EPILOGUE, Opcode.BLOCKSCALE)))
 
 
 def encode(opcode, pop_prev=0, pop_next=0, push_prev=0, push_next=0, **values):

@@ -295,7 +295,7 @@ class NPUCore(wiring.Component):
         # verdict, its address and whether the bus refused a beat (reported as BUS_ERROR when the
         # command reaches the dispatcher, in program order) follow the checker's latency later
         # into a second buffer.
-        fetch_ranges = isa.field_ranges(list(isa.Opcode))
+        fetch_ranges = isa.field_ranges(list(isa.Opcode), cfg)
         fetch_bits = sum(w for _, w in fetch_ranges)
         # as deep as a unit's queue, from 2 (so one command is fetched while another waits) to 4.
         # The buffer is written without a ready test (requests are only made while it has room
@@ -415,7 +415,7 @@ class NPUCore(wiring.Component):
         # bits of its unit's fields (isa.field_ranges), the unit sees the command at ISA positions
         queues, unit_ranges = {}, {}
         for u, unit in units.items():
-            ranges = unit_ranges[u] = isa.field_ranges(isa.unit_opcodes(u))
+            ranges = unit_ranges[u] = isa.field_ranges(isa.unit_opcodes(u, cfg), cfg)
             width = sum(w for _, w in ranges) + A
             q = SyncFIFOBuffered(width=width, depth=cfg.queue_depth) if cfg.queue_depth else _Handover(width)
             m.submodules[f"{u.name.lower()}_q"] = queues[u] = q

@@ -536,6 +536,97 @@ def test_command_checker_alone(kind, spacing, held, stages, rng):
     assert len(codes) >= 6
 
 
+def _does_nothing(op, f):
+    """The unit does nothing with this command's bounded fields (isa._FIELD_BOUNDS)."""
+    from fp8npu.hdl import isa
+    return ((op == isa.Opcode.LOAD and not (f["rows"] and f["row_bytes"]))
+            or (op != isa.Opcode.LOAD and not f.get("rows", f.get("m"))))
+
+
+def _extremes(cfg):
+    """For each bound of isa._FIELD_BOUNDS, a command the checks pass with that field at its
+    largest legal value (window: the whole address space)."""
+    from fp8npu.hdl.isa import Opcode as Op
+    B, top, sp, acc = cfg.bus_bytes, cfg.address_space, cfg.sp_lines, cfg.acc_lines
+    dst = int(acc * cfg.acc_line_bytes > sp * cfg.line_bytes)       # the LOAD target with more bytes
+    deep = int(acc > sp)                                            # ... with more lines
+    one = (1, 4)                                                    # the fewest bytes of a row, by dst
+    return {
+        (Op.LOAD, "sram_addr"): (Op.LOAD, dict(dst=deep, rows=1, row_bytes=one[deep], sram_addr=max(sp, acc) - 1)),
+        (Op.LOAD, "rows"): (Op.LOAD, dict(dst=deep, rows=max(sp, acc), row_bytes=one[deep])),
+        (Op.LOAD, "row_bytes"): (Op.LOAD, dict(dst=dst, rows=1, row_bytes=min(max(sp * cfg.line_bytes,
+                                                                                    acc * cfg.acc_line_bytes), top))),
+        (Op.LOAD, "dram_addr"): (Op.LOAD, dict(rows=1, row_bytes=B, dram_addr=top - B)),
+        (Op.LOAD, "dram_stride"): (Op.LOAD, dict(rows=2, row_bytes=B, dram_stride=top - B)),
+        (Op.STORE, "acc_addr"): (Op.STORE, dict(rows=1, cols=1, acc_addr=acc - 1)),
+        (Op.STORE, "rows"): (Op.STORE, dict(rows=acc, cols=1)),
+        (Op.STORE, "cols"): (Op.STORE, dict(rows=1, cols=cfg.cols)),
+        (Op.STORE, "dram_addr"): (Op.STORE, dict(rows=1, cols=1, dram_addr=top - B)),
+        (Op.STORE, "dram_stride"): (Op.STORE, dict(rows=2, cols=1, dram_stride=top - B)),
+        (Op.MATMUL, "k"): (Op.MATMUL, dict(k=cfg.rows)),
+        (Op.MATMUL, "b_addr"): (Op.MATMUL, dict(k=1, b_addr=sp - 1)),
+        (Op.MATMUL, "m"): (Op.MATMUL, dict(k=1, m=acc)),
+        (Op.MATMUL, "a_addr"): (Op.MATMUL, dict(k=1, m=1, a_addr=sp - 1)),
+        (Op.MATMUL, "a_stride"): (Op.MATMUL, dict(k=1, m=2, a_stride=sp - 1)),
+        (Op.MATMUL, "acc_addr"): (Op.MATMUL, dict(k=1, m=1, acc_addr=acc - 1)),
+        **{(op, name): (op, dict(rows=acc) if name == "rows" else dict(rows=1, **{name: acc - 1}))
+           for op, names in ((Op.EPILOGUE, ("src", "dst", "rows", "scale_addr", "bias_addr")),
+                             (Op.BLOCKSCALE, ("src", "dst", "rows", "row_scale", "col_scale")))
+           for name in names},
+    }
+
+
+FIELD_BITS_CONFIGS = {
+    "default": dict(sp_lines=1024, acc_lines=256),
+    "block 5x3 bus 32, E4M3 only, 20-bit addresses": dict(rows=5, cols=3, sp_lines=256, acc_lines=64,
+                                                           axi_data_bits=32, accumulation="block",
+                                                           formats=("e4m3",), axi_addr_bits=20),
+    "trimmed 2x2, 14-bit": dict(rows=2, cols=2, sp_lines=512, acc_lines=256, axi_data_bits=32,
+                                accumulation="block", formats=("e4m3",), vector_unit=False, fp8_store=False,
+                                axi_addr_bits=14),
+    "accumulator deeper than the scratchpad": dict(rows=4, cols=4, sp_lines=64, acc_lines=2048, axi_addr_bits=24),
+}
+
+
+@pytest.mark.parametrize("kind", FIELD_BITS_CONFIGS)
+def test_field_bits_hold_every_command_the_checks_pass(kind, rng):
+    """The queues and units keep the low isa.field_bits of the fields the checks bound. For
+    each bound, a command the checks pass with the field at its largest legal value fits it;
+    and on 40,000 random commands that reach every check's edges (test_command_checker_alone's),
+    every command isa.validate passes fits them (a command its unit does nothing with, and a
+    single row's stride, excepted)."""
+    from fp8npu.hdl import isa
+    from fp8npu.hdl.config import NPUConfig
+    cfg = NPUConfig(**FIELD_BITS_CONFIGS[kind])
+    window = (0, cfg.address_space)
+    bounded = {k: isa.field_bits(cfg, *k) for k in isa._FIELD_BOUNDS}
+    extremes = _extremes(cfg)
+    assert set(extremes) == set(bounded)
+    for (op, name), (eop, fields) in extremes.items():
+        if not cfg.vector_unit and op in (isa.Opcode.EPILOGUE, isa.Opcode.BLOCKSCALE):
+            continue                    # refused, and not built
+        cmd = isa.decode(isa.encode(eop, **fields))
+        assert isa.validate(cmd, cfg, *window) == isa.ErrorCode.NONE, (op.name, name, fields)
+        assert fields[name] < 1 << bounded[op, name], (op.name, name, fields[name], bounded[op, name])
+    passed = 0
+    for _ in range(40_000):
+        word = _checker_command(rng, cfg)
+        cmd = isa.decode(word)
+        if isa.validate(cmd, cfg, *window) != isa.ErrorCode.NONE:
+            continue
+        op = isa.Opcode(cmd.opcode)
+        if _does_nothing(op, cmd.fields):
+            continue
+        passed += 1
+        for (bop, name), bits in bounded.items():
+            if bop == op:
+                if name.endswith("stride") and cmd.fields.get("rows", cmd.fields.get("m")) < 2:
+                    continue            # a single row's stride is never used
+                assert cmd.fields[name] < 1 << bits, (op.name, name, cmd.fields[name], bits)
+    print(f"{kind}: {len(extremes)} largest legal values and {passed} random commands that move data fit")
+    assert passed > 500
+
+
 def test_queues_keep_every_field_bit(rng):
     """A unit's queue keeps the bits of its opcodes' fields and nothing else (isa.field_ranges):
     every field lies inside the ranges, the ranges hold no bit outside a field, and packing then
