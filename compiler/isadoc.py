@@ -203,7 +203,8 @@ program in which every pop has an earlier push, as the compiler makes them, neve
 Each of the four token counters ({", ".join(f"`{t.name}`" for t in isa.Token)}) has a limit
 that does not depend on timing: over every first part of the program, the pushes to one
 counter minus the pops from it (its *program-order balance*) may be at most
-{isa.TOKEN_LIMIT:,} (`isa.TOKEN_LIMIT`). The command decoder keeps the four balances of the
+the configuration's `token_limit` ({isa.TOKEN_LIMIT:,}, `isa.TOKEN_LIMIT`, unless a small FPGA's
+configuration sets less). The command decoder keeps the four balances of the
 commands it has queued; a command that would take one past the limit stops the NPU with
 `{E.TOKEN_LIMIT.name}` at that command, after its static checks. A counter itself can then never
 hold more than the limit plus the pops already queued, and never wraps.

@@ -258,8 +258,9 @@ class Program:
                 if balance[token] < 0:
                     raise VerifyError(f"{self._where(i)} pops {token.name} with no token pushed before it "
                                       f"in program order (the dispatcher could deadlock)")
-                if balance[token] > isa.TOKEN_LIMIT:
-                    raise VerifyError(f"{self._where(i)} takes {token.name} past TOKEN_LIMIT")
+                if balance[token] > self.cfg.token_limit:
+                    raise VerifyError(f"{self._where(i)} takes {token.name} past the configuration's "
+                                      f"token_limit ({self.cfg.token_limit})")
         left = {t.name: n for t, n in zip(Token, balance) if n}
         if left:
             raise VerifyError(f"tokens left over at END: {left}")

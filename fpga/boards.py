@@ -119,7 +119,7 @@ BOARDS = {b.name: b for b in (
                 "(the DDR3 is not used)"),
     Board("icebreaker", "1BitSquared iCEBreaker, iCE40UP5K", "icebreaker:ICEBreakerPlatform", "iCE40UP5K",
           replace(_TRIMMED_2X2, multipliers="lut", round_stages=1, add_stages=1, pe_stages=1, check_stages=1,
-                  perf_counters=False, sp_lines=512, queue_depth=0, axi_addr_bits=14), 16384,
+                  perf_counters=False, token_limit=255, sp_lines=512, queue_depth=0, axi_addr_bits=14), 16384,
           1_000_000,
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "

@@ -102,6 +102,12 @@ class NPUConfig:
     fp8_store : bool
         Build the store unit's requantizer. Without it a STORE to E4M3 or E5M2 is refused with
         BAD_FORMAT (results leave as FP32), and :attr:`store_lanes` must be 0.
+    token_limit : int
+        Largest program-order balance of a token counter (docs/isa.md), 1..65535 (default
+        ``isa.TOKEN_LIMIT``, 65535): a command that would take a balance past it stops the NPU
+        with TOKEN_LIMIT, on every engine; the compiler never makes such a program. The token
+        counters and the dispatcher's balances are sized by it (17 and 20 bits by default, 9 and
+        12 at 255 for a small FPGA).
     perf_counters : bool
         Build the MAC_BUSY, DMA_BYTES and STALL counters (default true). Without them (for
         small FPGAs) those registers read 0; CYCLES and COMMANDS are always built (the host's
@@ -149,6 +155,7 @@ class NPUConfig:
     store_lanes: int = 0
     vector_unit: bool = True
     fp8_store: bool = True
+    token_limit: int = 65535
     perf_counters: bool = True
     check_stages: int = 2
     pe_stages: int = 3
@@ -204,6 +211,7 @@ class NPUConfig:
             if not v and getattr(self, lanes):
                 raise ValueError(f"{lanes} applies to a built {'vector unit' if lanes == 'vector_lanes' else 'requantizer'}; "
                                  f"with {name} false it must be 0, not {_short(getattr(self, lanes))}")
+        integer("token_limit", 1, 65535)
         if not isinstance(self.perf_counters, bool):
             raise ValueError(f"perf_counters must be true or false, not {_short(self.perf_counters)}")
         integer("check_stages", 1, 2)

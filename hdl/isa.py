@@ -94,7 +94,8 @@ def _token_of_flag(chain, tokens=None):
 #: None where the unit has no such neighbour (:func:`validate` refuses those flags).
 TOKEN_OF_FLAG = _token_of_flag(UNIT_CHAIN)
 
-#: Largest program-order balance of a token counter: over any first part of a program, the
+#: Largest program-order balance of a token counter (the default and the largest
+#: ``NPUConfig.token_limit``): over any first part of a program, the
 #: commands' pushes to one counter minus their pops from it. A command that would take a balance
 #: past it stops the NPU with TOKEN_LIMIT when it reaches the command decoder. The balance is a
 #: property of the program alone (not of timing), so every implementation stops at the same
@@ -545,11 +546,12 @@ def token_deltas(cmd):
     return deltas
 
 
-def token_check(cmd, balance):
+def token_check(cmd, balance, limit=TOKEN_LIMIT):
     """TOKEN_LIMIT if dispatching ``cmd`` would take a balance (``balance[token]``, updated in
-    place when it does not) past :data:`TOKEN_LIMIT`, else NONE."""
+    place when it does not) past ``limit`` (``NPUConfig.token_limit``; :data:`TOKEN_LIMIT` by
+    default), else NONE."""
     deltas = token_deltas(cmd)
-    if any(balance[t] + d > TOKEN_LIMIT for t, d in deltas.items()):
+    if any(balance[t] + d > limit for t, d in deltas.items()):
         return ErrorCode.TOKEN_LIMIT
     for t, d in deltas.items():
         balance[t] += d

@@ -234,10 +234,10 @@ class NPUCore(wiring.Component):
         # ---------------- tokens -----------------------------------------------------------
         # One counter per isa.Token (a pair per pair of neighbours in the chain), wired to the
         # units' token ports by isa.TOKEN_OF_FLAG.
-        # A counter never exceeds its program-order balance (at most isa.TOKEN_LIMIT, checked by
+        # A counter never exceeds its program-order balance (at most cfg.token_limit, checked by
         # the dispatcher) plus the pops dispatched but not yet taken (at most queue_depth + 1),
         # so these widths never wrap.
-        tok_bits = (isa.TOKEN_LIMIT + cfg.queue_depth + 1).bit_length()
+        tok_bits = (cfg.token_limit + cfg.queue_depth + 1).bit_length()
         tok = {t: Signal(tok_bits, name=f"tok_{t.name.lower()}") for t in isa.Token}
         tok_push = {t: [] for t in isa.Token}
         tok_pop = {t: [] for t in isa.Token}
@@ -453,12 +453,12 @@ class NPUCore(wiring.Component):
         for u, q in queues.items():
             m.d.comb += q.w_data.eq(Cat(pack_fields(cmd, unit_ranges[u]), cmd_addr))
         # program-order token balances (isa.token_check): pushes minus pops of dispatched commands
-        bal_bits = (isa.TOKEN_LIMIT + 1).bit_length() + (cfg.queue_depth + 2).bit_length() + 1
+        bal_bits = (cfg.token_limit + 1).bit_length() + (cfg.queue_depth + 2).bit_length() + 1
         balance = [Signal(range(-(1 << (bal_bits - 1)), 1 << (bal_bits - 1)), name=f"tok_balance{i}")
                    for i in range(len(isa.Token))]
         deltas = self._token_deltas(m, cmd, target)
         over_limit = Signal()
-        m.d.comb += over_limit.eq(Cat(*[(d > 0) & (b == isa.TOKEN_LIMIT) for b, d in zip(balance, deltas)]).any())
+        m.d.comb += over_limit.eq(Cat(*[(d > 0) & (b == cfg.token_limit) for b, d in zip(balance, deltas)]).any())
         with m.If(head):
             with m.If(fetch_refused):
                 m.d.comb += [raise_err.eq(1), raise_code.eq(isa.ErrorCode.BUS_ERROR), raise_addr.eq(cmd_addr)]

@@ -28,7 +28,7 @@ Reaching PROG_LEN without END is NO_END at the address just past the program.
 
 Before a command is queued, the dispatcher also keeps each token counter's program-order
 balance (pushes minus pops of the commands dispatched so far); a command that would take one
-past ``isa.TOKEN_LIMIT`` stops the run with TOKEN_LIMIT at its address, on both engines alike.
+past the configuration's ``token_limit`` stops the run with TOKEN_LIMIT at its address, on both engines alike.
 
 Each unit (load, compute, store) runs its queue in order. A command whose pop flags need
 tokens waits until those counters are positive, consumes one token from each, executes
@@ -399,7 +399,7 @@ class _Simulator:
         self.max_commands = max_commands
         self.units = [_Unit(u) for u in Unit]
         self.tokens = [deque() for _ in Token]   # arrival time of each available token
-        self.balance = {t: 0 for t in Token}     # program-order balance of each counter (isa.TOKEN_LIMIT)
+        self.balance = {t: 0 for t in Token}     # program-order balance of each counter (cfg.token_limit)
         self.commands = 0
         self.fetches = 0
         self.t_dispatch = 0       # time the dispatcher fetches the next command
@@ -415,7 +415,7 @@ class _Simulator:
         fetched = self.t_dispatch + -(-COMMAND_BYTES // self.cfg.bus_bytes)
         error = isa.validate(cmd, self.cfg, self.win_base, self.win_limit)
         if error == ErrorCode.NONE:
-            error = isa.token_check(cmd, self.balance)
+            error = isa.token_check(cmd, self.balance, self.cfg.token_limit)
         return cmd, addr, fetched, error
 
     def _enqueue(self, cmd, fetched):

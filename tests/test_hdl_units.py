@@ -778,7 +778,7 @@ def test_npu_address_space_and_run_registers():
     cfg = NPUConfig(rows=2, cols=2, sp_lines=64, acc_lines=16, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
                     round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, perf_counters=False,
-                    multipliers="lut", axi_addr_bits=14)
+                    token_limit=255, multipliers="lut", axi_addr_bits=14)
     dut = NPU(cfg)
     assert len(dut.m_axi_araddr) == len(dut.m_axi_awaddr) == 14
     R = Register

@@ -294,7 +294,7 @@ def test_transformer_block_accuracy_d256():
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
                     round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, perf_counters=False,
-                    axi_addr_bits=20)
+                    token_limit=255, axi_addr_bits=20)
 
 
 @pytest.mark.parametrize("quant", ["weights=channel,activations=token", "weights=tensor,activations=tensor,scales=fp32"])

@@ -543,11 +543,12 @@ def test_block_flags_on_the_hardware():
 
 #: The smallest NPU, as small FPGAs build it: block accumulation, E4M3 only, no vector unit, no
 #: FP8 stores, a 32-bit bus, no command queues, one short rounding pipeline for both columns, PEs
-#: and command checks of one cycle, 20-bit addresses (test_model.py runs models on it: one build).
+#: and command checks of one cycle, no MAC, DMA or stall counters, a token limit of 255, 20-bit
+#: addresses (test_model.py runs models on it: one build).
 TRIMMED = NPUConfig(rows=2, cols=2, sp_lines=1024, acc_lines=256, axi_data_bits=32, queue_depth=0, max_burst=4,
                     accumulation="block", acc_block=8, formats=("e4m3",), vector_unit=False, fp8_store=False,
                     round_stages=1, add_stages=1, rounders=1, pe_stages=1, check_stages=1, perf_counters=False,
-                    axi_addr_bits=20)
+                    token_limit=255, axi_addr_bits=20)
 
 
 def test_trimmed_npu_without_vector_unit_and_fp8_stores():
@@ -635,6 +636,25 @@ def test_trimmed_npu_without_vector_unit_and_fp8_stores():
     fs = funcsim.run(None, dram, TRIMMED, 0x1080, 0, len(dram), prog_len=2)
     rtl = npu(TRIMMED).run(dram, 0x1080, 2, 0, len(dram), max_cycles=100_000)
     assert (fs.error, fs.error_addr) == (rtl.error, rtl.error_addr) == (ErrorCode.DRAM_WINDOW, 0x1080)
+
+
+def test_token_limit_of_the_configuration():
+    """TRIMMED's token_limit (255) on both engines: 256 pushes ahead of their pops stop at the
+    last push with TOKEN_LIMIT; 255 and their pops run to END (the counters, 9 bits wide
+    there, never wrap)."""
+    assert TRIMMED.token_limit == 255
+    push = _cmd(Opcode.SYNC, unit=1, push_next=1)
+    pop = _cmd(Opcode.SYNC, unit=2, pop_prev=1)
+    for pushes, error in ((256, ErrorCode.TOKEN_LIMIT), (255, ErrorCode.NONE)):
+        program = push * pushes + pop * pushes + _cmd(Opcode.END)
+        n = len(program) // 32
+        dram = bytearray(0x1000) + program
+        fs = funcsim.run(None, dram, TRIMMED, 0x1000, 0, len(dram), prog_len=n)
+        rtl = npu(TRIMMED).run(dram, 0x1000, n, 0, len(dram), max_cycles=200_000)
+        assert not rtl.hung
+        assert (rtl.error, fs.error) == (error, error)
+        if error:
+            assert rtl.error_addr == fs.error_addr == 0x1000 + 255 * 32
 
 
 def test_command_rate():

@@ -1,6 +1,8 @@
 """The compiler's program representation (compiler/program.py): buffers and references, the
 token verifier, the ISA and bounds verifier, and the DRAM allocator."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from fp8npu.compiler.gemm import build_gemm
@@ -66,8 +68,17 @@ def test_token_limit_is_checked():
     for _ in range(isa.TOKEN_LIMIT + 1):
         p.emit(Opcode.SYNC, unit=Unit.LOAD, push_next=1)
     p.emit(Opcode.END)
-    with pytest.raises(VerifyError, match=rf"^command {isa.TOKEN_LIMIT} \(SYNC\) takes LOAD_TO_COMPUTE past TOKEN_LIMIT$"):
+    with pytest.raises(VerifyError, match=rf"^command {isa.TOKEN_LIMIT} \(SYNC\) takes LOAD_TO_COMPUTE past the "
+                                          rf"configuration's token_limit \({isa.TOKEN_LIMIT}\)$"):
         p.verify_tokens()
+    # a configuration's own limit
+    small = Program(replace(CFG, token_limit=15))
+    for _ in range(16):
+        small.emit(Opcode.SYNC, unit=Unit.COMPUTE, push_next=1)
+    small.emit(Opcode.END)
+    with pytest.raises(VerifyError, match=r"^command 15 \(SYNC\) takes COMPUTE_TO_STORE past the configuration's "
+                                          r"token_limit \(15\)$"):
+        small.verify_tokens()
 
 
 def test_notes_say_which_operation_emitted_a_command():
