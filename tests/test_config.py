@@ -55,6 +55,11 @@ def test_json_round_trip(tmp_path):
     ({"accumulation": "block", "add_stages": 0}, r"^add_stages must be an integer from 1 to 5, not 0$"),
     ({"add_stages": 2}, r"^round_stages and add_stages apply to accumulation 'block'; sequential mode takes 4 and 5, "
                         r"not 4 and 2$"),
+    ({"accumulation": "block", "pe_stages": 0}, r"^pe_stages must be an integer from 1 to 3, not 0$"),
+    ({"pe_stages": 1}, r"^pe_stages applies to accumulation 'block'; sequential mode takes 3, not 1$"),
+    ({"check_stages": 3}, r"^check_stages must be an integer from 1 to 2, not 3$"),
+    ({"perf_counters": "no"}, r"^perf_counters must be true or false, not 'no'$"),
+    ({"token_limit": 0}, r"^token_limit must be an integer from 1 to 65535, not 0$"),
 ])
 def test_invalid_values_are_one_sentence(kwargs, message):
     with pytest.raises(ValueError, match=message):
