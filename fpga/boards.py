@@ -94,7 +94,7 @@ _TRIMMED_2X2 = _small(2, 2, vector_lanes=0, store_lanes=0, vector_unit=False, fp
 _ULX3S_PROGRAM = ("openFPGALoader", "--board", "ulx3s", "{bitstream}")
 # The ULX3S: 32 MB SDRAM as the NPU's DRAM; 45 MHz from the 25 MHz oscillator through the PLL
 # (x 9 / 5), 3 Mbaud on the FT231X, the fastest it runs, at exactly 15 clocks per bit. Every
-# ULX3S build reaches at least 54 MHz; the SDRAM, clocked inverted, runs CAS latency 2.
+# ULX3S build reaches at least 52 MHz; the SDRAM, clocked inverted, runs CAS latency 2.
 _ULX3S = dict(clock_hz=45_000_000, sdram="MT48LC16M16A2")
 _SDRAM_BYTES = 32 << 20
 # Each board's NPU addresses its memory and no more (axi_addr_bits: 25 for 32 MB, 15 for 32 KB):

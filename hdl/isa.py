@@ -308,8 +308,10 @@ def _index_bits(n):
 
 #: Fields the checks bound, with the bits a command that passed them needs: ``cfg -> bits``.
 #: Each bound holds for every command :func:`validate` passes that its unit does something
-#: with; a command its unit does nothing with (a LOAD of no rows or no bytes, a STORE or a
-#: MATMUL of no rows) may have more bits set there, and its unit never reads them.
+#: with; a command its unit does nothing with (a LOAD of no rows or no bytes, a STORE, MATMUL,
+#: EPILOGUE or BLOCKSCALE of no rows) may have more bits set there, and a stride more bits
+#: with a single row: its unit never reads them. tests/test_hdl_units.py checks each bound on
+#: the largest legal value and on random commands.
 _FIELD_BOUNDS = {
     # LOAD (rows >= 1, row_bytes >= 1): sram_addr + rows * lines <= the SRAM's lines, the DMA
     # span inside the window, which lies inside the address space
