@@ -124,9 +124,9 @@ BOARDS = {b.name: b for b in (
           ("openFPGALoader", "--board", "ice40_generic", "{bitstream}"), ".bin",
           notes="no NPU fits yet: the smallest (2x2, no vector unit, no FP8 stores, one rounder with one "
                 "register in its rounding and its addition, PEs and command checks of one cycle, no MAC, DMA "
-                "or stall counters, no command queues, 14 address bits) synthesizes to 5.3k LUT4 and 2.5k "
-                "flip-flops, which nextpnr packs into 6.9k logic cells without the board design; the "
-                "iCE40UP5K has 5,280"),
+                "or stall counters, a token limit of 255, no command queues, 14 address bits) synthesizes to "
+                "5.2k LUT4 and 2.4k flip-flops, which nextpnr packs into 6.8k logic cells without the board "
+                "design; the iCE40UP5K has 5,280"),
 )}
 
 
