@@ -155,7 +155,7 @@ class CommandChecker(wiring.Component):
         known = Signal()
         with m.Switch(op):
             for o in Op:
-                if o in (Op.EPILOGUE, Op.BLOCKSCALE) and not cfg.vector_unit:
+                if not isa.opcode_built(o, cfg):
                     continue                  # not built: refused as an unknown opcode
                 with m.Case(o):
                     m.d.comb += known.eq(1)

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat", "field_bits",
+    "COMMAND_BITS", "COMMAND_BYTES", "Opcode", "Unit", "UNIT_CHAIN", "Token", "TOKEN_EDGES", "TOKEN_OF_FLAG", "TOKEN_LIMIT", "StoreFormat", "field_bits", "opcode_built",
     "ErrorCode", "Field", "FIELDS", "COMMON_FIELDS", "OPCODE_UNIT", "Command", "encode", "decode",
     "encode_program", "decode_program", "validate", "token_deltas", "token_check", "Register", "REGISTER_DOC",
     "ADDRESS_SPACE", "launch_problem", "memory_problem", "launch_writes", "CONFIG_FIELDS", "BLOCK_FIELDS", "config_word", "config_fields", "describe_config_word", "config_mismatch",
@@ -368,12 +368,18 @@ def field_ranges(opcodes, cfg=None):
     return tuple((lo, hi - lo) for lo, hi in merged)
 
 
+def opcode_built(opcode, cfg):
+    """Whether ``cfg`` builds ``opcode`` (EPILOGUE and BLOCKSCALE need the vector unit): the
+    checks refuse the others with BAD_OPCODE."""
+    return cfg.vector_unit or Opcode(opcode) not in (Opcode.EPILOGUE, Opcode.BLOCKSCALE)
+
+
 def unit_opcodes(unit, cfg=None):
     """The opcodes a unit of the chain executes (besides SYNC, which only moves its tokens);
     with ``cfg``, those that configuration builds (no EPILOGUE or BLOCKSCALE without a vector
     unit: the checks refuse them)."""
     return tuple(op for op, u in OPCODE_UNIT.items()
-                 if u == unit and (cfg is None or cfg.vector_unit or op not in (Opcode.EPILOGUE, Opcode.BLOCKSCALE)))
+                 if u == unit and (cfg is None or opcode_built(op, cfg)))
 
 
 def encode(opcode, pop_prev=0, pop_next=0, push_prev=0, push_next=0, **values):
@@ -462,7 +468,7 @@ def validate(cmd, cfg, win_base, win_limit):
         op = Opcode(cmd.opcode)
     except ValueError:
         return ErrorCode.BAD_OPCODE
-    if op in (Opcode.EPILOGUE, Opcode.BLOCKSCALE) and not cfg.vector_unit:
+    if not opcode_built(op, cfg):
         return ErrorCode.BAD_OPCODE
     f = cmd.fields
     if f.get("_reserved", 0):
